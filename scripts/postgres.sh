@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Find or start PostgreSQL and print the environment to use.
+#
+#   scripts/postgres.sh          reuse $DATABASE_URL (or the local server on 127.0.0.1:5432)
+#                                when it answers; else start a private cluster under target/
+#   scripts/postgres.sh stop     stop the private cluster this script started
+#
+# Prints `export DATABASE_URL=...` on stdout; progress goes to stderr. The URL must name a role
+# that may create databases and roles: the tests give each test its own database.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+PG_DIR="$LOADER_RUN/pg"
+# As root the cluster runs as the postgres user, who must be able to reach its directory; a
+# clone under a private home directory cannot be, so the cluster goes to /tmp then.
+if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 &&
+    ! runuser -u postgres -- test -x "$LOADER_RUN" 2>/dev/null; then
+    PG_DIR="/tmp/loader-dev-pg-$(id -u)"
+fi
+PG_DATA="$PG_DIR/data"
+PG_SOCK="$PG_DIR"
+PRIVATE_URL="postgres://postgres@127.0.0.1:$LOADER_PG_PORT/postgres"
+DEFAULT_URL="${LOADER_PG_DEFAULT_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+answers() { psql "$1" -XAtqc 'select 1' >/dev/null 2>&1; }
+
+pg_bin() {
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        [ -x "$dir/initdb" ] && { echo "$dir"; return 0; }
+    done
+    command -v initdb >/dev/null 2>&1 && { dirname "$(command -v initdb)"; return 0; }
+    return 1
+}
+
+ensure_installed() {
+    command -v psql >/dev/null 2>&1 && pg_bin >/dev/null && return 0
+    [ "$(id -u)" = 0 ] || die "PostgreSQL is not installed: apt-get install postgresql"
+    log "installing PostgreSQL from Debian packages"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-contrib >&2
+}
+
+# initdb and postgres refuse to run as root: run them as the postgres system user then.
+as_owner() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_private() {
+    ensure_installed
+    local bin
+    bin="$(pg_bin)" || die "initdb not found even after installing PostgreSQL"
+    if [ "$(id -u)" = 0 ]; then
+        id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
+        mkdir -p "$PG_SOCK" && chown postgres "$PG_SOCK"
+    fi
+    if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+        log "creating a private cluster in $PG_DATA"
+        as_owner "$bin/initdb" -D "$PG_DATA" -U postgres --auth=trust --encoding=UTF8 \
+            --locale=C.UTF-8 >"$PG_DIR/initdb.log" 2>&1 ||
+            die "initdb failed; see $PG_DIR/initdb.log"
+    fi
+    log "starting the private cluster on 127.0.0.1:$LOADER_PG_PORT"
+    as_owner "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_SOCK/postgres.log" -w -t 60 start \
+        -o "-p $LOADER_PG_PORT -k $PG_SOCK -c listen_addresses=127.0.0.1 -c fsync=off" >&2 ||
+        die "PostgreSQL did not start; see $PG_SOCK/postgres.log"
+}
+
+start() {
+    local url=""
+    if [ -n "${DATABASE_URL:-}" ] && answers "$DATABASE_URL"; then
+        url="$DATABASE_URL"
+    elif answers "$DEFAULT_URL"; then
+        url="$DEFAULT_URL"
+    elif answers "$PRIVATE_URL"; then
+        url="$PRIVATE_URL"
+    else
+        [ -n "${DATABASE_URL:-}" ] && log "DATABASE_URL does not answer; starting a private cluster"
+        start_private
+        url="$PRIVATE_URL"
+        answers "$url" || die "the private cluster does not answer at $url"
+    fi
+    log "PostgreSQL answering at ${url%%\?*}"
+    echo "export DATABASE_URL='$url'"
+}
+
+stop() {
+    [ -f "$PG_DATA/postmaster.pid" ] || { log "no private cluster running"; return 0; }
+    as_owner "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast stop >&2
+}
+
+case "${1:-start}" in
+start) start ;;
+stop) stop ;;
+*) die "usage: $0 [start|stop]" ;;
+esac

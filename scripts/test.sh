@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): start or reuse PostgreSQL and LocalStack, then run every
+# test (unit and integration) against them. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+eval "$(bash scripts/services.sh)"
+export AWS_ENDPOINT_URL AWS_REGION DATABASE_URL
+cargo test --locked "$@"

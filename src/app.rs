@@ -1,0 +1,81 @@
+//! One function per subcommand: resolve settings, call the library, print the result.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command, IngestArgs, SendArgs};
+use crate::config::Settings;
+use crate::ingest::{Ingestor, Mode};
+use crate::sqs::Queue;
+use crate::{db, send, sqs};
+
+/// Exit codes users and schedulers can branch on.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any error (configuration, connection, database, queue).
+    pub const ERROR: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let settings = Settings::from_args(&cli.global);
+    match cli.command {
+        Command::Migrate => migrate(&settings).await,
+        Command::Ingest(args) => ingest(&settings, &args).await,
+        Command::Send(args) => send(&settings, &args).await,
+    }
+}
+
+async fn migrate(settings: &Settings) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    let report = db::migrate(&pool).await?;
+    if report.applied.is_empty() {
+        println!("migrations: up to date");
+    } else {
+        println!("migrations: applied {}", report.applied.join(", "));
+    }
+    println!("sql functions: applied {} file(s)", report.sql_files.len());
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
+    let mode = if args.follow { Mode::Follow } else { Mode::Drain };
+    let wait = args.wait_seconds.unwrap_or(if args.follow { 20 } else { 2 });
+    let pool = db::connect(settings.database_url()?, 2).await?;
+    let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+    let ingestor = Ingestor::start(queue, pool, mode, wait).await?;
+    tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
+    let totals = match mode {
+        Mode::Drain => ingestor.run(mode, std::future::pending()).await?,
+        Mode::Follow => ingestor.run(mode, shutdown_signal()).await?,
+    };
+    println!("ingest run {}: {totals}", ingestor.run_id());
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
+    let bodies = match (&args.file, args.generate) {
+        (Some(path), _) => send::bodies_from_file(path)?,
+        (None, Some(n)) => send::generate(n, args.seed),
+        (None, None) => unreachable!("clap requires a file or --generate"),
+    };
+    let queue = Queue::open_or_create(sqs::client(&settings.aws).await, &settings.queue).await?;
+    let sent = send::send_all(&queue, bodies).await?;
+    println!("sent {sent} messages to {}", queue.name());
+    Ok(ExitCode::from(exit::OK))
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing the batch in hand");
+}

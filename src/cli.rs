@@ -1,0 +1,73 @@
+//! The command line: every option also reads an environment variable (and `.env`, loaded first).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Moves user-login events from SQS into PostgreSQL: stage raw first, mask PII in SQL.
+#[derive(Debug, Parser)]
+#[command(name = "loader", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Connection settings shared by every subcommand.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// PostgreSQL URL (sslmode and sslrootcert are honoured), e.g. postgres://user@host/db
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// SQS queue name or queue URL
+    #[arg(long, env = "SQS_QUEUE", global = true, default_value = "login-queue")]
+    pub queue: String,
+
+    /// Custom SQS endpoint, e.g. http://127.0.0.1:4566 for LocalStack
+    #[arg(long, env = "AWS_ENDPOINT_URL", global = true)]
+    pub endpoint_url: Option<String>,
+
+    /// AWS region (default: the AWS configuration's, else us-east-1)
+    #[arg(long, env = "AWS_REGION", global = true)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the schema, roles and SQL functions (idempotent)
+    Migrate,
+    /// Stage SQS messages into loader.raw_logins, then delete them from the queue
+    Ingest(IngestArgs),
+    /// Publish messages to the queue (creating it when missing)
+    Send(SendArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Keep polling until SIGINT/SIGTERM instead of exiting when the queue is empty
+    #[arg(long, env = "LOADER_FOLLOW")]
+    pub follow: bool,
+
+    /// Long-poll wait per receive, in seconds (0-20). Drain mode stops after one empty poll.
+    /// Default: 2 when draining, 20 with --follow.
+    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20))]
+    pub wait_seconds: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["file", "generate"]))]
+pub struct SendArgs {
+    /// A JSON array file: each element becomes one message body (compact JSON)
+    pub file: Option<PathBuf>,
+
+    /// Send N synthetic login events instead of a file
+    #[arg(long, value_name = "N")]
+    pub generate: Option<u64>,
+
+    /// Seed for --generate, so a run can be reproduced
+    #[arg(long, env = "LOADER_SEED", default_value_t = 1)]
+    pub seed: u64,
+}

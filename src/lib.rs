@@ -1,0 +1,24 @@
+//! `loader` moves user-login events from AWS SQS into PostgreSQL, with personal data masked.
+//!
+//! Messages are staged raw first (`loader ingest`: receive, stage, commit, then delete), and
+//! turned into the analysts' table by SQL functions inside Postgres (`loader transform`), so
+//! nothing is lost between the queue and the database and the masking can be rerun in psql.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap); every option has an environment variable.
+//! - [`config`]: settings resolved once from the command line.
+//! - [`sqs`]: the queue adapter: receive, delete, send, attributes.
+//! - [`staging`]: raw messages into `loader.raw_logins`, one statement per batch.
+//! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
+//! - [`send`]: publishing fixture files or synthetic events.
+//! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
+//! - [`app`]: one function per subcommand, returning the process exit code.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod ingest;
+pub mod send;
+pub mod sqs;
+pub mod staging;

@@ -1,0 +1,124 @@
+//! `loader send`: publish a JSON array file or synthetic login events, so the tool can be tried
+//! (and benchmarked) without the preloaded reference queue.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::sqs::{MAX_BATCH, Queue};
+
+/// SendMessageBatch calls in flight at once.
+const SEND_CONCURRENCY: usize = 8;
+
+/// Reads a JSON array; each element becomes one message body, as compact JSON.
+pub fn bodies_from_file(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let Value::Array(items) = value else {
+        bail!("{} must hold a JSON array of message bodies", path.display());
+    };
+    Ok(items.iter().map(Value::to_string).collect())
+}
+
+/// `n` synthetic login events in the fixture's shape, reproducible from `seed`. About one in
+/// ten repeats an earlier device id and IP, so masked duplicates exist to be found.
+pub fn generate(n: u64, seed: u64) -> Vec<String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut devices: Vec<(String, String)> = Vec::new();
+    (0..n)
+        .map(|_| {
+            let (device_id, ip) = if !devices.is_empty() && rng.u8(..10) == 0 {
+                devices[rng.usize(..devices.len())].clone()
+            } else {
+                let d = (
+                    format!("{:03}-{:02}-{:04}", rng.u16(..1000), rng.u8(..100), rng.u16(..10000)),
+                    random_ip(&mut rng),
+                );
+                if devices.len() < 10_000 {
+                    devices.push(d.clone());
+                }
+                d
+            };
+            let version = if rng.bool() {
+                format!("{}.{}.{}", rng.u8(..10), rng.u8(..10), rng.u8(..10))
+            } else {
+                format!("{}.{}", rng.u8(..10), rng.u8(..100))
+            };
+            let device_type = ["android", "ios"][rng.usize(..2)];
+            let locale =
+                [Some("RU"), Some("PH"), Some("ID"), Some("FR"), Some("PT"), None][rng.usize(..6)];
+            json!({
+                "user_id": format!("{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+                    rng.u32(..), rng.u16(..), rng.u16(..0x1000), rng.u16(..), rng.u64(..1 << 48)),
+                "app_version": version,
+                "device_type": device_type,
+                "ip": ip,
+                "locale": locale,
+                "device_id": device_id,
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+fn random_ip(rng: &mut fastrand::Rng) -> String {
+    if rng.u8(..20) == 0 {
+        format!("2001:db8:{:x}:{:x}::{:x}", rng.u16(..), rng.u16(..), rng.u16(..))
+    } else {
+        format!("{}.{}.{}.{}", rng.u8(1..=223), rng.u8(..), rng.u8(..), rng.u8(1..255))
+    }
+}
+
+/// Sends the bodies ten per call, several calls in flight. Returns how many were sent.
+pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
+    let mut in_flight = JoinSet::new();
+    let mut sent = 0u64;
+    for chunk in bodies.chunks(MAX_BATCH).map(<[String]>::to_vec) {
+        if in_flight.len() >= SEND_CONCURRENCY {
+            sent += in_flight.join_next().await.expect("non-empty")??;
+        }
+        let queue = queue.clone();
+        in_flight.spawn(async move {
+            queue.send_batch(&chunk).await?;
+            Ok::<_, anyhow::Error>(chunk.len() as u64)
+        });
+    }
+    while let Some(done) = in_flight.join_next().await {
+        sent += done??;
+    }
+    Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_events_are_reproducible_login_objects() {
+        let a = generate(50, 7);
+        assert_eq!(a, generate(50, 7));
+        assert_ne!(a, generate(50, 8));
+        for body in &a {
+            let v: Value = serde_json::from_str(body).unwrap();
+            for key in ["user_id", "app_version", "device_type", "ip", "locale", "device_id"] {
+                assert!(v.get(key).is_some(), "{key} missing in {body}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_must_hold_an_array() {
+        let dir = std::env::temp_dir().join(format!("loader-send-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("one.json");
+        std::fs::write(&file, r#"{"user_id": "x"}"#).unwrap();
+        assert!(bodies_from_file(&file).is_err());
+        std::fs::write(&file, r#"[{"a": 1}, "text", null]"#).unwrap();
+        assert_eq!(bodies_from_file(&file).unwrap(), [r#"{"a":1}"#, r#""text""#, "null"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,351 @@
+//! The queue: connect, resolve a name to a URL, receive, delete, send.
+//!
+//! Requests always go to the configured endpoint: LocalStack's queue URLs name a host
+//! (`localhost.localstack.cloud`) that may not resolve, and the SDK only passes the URL as a
+//! parameter.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::Credentials;
+use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
+use aws_sdk_sqs::types::{
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use aws_smithy_http_client::tls;
+use time::OffsetDateTime;
+
+use crate::config::AwsSettings;
+
+/// SQS caps ReceiveMessage, DeleteMessageBatch and SendMessageBatch at ten entries.
+pub const MAX_BATCH: usize = 10;
+
+/// Builds an SQS client: one rustls+ring HTTPS stack, bounded timeouts and retries (so an
+/// unreachable endpoint fails in seconds), and LocalStack's test credentials when a custom
+/// endpoint is set and no AWS credentials are configured.
+pub async fn client(settings: &AwsSettings) -> Client {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                // Long polls wait up to 20 s; anything beyond that is a stuck connection.
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(3));
+    loader = match &settings.region {
+        Some(region) => loader.region(Region::new(region.clone())),
+        None => loader.region(RegionProviderChain::default_provider().or_else("us-east-1")),
+    };
+    if let Some(endpoint) = &settings.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+        if !aws_credentials_configured() {
+            loader = loader.credentials_provider(Credentials::new(
+                "test",
+                "test",
+                None,
+                None,
+                "loader-localstack-default",
+            ));
+        }
+    }
+    Client::new(&loader.load().await)
+}
+
+/// True when the environment or the shared AWS files name credentials or a profile.
+fn aws_credentials_configured() -> bool {
+    let env_set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    if env_set("AWS_ACCESS_KEY_ID")
+        || env_set("AWS_PROFILE")
+        || env_set("AWS_WEB_IDENTITY_TOKEN_FILE")
+    {
+        return true;
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let file = |env: &str, default: &str| {
+        std::env::var_os(env)
+            .map(std::path::PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+    };
+    [file("AWS_SHARED_CREDENTIALS_FILE", "credentials"), file("AWS_CONFIG_FILE", "config")]
+        .into_iter()
+        .flatten()
+        .any(|p| p.exists())
+}
+
+/// One message as received: what staging needs, plus the handle to delete it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub body: String,
+    /// SQS `SentTimestamp`.
+    pub sent_at: Option<OffsetDateTime>,
+    /// SQS `ApproximateReceiveCount`.
+    pub receive_count: Option<i32>,
+}
+
+/// Result of deleting a set of received messages.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    pub deleted: usize,
+    /// `(message_id, error code)` for each entry SQS refused; those messages come back later
+    /// and are then recognised as duplicates.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A resolved queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    client: Client,
+    url: String,
+    name: String,
+}
+
+impl Queue {
+    /// Resolves a queue name or URL; a missing queue is an error.
+    pub async fn open(client: Client, name_or_url: &str) -> Result<Self> {
+        if is_url(name_or_url) {
+            let name = name_from_url(name_or_url)?;
+            return Ok(Self { client, url: name_or_url.to_owned(), name });
+        }
+        let out = client.get_queue_url().queue_name(name_or_url).send().await.map_err(|e| {
+            if e.as_service_error().is_some_and(|s| s.is_queue_does_not_exist()) {
+                anyhow!("queue '{name_or_url}' does not exist (create it, or run `loader send`)")
+            } else {
+                anyhow!("looking up queue '{name_or_url}': {}", describe(&e))
+            }
+        })?;
+        let url = out.queue_url().context("GetQueueUrl returned no URL")?.to_owned();
+        Ok(Self { client, url, name: name_or_url.to_owned() })
+    }
+
+    /// Resolves a queue, creating a standard queue of that name when it does not exist.
+    pub async fn open_or_create(client: Client, name_or_url: &str) -> Result<Self> {
+        if is_url(name_or_url) {
+            return Self::open(client, name_or_url).await;
+        }
+        let out = client
+            .create_queue()
+            .queue_name(name_or_url)
+            .send()
+            .await
+            .map_err(|e| anyhow!("creating queue '{name_or_url}': {}", describe(&e)))?;
+        let url = out.queue_url().context("CreateQueue returned no URL")?.to_owned();
+        Ok(Self { client, url, name: name_or_url.to_owned() })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// One ReceiveMessage call: up to ten messages, long polling `wait_seconds`.
+    pub async fn receive(&self, wait_seconds: i32) -> Result<Vec<Received>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(MAX_BATCH as i32)
+            .wait_time_seconds(wait_seconds)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .map_err(|e| anyhow!("receiving from '{}': {}", self.name, describe(&e)))?;
+        let mut received = Vec::with_capacity(out.messages().len());
+        for m in out.messages() {
+            // SQS always sets both; a message without them cannot be staged idempotently or
+            // deleted, so it is left on the queue (and reaches the DLQ if one is configured).
+            let (Some(id), Some(handle)) = (m.message_id(), m.receipt_handle()) else {
+                tracing::warn!(
+                    "received a message without MessageId or ReceiptHandle; left on the queue"
+                );
+                continue;
+            };
+            let attr = |name: MessageSystemAttributeName| {
+                m.attributes().and_then(|a| a.get(&name)).map(String::as_str)
+            };
+            received.push(Received {
+                message_id: id.to_owned(),
+                receipt_handle: handle.to_owned(),
+                body: m.body().unwrap_or_default().to_owned(),
+                sent_at: attr(MessageSystemAttributeName::SentTimestamp)
+                    .and_then(parse_epoch_millis),
+                receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount)
+                    .and_then(|v| v.parse().ok()),
+            });
+        }
+        Ok(received)
+    }
+
+    /// Deletes the given messages, ten per DeleteMessageBatch call, reporting per-entry failures
+    /// (for example an expired receipt handle) instead of failing the whole set.
+    pub async fn delete(&self, messages: &[Received]) -> Result<DeleteOutcome> {
+        let mut outcome = DeleteOutcome::default();
+        for chunk in messages.chunks(MAX_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&m.receipt_handle)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| anyhow!("deleting from '{}': {}", self.name, describe(&e)))?;
+            outcome.deleted += out.successful().len();
+            for f in out.failed() {
+                let message_id = f
+                    .id()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| chunk.get(i))
+                    .map_or_else(|| format!("<entry {}>", f.id()), |m| m.message_id.clone());
+                outcome.failed.push((message_id, f.code().to_owned()));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Sends up to ten bodies in one SendMessageBatch call; any refused entry is an error.
+    pub async fn send_batch(&self, bodies: &[String]) -> Result<()> {
+        let entries = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(b).build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| anyhow!("sending to '{}': {}", self.name, describe(&e)))?;
+        if let Some(f) = out.failed().first() {
+            bail!(
+                "sending to '{}': {} of {} entries refused, first: {} {}",
+                self.name,
+                out.failed().len(),
+                bodies.len(),
+                f.code(),
+                f.message().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Approximate counts `(visible, in flight, delayed)`.
+    pub async fn depth(&self) -> Result<(u64, u64, u64)> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| anyhow!("reading attributes of '{}': {}", self.name, describe(&e)))?;
+        let get = |n: QueueAttributeName| {
+            out.attributes().and_then(|a| a.get(&n)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        Ok((
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        ))
+    }
+}
+
+/// One line for an SDK error: the service's code and message, or the innermost transport cause
+/// (for example "Connection refused"), without the SDK's debug dump.
+fn describe<E, R>(e: &SdkError<E, R>) -> String
+where
+    E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    match e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            format!(
+                "{}: {}",
+                err.code().unwrap_or("service error"),
+                err.message().unwrap_or_default()
+            )
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            let mut cause: &dyn std::error::Error = e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            format!("cannot reach the SQS endpoint: {cause}")
+        }
+        _ => DisplayErrorContext(e).to_string(),
+    }
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("https://") || s.starts_with("http://")
+}
+
+/// The queue name is the last path segment of a queue URL.
+fn name_from_url(url: &str) -> Result<String> {
+    match url.trim_end_matches('/').rsplit('/').next() {
+        Some(name) if !name.is_empty() && !name.contains(':') => Ok(name.to_owned()),
+        _ => bail!("'{url}' is not a queue URL (expected .../<account>/<queue-name>)"),
+    }
+}
+
+fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
+    let millis: i128 = v.parse().ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_name_comes_from_the_url_path() {
+        let url = "http://localhost.localstack.cloud:4566/000000000000/login-queue";
+        assert_eq!(name_from_url(url).unwrap(), "login-queue");
+        assert_eq!(name_from_url("https://sqs.us-east-1.amazonaws.com/1/q/").unwrap(), "q");
+        assert!(name_from_url("http://host:4566").is_err());
+    }
+
+    #[test]
+    fn sent_timestamp_is_epoch_milliseconds() {
+        let t = parse_epoch_millis("1700000000123").unwrap();
+        assert_eq!(t.unix_timestamp(), 1_700_000_000);
+        assert_eq!(t.millisecond(), 123);
+        assert!(parse_epoch_millis("yesterday").is_none());
+    }
+}

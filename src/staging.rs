@@ -1,0 +1,191 @@
+//! Raw messages into `loader.raw_logins`: one statement (one transaction, one round trip) per
+//! batch, idempotent on `message_id`.
+//!
+//! Nothing a producer can send fails a batch: a body that is not JSON that `jsonb` can store
+//! (invalid JSON, `\u0000` escapes, lone surrogates) is kept as a JSON string holding the exact
+//! raw text, with `body_is_json = false`.
+
+use std::collections::HashSet;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+
+/// What staging needs to know about one message.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub message_id: String,
+    pub body: String,
+    pub sent_at: Option<OffsetDateTime>,
+    pub receive_count: Option<i32>,
+}
+
+/// Counts for one staged batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageOutcome {
+    /// Messages handed in (including copies of one MessageId).
+    pub received: u64,
+    /// Rows newly inserted.
+    pub staged: u64,
+    /// Messages whose MessageId was already staged, or repeated within the batch.
+    pub duplicates: u64,
+}
+
+/// Stages a batch in one statement that also adds its counts to `loader.ingest_runs` row
+/// `run_id`, so the counters commit exactly when the rows do.
+pub async fn stage(
+    conn: &mut PgConnection,
+    run_id: i64,
+    queue: &str,
+    messages: &[RawMessage],
+) -> Result<StageOutcome> {
+    let mut batch = Batch::new(messages);
+    let received = messages.len() as u64;
+    let staged = match insert(conn, run_id, queue, received, &batch).await {
+        Ok(n) => n,
+        // A data exception means Postgres refused a body the JSON check accepted (say a number
+        // beyond numeric's range). Ask Postgres about each body, then stage again.
+        Err(e) if is_data_exception(&e) => {
+            batch.recheck_with_postgres(conn).await?;
+            insert(conn, run_id, queue, received, &batch).await.context("staging batch")?
+        }
+        Err(e) => return Err(e).context("staging batch"),
+    };
+    Ok(StageOutcome { received, staged, duplicates: received - staged })
+}
+
+/// Column arrays for the UNNEST insert, one entry per distinct MessageId.
+struct Batch {
+    ids: Vec<String>,
+    bodies: Vec<String>,
+    is_json: Vec<bool>,
+    sent_at: Vec<Option<OffsetDateTime>>,
+    receive_count: Vec<Option<i32>>,
+}
+
+impl Batch {
+    fn new(messages: &[RawMessage]) -> Self {
+        // Postgres cannot insert one key twice in a statement; the first copy wins.
+        let mut seen = HashSet::with_capacity(messages.len());
+        let distinct: Vec<&RawMessage> =
+            messages.iter().filter(|m| seen.insert(m.message_id.as_str())).collect();
+        Self {
+            ids: distinct.iter().map(|m| m.message_id.clone()).collect(),
+            bodies: distinct.iter().map(|m| m.body.clone()).collect(),
+            is_json: distinct.iter().map(|m| is_storable_json(&m.body)).collect(),
+            sent_at: distinct.iter().map(|m| m.sent_at).collect(),
+            receive_count: distinct.iter().map(|m| m.receive_count).collect(),
+        }
+    }
+
+    async fn recheck_with_postgres(&mut self, conn: &mut PgConnection) -> Result<()> {
+        for (body, is_json) in self.bodies.iter().zip(self.is_json.iter_mut()) {
+            if *is_json {
+                *is_json = sqlx::query("select $1::text::jsonb")
+                    .bind(body)
+                    .execute(&mut *conn)
+                    .await
+                    .is_ok();
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn insert(
+    conn: &mut PgConnection,
+    run_id: i64,
+    queue: &str,
+    received: u64,
+    b: &Batch,
+) -> Result<u64, sqlx::Error> {
+    let (staged,): (i64,) = sqlx::query_as(
+        "with batch as (
+             select * from unnest($1::text[], $2::text[], $3::bool[], $4::timestamptz[], $5::int4[])
+                 as m(message_id, body, is_json, sent_at, receive_count)
+         ), inserted as (
+             insert into loader.raw_logins
+                 (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
+             select message_id,
+                    case when is_json then body::jsonb else to_jsonb(body) end,
+                    is_json, sent_at, receive_count, $6, $7
+               from batch
+             on conflict (message_id) do nothing
+             returning 1
+         ), counted as (
+             update loader.ingest_runs
+                set received = received + $8,
+                    staged = staged + (select count(*) from inserted),
+                    duplicates = duplicates + $8 - (select count(*) from inserted)
+              where id = $7
+         )
+         select count(*) from inserted",
+    )
+    .bind(&b.ids)
+    .bind(&b.bodies)
+    .bind(&b.is_json)
+    .bind(&b.sent_at)
+    .bind(&b.receive_count)
+    .bind(queue)
+    .bind(run_id)
+    .bind(received as i64)
+    .fetch_one(conn)
+    .await?;
+    Ok(staged as u64)
+}
+
+/// SQLSTATE class 22: Postgres refused a value (here: a body the `jsonb` cast could not take).
+fn is_data_exception(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))
+}
+
+/// True when `jsonb` can store the body as JSON: it parses, and no string or key holds U+0000
+/// (which `jsonb` refuses). serde_json already refuses lone surrogate escapes.
+pub fn is_storable_json(body: &str) -> bool {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(a) => a.iter().any(has_nul),
+            Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    serde_json::from_str::<Value>(body).is_ok_and(|v| !has_nul(&v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_json_is_recognised() {
+        assert!(is_storable_json(r#"{"user_id": "u1", "ip": "10.0.0.1"}"#));
+        assert!(is_storable_json("null"));
+        assert!(is_storable_json("[1, 2]"));
+        assert!(is_storable_json(r#""\ud83d\ude00""#), "a surrogate pair is fine");
+    }
+
+    #[test]
+    fn bodies_jsonb_refuses_are_not_json() {
+        assert!(!is_storable_json("not json"));
+        assert!(!is_storable_json(r#"{"a": "x\u0000y"}"#));
+        assert!(!is_storable_json(r#"{"a\u0000": 1}"#));
+        assert!(!is_storable_json(r#"{"a": "\ud800"}"#), "lone surrogate");
+        assert!(!is_storable_json(""));
+    }
+
+    #[test]
+    fn a_batch_keeps_the_first_copy_of_each_message_id() {
+        let m = |id: &str, body: &str| RawMessage {
+            message_id: id.into(),
+            body: body.into(),
+            sent_at: None,
+            receive_count: None,
+        };
+        let b = Batch::new(&[m("a", "1"), m("b", "x"), m("a", "2")]);
+        assert_eq!(b.ids, ["a", "b"]);
+        assert_eq!(b.bodies, ["1", "x"]);
+        assert_eq!(b.is_json, [true, false]);
+    }
+}

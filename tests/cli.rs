@@ -1,0 +1,118 @@
+//! `loader migrate` on new and pre-existing databases, and the one-line errors (exit 1) for a
+//! wrong database, an unreachable endpoint or a missing queue.
+
+mod common;
+
+use std::process::Command;
+
+use common::{TestDb, loader, loader_ok};
+
+#[tokio::test]
+async fn migrate_twice_is_a_no_op() {
+    let db = TestDb::empty().await;
+    let first = loader_ok(&db.url, "unused", &["migrate"]);
+    assert!(first.contains("migrations: applied V1__foundation"), "{first}");
+    let second = loader_ok(&db.url, "unused", &["migrate"]);
+    assert!(second.contains("migrations: up to date"), "{second}");
+    assert_eq!(db.count("select count(*) from loader.refinery_schema_history").await, 1);
+    for role in ["loader_ingest", "loader_analyst"] {
+        let can_login: bool =
+            sqlx::query_scalar("select rolcanlogin from pg_roles where rolname = $1")
+                .bind(role)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert!(!can_login, "{role} is NOLOGIN");
+    }
+}
+
+#[tokio::test]
+async fn migrate_adopts_a_user_logins_table_with_the_original_columns() {
+    let db = TestDb::empty().await;
+    sqlx::raw_sql(
+        "create table public.user_logins (
+             user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+             masked_device_id varchar(256), locale varchar(32), app_version integer,
+             create_date date);
+         insert into public.user_logins values ('u', 'ios', 'm', 'd', 'FR', 20300, '2020-01-01');",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    loader_ok(&db.url, "unused", &["migrate"]);
+    assert_eq!(db.count("select count(*) from public.user_logins where user_id = 'u'").await, 1);
+    let columns: Vec<String> = sqlx::query_scalar(
+        "select column_name::text from information_schema.columns
+          where table_schema = 'public' and table_name = 'user_logins' order by ordinal_position",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for c in
+        ["user_id", "create_date", "message_id", "ip_network", "app_version_text", "mask_key_id"]
+    {
+        assert!(columns.iter().any(|x| x == c), "{c} missing from {columns:?}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_refuses_a_user_logins_table_that_breaks_the_contract() {
+    let db = TestDb::empty().await;
+    sqlx::raw_sql("create table public.user_logins (user_id text, app_version text)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = loader(&db.url, "unused", &["migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("columns differ from the contract"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+}
+
+/// Runs `loader` with the given environment overrides; returns (exit code, stderr).
+fn run_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_1_with_one_line() {
+    let db = TestDb::migrated().await;
+    let endpoint = common::aws_settings().endpoint_url.unwrap();
+    let db_ok = ("DATABASE_URL", db.url.as_str());
+    let sqs_ok = ("AWS_ENDPOINT_URL", endpoint.as_str());
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, &[&str], &str); 4] = [
+        (
+            &[db_ok, sqs_ok, ("SQS_QUEUE", "no-such-queue-here")],
+            &["ingest"],
+            "queue 'no-such-queue-here' does not exist",
+        ),
+        (
+            &[db_ok, ("AWS_ENDPOINT_URL", "http://127.0.0.1:9")],
+            &["ingest"],
+            "cannot reach the SQS endpoint",
+        ),
+        (
+            &[("DATABASE_URL", "postgres://postgres@127.0.0.1:9/x"), sqs_ok],
+            &["ingest"],
+            "connecting to PostgreSQL",
+        ),
+        (&[("DATABASE_URL", ""), sqs_ok], &["migrate"], "set DATABASE_URL"),
+    ];
+    for (env, args, expected) in cases {
+        let (code, err) = run_with(env, args);
+        assert_eq!(code, Some(1), "{expected}: {err}");
+        assert!(err.contains(expected), "expected {expected:?} in {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line, no retry stack: {err}");
+    }
+
+    let (code, _) = run_with(&[db_ok, sqs_ok], &["ingest", "--wait-seconds", "99"]);
+    assert_eq!(code, Some(2), "usage errors exit 2");
+}

@@ -1,0 +1,183 @@
+//! Test fixtures: a database and a queue of one's own, against the real PostgreSQL and
+//! LocalStack that `scripts/test.sh` starts. Both are removed when dropped.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use loader::config::{AwsSettings, DatabaseUrl};
+use loader::sqs::{self, Queue};
+use sqlx::PgPool;
+
+pub const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/login-queue-sample.json");
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts the services")
+    })
+}
+
+/// A unique, lowercase name for this test's database or queue.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+/// A database of this test's own; dropped (with its connections) when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// A new, empty database.
+    pub async fn empty() -> Self {
+        let admin_url = required_env("DATABASE_URL");
+        let name = unique_name("loader_test");
+        let admin = PgPool::connect(&admin_url).await.expect("connecting with DATABASE_URL");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        let url = match admin_url.rsplit_once('/') {
+            Some((server, _db)) => format!("{server}/{name}"),
+            None => panic!("DATABASE_URL has no database path"),
+        };
+        let pool = PgPool::connect(&url).await.expect("connecting to the test database");
+        Self { name, url, pool, admin_url }
+    }
+
+    /// A new database with `loader migrate` applied.
+    pub async fn migrated() -> Self {
+        let db = Self::empty().await;
+        loader::db::migrate(&db.pool).await.expect("migrating the test database");
+        db
+    }
+
+    pub fn database_url(&self) -> DatabaseUrl {
+        DatabaseUrl::from(self.url.clone())
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect(sql)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &self.admin_url,
+                "-Xqc",
+                &format!("drop database if exists {} with (force)", self.name),
+            ])
+            .output();
+    }
+}
+
+pub fn aws_settings() -> AwsSettings {
+    AwsSettings {
+        endpoint_url: Some(required_env("AWS_ENDPOINT_URL")),
+        region: Some(std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into())),
+    }
+}
+
+/// A queue of this test's own, deleted when dropped.
+pub struct TestQueue {
+    pub name: String,
+    pub queue: Queue,
+}
+
+impl TestQueue {
+    /// A standard queue with the given visibility timeout (seconds): short ones let tests see
+    /// redelivery quickly. LocalStack's timers tick in whole seconds.
+    pub async fn new(visibility_timeout: u32) -> Self {
+        let name = unique_name("loader-test").replace('_', "-");
+        let client = sqs::client(&aws_settings()).await;
+        client
+            .create_queue()
+            .queue_name(&name)
+            .set_attributes(Some(HashMap::from([(
+                QueueAttributeName::VisibilityTimeout,
+                visibility_timeout.to_string(),
+            )])))
+            .send()
+            .await
+            .expect("creating the test queue");
+        let queue = Queue::open(client, &name).await.expect("opening the test queue");
+        Self { name, queue }
+    }
+
+    /// `(visible, in flight, delayed)`.
+    pub async fn depth(&self) -> (u64, u64, u64) {
+        self.queue.depth().await.expect("reading queue depth")
+    }
+
+    pub async fn send(&self, bodies: &[String]) {
+        loader::send::send_all(&self.queue, bodies.to_vec()).await.expect("sending");
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let client = self.queue.client().clone();
+        let url = self.queue.url().to_owned();
+        // Drop cannot await; a short-lived runtime on its own thread deletes the queue.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(async { client.delete_queue().queue_url(url).send().await.ok() })
+        })
+        .join();
+    }
+}
+
+/// Runs the `loader` binary against a database and queue, with a clean environment.
+pub fn loader(db_url: &str, queue: &str, args: &[&str]) -> Output {
+    let aws = aws_settings();
+    Command::new(env!("CARGO_BIN_EXE_loader"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("SQS_QUEUE", queue)
+        .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
+        .env("AWS_REGION", aws.region.unwrap())
+        .env("RUST_LOG", "warn,loader=debug")
+        .output()
+        .expect("running the loader binary")
+}
+
+/// Runs `loader` and asserts it exited 0; returns stdout.
+pub fn loader_ok(db_url: &str, queue: &str, args: &[&str]) -> String {
+    let out = loader(db_url, queue, args);
+    assert!(
+        out.status.success(),
+        "loader {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Waits until the queue's in-flight messages are visible again (visibility timeout passed).
+pub async fn wait_until_visible(q: &TestQueue, expected: u64) {
+    for _ in 0..100 {
+        let (visible, in_flight, _) = q.depth().await;
+        if visible >= expected && in_flight == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("queue never showed {expected} visible messages: {:?}", q.depth().await);
+}

@@ -1,0 +1,231 @@
+//! `loader send` and `loader ingest` against real PostgreSQL and LocalStack: the fixture, redelivery,
+//! crash safety around the commit, and hostile bodies.
+
+mod common;
+
+use common::{FIXTURE, TestDb, TestQueue, loader, loader_ok, wait_until_visible};
+use loader::ingest::{Ingestor, Mode};
+use loader::staging::{self, RawMessage};
+
+fn generated(n: u64) -> Vec<String> {
+    loader::send::generate(n, 42)
+}
+
+#[tokio::test]
+async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
+    let db = TestDb::migrated().await;
+    let queue = common::unique_name("loader-fixture").replace('_', "-");
+
+    // `send` creates the queue when it is missing.
+    let out = loader_ok(&db.url, &queue, &["send", FIXTURE]);
+    assert_eq!(out.trim(), format!("sent 100 messages to {queue}"));
+
+    let out = loader_ok(&db.url, &queue, &["ingest"]);
+    assert!(
+        out.contains("received 100, staged 100 new, 0 duplicates, deleted 100 (0 delete failures)"),
+        "{out}"
+    );
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 100);
+    assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 100);
+    // The malformed message is staged like any other.
+    assert_eq!(db.count("select count(*) from loader.raw_logins where body ? 'foo'").await, 1);
+    assert_eq!(db.count("select count(*) from loader.raw_logins where sent_at is null").await, 0);
+
+    let q = TestQueue { name: queue.clone(), queue: open(&queue).await };
+    assert_eq!(q.depth().await, (0, 0, 0), "the queue is empty after ingest");
+
+    let out = loader_ok(&db.url, &queue, &["ingest"]);
+    assert!(out.contains("received 0, staged 0 new"), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 100);
+
+    // The run bookkeeping agrees with the table.
+    let (received, staged, deleted): (i64, i64, i64) = sqlx::query_as(
+        "select sum(received)::int8, sum(staged)::int8, sum(deleted)::int8 from loader.ingest_runs",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((received, staged, deleted), (100, 100, 100));
+    assert_eq!(
+        db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
+        0
+    );
+}
+
+async fn open(name: &str) -> loader::sqs::Queue {
+    let client = loader::sqs::client(&common::aws_settings()).await;
+    loader::sqs::Queue::open(client, name).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_redelivered_message_is_staged_once() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(1).await;
+    q.send(&generated(25)).await;
+
+    let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
+    // Receive without staging or deleting: the messages come back after the visibility timeout.
+    let first = ingestor.receive().await.unwrap();
+    assert!(!first.is_empty());
+    wait_until_visible(&q, 25).await;
+
+    let totals = ingestor.run(Mode::Drain, std::future::pending()).await.unwrap();
+    assert_eq!((totals.staged, totals.deleted), (25, 25));
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 25);
+    let ids: Vec<String> = first.iter().map(|m| m.message_id.clone()).collect();
+    let redelivered: i64 = sqlx::query_scalar(
+        "select count(*) from loader.raw_logins where message_id = any($1) and receive_count >= 2",
+    )
+    .bind(&ids)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(redelivered, ids.len() as i64, "the second delivery was the one staged");
+    assert_eq!(q.depth().await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(1).await;
+    q.send(&generated(30)).await;
+
+    // Stage one batch and commit, then "crash": the delete never happens.
+    let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
+    let batch = ingestor.receive().await.unwrap();
+    let raw: Vec<RawMessage> = batch
+        .iter()
+        .map(|m| RawMessage {
+            message_id: m.message_id.clone(),
+            body: m.body.clone(),
+            sent_at: m.sent_at,
+            receive_count: m.receive_count,
+        })
+        .collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let staged = staging::stage(&mut conn, ingestor.run_id(), &q.name, &raw).await.unwrap();
+    assert_eq!(staged.staged, batch.len() as u64);
+    drop(ingestor);
+
+    // Nothing was deleted: all 30 are still on the queue once the visibility timeout passes.
+    wait_until_visible(&q, 30).await;
+    assert_eq!(q.depth().await.0, 30);
+
+    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    let expected = format!(
+        "received 30, staged {} new, {} duplicates, deleted 30 (0 delete failures)",
+        30 - batch.len(),
+        batch.len()
+    );
+    assert!(out.contains(&expected), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 30);
+    assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 30);
+    assert_eq!(q.depth().await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(1).await;
+    q.send(&generated(30)).await;
+
+    // A deferred constraint trigger makes every COMMIT that staged a row fail, for real.
+    sqlx::raw_sql(
+        "create function fail_commit() returns trigger language plpgsql as
+             $$ begin raise exception 'injected commit failure'; end $$;
+         create constraint trigger fail_commit after insert on loader.raw_logins
+             deferrable initially deferred for each row execute function fail_commit();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let out = loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("injected commit failure"), "{stderr}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 0);
+    // No message was deleted before (or without) its commit.
+    wait_until_visible(&q, 30).await;
+    assert_eq!(q.depth().await, (30, 0, 0));
+
+    sqlx::raw_sql("drop trigger fail_commit on loader.raw_logins").execute(&db.pool).await.unwrap();
+    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    assert!(out.contains("received 30, staged 30 new, 0 duplicates, deleted 30"), "{out}");
+    assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 30);
+    assert_eq!(q.depth().await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn hostile_bodies_are_all_staged_verbatim() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    // SQS's own limit is 256 KiB for the whole message.
+    let big = format!("{{\"user_id\": \"big\", \"pad\": \"{}\"}}", "x".repeat(256 * 1024 - 40));
+    let bodies: Vec<(String, bool)> = vec![
+        ("this is not json".into(), false),
+        (r#"{"user_id": "nul\u0000inside"}"#.into(), false),
+        (r#"{"user_id": "lone \ud800 surrogate"}"#.into(), false),
+        (big.clone(), true),
+        ("[1, 2, 3]".into(), true),
+        ("null".into(), true),
+        ("{\"user_id\": \"trailing\"} garbage".into(), false),
+        ("\"just a string\"".into(), true),
+    ];
+    let texts: Vec<String> = bodies.iter().map(|(b, _)| b.clone()).collect();
+    q.send(&texts).await;
+
+    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    assert!(out.contains(&format!("staged {} new", bodies.len())), "{out}");
+
+    // JSON bodies come back as equal JSON; the others as the exact raw text in a JSON string.
+    let rows: Vec<(bool, String)> = sqlx::query_as(
+        "select body_is_json, case when body_is_json then body::text else body #>> '{}' end
+           from loader.raw_logins",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), bodies.len());
+    let as_json = |s: &str| serde_json::from_str::<serde_json::Value>(s).ok();
+    for (body, is_json) in &bodies {
+        let found = rows.iter().any(|(stored_as_json, text)| {
+            *stored_as_json == *is_json
+                && if *is_json { as_json(text) == as_json(body) } else { text == body }
+        });
+        assert!(found, "body {body:.40} not staged as expected (json: {is_json})");
+    }
+    assert_eq!(q.depth().await, (0, 0, 0));
+}
+
+#[tokio::test]
+async fn copies_of_one_message_id_in_a_batch_stage_once() {
+    let db = TestDb::migrated().await;
+    let run_id: i64 = sqlx::query_scalar(
+        "insert into loader.ingest_runs (queue, mode, loader_version) values ('q', 'drain', 't') returning id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let m = |id: &str| RawMessage {
+        message_id: id.into(),
+        body: "{}".into(),
+        sent_at: None,
+        receive_count: Some(1),
+    };
+    let mut conn = db.pool.acquire().await.unwrap();
+
+    let first = staging::stage(&mut conn, run_id, "q", &[m("a"), m("b"), m("a")]).await.unwrap();
+    assert_eq!((first.received, first.staged, first.duplicates), (3, 2, 1));
+    let again = staging::stage(&mut conn, run_id, "q", &[m("b"), m("c")]).await.unwrap();
+    assert_eq!((again.received, again.staged, again.duplicates), (2, 1, 1));
+
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 3);
+    let counters: (i64, i64, i64) =
+        sqlx::query_as("select received, staged, duplicates from loader.ingest_runs where id = $1")
+            .bind(run_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(counters, (5, 3, 2), "run counters commit with the rows");
+}
