@@ -15,8 +15,13 @@ log "building loader"
 cargo build --locked --quiet
 loader() { echo "+ loader $*" >&2; target/debug/loader "$@"; }
 
-psql "$admin_url" -Xq -c 'drop database if exists loader_demo' -c 'create database loader_demo'
+PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq -c 'drop database if exists loader_demo' -c 'create database loader_demo'
 loader migrate
+# The same init script the docker-compose LocalStack runs: login-queue with its DLQ. It runs
+# with LocalStack's Python (boto3), installed by scripts/localstack.sh.
+bash scripts/localstack.sh install
+AWS_ENDPOINT_URL="$AWS_ENDPOINT_URL" LOADER_QUEUE="$SQS_QUEUE" LOADER_INIT_FIXTURE="" \
+    "$LOADER_CACHE/localstack-2026.3.0/bin/python" scripts/init_queue.py
 loader send tests/fixtures/login-queue-sample.json
 loader ingest
 echo

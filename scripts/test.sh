@@ -3,6 +3,7 @@
 # test (unit and integration) against them. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/check-compose.sh
 eval "$(bash scripts/services.sh)"
 export AWS_ENDPOINT_URL AWS_REGION DATABASE_URL
 cargo test --locked "$@"
