@@ -4,11 +4,16 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, IngestArgs, SendArgs};
+use std::time::Duration;
+
+use anyhow::bail;
+use time::format_description::well_known::Rfc3339;
+
+use crate::cli::{Cli, Command, IngestArgs, KeysCommand, SendArgs, TransformArgs};
 use crate::config::Settings;
 use crate::ingest::{Ingestor, Mode};
 use crate::sqs::Queue;
-use crate::{db, send, sqs};
+use crate::{db, keys, send, sqs, transform};
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -27,6 +32,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate => migrate(&settings).await,
         Command::Ingest(args) => ingest(&settings, &args).await,
         Command::Send(args) => send(&settings, &args).await,
+        Command::Transform(args) => transform(&settings, &args).await,
+        Command::Keys(command) => keys(&settings, &command).await,
     }
 }
 
@@ -66,6 +73,65 @@ async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
     let queue = Queue::open_or_create(sqs::client(&settings.aws).await, &settings.queue).await?;
     let sent = send::send_all(&queue, bodies).await?;
     println!("sent {sent} messages to {}", queue.name());
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    if args.rebuild {
+        println!("rebuild: {}", transform::rebuild(&pool).await?);
+    } else if args.watch {
+        if !(args.interval.is_finite() && args.interval > 0.0) {
+            bail!("--interval must be a positive number of seconds");
+        }
+        let interval = Duration::from_secs_f64(args.interval);
+        transform::watch(&pool, args.batch_size, interval, shutdown_signal(), |r| {
+            if r.loaded + r.rejected > 0 {
+                println!("transform: {r}");
+            }
+        })
+        .await?;
+    } else {
+        println!("transform: {}", transform::transform(&pool, args.batch_size).await?);
+    }
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    match command {
+        KeysCommand::List => {
+            println!("{:>4}  {:<6}  {:<9}  {:<25}  retired", "id", "active", "source", "created");
+            for k in keys::list(&pool).await? {
+                let when =
+                    |t: time::OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339);
+                let retired = k.retired_at.map_or_else(|| Ok("-".to_owned()), when)?;
+                let active = if k.active { "yes" } else { "no" };
+                println!(
+                    "{:>4}  {active:<6}  {:<9}  {:<25}  {retired}",
+                    k.id,
+                    k.source,
+                    when(k.created_at)?
+                );
+            }
+        }
+        KeysCommand::Rotate | KeysCommand::Install => {
+            let given = match command {
+                KeysCommand::Install => Some(keys::read_key_from_env_or_stdin()?),
+                _ => None,
+            };
+            let r = keys::rotate(&pool, given.as_deref()).await?;
+            match r.loaded {
+                Some(loaded) => println!(
+                    "key {} active; rebuilt: loaded {loaded}, rejected {}, pending {}",
+                    r.key_id,
+                    r.rejected.unwrap_or(0),
+                    r.pending.unwrap_or(0)
+                ),
+                None => println!("key {} already active; nothing to rebuild", r.key_id),
+            }
+        }
+    }
     Ok(ExitCode::from(exit::OK))
 }
 

@@ -43,6 +43,43 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Publish messages to the queue (creating it when missing)
     Send(SendArgs),
+    /// Turn staged rows into public.user_logins (masked) or loader.login_rejects, in SQL
+    Transform(TransformArgs),
+    /// Masking keys: list, rotate, install
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TransformArgs {
+    /// Recompute every outcome from raw_logins with the active key, atomically
+    #[arg(long, conflicts_with = "watch")]
+    pub rebuild: bool,
+
+    /// Repeat the transform every --interval until SIGINT/SIGTERM
+    #[arg(long, env = "LOADER_TRANSFORM_WATCH")]
+    pub watch: bool,
+
+    /// Seconds between transforms with --watch
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value_t = 5.0)]
+    pub interval: f64,
+
+    /// Rows per committed batch
+    #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub batch_size: i32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Show key ids, dates and which is active (never the key bytes)
+    List,
+    /// Make a new random key active and re-mask every row (one transaction)
+    Rotate,
+    /// Make a given key active and re-mask every row, so two environments produce joinable
+    /// masks. The key (64 hex characters) is read from LOADER_MASK_KEY, else from stdin; never
+    /// from the command line.
+    Install,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,8 @@
 //! - [`staging`]: raw messages into `loader.raw_logins`, one statement per batch.
 //! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
 //! - [`send`]: publishing fixture files or synthetic events.
+//! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
+//! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
 //! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
 //! - [`app`]: one function per subcommand, returning the process exit code.
 
@@ -19,6 +21,8 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod ingest;
+pub mod keys;
 pub mod send;
 pub mod sqs;
 pub mod staging;
+pub mod transform;

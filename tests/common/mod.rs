@@ -132,13 +132,14 @@ impl TestQueue {
 
 impl Drop for TestQueue {
     fn drop(&mut self) {
-        let client = self.queue.client().clone();
         let url = self.queue.url().to_owned();
-        // Drop cannot await; a short-lived runtime on its own thread deletes the queue.
+        // Drop cannot await; a short-lived runtime on its own thread deletes the queue, with a
+        // client of its own (the test's client is bound to the test's runtime, blocked here).
         let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .expect("runtime")
-                .block_on(async { client.delete_queue().queue_url(url).send().await.ok() })
+            tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+                let client = sqs::client(&aws_settings()).await;
+                client.delete_queue().queue_url(url).send().await.ok()
+            })
         })
         .join();
     }
@@ -180,4 +181,83 @@ pub async fn wait_until_visible(q: &TestQueue, expected: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     panic!("queue never showed {expected} visible messages: {:?}", q.depth().await);
+}
+
+/// Stages `(message_id, body)` pairs straight into `loader.raw_logins` (no queue involved), all
+/// sent at `sent_at`, through the same staging code `loader ingest` uses.
+pub async fn stage(db: &TestDb, messages: &[(String, String)], sent_at: time::OffsetDateTime) {
+    stage_with(&db.pool, messages, sent_at).await;
+}
+
+/// [`stage`] over any pool, e.g. one of several concurrent writers.
+pub async fn stage_with(
+    pool: &PgPool,
+    messages: &[(String, String)],
+    sent_at: time::OffsetDateTime,
+) {
+    let run_id: i64 = sqlx::query_scalar(
+        "insert into loader.ingest_runs (queue, mode, loader_version)
+         values ('direct', 'drain', 'test') returning id",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let raw: Vec<loader::staging::RawMessage> = messages
+        .iter()
+        .map(|(id, body)| loader::staging::RawMessage {
+            message_id: id.clone(),
+            body: body.clone(),
+            sent_at: Some(sent_at),
+            receive_count: Some(1),
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    for chunk in raw.chunks(5_000) {
+        loader::staging::stage(&mut conn, run_id, "direct", chunk).await.expect("staging");
+    }
+}
+
+/// The fixture's bodies, as `loader send` would publish them, with ids `fixture-N`.
+pub fn fixture_messages() -> Vec<(String, String)> {
+    loader::send::bodies_from_file(std::path::Path::new(FIXTURE))
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| (format!("fixture-{i}"), body))
+        .collect()
+}
+
+/// A LOGIN role granted `grant` (e.g. loader_analyst), with a pool connected as it. The role is
+/// dropped with the database's objects when the value is dropped.
+pub struct TestRole {
+    pub name: String,
+    pub pool: PgPool,
+    admin_url: String,
+}
+
+impl TestRole {
+    pub async fn new(db: &TestDb, grant: &str) -> Self {
+        let name = unique_name("login");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "create role {name} login; grant {grant} to {name};"
+        )))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let (scheme_user, rest) = db.url.split_once('@').expect("DATABASE_URL with a user@host");
+        let scheme = scheme_user.split("://").next().unwrap();
+        let pool = PgPool::connect(&format!("{scheme}://{name}@{rest}"))
+            .await
+            .expect("login as test role");
+        Self { name, pool, admin_url: db.url.clone() }
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        // Synchronous on purpose: Drop cannot await, and the pool's connections belong to the
+        // test's runtime, which is blocked here. Open sessions do not prevent dropping a role.
+        let sql = format!("drop owned by {0}; drop role if exists {0}", self.name);
+        let _ = Command::new("psql").args([&self.admin_url, "-Xqc", &sql]).output();
+    }
 }

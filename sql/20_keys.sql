@@ -1,0 +1,41 @@
+-- Masking keys: make sure one is active, list them without their bytes, rotate or install one.
+--
+-- Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/20_keys.sql (applied by `loader migrate`).
+-- Keys never leave the database through these functions; only the owner role can read
+-- loader.mask_keys.
+
+-- A fresh database gets a random 32-byte key (gen_random_bytes uses the OS's secure RNG).
+insert into loader.mask_keys (key, source)
+select public.gen_random_bytes(32), 'generated'
+ where not exists (select from loader.mask_keys where retired_at is null);
+
+-- Key ids and dates, never the key bytes. Analysts may read it (to interpret mask_key_id).
+create or replace view loader.mask_key_info as
+select id, created_at, retired_at, source, retired_at is null as active
+  from loader.mask_keys;
+comment on view loader.mask_key_info is 'Masking keys without their bytes: id, dates, source, active';
+grant select on loader.mask_key_info to loader_analyst;
+
+-- _activate_key: retire the active key and make `new_key` active. Returns the new key's id, or
+-- the current id when `new_key` already is the active key (installing twice is a no-op).
+create or replace function loader._activate_key(new_key bytea, new_source text) returns integer
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    current_id integer;
+    current_key bytea;
+    new_id integer;
+begin
+    if new_key is null or length(new_key) <> 32 then
+        raise exception 'a masking key must be exactly 32 bytes (got %)', coalesce(length(new_key), 0)
+            using errcode = 'invalid_parameter_value';
+    end if;
+    select id, key into current_id, current_key
+      from loader.mask_keys where retired_at is null for update;
+    if current_key = new_key then
+        return current_id;
+    end if;
+    update loader.mask_keys set retired_at = clock_timestamp() where id = current_id;
+    insert into loader.mask_keys (key, source) values (new_key, new_source) returning id into new_id;
+    return new_id;
+end
+$$;
