@@ -6,44 +6,47 @@
 -- default in schema loader) and none is granted to the loader roles: a function that returns
 -- the HMAC of caller-chosen text would be a dictionary-attack oracle.
 
--- _try_inet: the text as inet, or NULL when it does not parse. A failed ::inet cast would abort
--- a whole set-based statement (PG15 has no pg_input_is_valid), so the cast runs in an exception
--- block; plain dotted-quad IPv4, the common case, skips that block's subtransaction. Parallel
--- unsafe because of the exception block.
-create or replace function loader._try_inet(v text) returns inet
+-- _try_inet_slow: the text as inet, or NULL when it does not parse. A failed ::inet cast would
+-- abort a whole set-based statement (PG15 has no pg_input_is_valid), so the cast runs in an
+-- exception block (a subtransaction). Parallel unsafe because of the exception block.
+create or replace function loader._try_inet_slow(v text) returns inet
 language plpgsql immutable strict parallel unsafe as $$
 begin
-    if v ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$' then
-        return v::inet;
-    end if;
-    -- Only hex digits, colons, dots and one /mask can form an inet: skip the exception block
-    -- for everything else.
-    if v !~ '^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$' then
-        return null;
-    end if;
-    begin
-        return v::inet;
-    exception when invalid_text_representation then
-        return null;
-    end;
+    return v::inet;
+exception when invalid_text_representation then
+    return null;
 end
 $$;
-comment on function loader._try_inet(text) is 'The text as inet, or NULL when it does not parse';
+comment on function loader._try_inet_slow(text) is 'The text as inet, or NULL (exception block)';
+
+-- _inet: the trimmed text as inet, or NULL when it does not parse. Inlined SQL: a plain
+-- dotted-quad IPv4 (the common case) is cast directly, text that cannot be an inet (anything
+-- but hex digits, colons, dots and one /mask) is NULL at once, and only the rest pays for the
+-- exception block of _try_inet_slow.
+create or replace function loader._inet(v text) returns inet
+language sql immutable parallel unsafe as $$
+    select case
+        when btrim(v) ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$'
+            then btrim(v)::inet
+        when btrim(v) ~ '^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'
+            then loader._try_inet_slow(btrim(v))
+    end
+$$;
+comment on function loader._inet(text) is 'The trimmed text as inet, or NULL when it does not parse';
 
 -- _canonical_ip: what is hashed for an IP: host(ip::inet) when it parses (so two spellings of
 -- one address mask alike), else the trimmed raw text. Blank or missing: NULL (no mask).
-create or replace function loader._canonical_ip(v text) returns text
-language sql immutable parallel unsafe as $$
-    select case when btrim(v) = '' then null
-                else coalesce(host(loader._try_inet(btrim(v))), btrim(v)) end
+-- `parsed` is loader._inet(raw), computed once by the caller.
+create or replace function loader._canonical_ip(raw text, parsed inet) returns text
+language sql immutable parallel safe as $$
+    select coalesce(host(parsed), nullif(btrim(raw), ''))
 $$;
 
--- _ip_network: IPv4 /24 or IPv6 /48 network of the IP; NULL when it does not parse.
+-- _ip_network: IPv4 /24 or IPv6 /48 network of a parsed IP; NULL when it did not parse.
 -- (network(), not host(): host(set_masklen(ip, 24)) would return the full address.)
-create or replace function loader._ip_network(v text) returns cidr
-language sql immutable parallel unsafe as $$
-    select network(set_masklen(i, case family(i) when 4 then 24 else 48 end))
-      from (select loader._try_inet(btrim(v)) as i) as parsed
+create or replace function loader._ip_network(parsed inet) returns cidr
+language sql immutable parallel safe as $$
+    select network(set_masklen(parsed, case family(parsed) when 4 then 24 else 48 end))
 $$;
 
 -- _mask: lowercase hex HMAC-SHA256 of the UTF-8 bytes of v under key. NULL in, NULL out; blank
@@ -68,43 +71,65 @@ language sql immutable parallel safe as $$
            end
 $$;
 
--- _reject: why a staged body cannot load, as (reason code, detail), or no row when it loads.
--- The first failing check wins. Details name fields and sizes, never values (no PII).
--- Reason codes: body_not_json, body_not_object, field_not_scalar, user_id_missing,
--- user_id_empty, value_too_long. Unknown extra keys are ignored, so producers may add fields.
-create or replace function loader._reject(body jsonb, body_is_json boolean)
-returns table (reason text, detail text)
+-- Validation. Reason codes, the first failing check wins:
+--   body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty,
+--   value_too_long.
+-- Unknown extra keys are ignored, so producers may add fields. Details name fields and sizes,
+-- never values (no PII). Plain CASE chains: this runs once per row and must stay cheap.
+drop function if exists loader._reject(jsonb, boolean);
+
+-- _nested_field: the first contract field holding a JSON object or array, or NULL.
+create or replace function loader._nested_field(body jsonb) returns text
 language sql immutable parallel safe as $$
-    select c.reason, c.detail
-      from (select
-                -- the first contract field holding an object or array
-                (select f.field
-                   from unnest(array['user_id', 'device_type', 'ip', 'locale', 'device_id',
-                                     'app_version']) with ordinality as f(field, n)
-                  where jsonb_typeof(body -> f.field) in ('object', 'array')
-                  order by f.n limit 1) as nested_field,
-                -- the first value longer than its column
-                (select l.field || ' is ' || char_length(body ->> l.field)
-                        || ' characters; the column allows ' || l.max_length
-                   from (values (1, 'user_id', 128), (2, 'device_type', 32), (3, 'locale', 32))
-                        as l(n, field, max_length)
-                  where char_length(body ->> l.field) > l.max_length
-                  order by l.n limit 1) as too_long) as s,
-           lateral (values
-            (1, not body_is_json, 'body_not_json', 'the message body is not valid JSON'),
-            (2, jsonb_typeof(body) <> 'object', 'body_not_object',
-                'the message body is a JSON ' || jsonb_typeof(body) || ', not an object'),
-            (3, s.nested_field is not null, 'field_not_scalar',
-                s.nested_field || ' is a JSON ' || jsonb_typeof(body -> s.nested_field)
-                || ', not a scalar'),
-            (4, coalesce(jsonb_typeof(body -> 'user_id'), 'null') = 'null',
-                'user_id_missing', 'user_id is missing or null'),
-            (5, btrim(body ->> 'user_id') = '', 'user_id_empty', 'user_id is empty'),
-            (6, s.too_long is not null, 'value_too_long', s.too_long))
-           as c(priority, failed, reason, detail)
-     where c.failed
-     order by c.priority
-     limit 1
+    select case
+        when jsonb_typeof(body -> 'user_id') in ('object', 'array') then 'user_id'
+        when jsonb_typeof(body -> 'device_type') in ('object', 'array') then 'device_type'
+        when jsonb_typeof(body -> 'ip') in ('object', 'array') then 'ip'
+        when jsonb_typeof(body -> 'locale') in ('object', 'array') then 'locale'
+        when jsonb_typeof(body -> 'device_id') in ('object', 'array') then 'device_id'
+        when jsonb_typeof(body -> 'app_version') in ('object', 'array') then 'app_version'
+    end
 $$;
-comment on function loader._reject(jsonb, boolean) is
-    'Why a staged body cannot load: (reason code, detail without PII), or no row';
+
+-- _too_long: the first value longer than its column, as a detail line, or NULL. Never
+-- truncate silently: user_logins.user_id is varchar(128), device_type and locale varchar(32).
+create or replace function loader._too_long(body jsonb) returns text
+language sql immutable parallel safe as $$
+    select case
+        when char_length(body ->> 'user_id') > 128
+            then 'user_id is ' || char_length(body ->> 'user_id') || ' characters; the column allows 128'
+        when char_length(body ->> 'device_type') > 32
+            then 'device_type is ' || char_length(body ->> 'device_type') || ' characters; the column allows 32'
+        when char_length(body ->> 'locale') > 32
+            then 'locale is ' || char_length(body ->> 'locale') || ' characters; the column allows 32'
+    end
+$$;
+
+-- _reject_reason: why a staged body cannot load (a reason code), or NULL when it loads.
+create or replace function loader._reject_reason(body jsonb, body_is_json boolean) returns text
+language sql immutable parallel safe as $$
+    select case
+        when not body_is_json then 'body_not_json'
+        when jsonb_typeof(body) <> 'object' then 'body_not_object'
+        when loader._nested_field(body) is not null then 'field_not_scalar'
+        when coalesce(jsonb_typeof(body -> 'user_id'), 'null') = 'null' then 'user_id_missing'
+        when btrim(body ->> 'user_id') = '' then 'user_id_empty'
+        when loader._too_long(body) is not null then 'value_too_long'
+    end
+$$;
+comment on function loader._reject_reason(jsonb, boolean) is
+    'Reason code why a staged body cannot load, or NULL';
+
+-- _reject_detail: the human line for a reason code (no values, only field names and sizes).
+create or replace function loader._reject_detail(body jsonb, reason text) returns text
+language sql immutable parallel safe as $$
+    select case reason
+        when 'body_not_json' then 'the message body is not valid JSON'
+        when 'body_not_object' then 'the message body is a JSON ' || jsonb_typeof(body) || ', not an object'
+        when 'field_not_scalar' then loader._nested_field(body) || ' is a JSON '
+            || jsonb_typeof(body -> loader._nested_field(body)) || ', not a scalar'
+        when 'user_id_missing' then 'user_id is missing or null'
+        when 'user_id_empty' then 'user_id is empty'
+        when 'value_too_long' then loader._too_long(body)
+    end
+$$;

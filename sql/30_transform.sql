@@ -38,24 +38,26 @@ begin
          where q.raw_id = pick.raw_id
         returning q.raw_id
     ), judged as (
-        select r.message_id, r.body, r.sent_at, r.staged_at, j.reason, j.detail
+        -- A CTE used twice is materialised: the IP is parsed once per row here.
+        select r.message_id, r.body, r.sent_at, r.staged_at,
+               loader._reject_reason(r.body, r.body_is_json) as reason,
+               loader._inet(r.body ->> 'ip') as ip
           from claimed c
           join loader.raw_logins r on r.id = c.raw_id
-          left join lateral loader._reject(r.body, r.body_is_json) as j on true
     ), loads as (
         insert into public.user_logins
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
              message_id, ip_network, app_version_text, mask_key_id)
         select body ->> 'user_id',
                body ->> 'device_type',
-               loader._mask(loader._canonical_ip(body ->> 'ip'), active_key),
+               loader._mask(loader._canonical_ip(body ->> 'ip', ip), active_key),
                loader._mask(body ->> 'device_id', active_key),
                body ->> 'locale',
                loader._app_version(body ->> 'app_version'),
                -- The UTC day it was sent, not the day of the transform: reruns must not move it.
                (coalesce(sent_at, staged_at) at time zone 'UTC')::date,
                message_id,
-               loader._ip_network(body ->> 'ip'),
+               loader._ip_network(ip),
                body ->> 'app_version',
                active_key_id
           from judged
@@ -64,7 +66,8 @@ begin
         returning 1
     ), rejects as (
         insert into loader.login_rejects (message_id, reason, detail)
-        select message_id, reason, detail from judged where reason is not null
+        select message_id, reason, loader._reject_detail(body, reason)
+          from judged where reason is not null
         on conflict (message_id) do nothing
         returning 1
     )
@@ -183,12 +186,16 @@ revoke all on procedure loader.transform(bigint, bigint, bigint, integer) from p
 revoke all on function loader.rebuild() from public;
 revoke all on function loader.rotate_key(bytea) from public;
 revoke all on function loader._activate_key(bytea, text) from public;
-revoke all on function loader._try_inet(text) from public;
-revoke all on function loader._canonical_ip(text) from public;
-revoke all on function loader._ip_network(text) from public;
+revoke all on function loader._try_inet_slow(text) from public;
+revoke all on function loader._inet(text) from public;
+revoke all on function loader._canonical_ip(text, inet) from public;
+revoke all on function loader._ip_network(inet) from public;
 revoke all on function loader._mask(text, bytea) from public;
 revoke all on function loader._app_version(text) from public;
-revoke all on function loader._reject(jsonb, boolean) from public;
+revoke all on function loader._nested_field(jsonb) from public;
+revoke all on function loader._too_long(jsonb) from public;
+revoke all on function loader._reject_reason(jsonb, boolean) from public;
+revoke all on function loader._reject_detail(jsonb, text) from public;
 grant execute on function loader.transform_batch(integer) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
 revoke all on function loader._queue_staged_rows() from public;

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Transform throughput next to its floor, in one run:
+#
+#   scripts/bench-transform.sh [ROWS]      (default 1000000)
+#
+# Stages ROWS synthetic logins straight into loader.raw_logins of a scratch database
+# (loader_bench, recreated), then times
+#   floor:     a plain copy of the same fields into a table shaped like user_logins (same unique
+#              index), with no masking and no validation;
+#   transform: `call loader.transform()`, i.e. validation, HMAC masking of IP and device id,
+#              network generalisation, version parsing, and the work-queue bookkeeping.
+# About 5% of rows carry an IPv6 address and 1% are rejects, like the generator of `loader send`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+rows="${1:-1000000}"
+eval "$(bash scripts/postgres.sh)"
+admin_url="$DATABASE_URL"
+export DATABASE_URL="${admin_url%/*}/loader_bench"
+cargo build --locked --quiet
+PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
+    -c 'drop database if exists loader_bench' -c 'create database loader_bench'
+target/debug/loader migrate >/dev/null
+
+sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
+now() { date +%s.%N; }
+rate() { awk -v n="$rows" -v a="$1" -v b="$2" 'BEGIN { printf "%6.2f s  %9.0f rows/s", b - a, n / (b - a) }'; }
+
+log "staging $rows synthetic rows"
+sql -c "
+insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue)
+select 'bench-' || g,
+       case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
+            else jsonb_build_object(
+                'user_id', md5(g::text),
+                'app_version', (g % 10) || '.' || (g % 37) || '.' || (g % 7),
+                'device_type', case when g % 2 = 0 then 'android' else 'ios' end,
+                'ip', case when g % 20 = 0 then '2001:db8:' || to_hex(g % 65536) || '::' || to_hex(g % 999)
+                           else (1 + g % 223) || '.' || (g / 7 % 256) || '.' || (g / 3 % 256) || '.' || (1 + g % 254) end,
+                'locale', case when g % 6 = 0 then null else 'FR' end,
+                'device_id', lpad((g % 900000)::text, 6, '0') || '-' || (g % 97)) end,
+       true, now() - interval '1 day', 1, 'bench'
+  from generate_series(1, $rows) as g" \
+    -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" \
+    -c "create table public.bench_floor (like public.user_logins including defaults including indexes)"
+
+log "floor: plain copy"
+t0=$(now)
+sql -c "
+insert into public.bench_floor
+    (user_id, device_type, masked_ip, masked_device_id, locale, app_version_text, create_date,
+     message_id)
+select body ->> 'user_id', body ->> 'device_type', body ->> 'ip', body ->> 'device_id',
+       body ->> 'locale', body ->> 'app_version', (sent_at at time zone 'UTC')::date, message_id
+  from loader.raw_logins"
+t1=$(now)
+
+log "transform"
+t2=$(now)
+result=$(sql -c "call loader.transform()")
+t3=$(now)
+
+echo "cores: $(nproc); rows staged: $rows; $(psql --version | head -n1)"
+echo "floor (plain copy, no masking):    $(rate "$t0" "$t1")"
+echo "transform (call loader.transform): $(rate "$t2" "$t3")   loaded|rejected|pending = $result"
