@@ -23,10 +23,20 @@ bash scripts/localstack.sh install
 AWS_ENDPOINT_URL="$AWS_ENDPOINT_URL" LOADER_QUEUE="$SQS_QUEUE" LOADER_INIT_FIXTURE="" \
     "$LOADER_CACHE/localstack-2026.3.0/bin/python" scripts/init_queue.py
 loader send tests/fixtures/login-queue-sample.json
+loader send --generate 200 --seed 7     # synthetic logins; some reuse a device and an IP
 loader ingest
+loader transform
 echo
-echo "+ psql: what was staged (bodies stay in loader.raw_logins; analysts never see them)"
-psql "$DATABASE_URL" -X -c "select count(*) as staged, count(*) filter (where body ? 'user_id') as with_user_id,
-       count(*) filter (where not body_is_json) as not_json from loader.raw_logins" \
-    -c "select id, queue, mode, received, staged, duplicates, deleted, delete_failures
-          from loader.ingest_runs order by id"
+echo "+ psql as loader_analyst: masked rows, duplicate devices, rejects"
+psql "$DATABASE_URL" -X <<'SQL'
+set role loader_analyst;
+select user_id, device_type, left(masked_ip, 16) as masked_ip_prefix,
+       left(masked_device_id, 16) as masked_device_prefix, locale, app_version,
+       app_version_text, create_date, ip_network
+  from public.user_logins order by user_id limit 5;
+select masked_device_id, count(*) as logins, count(distinct ip_network) as networks
+  from public.user_logins
+ group by masked_device_id having count(*) > 1
+ order by count(*) desc limit 5;
+select reason, detail, count(*) from loader.login_rejects group by reason, detail;
+SQL

@@ -14,8 +14,13 @@
 -- a rebuild waits for them. The functions run as their owner (security definer, pinned
 -- search_path), the only role that can read loader.raw_logins and the key.
 
--- transform_batch: one bounded batch. Returns its counts and what is still pending.
-create or replace function loader.transform_batch(max_rows integer default 10000)
+-- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
+-- count_pending is false: counting the work list costs more than a batch on a big backlog, so
+-- the batch loops below count once, at the end).
+drop function if exists loader.transform_batch(integer);
+create or replace function loader.transform_batch(
+    max_rows integer default 10000,
+    count_pending boolean default true)
 returns table (loaded bigint, rejected bigint, pending bigint)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
@@ -31,11 +36,13 @@ begin
     end if;
 
     with claimed as (
+        -- = any(array(...)): an index probe per claimed id. A join here would let the planner
+        -- scan the whole work list for every batch.
         delete from loader.transform_queue q
-         using (select t.raw_id from loader.transform_queue t
-                 order by t.raw_id limit max_rows
-                   for update skip locked) as pick
-         where q.raw_id = pick.raw_id
+         where q.raw_id = any (array(
+                   select t.raw_id from loader.transform_queue t
+                    order by t.raw_id limit max_rows
+                      for update skip locked))
         returning q.raw_id
     ), judged as (
         -- A CTE used twice is materialised: the IP is parsed once per row here.
@@ -73,11 +80,13 @@ begin
     )
     select (select count(*) from loads), (select count(*) from rejects)
       into loaded, rejected;
-    select count(*) into pending from loader.transform_queue;
+    if count_pending then
+        select count(*) into pending from loader.transform_queue;
+    end if;
     return next;
 end
 $$;
-comment on function loader.transform_batch(integer) is
+comment on function loader.transform_batch(integer, boolean) is
     'Transform up to max_rows staged rows without an outcome; returns (loaded, rejected, pending)';
 
 -- transform: every pending row, committing after each batch, so a large backlog never holds one
@@ -96,14 +105,14 @@ begin
     loaded := 0;
     rejected := 0;
     loop
-        select * into batch from loader.transform_batch(batch_size);
+        select * into batch from loader.transform_batch(batch_size, false);
         loaded := loaded + batch.loaded;
         rejected := rejected + batch.rejected;
-        pending := batch.pending;
         commit;
         -- Nothing claimed: done, or what is left is claimed by a concurrent transform.
-        exit when batch.loaded + batch.rejected = 0 or batch.pending = 0;
+        exit when batch.loaded + batch.rejected = 0;
     end loop;
+    select b.pending into pending from loader.transform_batch(0) as b;
 end
 $$;
 comment on procedure loader.transform(bigint, bigint, bigint, integer) is
@@ -141,12 +150,12 @@ begin
     loaded := 0;
     rejected := 0;
     loop
-        select * into batch from loader.transform_batch(100000);
+        select * into batch from loader.transform_batch(100000, false);
         loaded := loaded + batch.loaded;
         rejected := rejected + batch.rejected;
-        pending := batch.pending;
-        exit when batch.loaded + batch.rejected = 0 or batch.pending = 0;
+        exit when batch.loaded + batch.rejected = 0;
     end loop;
+    select b.pending into pending from loader.transform_batch(0) as b;
     return next;
 end
 $$;
@@ -181,7 +190,7 @@ comment on function loader.rotate_key(bytea) is
     'Activate a new masking key (random or given) and rebuild every outcome, atomically';
 
 -- Privileges: nothing here is PUBLIC; analysts may run the incremental transform only.
-revoke all on function loader.transform_batch(integer) from public;
+revoke all on function loader.transform_batch(integer, boolean) from public;
 revoke all on procedure loader.transform(bigint, bigint, bigint, integer) from public;
 revoke all on function loader.rebuild() from public;
 revoke all on function loader.rotate_key(bytea) from public;
@@ -196,6 +205,6 @@ revoke all on function loader._nested_field(jsonb) from public;
 revoke all on function loader._too_long(jsonb) from public;
 revoke all on function loader._reject_reason(jsonb, boolean) from public;
 revoke all on function loader._reject_detail(jsonb, text) from public;
-grant execute on function loader.transform_batch(integer) to loader_analyst;
+grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
 revoke all on function loader._queue_staged_rows() from public;

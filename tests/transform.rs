@@ -465,7 +465,10 @@ async fn analysts_cannot_read_pii_keys_or_hash_chosen_text() {
     .unwrap();
     assert_eq!(
         callable,
-        ["loader.transform(bigint,bigint,bigint,integer)", "loader.transform_batch(integer)"]
+        [
+            "loader.transform(bigint,bigint,bigint,integer)",
+            "loader.transform_batch(integer,boolean)"
+        ]
     );
 
     let readable: i64 = sqlx::query_scalar("select count(*) from public.user_logins")
