@@ -1,12 +1,16 @@
 //! The `loader` binary: parse the command line, set up logging, run, map the result to an exit
 //! code. Errors are printed once, with their cause chain.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use loader::app::{self, exit};
 use loader::cli::Cli;
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, fmt};
 
 fn main() -> ExitCode {
     // `.env` first, so its values feed clap's `env = ...` defaults. A missing file is fine.
@@ -17,13 +21,7 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::ERROR);
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,loader=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -39,6 +37,28 @@ fn main() -> ExitCode {
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn,loader=info`). Other crates never log
+/// finer than DEBUG, whatever `RUST_LOG` says: the AWS SDK logs whole responses (message bodies,
+/// so IPs and device ids) at TRACE, and loader never logs personal data at any level.
+fn init_logging() {
+    let env =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,loader=info"));
+    let no_foreign_trace = filter_fn(|meta| {
+        *meta.level() < Level::TRACE
+            || meta.target() == "loader"
+            || meta.target().starts_with("loader::")
+    });
+    tracing_subscriber::registry()
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter(env)
+                .with_filter(no_foreign_trace),
+        )
+        .init();
 }
 
 /// The error and its causes on one line. Some errors (sqlx's) repeat their source in their own

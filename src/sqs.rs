@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -43,10 +42,9 @@ pub async fn client(settings: &AwsSettings) -> Client {
                 .build(),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(3));
-    loader = match &settings.region {
-        Some(region) => loader.region(Region::new(region.clone())),
-        None => loader.region(RegionProviderChain::default_provider().or_else("us-east-1")),
-    };
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
     if let Some(endpoint) = &settings.endpoint_url {
         loader = loader.endpoint_url(endpoint);
         if !aws_credentials_configured() {
@@ -59,7 +57,13 @@ pub async fn client(settings: &AwsSettings) -> Client {
             ));
         }
     }
-    Client::new(&loader.load().await)
+    // Without a region given, the configuration chain (profile files, then instance metadata)
+    // decides; failing all of them, us-east-1.
+    let mut config = loader.load().await;
+    if config.region().is_none() {
+        config = config.into_builder().region(Region::new("us-east-1")).build();
+    }
+    Client::new(&config)
 }
 
 /// True when the environment or the shared AWS files name credentials or a profile.

@@ -121,3 +121,38 @@ async fn configuration_errors_exit_1_with_one_line() {
     let (code, _) = run_with(&[db_ok, sqs_ok], &["ingest", "--wait-seconds", "99"]);
     assert_eq!(code, Some(2), "usage errors exit 2");
 }
+
+#[tokio::test]
+async fn a_dotenv_file_configures_the_command() {
+    let db = TestDb::empty().await;
+    let dir = std::env::temp_dir().join(common::unique_name("loader-dotenv"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".env"), format!("DATABASE_URL={}\n", db.url)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_loader"))
+        .arg("migrate")
+        .current_dir(&dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(db.count("select count(*) from loader.mask_keys").await, 1);
+}
+
+#[tokio::test]
+async fn without_a_region_us_east_1_is_used() {
+    let db = TestDb::migrated().await;
+    let q = common::TestQueue::new(30).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_loader"))
+        .args(["ingest", "--wait-seconds", "0", "--queue", &q.name])
+        .env("DATABASE_URL", &db.url)
+        .env("AWS_ENDPOINT_URL", common::aws_settings().endpoint_url.unwrap())
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("received 0"));
+}

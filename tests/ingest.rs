@@ -229,3 +229,68 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
             .unwrap();
     assert_eq!(counters, (5, 3, 2), "run counters commit with the rows");
 }
+
+#[tokio::test]
+async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let child =
+        common::spawn_loader(&db.url, &q.name, &["ingest", "--follow", "--wait-seconds", "1"]);
+
+    q.send(&generated(15)).await;
+    let staged = common::wait_for_count(&db, "select count(*) from loader.raw_logins", 15).await;
+    assert_eq!(staged, 15, "messages sent after start are staged");
+    q.send(&generated(5)).await; // may be in hand when the signal arrives: must still finish
+
+    let out = common::terminate(child);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("staged"), "summary line printed: {stdout}");
+    // Every message is either staged (and deleted) or still on the queue: none lost.
+    let staged = db.count("select count(*) from loader.raw_logins").await;
+    let (visible, in_flight, _) = q.depth().await;
+    assert_eq!(
+        staged as u64 + visible + in_flight,
+        20,
+        "staged {staged}, queue {visible}+{in_flight}"
+    );
+    assert_eq!(
+        db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn ingest_never_logs_bodies_ips_or_device_ids_even_at_trace() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let fixture = common::fixture_messages();
+    q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loader"))
+        .args(["ingest", "--wait-seconds", "1"])
+        .env("DATABASE_URL", &db.url)
+        .env("SQS_QUEUE", &q.name)
+        .env("AWS_ENDPOINT_URL", common::aws_settings().endpoint_url.unwrap())
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let logs =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(logs.lines().count() > 50, "trace logging is on");
+    assert!(logs.contains("staged 100 new"), "the run happened: {logs:.2000}");
+    for (_, body) in &fixture {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        for field in ["ip", "device_id", "user_id"] {
+            if let Some(value) = v.get(field).and_then(|x| x.as_str()) {
+                assert!(!logs.contains(value), "a {field} leaked into the logs");
+            }
+        }
+    }
+}

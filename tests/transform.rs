@@ -513,3 +513,21 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
         assert!(!logs.contains(&key), "a key leaked into the logs");
     }
 }
+
+#[tokio::test]
+async fn watch_mode_transforms_new_rows_until_sigterm() {
+    let db = TestDb::migrated().await;
+    let child =
+        common::spawn_loader(&db.url, "unused", &["transform", "--watch", "--interval", "0.2"]);
+    stage(&db, &fixture_messages(), SENT).await;
+    let done = common::wait_for_count(
+        &db,
+        "select (select count(*) from public.user_logins) + (select count(*) from loader.login_rejects)",
+        100,
+    )
+    .await;
+    assert_eq!(done, 100);
+    let out = common::terminate(child);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("transform: loaded 99, rejected 1"));
+}

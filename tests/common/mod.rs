@@ -261,3 +261,38 @@ impl Drop for TestRole {
         let _ = Command::new("psql").args([&self.admin_url, "-Xqc", &sql]).output();
     }
 }
+
+/// Starts `loader` in the background against a database and queue (stdout and stderr piped).
+pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> std::process::Child {
+    let aws = aws_settings();
+    Command::new(env!("CARGO_BIN_EXE_loader"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("SQS_QUEUE", queue)
+        .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
+        .env("AWS_REGION", aws.region.unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the loader binary")
+}
+
+/// Sends SIGTERM and waits for the process; returns its output.
+pub fn terminate(child: std::process::Child) -> Output {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
+/// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.
+pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i64 {
+    let mut last = -1;
+    for _ in 0..150 {
+        last = db.count(sql).await;
+        if last >= expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    last
+}
