@@ -60,6 +60,17 @@ impl std::fmt::Display for Totals {
     }
 }
 
+impl From<&Received> for RawMessage {
+    fn from(m: &Received) -> Self {
+        RawMessage {
+            message_id: m.message_id.clone(),
+            body: m.body.clone(),
+            sent_at: m.sent_at,
+            receive_count: m.receive_count,
+        }
+    }
+}
+
 /// One ingest run: a queue, a database, and the `loader.ingest_runs` row that counts for it.
 pub struct Ingestor {
     queue: Queue,
@@ -95,18 +106,10 @@ impl Ingestor {
 
     /// Stages a received batch and, once that has committed, deletes every message in it (new
     /// and duplicate alike: both are now safely staged).
+    #[tracing::instrument(name = "batch", level = "debug", skip_all,
+                          fields(run_id = self.run_id, size = batch.len()))]
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
-        let span = tracing::debug_span!("batch", run_id = self.run_id, size = batch.len());
-        let _enter = span.enter();
-        let raw: Vec<RawMessage> = batch
-            .iter()
-            .map(|m| RawMessage {
-                message_id: m.message_id.clone(),
-                body: m.body.clone(),
-                sent_at: m.sent_at,
-                receive_count: m.receive_count,
-            })
-            .collect();
+        let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
         let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
         let staged = staging::stage(&mut conn, self.run_id, self.queue.name(), &raw).await?;
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");

@@ -93,15 +93,7 @@ async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
     // Stage one batch and commit, then "crash": the delete never happens.
     let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
     let batch = ingestor.receive().await.unwrap();
-    let raw: Vec<RawMessage> = batch
-        .iter()
-        .map(|m| RawMessage {
-            message_id: m.message_id.clone(),
-            body: m.body.clone(),
-            sent_at: m.sent_at,
-            receive_count: m.receive_count,
-        })
-        .collect();
+    let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
     let mut conn = db.pool.acquire().await.unwrap();
     let staged = staging::stage(&mut conn, ingestor.run_id(), &q.name, &raw).await.unwrap();
     assert_eq!(staged.staged, batch.len() as u64);
@@ -272,11 +264,7 @@ async fn ingest_never_logs_bodies_ips_or_device_ids_even_at_trace() {
     let fixture = common::fixture_messages();
     q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loader"))
-        .args(["ingest", "--wait-seconds", "1"])
-        .env("DATABASE_URL", &db.url)
-        .env("SQS_QUEUE", &q.name)
-        .env("AWS_ENDPOINT_URL", common::aws_settings().endpoint_url.unwrap())
+    let out = common::loader_command(&db.url, &q.name, &["ingest", "--wait-seconds", "1"])
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();

@@ -328,9 +328,7 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     // Installing a known key (as two environments would) makes masks reproducible.
     let key_hex = "ab".repeat(32);
     let install = |db: &TestDb| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loader"))
-            .args(["keys", "install"])
-            .env("DATABASE_URL", &db.url)
+        let out = common::loader_command(&db.url, "unused", &["keys", "install"])
             .env("LOADER_MASK_KEY", &key_hex)
             .env("RUST_LOG", "trace")
             .output()
@@ -346,7 +344,18 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     install(&db);
     let other = TestDb::migrated().await;
     stage(&other, &fixture_messages(), SENT).await;
-    install(&other);
+    // The other environment reads the key from stdin.
+    let mut child = common::loader_command(&other.url, "unused", &["keys", "install"])
+        .env_remove("LOADER_MASK_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), format!("{key_hex}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rebuilt: loaded 99, rejected 1"));
     let a = masks(&db).await;
     let b = masks(&other).await;
     for (id, (ip, dev, _)) in &b {
@@ -487,9 +496,7 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
     for args in
         [&["transform"][..], &["transform", "--rebuild"], &["keys", "rotate"], &["keys", "list"]]
     {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loader"))
-            .args(args)
-            .env("DATABASE_URL", &db.url)
+        let out = common::loader_command(&db.url, "unused", args)
             .env("RUST_LOG", "trace")
             .output()
             .unwrap();

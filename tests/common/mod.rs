@@ -145,18 +145,22 @@ impl Drop for TestQueue {
     }
 }
 
-/// Runs the `loader` binary against a database and queue, with a clean environment.
-pub fn loader(db_url: &str, queue: &str, args: &[&str]) -> Output {
+/// The `loader` binary set up for a database and a queue.
+pub fn loader_command(db_url: &str, queue: &str, args: &[&str]) -> Command {
     let aws = aws_settings();
-    Command::new(env!("CARGO_BIN_EXE_loader"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
+    cmd.args(args)
         .env("DATABASE_URL", db_url)
         .env("SQS_QUEUE", queue)
         .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
         .env("AWS_REGION", aws.region.unwrap())
-        .env("RUST_LOG", "warn,loader=debug")
-        .output()
-        .expect("running the loader binary")
+        .env("RUST_LOG", "warn,loader=debug");
+    cmd
+}
+
+/// Runs the `loader` binary against a database and queue.
+pub fn loader(db_url: &str, queue: &str, args: &[&str]) -> Output {
+    loader_command(db_url, queue, args).output().expect("running the loader binary")
 }
 
 /// Runs `loader` and asserts it exited 0; returns stdout.
@@ -264,13 +268,7 @@ impl Drop for TestRole {
 
 /// Starts `loader` in the background against a database and queue (stdout and stderr piped).
 pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> std::process::Child {
-    let aws = aws_settings();
-    Command::new(env!("CARGO_BIN_EXE_loader"))
-        .args(args)
-        .env("DATABASE_URL", db_url)
-        .env("SQS_QUEUE", queue)
-        .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
-        .env("AWS_REGION", aws.region.unwrap())
+    loader_command(db_url, queue, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
