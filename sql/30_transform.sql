@@ -27,6 +27,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     active_key_id integer;
     active_key bytea;
+    claimed_rows bigint;
 begin
     perform pg_advisory_xact_lock_shared(7813570962337693698);
     select k.id, k.key into active_key_id, active_key
@@ -78,8 +79,13 @@ begin
         on conflict (message_id) do nothing
         returning 1
     )
-    select (select count(*) from loads), (select count(*) from rejects)
-      into loaded, rejected;
+    select (select count(*) from loads), (select count(*) from rejects), (select count(*) from claimed)
+      into loaded, rejected, claimed_rows;
+    -- Fewer rows than asked for: the work list was drained as of this batch's start.
+    update loader.transform_state
+       set batches = batches + 1,
+           last_drained_at = case when claimed_rows < max_rows
+                                  then greatest(last_drained_at, now()) else last_drained_at end;
     if count_pending then
         select count(*) into pending from loader.transform_queue;
     end if;

@@ -6,14 +6,14 @@ use anyhow::Result;
 
 use std::time::Duration;
 
-use anyhow::bail;
-use time::format_description::well_known::Rfc3339;
+use anyhow::{Context, bail};
 
-use crate::cli::{Cli, Command, IngestArgs, KeysCommand, SendArgs, TransformArgs};
+use crate::cli::{Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, SendArgs, TransformArgs};
 use crate::config::Settings;
+use crate::display::timestamp;
 use crate::ingest::{Ingestor, Mode};
 use crate::sqs::Queue;
-use crate::{db, keys, send, sqs, transform};
+use crate::{db, keys, reconcile, send, sqs, transform};
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -23,6 +23,8 @@ pub mod exit {
     pub const ERROR: u8 = 1;
     /// Bad command line (clap's own code).
     pub const USAGE: u8 = 2;
+    /// `loader reconcile` found a broken invariant.
+    pub const GAP: u8 = 3;
 }
 
 /// Runs the parsed command line.
@@ -34,6 +36,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(&settings, &args).await,
         Command::Transform(args) => transform(&settings, &args).await,
         Command::Keys(command) => keys(&settings, &command).await,
+        Command::Reconcile(args) => reconcile(&settings, &args).await,
+        Command::Status => status(&settings).await,
     }
 }
 
@@ -103,15 +107,13 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
         KeysCommand::List => {
             println!("{:>4}  {:<6}  {:<9}  {:<25}  retired", "id", "active", "source", "created");
             for k in keys::list(&pool).await? {
-                let when =
-                    |t: time::OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339);
-                let retired = k.retired_at.map_or_else(|| Ok("-".to_owned()), when)?;
+                let retired = k.retired_at.map_or_else(|| "-".to_owned(), |t| timestamp(Some(t)));
                 let active = if k.active { "yes" } else { "no" };
                 println!(
                     "{:>4}  {active:<6}  {:<9}  {:<25}  {retired}",
                     k.id,
                     k.source,
-                    when(k.created_at)?
+                    timestamp(Some(k.created_at))
                 );
             }
         }
@@ -132,6 +134,83 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    let queue = if args.skip_queue {
+        None
+    } else {
+        Some(Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?)
+    };
+    let report = reconcile::reconcile(&pool, queue.as_ref(), args.grace_seconds).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", reconcile::render(&report));
+    }
+    Ok(ExitCode::from(if report.ok() { exit::OK } else { exit::GAP }))
+}
+
+async fn status(settings: &Settings) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    let queue = match Queue::open(sqs::client(&settings.aws).await, &settings.queue).await {
+        Ok(q) => match q.depth().await {
+            Ok((visible, in_flight, delayed)) => {
+                format!("{visible} visible, {in_flight} in flight, {delayed} delayed")
+            }
+            Err(e) => format!("unavailable ({e:#})"),
+        },
+        Err(e) => format!("unavailable ({e:#})"),
+    };
+    let (pending, oldest, last_drained, key_id): (
+        i64,
+        Option<time::OffsetDateTime>,
+        Option<time::OffsetDateTime>,
+        Option<i32>,
+    ) = sqlx::query_as(
+        "select (select count(*) from loader.transform_queue),
+                    (select min(r.staged_at) from loader.transform_queue q
+                       join loader.raw_logins r on r.id = q.raw_id),
+                    (select last_drained_at from loader.transform_state),
+                    (select id from loader.mask_key_info where active)",
+    )
+    .fetch_one(&pool)
+    .await
+    .map_err(anyhow::Error::from)
+    .context("reading status (has `loader migrate` run?)")?;
+    let last_run: Option<reconcile::RunCounts> = sqlx::query_as(
+        "select id, mode, started_at, finished_at, received, staged, duplicates, deleted,
+                delete_failures
+           from loader.ingest_runs order by id desc limit 1",
+    )
+    .fetch_optional(&pool)
+    .await?;
+    let when = timestamp;
+    println!("queue {}: {queue}", settings.queue);
+    let oldest = oldest.map(|t| format!(" (oldest staged {})", when(Some(t)))).unwrap_or_default();
+    println!("pending transform: {pending}{oldest}");
+    println!("last drained transform: {}", when(last_drained));
+    match last_run {
+        Some(r) => println!(
+            "last ingest run: {} ({}), started {}, {}: received {}, staged {}, duplicates {}, deleted {}, delete failures {}",
+            r.id,
+            r.mode,
+            when(Some(r.started_at)),
+            r.finished_at.map_or_else(
+                || "not finished".to_owned(),
+                |t| format!("finished {}", when(Some(t)))
+            ),
+            r.received,
+            r.staged,
+            r.duplicates,
+            r.deleted,
+            r.delete_failures
+        ),
+        None => println!("last ingest run: none"),
+    }
+    println!("active key: {}", key_id.map_or_else(|| "none".to_owned(), |k| k.to_string()));
     Ok(ExitCode::from(exit::OK))
 }
 

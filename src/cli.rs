@@ -48,6 +48,26 @@ pub enum Command {
     /// Masking keys: list, rotate, install
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Counts at every stage and the invariants; exit 3 when one breaks
+    Reconcile(ReconcileArgs),
+    /// A short health summary: queue depth, pending rows, last run, active key
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Print the report as JSON instead of a table
+    #[arg(long, env = "LOADER_RECONCILE_JSON")]
+    pub json: bool,
+
+    /// Check the database only; do not read queue depths
+    #[arg(long, env = "LOADER_RECONCILE_SKIP_QUEUE")]
+    pub skip_queue: bool,
+
+    /// Rows staged less than this many seconds before the last drained transform may still be
+    /// pending (their ingest transaction may have committed after it)
+    #[arg(long, env = "LOADER_RECONCILE_GRACE", default_value_t = 60.0)]
+    pub grace_seconds: f64,
 }
 
 #[derive(Debug, Args)]

@@ -12,16 +12,20 @@
 //! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
 //! - [`send`]: publishing fixture files or synthetic events.
 //! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
+//! - [`reconcile`]: counts per stage and the invariants (`loader reconcile`, exit 3 on a gap).
 //! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
 //! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
+//! - [`display`]: how timestamps are shown.
 //! - [`app`]: one function per subcommand, returning the process exit code.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod display;
 pub mod ingest;
 pub mod keys;
+pub mod reconcile;
 pub mod send;
 pub mod sqs;
 pub mod staging;

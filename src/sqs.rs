@@ -266,6 +266,31 @@ impl Queue {
         Ok(())
     }
 
+    /// The dead-letter queue named by this queue's RedrivePolicy, if any.
+    pub async fn dead_letter_queue(&self) -> Result<Option<Queue>> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow!("reading the redrive policy of '{}': {}", self.name, describe(&e))
+            })?;
+        let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+        else {
+            return Ok(None);
+        };
+        let policy: serde_json::Value =
+            serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
+        let arn = policy["deadLetterTargetArn"]
+            .as_str()
+            .context("RedrivePolicy without deadLetterTargetArn")?;
+        let name = arn.rsplit(':').next().unwrap_or_default();
+        Ok(Some(Queue::open(self.client.clone(), name).await?))
+    }
+
     /// Approximate counts `(visible, in flight, delayed)`.
     pub async fn depth(&self) -> Result<(u64, u64, u64)> {
         let out = self

@@ -1,0 +1,261 @@
+//! `loader reconcile`: counts at every stage and the invariants that prove nothing was lost or
+//! doubled. Offenders are named by message id (or run id), never by content.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::sqs::Queue;
+
+/// How many offending ids a check lists (the count is always complete).
+const MAX_IDS: i64 = 100;
+
+/// Counters of one ingest run, as recorded in `loader.ingest_runs`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunCounts {
+    pub id: i64,
+    pub mode: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub received: i64,
+    pub staged: i64,
+    pub duplicates: i64,
+    pub deleted: i64,
+    pub delete_failures: i64,
+}
+
+/// Row counts per stage in the database.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StageCounts {
+    pub staged: i64,
+    pub loaded: i64,
+    pub rejected: i64,
+    pub pending: i64,
+    pub runs: i64,
+    pub unfinished_runs: i64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_drained_at: Option<OffsetDateTime>,
+}
+
+/// Approximate queue depth, and the dead-letter queue's when a redrive policy names one.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueCounts {
+    pub name: String,
+    pub visible: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    pub dead_letter: Option<DeadLetterCounts>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterCounts {
+    pub name: String,
+    pub visible: u64,
+}
+
+/// One invariant and what breaks it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub ok: bool,
+    /// How many rows (or runs) break it.
+    pub violations: i64,
+    /// Up to 100 offending message ids, or run ids for the run checks.
+    pub offenders: Vec<String>,
+}
+
+/// Everything `loader reconcile` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub stages: StageCounts,
+    pub recent_runs: Vec<RunCounts>,
+    pub queue: Option<QueueCounts>,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// The invariants, each as SQL returning the offending ids (text). `$1` is the grace period
+/// in seconds for the pending check.
+const CHECKS: &[(&str, &str, &str)] = &[
+    (
+        "single_outcome",
+        "every staged message has at most one outcome",
+        "select u.message_id from public.user_logins u
+           join loader.login_rejects j on j.message_id = u.message_id",
+    ),
+    (
+        "outcome_has_staged_message",
+        "every output row (load or reject) has its staged message",
+        "select o.message_id
+           from (select message_id from public.user_logins where message_id is not null
+                 union all select message_id from loader.login_rejects) o
+          where not exists (select from loader.raw_logins r where r.message_id = o.message_id)",
+    ),
+    (
+        "staged_message_accounted_for",
+        "every staged message has an outcome or is pending",
+        "select r.message_id from loader.raw_logins r
+          where not exists (select from public.user_logins u where u.message_id = r.message_id)
+            and not exists (select from loader.login_rejects j where j.message_id = r.message_id)
+            and not exists (select from loader.transform_queue q where q.raw_id = r.id)",
+    ),
+    (
+        "nothing_pending_before_last_transform",
+        "nothing staged before the last drained transform (less a grace period) is pending",
+        "select r.message_id from loader.transform_queue q
+           join loader.raw_logins r on r.id = q.raw_id
+          where r.staged_at < (select last_drained_at from loader.transform_state)
+                              - make_interval(secs => $1)",
+    ),
+    (
+        "run_deletes_match",
+        "per finished ingest run: deleted + delete failures = staged + duplicates",
+        "select id::text from loader.ingest_runs
+          where finished_at is not null and deleted + delete_failures <> staged + duplicates
+             or received <> staged + duplicates",
+    ),
+    (
+        "run_staged_matches_rows",
+        "per ingest run: its staged count equals the rows it staged",
+        "select i.id::text from loader.ingest_runs i
+          where i.staged <> (select count(*) from loader.raw_logins r where r.ingest_run_id = i.id)",
+    ),
+];
+
+/// Gathers the counts and runs every check. `queue`, when given, adds queue and DLQ depths.
+pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64) -> Result<Report> {
+    let stages: StageCounts = sqlx::query_as(
+        "select (select count(*) from loader.raw_logins) as staged,
+                (select count(*) from public.user_logins where message_id is not null) as loaded,
+                (select count(*) from loader.login_rejects) as rejected,
+                (select count(*) from loader.transform_queue) as pending,
+                (select count(*) from loader.ingest_runs) as runs,
+                (select count(*) from loader.ingest_runs where finished_at is null) as unfinished_runs,
+                (select last_drained_at from loader.transform_state) as last_drained_at",
+    )
+    .fetch_one(pool)
+    .await
+    .context("counting stages (has `loader migrate` run?)")?;
+
+    let recent_runs = sqlx::query_as(
+        "select id, mode, started_at, finished_at, received, staged, duplicates, deleted,
+                delete_failures
+           from loader.ingest_runs order by id desc limit 10",
+    )
+    .fetch_all(pool)
+    .await?;
+
+    let mut checks = Vec::with_capacity(CHECKS.len());
+    for (name, description, sql) in CHECKS {
+        let counted = format!(
+            "with offenders as ({sql})
+             select (select count(*) from offenders),
+                    coalesce((select array_agg(o) from (select * from offenders limit {MAX_IDS}) o(o)),
+                             '{{}}')"
+        );
+        let mut query = sqlx::query_as::<_, (i64, Vec<String>)>(sqlx::AssertSqlSafe(counted));
+        if sql.contains("$1") {
+            query = query.bind(grace_seconds);
+        }
+        let (violations, offenders) =
+            query.fetch_one(pool).await.with_context(|| format!("checking {name}"))?;
+        checks.push(Check { name, description, ok: violations == 0, violations, offenders });
+    }
+
+    let queue = match queue {
+        Some(q) => Some(queue_counts(q).await?),
+        None => None,
+    };
+    Ok(Report { stages, recent_runs, queue, checks })
+}
+
+async fn queue_counts(queue: &Queue) -> Result<QueueCounts> {
+    let (visible, in_flight, delayed) = queue.depth().await?;
+    let dead_letter = match queue.dead_letter_queue().await? {
+        Some(dlq) => {
+            Some(DeadLetterCounts { name: dlq.name().to_owned(), visible: dlq.depth().await?.0 })
+        }
+        None => None,
+    };
+    Ok(QueueCounts { name: queue.name().to_owned(), visible, in_flight, delayed, dead_letter })
+}
+
+/// The human report.
+pub fn render(report: &Report) -> String {
+    use std::fmt::Write;
+    let s = &report.stages;
+    let mut out = String::new();
+    let when = crate::display::timestamp;
+    let _ = writeln!(out, "stages");
+    let _ = writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged);
+    let _ = writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded);
+    let _ = writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected);
+    let _ = writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending);
+    let _ = writeln!(out, "  last drained transform          {}", when(s.last_drained_at));
+    if let Some(q) = &report.queue {
+        let _ = writeln!(
+            out,
+            "queue {}: {} visible, {} in flight, {} delayed",
+            q.name, q.visible, q.in_flight, q.delayed
+        );
+        match &q.dead_letter {
+            Some(d) => {
+                let _ = writeln!(out, "dead-letter queue {}: {} visible", d.name, d.visible);
+            }
+            None => {
+                let _ = writeln!(out, "dead-letter queue: none (no redrive policy)");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "ingest runs: {} ({} unfinished: running or crashed)",
+        s.runs, s.unfinished_runs
+    );
+    if !report.recent_runs.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  finished",
+            "run", "mode", "received", "staged", "duplicates", "deleted", "del. failed"
+        );
+        for r in &report.recent_runs {
+            let _ = writeln!(
+                out,
+                "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {}",
+                r.id,
+                r.mode,
+                r.received,
+                r.staged,
+                r.duplicates,
+                r.deleted,
+                r.delete_failures,
+                when(r.finished_at)
+            );
+        }
+    }
+    let _ = writeln!(out, "checks");
+    for c in &report.checks {
+        let mark = if c.ok { "ok  " } else { "FAIL" };
+        let _ = writeln!(out, "  {mark}  {}", c.description);
+        if !c.ok {
+            let more = if c.violations > c.offenders.len() as i64 { ", ..." } else { "" };
+            let _ = writeln!(
+                out,
+                "        {} [{}]: {}{more}",
+                c.violations,
+                c.name,
+                c.offenders.join(", ")
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,208 @@
+//! `loader reconcile` and `loader status`: the counts, and each invariant caught when broken.
+
+mod common;
+
+use std::collections::HashMap;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use common::{TestDb, TestQueue, loader, loader_ok};
+use serde_json::Value;
+
+/// Runs `loader reconcile --json` and returns (exit code, report).
+fn reconcile(db: &TestDb, queue: &str, extra: &[&str]) -> (Option<i32>, Value) {
+    let mut args = vec!["reconcile", "--json"];
+    args.extend_from_slice(extra);
+    let out = loader(&db.url, queue, &args);
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), report)
+}
+
+/// The failing checks as name -> offenders.
+fn failures(report: &Value) -> HashMap<String, Vec<String>> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == Value::Bool(false))
+        .map(|c| {
+            let ids =
+                c["offenders"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned());
+            (c["name"].as_str().unwrap().to_owned(), ids.collect())
+        })
+        .collect()
+}
+
+/// A database with the fixture ingested from a real queue (with a DLQ) and transformed.
+async fn healthy() -> (TestDb, TestQueue, TestQueue) {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let dlq = TestQueue::new(30).await;
+    let dlq_arn = q
+        .queue
+        .client()
+        .get_queue_attributes()
+        .queue_url(dlq.queue.url())
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    q.queue
+        .client()
+        .set_queue_attributes()
+        .queue_url(q.queue.url())
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"5"}}"#),
+        )
+        .send()
+        .await
+        .unwrap();
+    q.send(&common::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>()).await;
+    loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    loader_ok(&db.url, &q.name, &["transform"]);
+    (db, q, dlq)
+}
+
+#[tokio::test]
+async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
+    let (db, q, dlq) = healthy().await;
+    let dlq_name = dlq.name.clone();
+    let (code, report) = reconcile(&db, &q.name, &[]);
+    assert_eq!(code, Some(0), "{report:#}");
+    let s = &report["stages"];
+    assert_eq!((s["staged"].as_i64(), s["loaded"].as_i64()), (Some(100), Some(99)));
+    assert_eq!((s["rejected"].as_i64(), s["pending"].as_i64()), (Some(1), Some(0)));
+    let run = &report["recent_runs"][0];
+    assert_eq!((run["received"].as_i64(), run["deleted"].as_i64()), (Some(100), Some(100)));
+    assert_eq!(report["queue"]["visible"].as_u64(), Some(0));
+    assert_eq!(report["queue"]["dead_letter"]["name"].as_str(), Some(dlq_name.as_str()));
+    assert_eq!(report["queue"]["dead_letter"]["visible"].as_u64(), Some(0));
+
+    let human = loader_ok(&db.url, &q.name, &["reconcile"]);
+    assert!(human.contains("staged (loader.raw_logins)"), "{human}");
+    assert!(human.contains(&format!("dead-letter queue {dlq_name}: 0 visible")), "{human}");
+    assert!(!human.contains("FAIL"), "{human}");
+
+    let status = loader_ok(&db.url, &q.name, &["status"]);
+    assert!(status.contains("pending transform: 0"), "{status}");
+    assert!(status.contains("received 100, staged 100"), "{status}");
+    assert!(status.contains("active key: 1"), "{status}");
+}
+
+#[tokio::test]
+async fn each_broken_invariant_exits_3_and_names_the_message() {
+    let db = TestDb::migrated().await;
+    common::stage(&db, &common::fixture_messages(), time::OffsetDateTime::now_utc()).await;
+    loader_ok(&db.url, "unused", &["transform"]);
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(0), "{report:#}");
+
+    // A loaded row disappears: its staged message has no outcome and is not pending.
+    sqlx::query("delete from public.user_logins where message_id = 'fixture-3'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("staged_message_accounted_for".into(), vec!["fixture-3".into()])])
+    );
+    sqlx::query("call loader.transform()").execute(&db.pool).await.ok();
+    sqlx::query(
+        "insert into loader.transform_queue select id from loader.raw_logins where message_id = 'fixture-3'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    assert_eq!(reconcile(&db, "unused", &["--skip-queue"]).0, Some(0), "repaired by requeueing");
+
+    // An orphan: an output row whose message was never staged.
+    sqlx::query("insert into public.user_logins (user_id, message_id) values ('x', 'orphan-1')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("outcome_has_staged_message".into(), vec!["orphan-1".into()])])
+    );
+    sqlx::query("delete from public.user_logins where message_id = 'orphan-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Two outcomes for one message.
+    sqlx::query("insert into loader.login_rejects (message_id, reason, detail) values ('fixture-5', 'x', 'x')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("single_outcome".into(), vec!["fixture-5".into()])])
+    );
+    sqlx::query("delete from loader.login_rejects where message_id = 'fixture-5'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // A forged run whose counts disagree.
+    let run: i64 = sqlx::query_scalar(
+        "insert into loader.ingest_runs (queue, mode, loader_version, finished_at, received, staged,
+                                         duplicates, deleted)
+         values ('q', 'drain', 'forged', now(), 10, 0, 10, 7) returning id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("run_deletes_match".into(), vec![run.to_string()])])
+    );
+    sqlx::query(
+        "update loader.ingest_runs set staged = 4, duplicates = 6, deleted = 10 where id = $1",
+    )
+    .bind(run)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3), "claims 4 staged rows it does not have");
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("run_staged_matches_rows".into(), vec![run.to_string()])])
+    );
+    sqlx::query("delete from loader.ingest_runs where id = $1")
+        .bind(run)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // A row staged long before the last drained transform, still pending.
+    sqlx::query(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
+         values ('stale-1', '{}', true, 'q', now() - interval '2 hours')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3));
+    assert_eq!(
+        failures(&report),
+        HashMap::from([("nothing_pending_before_last_transform".into(), vec!["stale-1".into()])])
+    );
+    let human = loader(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("FAIL") && text.contains("stale-1"), "{text}");
+}
