@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::cli::{Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, SendArgs, TransformArgs};
+use crate::cli::{
+    Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, RunArgs, SendArgs, TransformArgs,
+};
 use crate::config::Settings;
 use crate::display::timestamp;
 use crate::ingest::{Ingestor, Mode};
 use crate::sqs::Queue;
-use crate::{db, keys, reconcile, send, sqs, transform};
+use crate::{db, keys, reconcile, run, send, sqs, transform};
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -36,6 +38,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send(&settings, &args).await,
         Command::Transform(args) => transform(&settings, &args).await,
         Command::Keys(command) => keys(&settings, &command).await,
+        Command::Run(args) => run_pipeline(&settings, &args).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
     }
@@ -85,10 +88,7 @@ async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode
     if args.rebuild {
         println!("rebuild: {}", transform::rebuild(&pool).await?);
     } else if args.watch {
-        if !(args.interval.is_finite() && args.interval > 0.0) {
-            bail!("--interval must be a positive number of seconds");
-        }
-        let interval = Duration::from_secs_f64(args.interval);
+        let interval = positive_seconds(args.interval, "--interval")?;
         transform::watch(&pool, args.batch_size, interval, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
                 println!("transform: {r}");
@@ -135,6 +135,36 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(exit::OK))
+}
+
+async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
+    let schedule = run::Schedule {
+        interval: positive_seconds(args.transform_interval, "--transform-interval")?,
+        batch_size: args.batch_size,
+        ..run::Schedule::default()
+    };
+    let mode = if args.once { Mode::Drain } else { Mode::Follow };
+    let wait = args.wait_seconds.unwrap_or(if args.once { 2 } else { 20 });
+    let pool = db::connect(settings.database_url()?, 3).await?;
+    let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+    let ingestor = Ingestor::start(queue, pool.clone(), mode, wait).await?;
+    let run_id = ingestor.run_id();
+    tracing::info!(run_id, once = args.once, "run started");
+    let totals = if args.once {
+        run::once(ingestor, &pool, schedule).await?
+    } else {
+        run::until_stopped(ingestor, &pool, schedule, shutdown_signal()).await?
+    };
+    println!("run {run_id}: {}; transform: {}", totals.ingest, totals.transform);
+    Ok(ExitCode::from(exit::OK))
+}
+
+/// A positive, finite number of seconds from the command line.
+fn positive_seconds(seconds: f64, flag: &str) -> Result<Duration> {
+    if !(seconds.is_finite() && seconds > 0.0) {
+        bail!("{flag} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode> {

@@ -48,10 +48,33 @@ pub enum Command {
     /// Masking keys: list, rotate, install
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Ingest and transform together until SIGINT/SIGTERM (or, with --once, until the queue is
+    /// empty)
+    Run(RunArgs),
     /// Counts at every stage and the invariants; exit 3 when one breaks
     Reconcile(ReconcileArgs),
     /// A short health summary: queue depth, pending rows, last run, active key
     Status,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Drain the queue, transform, and exit
+    #[arg(long, env = "LOADER_ONCE")]
+    pub once: bool,
+
+    /// Long-poll wait per receive, in seconds (0-20). Default: 2 with --once, else 20.
+    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20))]
+    pub wait_seconds: Option<i32>,
+
+    /// Also transform every this many seconds (rows staged by other ingest processes)
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value_t = 5.0)]
+    pub transform_interval: f64,
+
+    /// Rows per committed transform batch
+    #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub batch_size: i32,
 }
 
 #[derive(Debug, Args)]

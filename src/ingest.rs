@@ -5,12 +5,18 @@
 //! `message_id` unique key turns the second staging into a counted duplicate.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
 use crate::sqs::{Queue, Received};
 use crate::staging::{self, RawMessage};
+
+/// How long a receive in progress at shutdown may still take to complete.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// How a run ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +83,8 @@ pub struct Ingestor {
     pool: PgPool,
     run_id: i64,
     wait_seconds: i32,
+    /// Signalled after every batch whose staging committed (used by `loader run`).
+    on_commit: Option<Arc<Notify>>,
 }
 
 impl Ingestor {
@@ -92,7 +100,12 @@ impl Ingestor {
         .fetch_one(&pool)
         .await
         .context("registering the ingest run (has `loader migrate` run?)")?;
-        Ok(Self { queue, pool, run_id, wait_seconds })
+        Ok(Self { queue, pool, run_id, wait_seconds, on_commit: None })
+    }
+
+    /// Signals `notify` after each batch has committed (before its delete).
+    pub fn notify_on_commit(self, notify: Arc<Notify>) -> Self {
+        Self { on_commit: Some(notify), ..self }
     }
 
     pub fn run_id(&self) -> i64 {
@@ -113,6 +126,9 @@ impl Ingestor {
         let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
         let staged = staging::stage(&mut conn, self.run_id, self.queue.name(), &raw).await?;
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
+        if let Some(notify) = &self.on_commit {
+            notify.notify_one();
+        }
 
         let deleted = self.queue.delete(batch).await?;
         for (message_id, code) in &deleted.failed {
@@ -148,30 +164,40 @@ impl Ingestor {
         self.process(&batch).await
     }
 
-    /// Runs until the queue is empty (`Drain`) or `shutdown` resolves (`Follow`). Shutdown
-    /// interrupts only a receive in progress (its messages stay on the queue); a batch in hand
-    /// is always staged, committed and deleted before returning.
+    /// Runs until the queue is empty (`Drain`) or `shutdown` resolves (`Follow`). A batch in hand
+    /// is always staged, committed and deleted before returning. A receive still in progress at
+    /// shutdown gets [`SHUTDOWN_GRACE`] to complete (a response already on its way would
+    /// otherwise leave its messages invisible until their visibility timeout); after that it is
+    /// dropped, and whatever SQS had handed it comes back after the timeout.
     pub async fn run(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
         tokio::pin!(shutdown);
         let mut totals = Totals::default();
+        let mut stopping = false;
         let result = loop {
+            let receive = self.receive();
+            tokio::pin!(receive);
             let batch = tokio::select! {
-                _ = &mut shutdown => break Ok(()),
-                batch = self.receive() => batch,
+                batch = &mut receive => batch,
+                _ = &mut shutdown => {
+                    stopping = true;
+                    match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
+                        Ok(batch) => batch,
+                        Err(_) => break Ok(()),
+                    }
+                }
             };
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => break Err(e),
             };
-            if batch.is_empty() {
-                if mode == Mode::Drain {
-                    break Ok(());
+            if !batch.is_empty() {
+                match self.process(&batch).await {
+                    Ok(t) => totals.add(&t),
+                    Err(e) => break Err(e),
                 }
-                continue;
             }
-            match self.process(&batch).await {
-                Ok(t) => totals.add(&t),
-                Err(e) => break Err(e),
+            if stopping || (batch.is_empty() && mode == Mode::Drain) {
+                break Ok(());
             }
         };
         // Report the error that stopped the run before any error closing its bookkeeping.

@@ -12,6 +12,7 @@
 //! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
 //! - [`send`]: publishing fixture files or synthetic events.
 //! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
+//! - [`run`]: `loader run`: ingest and transform together, graceful shutdown.
 //! - [`reconcile`]: counts per stage and the invariants (`loader reconcile`, exit 3 on a gap).
 //! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
 //! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
@@ -26,6 +27,7 @@ pub mod display;
 pub mod ingest;
 pub mod keys;
 pub mod reconcile;
+pub mod run;
 pub mod send;
 pub mod sqs;
 pub mod staging;
