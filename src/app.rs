@@ -14,6 +14,7 @@ use crate::cli::{
 use crate::config::Settings;
 use crate::display::timestamp;
 use crate::ingest::{Ingestor, Mode};
+use crate::progress::Progress;
 use crate::sqs::Queue;
 use crate::{db, keys, reconcile, run, send, sqs, transform};
 
@@ -32,6 +33,9 @@ pub mod exit {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let settings = Settings::from_args(&cli.global);
+    if let Some(addr) = cli.global.metrics_addr {
+        crate::metrics::install(addr)?;
+    }
     match cli.command {
         Command::Migrate => migrate(&settings).await,
         Command::Ingest(args) => ingest(&settings, &args).await,
@@ -61,7 +65,8 @@ async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
     let wait = args.wait_seconds.unwrap_or(if args.follow { 20 } else { 2 });
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
-    let ingestor = Ingestor::start(queue, pool, mode, wait).await?;
+    let progress = if mode == Mode::Drain { Progress::on_terminal() } else { None };
+    let ingestor = Ingestor::start(queue, pool, mode, wait).await?.with_progress(progress);
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
     let totals = match mode {
         Mode::Drain => ingestor.run(mode, std::future::pending()).await?,
@@ -147,7 +152,8 @@ async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     let wait = args.wait_seconds.unwrap_or(if args.once { 2 } else { 20 });
     let pool = db::connect(settings.database_url()?, 3).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
-    let ingestor = Ingestor::start(queue, pool.clone(), mode, wait).await?;
+    let progress = if args.once { Progress::on_terminal() } else { None };
+    let ingestor = Ingestor::start(queue, pool.clone(), mode, wait).await?.with_progress(progress);
     let run_id = ingestor.run_id();
     tracing::info!(run_id, once = args.once, "run started");
     let totals = if args.once {

@@ -33,6 +33,21 @@ pub struct GlobalArgs {
     /// AWS region (default: the AWS configuration's, else us-east-1)
     #[arg(long, env = "AWS_REGION", global = true)]
     pub region: Option<String>,
+
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464
+    #[arg(long, env = "LOADER_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Log format: pretty (default on a terminal) or json (default otherwise)
+    #[arg(long, env = "LOADER_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

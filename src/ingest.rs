@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::metrics;
+use crate::progress::Progress;
 use crate::sqs::{Queue, Received};
 use crate::staging::{self, RawMessage};
 
@@ -85,6 +87,8 @@ pub struct Ingestor {
     wait_seconds: i32,
     /// Signalled after every batch whose staging committed (used by `loader run`).
     on_commit: Option<Arc<Notify>>,
+    /// A progress line on the terminal (draining).
+    progress: Option<Progress>,
 }
 
 impl Ingestor {
@@ -100,7 +104,12 @@ impl Ingestor {
         .fetch_one(&pool)
         .await
         .context("registering the ingest run (has `loader migrate` run?)")?;
-        Ok(Self { queue, pool, run_id, wait_seconds, on_commit: None })
+        Ok(Self { queue, pool, run_id, wait_seconds, on_commit: None, progress: None })
+    }
+
+    /// Shows `progress` (when `Some`) as batches complete.
+    pub fn with_progress(self, progress: Option<Progress>) -> Self {
+        Self { progress, ..self }
     }
 
     /// Signals `notify` after each batch has committed (before its delete).
@@ -119,12 +128,17 @@ impl Ingestor {
 
     /// Stages a received batch and, once that has committed, deletes every message in it (new
     /// and duplicate alike: both are now safely staged).
-    #[tracing::instrument(name = "batch", level = "debug", skip_all,
-                          fields(run_id = self.run_id, size = batch.len()))]
+    #[tracing::instrument(name = "batch", level = "debug", skip_all, fields(
+        run_id = self.run_id,
+        size = batch.len(),
+        message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
+    ))]
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
         let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
+        let started = std::time::Instant::now();
         let staged = staging::stage(&mut conn, self.run_id, self.queue.name(), &raw).await?;
+        let staging_took = started.elapsed();
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
         if let Some(notify) = &self.on_commit {
             notify.notify_one();
@@ -146,13 +160,15 @@ impl Ingestor {
         .await
         .context("recording deletes")?;
 
-        Ok(Totals {
+        let totals = Totals {
             received: staged.received,
             staged: staged.staged,
             duplicates: staged.duplicates,
             deleted: deleted.deleted as u64,
             delete_failures: deleted.failed.len() as u64,
-        })
+        };
+        metrics::batch(&totals, staging_took);
+        Ok(totals)
     }
 
     /// Receive, then process. The unit of work that tests drive directly.
@@ -195,11 +211,17 @@ impl Ingestor {
                     Ok(t) => totals.add(&t),
                     Err(e) => break Err(e),
                 }
+                if let Some(progress) = &self.progress {
+                    progress.advance(batch.len() as u64, &self.queue).await;
+                }
             }
             if stopping || (batch.is_empty() && mode == Mode::Drain) {
                 break Ok(());
             }
         };
+        if let Some(progress) = &self.progress {
+            progress.finish();
+        }
         // Report the error that stopped the run before any error closing its bookkeeping.
         let finished = self.finish().await;
         result?;

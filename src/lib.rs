@@ -16,6 +16,8 @@
 //! - [`reconcile`]: counts per stage and the invariants (`loader reconcile`, exit 3 on a gap).
 //! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
 //! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
+//! - [`metrics`]: the Prometheus metrics and their names (`--metrics-addr`).
+//! - [`progress`]: the progress line while draining on a terminal.
 //! - [`display`]: how timestamps are shown.
 //! - [`app`]: one function per subcommand, returning the process exit code.
 
@@ -26,6 +28,8 @@ pub mod db;
 pub mod display;
 pub mod ingest;
 pub mod keys;
+pub mod metrics;
+pub mod progress;
 pub mod reconcile;
 pub mod run;
 pub mod send;

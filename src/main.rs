@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use loader::app::{self, exit};
-use loader::cli::Cli;
+use loader::cli::{Cli, LogFormat};
 use tracing::Level;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::ERROR);
     }
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.global.log_format);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -42,23 +42,32 @@ fn main() -> ExitCode {
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn,loader=info`). Other crates never log
 /// finer than DEBUG, whatever `RUST_LOG` says: the AWS SDK logs whole responses (message bodies,
 /// so IPs and device ids) at TRACE, and loader never logs personal data at any level.
-fn init_logging() {
+fn init_logging(format: Option<LogFormat>) {
+    let terminal = std::io::stderr().is_terminal();
     let env =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,loader=info"));
-    let no_foreign_trace = filter_fn(|meta| {
-        *meta.level() < Level::TRACE
-            || meta.target() == "loader"
-            || meta.target().starts_with("loader::")
-    });
-    tracing_subscriber::registry()
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_filter(env)
-                .with_filter(no_foreign_trace),
-        )
-        .init();
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,loader=info"));
+    let no_foreign_trace = || {
+        filter_fn(|meta| {
+            *meta.level() < Level::TRACE
+                || meta.target() == "loader"
+                || meta.target().starts_with("loader::")
+        })
+    };
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    match format.unwrap_or(if terminal { LogFormat::Pretty } else { LogFormat::Json }) {
+        LogFormat::Pretty => tracing_subscriber::registry()
+            .with(layer.with_ansi(terminal).with_filter(env()).with_filter(no_foreign_trace()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(
+                layer
+                    .json()
+                    .with_current_span(true)
+                    .with_filter(env())
+                    .with_filter(no_foreign_trace()),
+            )
+            .init(),
+    }
 }
 
 /// The error and its causes on one line. Some errors (sqlx's) repeat their source in their own

@@ -172,7 +172,10 @@ impl Queue {
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .send()
             .await
-            .map_err(|e| anyhow!("receiving from '{}': {}", self.name, describe(&e)))?;
+            .map_err(|e| {
+                crate::metrics::receive_error(error_kind(&e));
+                anyhow!("receiving from '{}': {}", self.name, describe(&e))
+            })?;
         let mut received = Vec::with_capacity(out.messages().len());
         for m in out.messages() {
             // SQS always sets both; a message without them cannot be staged idempotently or
@@ -338,6 +341,18 @@ where
             format!("cannot reach the SQS endpoint: {cause}")
         }
         _ => DisplayErrorContext(e).to_string(),
+    }
+}
+
+/// A short, fixed label for an SDK error (a metrics label: never message content).
+fn error_kind<E, R>(e: &SdkError<E, R>) -> &'static str {
+    match e {
+        SdkError::ConstructionFailure(_) => "construction",
+        SdkError::TimeoutError(_) => "timeout",
+        SdkError::DispatchFailure(_) => "dispatch",
+        SdkError::ResponseError(_) => "response",
+        SdkError::ServiceError(_) => "service",
+        _ => "other",
     }
 }
 

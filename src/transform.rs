@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 
+use crate::metrics;
+
 /// What a transform call reports: the SQL function's own row.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
 pub struct TransformReport {
@@ -24,11 +26,29 @@ impl std::fmt::Display for TransformReport {
 /// Transforms everything pending, one committed batch of `batch_size` rows at a time
 /// (`call loader.transform()`).
 pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
-    sqlx::query_as("call loader.transform(null, null, null, $1)")
+    let started = std::time::Instant::now();
+    let report = sqlx::query_as("call loader.transform(null, null, null, $1)")
         .bind(batch_size)
         .fetch_one(pool)
         .await
-        .context("running loader.transform() (has `loader migrate` run?)")
+        .context("running loader.transform() (has `loader migrate` run?)")?;
+    metrics::transform(&report, started.elapsed());
+    Ok(report)
+}
+
+/// Age of the oldest staged row still waiting for the transform (zero when none waits);
+/// also published as the `loader_oldest_pending_age_seconds` gauge.
+pub async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
+    let seconds: f64 = sqlx::query_scalar(
+        "select coalesce(extract(epoch from now() - min(r.staged_at))::float8, 0)
+           from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading the oldest pending row")?;
+    let age = Duration::from_secs_f64(seconds.max(0.0));
+    metrics::oldest_pending(age);
+    Ok(age)
 }
 
 /// Recomputes every outcome with the active key, atomically (`loader.rebuild()`).
@@ -51,6 +71,7 @@ pub async fn watch(
     tokio::pin!(shutdown);
     loop {
         report(&transform(pool, batch_size).await?);
+        oldest_pending_age(pool).await?;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(interval) => {}

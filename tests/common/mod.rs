@@ -266,20 +266,40 @@ impl Drop for TestRole {
     }
 }
 
-/// Starts `loader` in the background against a database and queue (stdout and stderr piped).
-pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> std::process::Child {
-    loader_command(db_url, queue, args)
+/// A `loader` process running in the background. Its output is drained as it comes (a full
+/// pipe would block the process), and returned by [`terminate`].
+pub struct Running {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+/// Starts `loader` in the background against a database and queue.
+pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> Running {
+    let mut child = loader_command(db_url, queue, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("starting the loader binary")
+        .expect("starting the loader binary");
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    Running { child, stdout, stderr }
 }
 
 /// Sends SIGTERM and waits for the process; returns its output.
-pub fn terminate(child: std::process::Child) -> Output {
+pub fn terminate(running: Running) -> Output {
+    let Running { mut child, stdout, stderr } = running;
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    child.wait_with_output().unwrap()
+    let status = child.wait().unwrap();
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 /// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.

@@ -1,0 +1,64 @@
+//! A progress line while draining a backlog on a terminal: messages done, rate, and how many
+//! are left on the queue. Nothing at all when stderr is not a terminal.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::sqs::Queue;
+
+/// How often the queue's own depth is re-read (the count in between is an estimate).
+const DEPTH_REFRESH: Duration = Duration::from_secs(2);
+
+pub struct Progress {
+    bar: ProgressBar,
+    started: Instant,
+    depth_read_at: Mutex<Instant>,
+}
+
+impl Progress {
+    /// A progress line on stderr, or `None` when stderr is not a terminal.
+    pub fn on_terminal() -> Option<Self> {
+        std::io::stderr().is_terminal().then(Self::new)
+    }
+
+    fn new() -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("a valid template"));
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Self {
+            bar,
+            started: Instant::now(),
+            depth_read_at: Mutex::new(Instant::now() - DEPTH_REFRESH),
+        }
+    }
+
+    /// Records `n` more messages done; re-reads the queue depth every couple of seconds.
+    pub async fn advance(&self, n: u64, queue: &Queue) {
+        self.bar.inc(n);
+        let refresh = {
+            let mut at = self.depth_read_at.lock().expect("progress lock");
+            let due = at.elapsed() >= DEPTH_REFRESH;
+            if due {
+                *at = Instant::now();
+            }
+            due
+        };
+        if refresh && let Ok((visible, in_flight, _)) = queue.depth().await {
+            self.bar.set_length(self.bar.position() + visible + in_flight);
+        }
+        let done = self.bar.position();
+        let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let left = self.bar.length().map_or_else(String::new, |len| {
+            format!(", ~{} left on the queue", len.saturating_sub(done))
+        });
+        self.bar.set_message(format!("{done} messages staged and deleted, {rate:.0}/s{left}"));
+    }
+
+    /// Removes the line (the summary line follows on stdout).
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,159 @@
+//! Signals people alert on and watch: Prometheus metrics, JSON logs, the progress line, and
+//! logs free of personal data at the most verbose level.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{TestDb, TestQueue, loader_command};
+
+/// One GET of the metrics endpoint; the metric's value, if present.
+fn scrape(addr: &str, metric: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(metric).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Scrapes until `metric` equals `expected` (metrics are updated just after the rows commit), or
+/// 5 s pass; returns the last value seen.
+async fn scrape_until(addr: &str, metric: &str, expected: f64) -> Option<f64> {
+    let mut last = None;
+    for _ in 0..50 {
+        last = scrape(addr, metric);
+        if last == Some(expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn metrics_endpoint_shows_counters_moving_during_a_run() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = common::spawn_loader(
+        &db.url,
+        &q.name,
+        &["run", "--wait-seconds", "1", "--metrics-addr", &addr],
+    );
+
+    q.send(&loader::send::generate(40, 1)).await;
+    common::wait_for_count(&db, "select count(*) from public.user_logins", 40).await;
+    assert_eq!(scrape_until(&addr, "loader_messages_staged_total", 40.0).await, Some(40.0));
+    assert_eq!(scrape_until(&addr, "loader_rows_loaded_total", 40.0).await, Some(40.0));
+    assert_eq!(scrape_until(&addr, "loader_messages_deleted_total", 40.0).await, Some(40.0));
+    assert_eq!(scrape_until(&addr, "loader_oldest_pending_age_seconds", 0.0).await, Some(0.0));
+    assert!(scrape(&addr, "loader_staging_seconds_count").unwrap_or(0.0) >= 4.0, "one per batch");
+    assert!(scrape(&addr, "loader_transform_seconds_count").unwrap_or(0.0) >= 1.0);
+
+    q.send(&loader::send::generate(25, 2)).await;
+    common::wait_for_count(&db, "select count(*) from public.user_logins", 65).await;
+    let moved = scrape_until(&addr, "loader_messages_staged_total", 65.0).await;
+    assert_eq!(moved, Some(65.0), "the counter moved with the second burst");
+    let out = common::terminate(child);
+    assert!(out.status.success());
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_run_ids() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    q.send(&loader::send::generate(12, 3)).await;
+    let out = loader_command(
+        &db.url,
+        &q.name,
+        &["run", "--once", "--wait-seconds", "1", "--log-format", "json"],
+    )
+    .env("RUST_LOG", "loader=debug")
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "run started" && l["fields"]["run_id"].is_number())
+    );
+    // Batch spans carry the run id, the batch size and the message ids.
+    let batch =
+        lines.iter().find(|l| l["span"]["name"] == "batch").expect("a line inside a batch span");
+    assert!(batch["span"]["run_id"].is_number() && batch["span"]["size"].is_number(), "{batch}");
+    assert!(batch["span"]["message_ids"].as_str().is_some_and(|ids| ids.contains('-')), "{batch}");
+}
+
+#[tokio::test]
+async fn the_progress_line_shows_on_a_terminal_only() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    q.send(&loader::send::generate(30, 4)).await;
+
+    // Not a terminal: no progress line at all.
+    let out =
+        loader_command(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("messages staged") && !stderr.contains('\r'), "{stderr}");
+
+    // A terminal (a pty from `script`): the line shows messages done and the rate.
+    q.send(&loader::send::generate(30, 5)).await;
+    let cmd = format!("{} ingest --wait-seconds 1", env!("CARGO_BIN_EXE_loader"));
+    let log = std::env::temp_dir().join(common::unique_name("pty"));
+    let status = std::process::Command::new("script")
+        .args(["-qfec", &cmd, log.to_str().unwrap()])
+        .envs(loader_command(&db.url, &q.name, &[]).get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("script(1) from util-linux");
+    assert!(status.success());
+    let screen = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    std::fs::remove_file(&log).ok();
+    assert!(screen.contains("30 messages staged and deleted"), "{screen}");
+    assert!(screen.contains("/s"), "{screen}");
+}
+
+#[tokio::test]
+async fn a_whole_run_never_logs_bodies_ips_device_ids_or_keys_even_at_trace() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let fixture = common::fixture_messages();
+    q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
+
+    let out = loader_command(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"])
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let logs =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(logs.lines().count() > 50, "trace logging is on");
+    assert!(logs.contains("staged 100 new") && logs.contains("loaded 99"), "the run happened");
+    for (_, body) in &fixture {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        for field in ["ip", "device_id", "user_id"] {
+            if let Some(value) = v.get(field).and_then(|x| x.as_str()) {
+                assert!(!logs.contains(value), "a {field} leaked into the logs");
+            }
+        }
+    }
+    let key: String = sqlx::query_scalar("select encode(key, 'hex') from loader.mask_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!logs.contains(&key), "the key leaked into the logs");
+}
