@@ -66,7 +66,10 @@ async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     let progress = if mode == Mode::Drain { Progress::on_terminal() } else { None };
-    let ingestor = Ingestor::start(queue, pool, mode, wait).await?.with_progress(progress);
+    let ingestor = Ingestor::start(queue, pool, mode, wait)
+        .await?
+        .with_progress(progress)
+        .with_flow(args.flow.flow());
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
     let totals = match mode {
         Mode::Drain => ingestor.run(mode, std::future::pending()).await?,
@@ -153,7 +156,10 @@ async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 3).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     let progress = if args.once { Progress::on_terminal() } else { None };
-    let ingestor = Ingestor::start(queue, pool.clone(), mode, wait).await?.with_progress(progress);
+    let ingestor = Ingestor::start(queue, pool.clone(), mode, wait)
+        .await?
+        .with_progress(progress)
+        .with_flow(args.flow.flow());
     let run_id = ingestor.run_id();
     tracing::info!(run_id, once = args.once, "run started");
     let totals = if args.once {

@@ -74,6 +74,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub flow: FlowArgs,
+
     /// Drain the queue, transform, and exit
     #[arg(long, env = "LOADER_ONCE")]
     pub once: bool,
@@ -140,8 +143,39 @@ pub enum KeysCommand {
     Install,
 }
 
+/// How ingest overlaps receiving and staging (`ingest` and `run`).
+#[derive(Debug, Args)]
+pub struct FlowArgs {
+    /// ReceiveMessage calls in flight at once
+    #[arg(long, env = "LOADER_RECEIVERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub receivers: u16,
+
+    /// Stage once this many messages are buffered...
+    #[arg(long, env = "LOADER_FLUSH_MESSAGES", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub flush_messages: u32,
+
+    /// ...or this many milliseconds after the first of them arrived
+    #[arg(long, env = "LOADER_LINGER_MS", default_value_t = 50)]
+    pub linger_ms: u64,
+}
+
+impl FlowArgs {
+    pub fn flow(&self) -> crate::ingest::Flow {
+        crate::ingest::Flow {
+            receivers: usize::from(self.receivers),
+            flush_messages: self.flush_messages as usize,
+            linger: std::time::Duration::from_millis(self.linger_ms),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct IngestArgs {
+    #[command(flatten)]
+    pub flow: FlowArgs,
+
     /// Keep polling until SIGINT/SIGTERM instead of exiting when the queue is empty
     #[arg(long, env = "LOADER_FOLLOW")]
     pub follow: bool,

@@ -4,13 +4,15 @@
 //! point loses nothing: undeleted messages come back after their visibility timeout and the
 //! `message_id` unique key turns the second staging into a counted duplicate.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::metrics;
 use crate::progress::Progress;
@@ -79,6 +81,82 @@ impl From<&Received> for RawMessage {
     }
 }
 
+/// Received copies accounted for by a delete.
+struct DeleteCounts {
+    deleted: u64,
+    failed: u64,
+}
+
+/// One entry per message id, the last received copy (its receipt handle is the current one),
+/// and how many copies each id had.
+fn latest_copies(batch: &[Received]) -> (Vec<Received>, HashMap<String, u64>) {
+    let mut copies: HashMap<String, u64> = HashMap::with_capacity(batch.len());
+    let mut latest: Vec<Received> = Vec::with_capacity(batch.len());
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for m in batch {
+        *copies.entry(m.message_id.clone()).or_default() += 1;
+        match position.get(m.message_id.as_str()) {
+            Some(&i) => latest[i] = m.clone(),
+            None => {
+                position.insert(&m.message_id, latest.len());
+                latest.push(m.clone());
+            }
+        }
+    }
+    (latest, copies)
+}
+
+/// One receiver: long-polls and hands non-empty batches to the writer until told to stop, or
+/// (draining) until a long poll comes back empty.
+async fn receive_loop(
+    queue: Queue,
+    wait_seconds: i32,
+    mode: Mode,
+    writer: mpsc::Sender<Vec<Received>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    while !*stop.borrow() {
+        let receive = queue.receive(wait_seconds);
+        tokio::pin!(receive);
+        let (batch, last) = tokio::select! {
+            batch = &mut receive => (batch?, false),
+            _ = stop.changed() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
+                Ok(batch) => (batch?, true),
+                Err(_) => return Ok(()),
+            },
+        };
+        if batch.is_empty() {
+            if mode == Mode::Drain || last {
+                return Ok(());
+            }
+            continue;
+        }
+        if writer.send(batch).await.is_err() || last {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// How ingest overlaps receiving and staging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// ReceiveMessage calls in flight at once.
+    pub receivers: usize,
+    /// Stage once this many messages are buffered...
+    pub flush_messages: usize,
+    /// ...or this long after the first of them arrived, whichever comes first.
+    pub linger: Duration,
+}
+
+impl Default for Flow {
+    /// Four receivers keep LocalStack or SQS busy on two cores; 500 messages make one cheap
+    /// statement; 50 ms bounds the added latency of a quiet queue.
+    fn default() -> Self {
+        Self { receivers: 4, flush_messages: 500, linger: Duration::from_millis(50) }
+    }
+}
+
 /// One ingest run: a queue, a database, and the `loader.ingest_runs` row that counts for it.
 pub struct Ingestor {
     queue: Queue,
@@ -89,6 +167,7 @@ pub struct Ingestor {
     on_commit: Option<Arc<Notify>>,
     /// A progress line on the terminal (draining).
     progress: Option<Progress>,
+    flow: Flow,
 }
 
 impl Ingestor {
@@ -104,7 +183,20 @@ impl Ingestor {
         .fetch_one(&pool)
         .await
         .context("registering the ingest run (has `loader migrate` run?)")?;
-        Ok(Self { queue, pool, run_id, wait_seconds, on_commit: None, progress: None })
+        Ok(Self {
+            queue,
+            pool,
+            run_id,
+            wait_seconds,
+            on_commit: None,
+            progress: None,
+            flow: Flow::default(),
+        })
+    }
+
+    /// Sets the receive concurrency and flush policy.
+    pub fn with_flow(self, flow: Flow) -> Self {
+        Self { flow, ..self }
     }
 
     /// Shows `progress` (when `Some`) as batches complete.
@@ -144,10 +236,17 @@ impl Ingestor {
             notify.notify_one();
         }
 
-        let deleted = self.queue.delete(batch).await?;
-        for (message_id, code) in &deleted.failed {
+        // Copies of one message (a redelivery inside one flush) are deleted once, with the most
+        // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
+        let (latest, copies) = latest_copies(batch);
+        let outcome = self.queue.delete(&latest).await?;
+        for (message_id, code) in &outcome.failed {
             tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
         }
+        let failed_copies: u64 =
+            outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
+        let deleted =
+            DeleteCounts { deleted: batch.len() as u64 - failed_copies, failed: failed_copies };
         sqlx::query(
             "update loader.ingest_runs
                 set deleted = deleted + $2, delete_failures = delete_failures + $3
@@ -155,7 +254,7 @@ impl Ingestor {
         )
         .bind(self.run_id)
         .bind(deleted.deleted as i64)
-        .bind(deleted.failed.len() as i64)
+        .bind(deleted.failed as i64)
         .execute(&mut *conn)
         .await
         .context("recording deletes")?;
@@ -164,8 +263,8 @@ impl Ingestor {
             received: staged.received,
             staged: staged.staged,
             duplicates: staged.duplicates,
-            deleted: deleted.deleted as u64,
-            delete_failures: deleted.failed.len() as u64,
+            deleted: deleted.deleted,
+            delete_failures: deleted.failed,
         };
         metrics::batch(&totals, staging_took);
         Ok(totals)
@@ -180,52 +279,82 @@ impl Ingestor {
         self.process(&batch).await
     }
 
-    /// Runs until the queue is empty (`Drain`) or `shutdown` resolves (`Follow`). A batch in hand
-    /// is always staged, committed and deleted before returning. A receive still in progress at
-    /// shutdown gets [`SHUTDOWN_GRACE`] to complete (a response already on its way would
-    /// otherwise leave its messages invisible until their visibility timeout); after that it is
-    /// dropped, and whatever SQS had handed it comes back after the timeout.
+    /// Runs until the queue is empty (`Drain`) or `shutdown` resolves (`Follow`).
+    ///
+    /// Several receivers (`flow.receivers`) long-poll at once and hand their batches through a
+    /// bounded channel to one writer, which stages many SQS batches per statement (a flush: up
+    /// to `flow.flush_messages` messages, or whatever arrived within `flow.linger` of the first)
+    /// and then deletes them. Memory stays bounded by the channel and one flush, however large
+    /// the backlog.
+    ///
+    /// Draining ends when every receiver has had an empty long poll. On shutdown, receivers
+    /// stop; a receive in progress gets [`SHUTDOWN_GRACE`] to land (a response already on its
+    /// way would otherwise leave its messages invisible until their visibility timeout), and
+    /// everything received is staged, committed and deleted before returning.
     pub async fn run(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
-        tokio::pin!(shutdown);
-        let mut totals = Totals::default();
-        let mut stopping = false;
-        let result = loop {
-            let receive = self.receive();
-            tokio::pin!(receive);
-            let batch = tokio::select! {
-                batch = &mut receive => batch,
-                _ = &mut shutdown => {
-                    stopping = true;
-                    match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
-                        Ok(batch) => batch,
-                        Err(_) => break Ok(()),
-                    }
-                }
-            };
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => break Err(e),
-            };
-            if !batch.is_empty() {
-                match self.process(&batch).await {
-                    Ok(t) => totals.add(&t),
-                    Err(e) => break Err(e),
-                }
-                if let Some(progress) = &self.progress {
-                    progress.advance(batch.len() as u64, &self.queue).await;
-                }
-            }
-            if stopping || (batch.is_empty() && mode == Mode::Drain) {
-                break Ok(());
-            }
-        };
+        let result = self.pump(mode, shutdown).await;
         if let Some(progress) = &self.progress {
             progress.finish();
         }
         // Report the error that stopped the run before any error closing its bookkeeping.
         let finished = self.finish().await;
-        result?;
+        let totals = result?;
         finished?;
+        Ok(totals)
+    }
+
+    async fn pump(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
+        tokio::pin!(shutdown);
+        let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(self.flow.receivers * 2);
+        let (stop, stopped) = watch::channel(false);
+        let mut receivers = JoinSet::new();
+        for _ in 0..self.flow.receivers {
+            receivers.spawn(receive_loop(
+                self.queue.clone(),
+                self.wait_seconds,
+                mode,
+                batches.clone(),
+                stopped.clone(),
+            ));
+        }
+        drop(batches);
+
+        let mut totals = Totals::default();
+        let mut stopping = false;
+        loop {
+            let first = tokio::select! {
+                batch = inbox.recv() => batch,
+                Some(done) = receivers.join_next() => {
+                    done.context("a receiver panicked")??;
+                    continue;
+                }
+                _ = &mut shutdown, if !stopping => {
+                    stopping = true;
+                    let _ = stop.send(true);
+                    continue;
+                }
+            };
+            // None: every receiver has finished and the channel is empty.
+            let Some(mut flush) = first else { break };
+            let deadline = tokio::time::Instant::now() + self.flow.linger;
+            while flush.len() < self.flow.flush_messages {
+                tokio::select! {
+                    batch = inbox.recv() => match batch {
+                        Some(batch) => flush.extend(batch),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let done = self.process(&flush).await?;
+            totals.add(&done);
+            if let Some(progress) = &self.progress {
+                progress.advance(flush.len() as u64, &self.queue).await;
+            }
+        }
+        while let Some(done) = receivers.join_next().await {
+            done.context("a receiver panicked")??;
+        }
         Ok(totals)
     }
 
@@ -243,6 +372,22 @@ impl Ingestor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_of_a_message_are_deleted_once_with_the_latest_handle() {
+        let m = |id: &str, handle: &str| Received {
+            message_id: id.into(),
+            receipt_handle: handle.into(),
+            body: String::new(),
+            sent_at: None,
+            receive_count: None,
+        };
+        let (latest, copies) = latest_copies(&[m("a", "h1"), m("b", "h2"), m("a", "h3")]);
+        let handles: Vec<_> =
+            latest.iter().map(|m| (m.message_id.as_str(), m.receipt_handle.as_str())).collect();
+        assert_eq!(handles, [("a", "h3"), ("b", "h2")]);
+        assert_eq!((copies["a"], copies["b"]), (2, 1));
+    }
 
     #[test]
     fn summary_line_names_every_counter() {

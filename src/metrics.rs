@@ -10,8 +10,8 @@
 //! | `loader_delete_failures_total` | counter | delete entries SQS refused |
 //! | `loader_receive_errors_total{kind}` | counter | failed ReceiveMessage calls, by kind |
 //! | `loader_rows_loaded_total`, `loader_rows_rejected_total` | counter | transform outcomes |
-//! | `loader_batch_size` | histogram | messages per received batch |
-//! | `loader_staging_seconds` | histogram | one batch's staging statement |
+//! | `loader_batch_size` | histogram | messages per flush (SQS batches staged in one statement) |
+//! | `loader_staging_seconds` | histogram | one flush's staging statement |
 //! | `loader_transform_seconds` | histogram | one `call loader.transform()` |
 //! | `loader_oldest_pending_age_seconds` | gauge | age of the oldest staged row still pending |
 
@@ -31,12 +31,15 @@ pub fn install(addr: SocketAddr) -> Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
-        .set_buckets_for_metric(Matcher::Full("loader_batch_size".into()), &[1.0, 2.0, 5.0, 10.0])?
+        .set_buckets_for_metric(
+            Matcher::Full("loader_batch_size".into()),
+            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+        )?
         .install()
         .with_context(|| format!("serving metrics on {addr}"))
 }
 
-/// One received batch, staged and deleted.
+/// One flush (one or more received batches), staged and deleted.
 pub fn batch(totals: &Totals, staging: Duration) {
     counter!("loader_messages_received_total").increment(totals.received);
     counter!("loader_messages_staged_total").increment(totals.staged);

@@ -19,6 +19,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_smithy_http_client::tls;
 use time::OffsetDateTime;
+use tokio::task::JoinSet;
 
 use crate::config::AwsSettings;
 
@@ -99,6 +100,9 @@ pub struct Received {
     pub receive_count: Option<i32>,
 }
 
+/// DeleteMessageBatch calls in flight at once for one flush.
+pub const DELETE_CONCURRENCY: usize = 8;
+
 /// Result of deleting a set of received messages.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeleteOutcome {
@@ -106,6 +110,13 @@ pub struct DeleteOutcome {
     /// `(message_id, error code)` for each entry SQS refused; those messages come back later
     /// and are then recognised as duplicates.
     pub failed: Vec<(String, String)>,
+}
+
+impl DeleteOutcome {
+    fn merge(&mut self, other: DeleteOutcome) {
+        self.deleted += other.deleted;
+        self.failed.extend(other.failed);
+    }
 }
 
 /// A resolved queue.
@@ -202,41 +213,59 @@ impl Queue {
         Ok(received)
     }
 
-    /// Deletes the given messages, ten per DeleteMessageBatch call, reporting per-entry failures
-    /// (for example an expired receipt handle) instead of failing the whole set.
+    /// Deletes the given messages, ten per DeleteMessageBatch call with up to
+    /// [`DELETE_CONCURRENCY`] calls in flight, reporting per-entry failures (for example an
+    /// expired receipt handle) instead of failing the whole set.
     pub async fn delete(&self, messages: &[Received]) -> Result<DeleteOutcome> {
         let mut outcome = DeleteOutcome::default();
+        let mut calls = JoinSet::new();
         for chunk in messages.chunks(MAX_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&m.receipt_handle)
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .client
-                .delete_message_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| anyhow!("deleting from '{}': {}", self.name, describe(&e)))?;
-            outcome.deleted += out.successful().len();
-            for f in out.failed() {
-                let message_id = f
-                    .id()
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| chunk.get(i))
-                    .map_or_else(|| format!("<entry {}>", f.id()), |m| m.message_id.clone());
-                outcome.failed.push((message_id, f.code().to_owned()));
+            if calls.len() >= DELETE_CONCURRENCY {
+                outcome.merge(calls.join_next().await.expect("non-empty").context("delete task")??);
             }
+            let queue = self.clone();
+            let chunk = chunk.to_vec();
+            calls.spawn(async move { queue.delete_batch(&chunk).await });
+        }
+        while let Some(done) = calls.join_next().await {
+            outcome.merge(done.context("delete task")??);
         }
         Ok(outcome)
+    }
+
+    /// One DeleteMessageBatch call (at most ten messages).
+    async fn delete_batch(&self, chunk: &[Received]) -> Result<DeleteOutcome> {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&m.receipt_handle)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| anyhow!("deleting from '{}': {}", self.name, describe(&e)))?;
+        let failed =
+            out.failed()
+                .iter()
+                .map(|f| {
+                    let message_id =
+                        f.id().parse::<usize>().ok().and_then(|i| chunk.get(i)).map_or_else(
+                            || format!("<entry {}>", f.id()),
+                            |m| m.message_id.clone(),
+                        );
+                    (message_id, f.code().to_owned())
+                })
+                .collect();
+        Ok(DeleteOutcome { deleted: out.successful().len(), failed })
     }
 
     /// Sends up to ten bodies in one SendMessageBatch call; any refused entry is an error.

@@ -256,3 +256,60 @@ async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
         0
     );
 }
+
+#[tokio::test]
+async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(2).await;
+    let messages = generated(20_000);
+    q.send(&messages).await;
+
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..4 {
+        let child = common::spawn_loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+        tokio::time::sleep(std::time::Duration::from_millis(rng.u64(300..1500))).await;
+        common::kill_9(child);
+    }
+    let staged_before = db.count("select count(*) from loader.raw_logins").await;
+    assert!(staged_before > 0 && staged_before < 20_000, "killed mid-drain: {staged_before}");
+
+    // Messages held by the killed processes come back after the visibility timeout.
+    wait_until_visible(&q, 0).await;
+    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    assert!(out.contains("staged"), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 20_000);
+    assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 20_000);
+    assert_eq!(
+        db.count("select count(distinct body ->> 'user_id') from loader.raw_logins").await,
+        20_000
+    );
+    assert_eq!(q.depth().await, (0, 0, 0));
+    // The killed runs never finished; reconcile lists them, and its invariants still hold.
+    assert_eq!(
+        db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
+        4
+    );
+    let out = loader(&db.url, &q.name, &["reconcile", "--skip-queue"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test]
+async fn a_flush_holding_one_message_twice_stages_it_once_and_deletes_it_once() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(1).await;
+    q.send(&generated(1)).await;
+    let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
+    let first = ingestor.receive().await.unwrap();
+    wait_until_visible(&q, 1).await;
+    let second = ingestor.receive().await.unwrap();
+    assert_eq!(first[0].message_id, second[0].message_id);
+    assert_ne!(first[0].receipt_handle, second[0].receipt_handle);
+
+    let flush = [first, second].concat();
+    let t = ingestor.process(&flush).await.unwrap();
+    assert_eq!((t.received, t.staged, t.duplicates, t.deleted, t.delete_failures), (2, 1, 1, 2, 0));
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1);
+    // Deleted for good: nothing comes back after the visibility timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(q.depth().await, (0, 0, 0));
+}

@@ -293,6 +293,14 @@ pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> Running {
     Running { child, stdout, stderr }
 }
 
+/// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+pub fn kill_9(running: Running) {
+    let Running { mut child, stdout, stderr } = running;
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let _ = (stdout.join(), stderr.join());
+}
+
 /// Sends SIGTERM and waits for the process; returns its output.
 pub fn terminate(running: Running) -> Output {
     let Running { mut child, stdout, stderr } = running;
