@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::metrics;
 use crate::progress::Progress;
+use crate::retry::{self, Health};
 use crate::sqs::{Queue, Received};
 use crate::staging::{self, RawMessage};
 
@@ -114,16 +116,32 @@ async fn receive_loop(
     mode: Mode,
     writer: mpsc::Sender<Vec<Received>>,
     mut stop: watch::Receiver<bool>,
+    health: Arc<Mutex<Health>>,
 ) -> Result<()> {
     while !*stop.borrow() {
         let receive = queue.receive(wait_seconds);
         tokio::pin!(receive);
-        let (batch, last) = tokio::select! {
-            batch = &mut receive => (batch?, false),
+        let (received, last) = tokio::select! {
+            batch = &mut receive => (batch, false),
             _ = stop.changed() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
-                Ok(batch) => (batch?, true),
+                Ok(batch) => (batch, true),
                 Err(_) => return Ok(()),
             },
+        };
+        let batch = match received {
+            Ok(batch) => {
+                health.lock().expect("health lock").ok();
+                batch
+            }
+            // SQS unreachable or throttling: wait (or stop) and poll again.
+            Err(e) if retry::is_transient(&e) && !last => {
+                let wait = health.lock().expect("health lock").failed(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
         };
         if batch.is_empty() {
             if mode == Mode::Drain || last {
@@ -168,6 +186,11 @@ pub struct Ingestor {
     /// A progress line on the terminal (draining).
     progress: Option<Progress>,
     flow: Flow,
+    /// Outage tracking (backoff, state-change logging) per dependency.
+    postgres: Mutex<Health>,
+    sqs: Arc<Mutex<Health>>,
+    /// Set once shutdown has begun: transient failures are then no longer retried.
+    stopping: AtomicBool,
 }
 
 impl Ingestor {
@@ -191,6 +214,9 @@ impl Ingestor {
             on_commit: None,
             progress: None,
             flow: Flow::default(),
+            postgres: Mutex::new(Health::new("PostgreSQL")),
+            sqs: Arc::new(Mutex::new(Health::new("SQS"))),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -227,9 +253,16 @@ impl Ingestor {
     ))]
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
-        let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
+        let (raw, pool, run_id, queue) = (&raw, &self.pool, self.run_id, &self.queue);
         let started = std::time::Instant::now();
-        let staged = staging::stage(&mut conn, self.run_id, self.queue.name(), &raw).await?;
+        // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
+        // commit with its rows, so a failed attempt leaves no trace.
+        let staged = self
+            .retrying(&self.postgres, || async move {
+                let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+                staging::stage(&mut conn, run_id, queue.name(), raw).await
+            })
+            .await?;
         let staging_took = started.elapsed();
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
         if let Some(notify) = &self.on_commit {
@@ -239,7 +272,7 @@ impl Ingestor {
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
         let (latest, copies) = latest_copies(batch);
-        let outcome = self.queue.delete(&latest).await?;
+        let outcome = self.retrying(&self.sqs, || queue.delete(&latest)).await?;
         for (message_id, code) in &outcome.failed {
             tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
         }
@@ -247,17 +280,20 @@ impl Ingestor {
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
         let deleted =
             DeleteCounts { deleted: batch.len() as u64 - failed_copies, failed: failed_copies };
-        sqlx::query(
-            "update loader.ingest_runs
-                set deleted = deleted + $2, delete_failures = delete_failures + $3
-              where id = $1",
-        )
-        .bind(self.run_id)
-        .bind(deleted.deleted as i64)
-        .bind(deleted.failed as i64)
-        .execute(&mut *conn)
-        .await
-        .context("recording deletes")?;
+        self.retrying(&self.postgres, || async move {
+            sqlx::query(
+                "update loader.ingest_runs
+                    set deleted = deleted + $2, delete_failures = delete_failures + $3
+                  where id = $1",
+            )
+            .bind(run_id)
+            .bind(deleted.deleted as i64)
+            .bind(deleted.failed as i64)
+            .execute(pool)
+            .await
+            .context("recording deletes")
+        })
+        .await?;
 
         let totals = Totals {
             received: staged.received,
@@ -268,6 +304,28 @@ impl Ingestor {
         };
         metrics::batch(&totals, staging_took);
         Ok(totals)
+    }
+
+    /// Runs `op` until it succeeds, a permanent error occurs, or shutdown has begun, waiting
+    /// with capped, jittered backoff between transient failures (logged once per outage).
+    async fn retrying<T, F, Fut>(&self, health: &Mutex<Health>, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        loop {
+            match op().await {
+                Ok(value) => {
+                    health.lock().expect("health lock").ok();
+                    return Ok(value);
+                }
+                Err(e) if retry::is_transient(&e) && !self.stopping.load(Ordering::Relaxed) => {
+                    let wait = health.lock().expect("health lock").failed(&e);
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Receive, then process. The unit of work that tests drive directly.
@@ -315,6 +373,7 @@ impl Ingestor {
                 mode,
                 batches.clone(),
                 stopped.clone(),
+                self.sqs.clone(),
             ));
         }
         drop(batches);
@@ -330,6 +389,7 @@ impl Ingestor {
                 }
                 _ = &mut shutdown, if !stopping => {
                     stopping = true;
+                    self.stopping.store(true, Ordering::Relaxed);
                     let _ = stop.send(true);
                     continue;
                 }

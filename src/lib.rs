@@ -12,6 +12,7 @@
 //! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
 //! - [`send`]: publishing fixture files or synthetic events.
 //! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
+//! - [`retry`]: transient versus permanent errors, backoff, state-change logging.
 //! - [`run`]: `loader run`: ingest and transform together, graceful shutdown.
 //! - [`reconcile`]: counts per stage and the invariants (`loader reconcile`, exit 3 on a gap).
 //! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod metrics;
 pub mod progress;
 pub mod reconcile;
+pub mod retry;
 pub mod run;
 pub mod send;
 pub mod sqs;

@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinSet;
 
 use crate::config::AwsSettings;
+use crate::retry::Transient;
 
 /// SQS caps ReceiveMessage, DeleteMessageBatch and SendMessageBatch at ten entries.
 pub const MAX_BATCH: usize = 10;
@@ -185,7 +186,7 @@ impl Queue {
             .await
             .map_err(|e| {
                 crate::metrics::receive_error(error_kind(&e));
-                anyhow!("receiving from '{}': {}", self.name, describe(&e))
+                sdk_error(format!("receiving from '{}'", self.name), &e)
             })?;
         let mut received = Vec::with_capacity(out.messages().len());
         for m in out.messages() {
@@ -252,7 +253,7 @@ impl Queue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| anyhow!("deleting from '{}': {}", self.name, describe(&e)))?;
+            .map_err(|e| sdk_error(format!("deleting from '{}'", self.name), &e))?;
         let failed =
             out.failed()
                 .iter()
@@ -371,6 +372,35 @@ where
         }
         _ => DisplayErrorContext(e).to_string(),
     }
+}
+
+/// An SDK error as `context: description`, marked [`Transient`] when waiting may help: the
+/// endpoint unreachable or slow, a 5xx, or throttling.
+fn sdk_error<E, R>(context: String, e: &SdkError<E, R>) -> anyhow::Error
+where
+    E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
+    let message = format!("{context}: {}", describe(e));
+    // ResponseError: a reply that could not be read (a proxy's 5xx page, a cut connection).
+    let transient = match e {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(s) => s.err().code().is_some_and(|c| {
+            c.contains("Throttl")
+                || [
+                    "RequestThrottled",
+                    "ServiceUnavailable",
+                    "InternalError",
+                    "InternalFailure",
+                    "OverLimit",
+                ]
+                .contains(&c)
+        }),
+        _ => false,
+    };
+    if transient { anyhow::Error::new(Transient(message)) } else { anyhow!(message) }
 }
 
 /// A short, fixed label for an SDK error (a metrics label: never message content).
