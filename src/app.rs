@@ -9,14 +9,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::cli::{
-    Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, RunArgs, SendArgs, TransformArgs,
+    BenchCommand, Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, RunArgs, SendArgs,
+    TransformArgs,
 };
 use crate::config::Settings;
 use crate::display::timestamp;
 use crate::ingest::{Ingestor, Mode};
 use crate::progress::Progress;
 use crate::sqs::Queue;
-use crate::{db, keys, reconcile, run, send, sqs, transform};
+use crate::{bench, db, keys, reconcile, run, send, sqs, transform};
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -45,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_pipeline(&settings, &args).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
+        Command::Bench(command) => bench(&settings, &command).await,
     }
 }
 
@@ -253,6 +255,25 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
         None => println!("last ingest run: none"),
     }
     println!("active key: {}", key_id.map_or_else(|| "none".to_owned(), |k| k.to_string()));
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
+    let (what, (n, took)) = match command {
+        BenchCommand::Ceiling { receivers } => {
+            let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+            (
+                "receive+delete (no database)",
+                bench::queue_ceiling(&queue, usize::from(*receivers), 1).await?,
+            )
+        }
+        BenchCommand::Staging { rows, flush_messages } => {
+            let pool = db::connect(settings.database_url()?, 1).await?;
+            ("staging (no queue)", bench::staging(&pool, *rows, *flush_messages).await?)
+        }
+    };
+    let rate = n as f64 / took.as_secs_f64().max(1e-9);
+    println!("{what}: {n} messages in {:.2} s, {rate:.0} messages/s", took.as_secs_f64());
     Ok(ExitCode::from(exit::OK))
 }
 

@@ -70,6 +70,28 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// A short health summary: queue depth, pending rows, last run, active key
     Status,
+    /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Receive and delete the whole queue with no database work (the emulator's ceiling)
+    Ceiling {
+        /// ReceiveMessage loops in flight at once (as `ingest --receivers`)
+        #[arg(long, default_value_t = 4)]
+        receivers: u16,
+    },
+    /// Stage synthetic messages straight into loader.raw_logins (no queue)
+    Staging {
+        /// How many rows
+        #[arg(long, default_value_t = 100_000)]
+        rows: u64,
+        /// Rows per staging statement (as `ingest --flush-messages`)
+        #[arg(long, default_value_t = 500)]
+        flush_messages: usize,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -20,9 +20,11 @@
 //! - [`metrics`]: the Prometheus metrics and their names (`--metrics-addr`).
 //! - [`progress`]: the progress line while draining on a terminal.
 //! - [`display`]: how timestamps are shown.
+//! - [`bench`]: `loader bench`: the queue's ceiling and staging alone.
 //! - [`app`]: one function per subcommand, returning the process exit code.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -156,3 +156,18 @@ async fn without_a_region_us_east_1_is_used() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("received 0"));
 }
+
+#[tokio::test]
+async fn bench_commands_measure_what_they_say() {
+    let db = TestDb::migrated().await;
+    let out = loader_ok(&db.url, "unused", &["bench", "staging", "--rows", "1200", "--flush-messages", "500"]);
+    assert!(out.starts_with("staging (no queue): 1200 messages in "), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200);
+
+    let q = common::TestQueue::new(30).await;
+    q.send(&loader::send::generate(60, 1)).await;
+    let out = loader_ok(&db.url, &q.name, &["bench", "ceiling", "--receivers", "2"]);
+    assert!(out.starts_with("receive+delete (no database): 60 messages in "), "{out}");
+    assert_eq!(q.depth().await, (0, 0, 0));
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200, "no database work");
+}
