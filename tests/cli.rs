@@ -160,7 +160,11 @@ async fn without_a_region_us_east_1_is_used() {
 #[tokio::test]
 async fn bench_commands_measure_what_they_say() {
     let db = TestDb::migrated().await;
-    let out = loader_ok(&db.url, "unused", &["bench", "staging", "--rows", "1200", "--flush-messages", "500"]);
+    let out = loader_ok(
+        &db.url,
+        "unused",
+        &["bench", "staging", "--rows", "1200", "--flush-messages", "500"],
+    );
     assert!(out.starts_with("staging (no queue): 1200 messages in "), "{out}");
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200);
 

@@ -33,6 +33,21 @@ fn failures(report: &Value) -> HashMap<String, Vec<String>> {
         .collect()
 }
 
+/// Runs reconcile on the database alone and asserts it exits 3 with exactly one failing check,
+/// naming exactly these ids.
+fn expect_gap(db: &TestDb, check: &str, ids: &[&str]) {
+    let (code, report) = reconcile(db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3), "{report:#}");
+    let expected =
+        HashMap::from([(check.to_owned(), ids.iter().map(|s| (*s).to_owned()).collect())]);
+    assert_eq!(failures(&report), expected);
+}
+
+/// Runs SQL on the test database.
+async fn exec(db: &TestDb, sql: &'static str) {
+    sqlx::raw_sql(sql).execute(&db.pool).await.expect(sql);
+}
+
 /// A database with the fixture ingested from a real queue (with a DLQ) and transformed.
 async fn healthy() -> (TestDb, TestQueue, TestQueue) {
     let db = TestDb::migrated().await;
@@ -102,57 +117,22 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
     assert_eq!(code, Some(0), "{report:#}");
 
     // A loaded row disappears: its staged message has no outcome and is not pending.
-    sqlx::query("delete from public.user_logins where message_id = 'fixture-3'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3));
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("staged_message_accounted_for".into(), vec!["fixture-3".into()])])
-    );
-    sqlx::query("call loader.transform()").execute(&db.pool).await.ok();
-    sqlx::query(
-        "insert into loader.transform_queue select id from loader.raw_logins where message_id = 'fixture-3'",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    exec(&db, "delete from public.user_logins where message_id = 'fixture-3'").await;
+    expect_gap(&db, "staged_message_accounted_for", &["fixture-3"]);
+    exec(&db, "insert into loader.transform_queue select id from loader.raw_logins where message_id = 'fixture-3'").await;
+    exec(&db, "call loader.transform()").await;
     assert_eq!(reconcile(&db, "unused", &["--skip-queue"]).0, Some(0), "repaired by requeueing");
 
     // An orphan: an output row whose message was never staged.
-    sqlx::query("insert into public.user_logins (user_id, message_id) values ('x', 'orphan-1')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3));
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("outcome_has_staged_message".into(), vec!["orphan-1".into()])])
-    );
-    sqlx::query("delete from public.user_logins where message_id = 'orphan-1'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    exec(&db, "insert into public.user_logins (user_id, message_id) values ('x', 'orphan-1')")
+        .await;
+    expect_gap(&db, "outcome_has_staged_message", &["orphan-1"]);
+    exec(&db, "delete from public.user_logins where message_id = 'orphan-1'").await;
 
     // Two outcomes for one message.
-    sqlx::query("insert into loader.login_rejects (message_id, reason, detail) values ('fixture-5', 'x', 'x')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3));
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("single_outcome".into(), vec!["fixture-5".into()])])
-    );
-    sqlx::query("delete from loader.login_rejects where message_id = 'fixture-5'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    exec(&db, "insert into loader.login_rejects (message_id, reason, detail) values ('fixture-5', 'x', 'x')").await;
+    expect_gap(&db, "single_outcome", &["fixture-5"]);
+    exec(&db, "delete from loader.login_rejects where message_id = 'fixture-5'").await;
 
     // A forged run whose counts disagree.
     let run: i64 = sqlx::query_scalar(
@@ -163,12 +143,7 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3));
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("run_deletes_match".into(), vec![run.to_string()])])
-    );
+    expect_gap(&db, "run_deletes_match", &[&run.to_string()]);
     sqlx::query(
         "update loader.ingest_runs set staged = 4, duplicates = 6, deleted = 10 where id = $1",
     )
@@ -176,12 +151,7 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3), "claims 4 staged rows it does not have");
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("run_staged_matches_rows".into(), vec![run.to_string()])])
-    );
+    expect_gap(&db, "run_staged_matches_rows", &[&run.to_string()]);
     sqlx::query("delete from loader.ingest_runs where id = $1")
         .bind(run)
         .execute(&db.pool)
@@ -189,19 +159,13 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
         .unwrap();
 
     // A row staged long before the last drained transform, still pending.
-    sqlx::query(
+    exec(
+        &db,
         "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
          values ('stale-1', '{}', true, 'q', now() - interval '2 hours')",
     )
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
-    assert_eq!(code, Some(3));
-    assert_eq!(
-        failures(&report),
-        HashMap::from([("nothing_pending_before_last_transform".into(), vec!["stale-1".into()])])
-    );
+    .await;
+    expect_gap(&db, "nothing_pending_before_last_transform", &["stale-1"]);
     let human = loader(&db.url, "unused", &["reconcile", "--skip-queue"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("FAIL") && text.contains("stale-1"), "{text}");
