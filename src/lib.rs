@@ -8,8 +8,9 @@
 //! - [`cli`]: the command line (clap); every option has an environment variable.
 //! - [`config`]: settings resolved once from the command line.
 //! - [`sqs`]: the queue adapter: receive, delete, send, attributes.
-//! - [`staging`]: raw messages into `loader.raw_logins`, one statement per batch.
-//! - [`ingest`]: the ingest loop and its unit of work, [`ingest::Ingestor::ingest_batch`].
+//! - [`staging`]: raw messages into `loader.raw_logins`, one statement per flush.
+//! - [`ingest`]: receivers, the writer that stages and deletes flushes, and the unit of work
+//!   [`ingest::Ingestor::process`].
 //! - [`send`]: publishing fixture files or synthetic events.
 //! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
 //! - [`retry`]: transient versus permanent errors, backoff, state-change logging.
