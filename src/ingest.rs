@@ -83,6 +83,29 @@ impl From<&Received> for RawMessage {
     }
 }
 
+/// Runs `work` (staging, which may wait out a database outage) while keeping `batch` invisible
+/// on the queue: every half `visibility` timeout, its visibility is extended by a full timeout,
+/// so SQS does not hand the messages to another consumer meanwhile.
+async fn keep_invisible<T>(
+    queue: &Queue,
+    batch: &[Received],
+    visibility: Duration,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::pin!(work);
+    let period = (visibility / 2).max(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::time::sleep(period) => match queue.extend_visibility(batch, visibility).await {
+                Ok(0) => tracing::debug!(messages = batch.len(), "visibility extended"),
+                Ok(refused) => tracing::warn!(refused, "visibility not extended for some messages; they may be redelivered"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "visibility not extended; messages may be redelivered"),
+            },
+        }
+    }
+}
+
 /// Received copies accounted for by a delete.
 struct DeleteCounts {
     deleted: u64,
@@ -191,11 +214,14 @@ pub struct Ingestor {
     sqs: Arc<Mutex<Health>>,
     /// Set once shutdown has begun: transient failures are then no longer retried.
     stopping: AtomicBool,
+    /// The queue's VisibilityTimeout, read at start.
+    visibility: Duration,
 }
 
 impl Ingestor {
-    /// Registers a new run in `loader.ingest_runs`.
+    /// Reads the queue's visibility timeout and registers a new run in `loader.ingest_runs`.
     pub async fn start(queue: Queue, pool: PgPool, mode: Mode, wait_seconds: i32) -> Result<Self> {
+        let visibility = queue.visibility_timeout().await?;
         let (run_id,): (i64,) = sqlx::query_as(
             "insert into loader.ingest_runs (queue, mode, loader_version)
              values ($1, $2, $3) returning id",
@@ -217,6 +243,7 @@ impl Ingestor {
             postgres: Mutex::new(Health::new("PostgreSQL")),
             sqs: Arc::new(Mutex::new(Health::new("SQS"))),
             stopping: AtomicBool::new(false),
+            visibility,
         })
     }
 
@@ -257,12 +284,11 @@ impl Ingestor {
         let started = std::time::Instant::now();
         // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
         // commit with its rows, so a failed attempt leaves no trace.
-        let staged = self
-            .retrying(&self.postgres, || async move {
-                let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-                staging::stage(&mut conn, run_id, queue.name(), raw).await
-            })
-            .await?;
+        let staging = self.retrying(&self.postgres, || async move {
+            let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+            staging::stage(&mut conn, run_id, queue.name(), raw).await
+        });
+        let staged = keep_invisible(queue, batch, self.visibility, staging).await?;
         let staging_took = started.elapsed();
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
         if let Some(notify) = &self.on_commit {

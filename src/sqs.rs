@@ -14,8 +14,8 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::config::Credentials;
 use aws_sdk_sqs::error::{DisplayErrorContext, SdkError};
 use aws_sdk_sqs::types::{
-    DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
-    SendMessageBatchRequestEntry,
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use aws_smithy_http_client::tls;
 use time::OffsetDateTime;
@@ -297,6 +297,58 @@ impl Queue {
             );
         }
         Ok(())
+    }
+
+    /// The queue's VisibilityTimeout.
+    pub async fn visibility_timeout(&self) -> Result<Duration> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::VisibilityTimeout)
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
+        let seconds = out
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::VisibilityTimeout))
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("queue '{}' reports no VisibilityTimeout", self.name))?;
+        Ok(Duration::from_secs(seconds))
+    }
+
+    /// Makes the messages invisible for `timeout` more, from now (ChangeMessageVisibilityBatch,
+    /// ten per call). Returns how many entries SQS refused (e.g. a handle that already expired).
+    pub async fn extend_visibility(
+        &self,
+        messages: &[Received],
+        timeout: Duration,
+    ) -> Result<usize> {
+        let seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+        let mut refused = 0;
+        for chunk in messages.chunks(MAX_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&m.receipt_handle)
+                        .visibility_timeout(seconds)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error(format!("extending visibility in '{}'", self.name), &e))?;
+            refused += out.failed().len();
+        }
+        Ok(refused)
     }
 
     /// The dead-letter queue named by this queue's RedrivePolicy, if any.

@@ -81,3 +81,44 @@ async fn sqs_unreachable_mid_drain_pauses_and_resumes() {
     let out = drain_through(&db, &q, &db.url, &sqs_url, &proxy).await;
     assert_exactly_once(&db, &q, &out, "SQS").await;
 }
+
+#[tokio::test]
+async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
+    let db = TestDb::migrated().await;
+    // A 2 s visibility timeout and a 5 s database outage: without extensions SQS would hand
+    // the messages out again while the flush waits.
+    let q = TestQueue::new(2).await;
+    let proxy = Proxy::start(common::socket_of(&db.url)).await;
+    let db_url =
+        db.url.replacen(&common::socket_of(&db.url).port().to_string(), &proxy.port.to_string(), 1);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&db_url)
+        .await
+        .unwrap();
+    q.send(&loader::send::generate(10, 23)).await;
+    let ingestor =
+        loader::ingest::Ingestor::start(q.queue.clone(), pool, loader::ingest::Mode::Drain, 1)
+            .await
+            .unwrap();
+    let batch = ingestor.receive().await.unwrap();
+    assert_eq!(batch.len(), 10);
+
+    let outage = proxy.outage(Duration::from_secs(5));
+    let process = ingestor.process(&batch);
+    let watch = async {
+        // Well past the 2 s timeout, the messages are still invisible.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        q.depth().await
+    };
+    let (_, totals, depth) = tokio::join!(outage, process, watch);
+    assert_eq!(depth, (0, 10, 0), "still in flight during the outage, not visible again");
+    let totals = totals.unwrap();
+    assert_eq!((totals.staged, totals.deleted, totals.delete_failures), (10, 10, 0));
+    assert_eq!(
+        db.count("select count(*) from loader.raw_logins where receive_count = 1").await,
+        10
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(q.depth().await, (0, 0, 0), "deleted with valid handles: nothing comes back");
+}
