@@ -63,9 +63,7 @@ async fn assert_exactly_once(db: &TestDb, q: &TestQueue, out: &std::process::Out
 async fn postgres_down_mid_drain_pauses_and_resumes() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(3).await;
-    let proxy = Proxy::start(common::socket_of(&db.url)).await;
-    let db_url =
-        db.url.replacen(&common::socket_of(&db.url).port().to_string(), &proxy.port.to_string(), 1);
+    let (proxy, db_url) = Proxy::for_database(&db).await;
     let sqs_url = common::aws_settings().endpoint_url.unwrap();
     let out = drain_through(&db, &q, &db_url, &sqs_url, &proxy).await;
     assert_exactly_once(&db, &q, &out, "PostgreSQL").await;
@@ -88,9 +86,7 @@ async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
     // A 2 s visibility timeout and a 5 s database outage: without extensions SQS would hand
     // the messages out again while the flush waits.
     let q = TestQueue::new(2).await;
-    let proxy = Proxy::start(common::socket_of(&db.url)).await;
-    let db_url =
-        db.url.replacen(&common::socket_of(&db.url).port().to_string(), &proxy.port.to_string(), 1);
+    let (proxy, db_url) = Proxy::for_database(&db).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_secs(1))
         .connect(&db_url)

@@ -234,14 +234,7 @@ async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
     assert_eq!(staged, 15, "messages sent after start are staged");
     q.send(&generated(5)).await; // may be in hand when the signal arrives: must still finish
 
-    let out = common::terminate(child);
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::terminate_ok(child);
     assert!(stdout.contains("staged"), "summary line printed: {stdout}");
     // Every message is either staged (and deleted) or still on the queue: none lost.
     let staged = db.count("select count(*) from loader.raw_logins").await;

@@ -62,8 +62,7 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     common::wait_for_count(&db, "select count(*) from public.user_logins", 65).await;
     let moved = scrape_until(&addr, "loader_messages_staged_total", 65.0).await;
     assert_eq!(moved, Some(65.0), "the counter moved with the second burst");
-    let out = common::terminate(child);
-    assert!(out.status.success());
+    common::terminate_ok(child);
 }
 
 #[tokio::test]

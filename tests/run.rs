@@ -24,14 +24,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
     };
     let staged = common::wait_for_count(&db, "select count(*) from loader.raw_logins", 600).await;
     assert!(staged >= 600, "run is ingesting: {staged}");
-    let out = common::terminate(child);
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = common::terminate_ok(child);
     assert!(stdout.contains("transform: loaded"), "{stdout}");
     assert_eq!(sender.await.unwrap(), 3_000);
 
@@ -90,8 +83,7 @@ async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
         }
         delays.push(sent.elapsed());
     }
-    let out = common::terminate(child);
-    assert!(out.status.success());
+    common::terminate_ok(child);
     // Reported with --nocapture; the bound is deliberately generous.
     eprintln!("send-to-row delays on an idle queue: {delays:?}");
 }

@@ -310,6 +310,18 @@ pub fn terminate(running: Running) -> Output {
     Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
+/// Sends SIGTERM, asserts a clean exit (0), and returns stdout.
+pub fn terminate_ok(running: Running) -> String {
+    let out = terminate(running);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.
 pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i64 {
     let mut last = -1;
@@ -372,6 +384,14 @@ impl Proxy {
             }
         });
         Self { port, up, task }
+    }
+
+    /// A proxy in front of the test database, and the database URL that goes through it.
+    pub async fn for_database(db: &TestDb) -> (Self, String) {
+        let target = socket_of(&db.url);
+        let proxy = Self::start(target).await;
+        let url = db.url.replacen(&target.port().to_string(), &proxy.port.to_string(), 1);
+        (proxy, url)
     }
 
     /// Refuses and cuts every connection for `duration`, then serves again.
