@@ -106,12 +106,6 @@ async fn keep_invisible<T>(
     }
 }
 
-/// Received copies accounted for by a delete.
-struct DeleteCounts {
-    deleted: u64,
-    failed: u64,
-}
-
 /// One entry per message id, the last received copy (its receipt handle is the current one),
 /// and how many copies each id had.
 fn latest_copies(batch: &[Received]) -> (Vec<Received>, HashMap<String, u64>) {
@@ -304,8 +298,7 @@ impl Ingestor {
         }
         let failed_copies: u64 =
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
-        let deleted =
-            DeleteCounts { deleted: batch.len() as u64 - failed_copies, failed: failed_copies };
+        let deleted_copies = batch.len() as u64 - failed_copies;
         self.retrying(&self.postgres, || async move {
             sqlx::query(
                 "update loader.ingest_runs
@@ -313,8 +306,8 @@ impl Ingestor {
                   where id = $1",
             )
             .bind(run_id)
-            .bind(deleted.deleted as i64)
-            .bind(deleted.failed as i64)
+            .bind(deleted_copies as i64)
+            .bind(failed_copies as i64)
             .execute(pool)
             .await
             .context("recording deletes")
@@ -325,8 +318,8 @@ impl Ingestor {
             received: staged.received,
             staged: staged.staged,
             duplicates: staged.duplicates,
-            deleted: deleted.deleted,
-            delete_failures: deleted.failed,
+            deleted: deleted_copies,
+            delete_failures: failed_copies,
         };
         metrics::batch(&totals, staging_took);
         Ok(totals)
@@ -405,7 +398,6 @@ impl Ingestor {
         drop(batches);
 
         let mut totals = Totals::default();
-        let mut stopping = false;
         loop {
             let first = tokio::select! {
                 batch = inbox.recv() => batch,
@@ -413,8 +405,7 @@ impl Ingestor {
                     done.context("a receiver panicked")??;
                     continue;
                 }
-                _ = &mut shutdown, if !stopping => {
-                    stopping = true;
+                _ = &mut shutdown, if !self.stopping.load(Ordering::Relaxed) => {
                     self.stopping.store(true, Ordering::Relaxed);
                     let _ = stop.send(true);
                     continue;

@@ -91,11 +91,7 @@ async fn transform_loop(
             _ = tokio::time::sleep(schedule.interval) => {}
         }
         let started = std::time::Instant::now();
-        let result = match transform::transform(&pool, schedule.batch_size).await {
-            Ok(r) => transform::oldest_pending_age(&pool).await.map(|_| r),
-            Err(e) => Err(e),
-        };
-        match result {
+        match transform::transform(&pool, schedule.batch_size).await {
             Ok(r) => {
                 if failing {
                     tracing::info!("transform recovered");

@@ -24,7 +24,7 @@ impl std::fmt::Display for TransformReport {
 }
 
 /// Transforms everything pending, one committed batch of `batch_size` rows at a time
-/// (`call loader.transform()`).
+/// (`call loader.transform()`), then publishes the oldest-pending age gauge.
 pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
     let started = std::time::Instant::now();
     let report = sqlx::query_as("call loader.transform(null, null, null, $1)")
@@ -33,12 +33,13 @@ pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport
         .await
         .context("running loader.transform() (has `loader migrate` run?)")?;
     metrics::transform(&report, started.elapsed());
+    oldest_pending_age(pool).await?;
     Ok(report)
 }
 
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);
 /// also published as the `loader_oldest_pending_age_seconds` gauge.
-pub async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
+async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
     let seconds: f64 = sqlx::query_scalar(
         "select coalesce(extract(epoch from now() - min(r.staged_at))::float8, 0)
            from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id",
@@ -71,7 +72,6 @@ pub async fn watch(
     tokio::pin!(shutdown);
     loop {
         report(&transform(pool, batch_size).await?);
-        oldest_pending_age(pool).await?;
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
