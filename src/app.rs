@@ -260,11 +260,11 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
 
 async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
     let (what, (n, took)) = match command {
-        BenchCommand::Ceiling { receivers } => {
+        BenchCommand::Ceiling { receivers, wait_seconds } => {
             let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
             (
                 "receive+delete (no database)",
-                bench::queue_ceiling(&queue, usize::from(*receivers), 1).await?,
+                bench::queue_ceiling(&queue, usize::from(*receivers), *wait_seconds).await?,
             )
         }
         BenchCommand::Staging { rows, flush_messages } => {

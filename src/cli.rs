@@ -82,6 +82,9 @@ pub enum BenchCommand {
         /// ReceiveMessage loops in flight at once (as `ingest --receivers`)
         #[arg(long, default_value_t = 4)]
         receivers: u16,
+        /// Long-poll wait; the drain ends at the first empty receive (as `ingest --wait-seconds`)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=20))]
+        wait_seconds: i32,
     },
     /// Stage synthetic messages straight into loader.raw_logins (no queue)
     Staging {

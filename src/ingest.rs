@@ -14,11 +14,12 @@ use anyhow::{Context, Result};
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::metrics;
 use crate::progress::Progress;
 use crate::retry::{self, Health};
-use crate::sqs::{Queue, Received};
+use crate::sqs::{MAX_BATCH, Queue, Received};
 use crate::staging::{self, RawMessage};
 
 /// How long a receive in progress at shutdown may still take to complete.
@@ -125,8 +126,13 @@ fn latest_copies(batch: &[Received]) -> (Vec<Received>, HashMap<String, u64>) {
     (latest, copies)
 }
 
+/// How often a paused receiver looks again whether PostgreSQL is back.
+const PAUSE_CHECK: Duration = Duration::from_millis(200);
+
 /// One receiver: long-polls and hands non-empty batches to the writer until told to stop, or
-/// (draining) until a long poll comes back empty.
+/// (draining) until a long poll comes back empty. While the writer cannot reach PostgreSQL it
+/// receives nothing: messages stay on the queue rather than wait in memory, where their
+/// visibility timeout could run out.
 async fn receive_loop(
     queue: Queue,
     wait_seconds: i32,
@@ -134,8 +140,15 @@ async fn receive_loop(
     writer: mpsc::Sender<Vec<Received>>,
     mut stop: watch::Receiver<bool>,
     health: Arc<Mutex<Health>>,
+    postgres: Arc<Mutex<Health>>,
 ) -> Result<()> {
     while !*stop.borrow() {
+        if postgres.lock().expect("health lock").is_failing() {
+            tokio::select! {
+                _ = tokio::time::sleep(PAUSE_CHECK) => continue,
+                _ = stop.changed() => return Ok(()),
+            }
+        }
         let receive = queue.receive(wait_seconds);
         tokio::pin!(receive);
         let (received, last) = tokio::select! {
@@ -173,6 +186,27 @@ async fn receive_loop(
     Ok(())
 }
 
+/// Committed flushes whose deletes may run while the next flush stages. Two keep the writer
+/// busy; memory for them is bounded by two flushes.
+const FLUSHES_DELETING: usize = 2;
+
+/// Adds batches from `inbox` to `flush` until it holds `flow.flush_messages` messages,
+/// `flow.linger` has passed since this call, or every sender is gone (shutdown or the end of a
+/// drain: what was gathered is flushed, never dropped).
+async fn gather<T>(mut flush: Vec<T>, inbox: &mut mpsc::Receiver<Vec<T>>, flow: &Flow) -> Vec<T> {
+    let deadline = tokio::time::Instant::now() + flow.linger;
+    while flush.len() < flow.flush_messages {
+        tokio::select! {
+            batch = inbox.recv() => match batch {
+                Some(batch) => flush.extend(batch),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    flush
+}
+
 /// How ingest overlaps receiving and staging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
@@ -192,7 +226,17 @@ impl Default for Flow {
     }
 }
 
+/// A committed batch, not yet deleted.
+struct Staged {
+    outcome: staging::StageOutcome,
+    took: Duration,
+}
+
 /// One ingest run: a queue, a database, and the `loader.ingest_runs` row that counts for it.
+///
+/// Cheap to clone (shared state sits behind `Arc`s): the writer hands each committed flush to
+/// a task of its own for deleting, so staging the next flush overlaps it.
+#[derive(Clone)]
 pub struct Ingestor {
     queue: Queue,
     pool: PgPool,
@@ -201,13 +245,13 @@ pub struct Ingestor {
     /// Signalled after every batch whose staging committed (used by `loader run`).
     on_commit: Option<Arc<Notify>>,
     /// A progress line on the terminal (draining).
-    progress: Option<Progress>,
+    progress: Option<Arc<Progress>>,
     flow: Flow,
     /// Outage tracking (backoff, state-change logging) per dependency.
-    postgres: Mutex<Health>,
+    postgres: Arc<Mutex<Health>>,
     sqs: Arc<Mutex<Health>>,
     /// Set once shutdown has begun: transient failures are then no longer retried.
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
     /// The queue's VisibilityTimeout, read at start.
     visibility: Duration,
 }
@@ -234,9 +278,9 @@ impl Ingestor {
             on_commit: None,
             progress: None,
             flow: Flow::default(),
-            postgres: Mutex::new(Health::new("PostgreSQL")),
+            postgres: Arc::new(Mutex::new(Health::new("PostgreSQL"))),
             sqs: Arc::new(Mutex::new(Health::new("SQS"))),
-            stopping: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
             visibility,
         })
     }
@@ -248,7 +292,7 @@ impl Ingestor {
 
     /// Shows `progress` (when `Some`) as batches complete.
     pub fn with_progress(self, progress: Option<Progress>) -> Self {
-        Self { progress, ..self }
+        Self { progress: progress.map(Arc::new), ..self }
     }
 
     /// Signals `notify` after each batch has committed (before its delete).
@@ -267,12 +311,28 @@ impl Ingestor {
 
     /// Stages a received batch and, once that has committed, deletes every message in it (new
     /// and duplicate alike: both are now safely staged).
-    #[tracing::instrument(name = "batch", level = "debug", skip_all, fields(
-        run_id = self.run_id,
-        size = batch.len(),
-        message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
-    ))]
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
+        let staged = self.stage(batch).await?;
+        self.delete_staged(batch, staged).await
+    }
+
+    /// The span that a batch's log lines carry (message ids are not personal data).
+    fn batch_span(&self, batch: &[Received]) -> tracing::Span {
+        tracing::debug_span!(
+            "batch",
+            run_id = self.run_id,
+            size = batch.len(),
+            message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Stages a batch (retrying while PostgreSQL is unreachable, keeping the batch invisible
+    /// meanwhile) and signals the commit.
+    async fn stage(&self, batch: &[Received]) -> Result<Staged> {
+        self.stage_inner(batch).instrument(self.batch_span(batch)).await
+    }
+
+    async fn stage_inner(&self, batch: &[Received]) -> Result<Staged> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
         let (raw, pool, run_id, queue) = (&raw, &self.pool, self.run_id, &self.queue);
         let started = std::time::Instant::now();
@@ -283,11 +343,22 @@ impl Ingestor {
             staging::stage(&mut conn, run_id, queue.name(), raw).await
         });
         let staged = keep_invisible(queue, batch, self.visibility, staging).await?;
-        let staging_took = started.elapsed();
+        let took = started.elapsed();
         tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
         if let Some(notify) = &self.on_commit {
             notify.notify_one();
         }
+        Ok(Staged { outcome: staged, took })
+    }
+
+    /// Deletes every message of a committed batch (new and duplicate alike: both are now
+    /// safely staged), records the deletes, and returns the batch's totals.
+    async fn delete_staged(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
+        self.delete_inner(batch, staged).instrument(self.batch_span(batch)).await
+    }
+
+    async fn delete_inner(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
+        let (pool, run_id, queue) = (&self.pool, self.run_id, &self.queue);
 
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
@@ -315,13 +386,13 @@ impl Ingestor {
         .await?;
 
         let totals = Totals {
-            received: staged.received,
-            staged: staged.staged,
-            duplicates: staged.duplicates,
+            received: staged.outcome.received,
+            staged: staged.outcome.staged,
+            duplicates: staged.outcome.duplicates,
             deleted: deleted_copies,
             delete_failures: failed_copies,
         };
-        metrics::batch(&totals, staging_took);
+        metrics::batch(&totals, staged.took);
         Ok(totals)
     }
 
@@ -382,7 +453,10 @@ impl Ingestor {
 
     async fn pump(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
         tokio::pin!(shutdown);
-        let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(self.flow.receivers * 2);
+        // Room for a whole flush plus a batch per receiver: receivers keep receiving while the
+        // writer stages, instead of stalling on a full channel.
+        let capacity = self.flow.flush_messages.div_ceil(MAX_BATCH) + self.flow.receivers;
+        let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(capacity);
         let (stop, stopped) = watch::channel(false);
         let mut receivers = JoinSet::new();
         for _ in 0..self.flow.receivers {
@@ -393,14 +467,21 @@ impl Ingestor {
                 batches.clone(),
                 stopped.clone(),
                 self.sqs.clone(),
+                self.postgres.clone(),
             ));
         }
         drop(batches);
 
         let mut totals = Totals::default();
+        // Committed flushes being deleted, each in a task of its own.
+        let mut deleting = JoinSet::new();
         loop {
             let first = tokio::select! {
                 batch = inbox.recv() => batch,
+                Some(done) = deleting.join_next() => {
+                    totals.add(&done.context("a delete task panicked")??);
+                    continue;
+                }
                 Some(done) = receivers.join_next() => {
                     done.context("a receiver panicked")??;
                     continue;
@@ -412,22 +493,21 @@ impl Ingestor {
                 }
             };
             // None: every receiver has finished and the channel is empty.
-            let Some(mut flush) = first else { break };
-            let deadline = tokio::time::Instant::now() + self.flow.linger;
-            while flush.len() < self.flow.flush_messages {
-                tokio::select! {
-                    batch = inbox.recv() => match batch {
-                        Some(batch) => flush.extend(batch),
-                        None => break,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
+            let Some(first) = first else { break };
+            let flush = gather(first, &mut inbox, &self.flow).await;
+            while deleting.len() >= FLUSHES_DELETING {
+                let done = deleting.join_next().await.expect("a delete task is running");
+                totals.add(&done.context("a delete task panicked")??);
             }
-            let done = self.process(&flush).await?;
-            totals.add(&done);
+            let staged = self.stage(&flush).await?;
             if let Some(progress) = &self.progress {
                 progress.advance(flush.len() as u64, &self.queue).await;
             }
+            let this = self.clone();
+            deleting.spawn(async move { this.delete_staged(&flush, staged).await });
+        }
+        while let Some(done) = deleting.join_next().await {
+            totals.add(&done.context("a delete task panicked")??);
         }
         while let Some(done) = receivers.join_next().await {
             done.context("a receiver panicked")??;
@@ -464,6 +544,56 @@ mod tests {
             latest.iter().map(|m| (m.message_id.as_str(), m.receipt_handle.as_str())).collect();
         assert_eq!(handles, [("a", "h3"), ("b", "h2")]);
         assert_eq!((copies["a"], copies["b"]), (2, 1));
+    }
+
+    fn flow(flush_messages: usize) -> Flow {
+        Flow { receivers: 1, flush_messages, linger: Duration::from_millis(50) }
+    }
+
+    /// A sender holding `batches` of `size` messages each, already sent.
+    fn inbox(batches: usize, size: usize) -> (mpsc::Sender<Vec<u32>>, mpsc::Receiver<Vec<u32>>) {
+        let (tx, rx) = mpsc::channel(batches.max(1));
+        for b in 0..batches {
+            tx.try_send((0..size as u32).map(|i| b as u32 * 100 + i).collect()).unwrap();
+        }
+        (tx, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_closes_as_soon_as_it_reaches_its_size() {
+        let (_tx, mut rx) = inbox(4, 10);
+        let started = tokio::time::Instant::now();
+        let flush = gather(vec![], &mut rx, &flow(25)).await;
+        assert_eq!(flush.len(), 30, "three batches of ten reach 25");
+        assert_eq!(started.elapsed(), Duration::ZERO, "no linger once full");
+        assert_eq!(rx.try_recv().unwrap().len(), 10, "the fourth batch waits for the next flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_flush_waits_for_the_linger_then_goes() {
+        let (tx, mut rx) = inbox(1, 10);
+        let started = tokio::time::Instant::now();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            tx.send(vec![7; 5]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(vec![8; 5]).await.unwrap();
+        });
+        let flush = gather(vec![], &mut rx, &flow(500)).await;
+        assert_eq!(flush.len(), 15, "the batch within the linger joins; the later one does not");
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        late.await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), vec![8; 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_flushes_what_was_gathered_at_once() {
+        let (tx, mut rx) = inbox(2, 10);
+        drop(tx);
+        let started = tokio::time::Instant::now();
+        let flush = gather(vec![1, 2], &mut rx, &flow(500)).await;
+        assert_eq!(flush.len(), 22, "the first batch and both buffered ones, nothing dropped");
+        assert_eq!(started.elapsed(), Duration::ZERO, "no linger once every sender is gone");
     }
 
     #[test]

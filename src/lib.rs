@@ -23,6 +23,8 @@
 //! - [`display`]: how timestamps are shown.
 //! - [`bench`]: `loader bench`: the queue's ceiling and staging alone.
 //! - [`app`]: one function per subcommand, returning the process exit code.
+//! - [`logging`]: log format and filters (no foreign crate logs at TRACE: the AWS SDK logs
+//!   message bodies there).
 
 pub mod app;
 pub mod bench;
@@ -32,6 +34,7 @@ pub mod db;
 pub mod display;
 pub mod ingest;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod progress;
 pub mod reconcile;

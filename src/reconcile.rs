@@ -162,7 +162,7 @@ pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64)
                     coalesce((select array_agg(o) from (select * from offenders limit {MAX_IDS}) o(o)),
                              '{{}}')"
         );
-        let mut query = sqlx::query_as::<_, (i64, Vec<String>)>(sqlx::AssertSqlSafe(counted));
+        let mut query = sqlx::query_as::<_, (i64, Vec<String>)>(&counted);
         if sql.contains("$1") {
             query = query.bind(grace_seconds);
         }

@@ -99,6 +99,11 @@ impl Health {
         self.backoff.next_delay()
     }
 
+    /// True between a failure and the next success.
+    pub fn is_failing(&self) -> bool {
+        self.failing_since.is_some()
+    }
+
     /// Records a success.
     pub fn ok(&mut self) {
         if let Some(since) = self.failing_since.take() {

@@ -181,34 +181,37 @@ impl Queue {
             .queue_url(&self.url)
             .max_number_of_messages(MAX_BATCH as i32)
             .wait_time_seconds(wait_seconds)
-            .message_system_attribute_names(MessageSystemAttributeName::All)
+            // Only what staging records: fewer attributes, less to parse per message.
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
             .map_err(|e| {
                 crate::metrics::receive_error(error_kind(&e));
                 sdk_error(format!("receiving from '{}'", self.name), &e)
             })?;
-        let mut received = Vec::with_capacity(out.messages().len());
-        for m in out.messages() {
+        let messages = out.messages.unwrap_or_default();
+        let mut received = Vec::with_capacity(messages.len());
+        for m in messages {
             // SQS always sets both; a message without them cannot be staged idempotently or
             // deleted, so it is left on the queue (and reaches the DLQ if one is configured).
-            let (Some(id), Some(handle)) = (m.message_id(), m.receipt_handle()) else {
+            let (Some(message_id), Some(receipt_handle)) = (m.message_id, m.receipt_handle) else {
                 tracing::warn!(
                     "received a message without MessageId or ReceiptHandle; left on the queue"
                 );
                 continue;
             };
             let attr = |name: MessageSystemAttributeName| {
-                m.attributes().and_then(|a| a.get(&name)).map(String::as_str)
+                m.attributes.as_ref().and_then(|a| a.get(&name)).map(String::as_str)
             };
             received.push(Received {
-                message_id: id.to_owned(),
-                receipt_handle: handle.to_owned(),
-                body: m.body().unwrap_or_default().to_owned(),
+                message_id,
+                receipt_handle,
                 sent_at: attr(MessageSystemAttributeName::SentTimestamp)
                     .and_then(parse_epoch_millis),
                 receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|v| v.parse().ok()),
+                body: m.body.unwrap_or_default(),
             });
         }
         Ok(received)
@@ -479,7 +482,7 @@ fn name_from_url(url: &str) -> Result<String> {
     }
 }
 
-fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
+pub fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
     let millis: i128 = v.parse().ok()?;
     OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
 }

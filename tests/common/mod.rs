@@ -15,7 +15,7 @@ use sqlx::PgPool;
 pub const FIXTURE: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/login-queue-sample.json");
 
-fn required_env(name: &str) -> String {
+pub fn required_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests with scripts/test.sh, which starts the services")
     })
@@ -46,7 +46,7 @@ impl TestDb {
         let admin_url = required_env("DATABASE_URL");
         let name = unique_name("loader_test");
         let admin = PgPool::connect(&admin_url).await.expect("connecting with DATABASE_URL");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {name}")))
+        sqlx::raw_sql(&format!("create database {name}"))
             .execute(&admin)
             .await
             .expect("creating the test database");
@@ -242,12 +242,10 @@ pub struct TestRole {
 impl TestRole {
     pub async fn new(db: &TestDb, grant: &str) -> Self {
         let name = unique_name("login");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "create role {name} login; grant {grant} to {name};"
-        )))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        sqlx::raw_sql(&format!("create role {name} login; grant {grant} to {name};"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
         let (scheme_user, rest) = db.url.split_once('@').expect("DATABASE_URL with a user@host");
         let scheme = scheme_user.split("://").next().unwrap();
         let pool = PgPool::connect(&format!("{scheme}://{name}@{rest}"))
