@@ -25,6 +25,8 @@
 //! - [`app`]: one function per subcommand, returning the process exit code.
 //! - [`logging`]: log format and filters (no foreign crate logs at TRACE: the AWS SDK logs
 //!   message bodies there).
+//! - `lambda` (cargo feature `lambda`): the AWS Lambda handler behind the `loader-lambda`
+//!   binary: SQS events staged with [`staging`], partial batch responses.
 
 pub mod app;
 pub mod bench;
@@ -34,6 +36,8 @@ pub mod db;
 pub mod display;
 pub mod ingest;
 pub mod keys;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod logging;
 pub mod metrics;
 pub mod progress;

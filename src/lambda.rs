@@ -1,0 +1,286 @@
+//! The AWS Lambda form of ingest (cargo feature `lambda`, binary `loader-lambda`).
+//!
+//! SQS invokes the function with a batch of records. They are staged with the same code as
+//! `loader ingest` ([`staging::stage`]: one statement, idempotent on `message_id`), and the
+//! function answers with the records it could not stage, so that SQS redelivers only those
+//! (`ReportBatchItemFailures`). The event source mapping deletes the others; the function never
+//! calls SQS itself.
+//!
+//! - A batch the database refuses as a whole for a reason other than an outage (a constraint,
+//!   a trigger) is staged again one record at a time, and only the refused records are
+//!   reported. An outage (connection refused, restart) fails the invocation instead: every
+//!   record then returns to the queue, and reaches the DLQ only after `maxReceiveCount` tries.
+//! - Each execution environment registers one `loader.ingest_runs` row per queue (mode
+//!   `lambda`) the first time it stages, and adds to its counters from then on. Such a run never
+//!   finishes (Lambda freezes and retires environments without notice), and its `deleted`
+//!   counter stays 0 because the event source mapping deletes.
+//! - Any other event runs the incremental transform when it is an EventBridge schedule
+//!   (`"source": "aws.events"`) or `{"action": "transform"}` (a manual invoke). Anything else is
+//!   an error, rather than a guess.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail};
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Mutex;
+
+use crate::config::DatabaseUrl;
+use crate::db;
+use crate::retry;
+use crate::sqs::parse_epoch_millis;
+use crate::staging::{self, RawMessage, StageOutcome};
+use crate::transform::{self, TransformReport};
+
+/// Connections per execution environment: it handles one invocation at a time, which stages on
+/// one connection and then (optionally) transforms.
+const POOL_SIZE: u32 = 2;
+
+/// Rows per committed transform batch (as `loader transform --batch-size`).
+const TRANSFORM_BATCH: i32 = 10_000;
+
+/// What one execution environment keeps between invocations.
+pub struct Handler {
+    pool: PgPool,
+    transform_after_stage: bool,
+    /// The `loader.ingest_runs` row of each queue this environment has staged from.
+    runs: Mutex<HashMap<String, i64>>,
+}
+
+impl Handler {
+    pub fn new(pool: PgPool, transform_after_stage: bool) -> Self {
+        Self { pool, transform_after_stage, runs: Mutex::new(HashMap::new()) }
+    }
+
+    /// From the environment: `DATABASE_URL` (required) and `LOADER_TRANSFORM_AFTER_STAGE`
+    /// (`true` to transform after each staged batch; default `false`). The pool connects on
+    /// first use, so a database outage at cold start fails invocations, not the environment.
+    pub fn from_env() -> Result<Self> {
+        let url = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .context("DATABASE_URL is not set")?;
+        let transform_after_stage = match std::env::var("LOADER_TRANSFORM_AFTER_STAGE") {
+            Err(_) => false,
+            Ok(v) => parse_bool(&v).with_context(|| {
+                format!("LOADER_TRANSFORM_AFTER_STAGE must be true or false, not {v:?}")
+            })?,
+        };
+        let pool = db::pool(&DatabaseUrl::from(url), POOL_SIZE)?;
+        Ok(Self::new(pool, transform_after_stage))
+    }
+
+    /// One invocation: an SQS event is staged, a schedule runs the transform.
+    pub async fn handle(&self, event: Value) -> Result<Value> {
+        if event.get("Records").is_some() {
+            let event: SqsEvent = serde_json::from_value(event).context("not an SQS event")?;
+            return Ok(serde_json::to_value(self.stage_event(event).await?)?);
+        }
+        let scheduled = event.get("source").and_then(Value::as_str) == Some("aws.events");
+        let asked = event.get("action").and_then(Value::as_str) == Some("transform");
+        if scheduled || asked {
+            let report = self.transform().await?;
+            return Ok(json!({
+                "loaded": report.loaded, "rejected": report.rejected, "pending": report.pending,
+            }));
+        }
+        bail!(
+            "unrecognised event: expected an SQS event, a schedule or {{\"action\": \"transform\"}}"
+        )
+    }
+
+    /// Stages the records of an SQS event; the response lists the records that failed.
+    pub async fn stage_event(&self, event: SqsEvent) -> Result<SqsBatchResponse> {
+        let mut by_queue: HashMap<String, Vec<RawMessage>> = HashMap::new();
+        for record in event.records {
+            let queue = queue_name(&record);
+            by_queue.entry(queue).or_default().push(raw_message(record)?);
+        }
+        let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
+        let mut failed = Vec::new();
+        let mut totals = StageOutcome::default();
+        for (queue, messages) in &by_queue {
+            let run_id = self.run_id(&mut conn, queue).await?;
+            let (outcome, refused) = stage_isolating(&mut conn, run_id, queue, messages).await?;
+            totals.received += outcome.received;
+            totals.staged += outcome.staged;
+            totals.duplicates += outcome.duplicates;
+            failed.extend(refused);
+        }
+        drop(conn);
+        tracing::info!(
+            received = totals.received,
+            staged = totals.staged,
+            duplicates = totals.duplicates,
+            failed = failed.len(),
+            "event staged"
+        );
+        if self.transform_after_stage && totals.staged > 0 {
+            // The records are staged whatever happens here; the schedule retries the transform.
+            if let Err(e) = self.transform().await {
+                tracing::warn!(error = format!("{e:#}"), "transform after staging failed");
+            }
+        }
+        let mut response = SqsBatchResponse::default();
+        for message_id in failed {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = message_id;
+            response.batch_item_failures.push(failure);
+        }
+        Ok(response)
+    }
+
+    /// Runs the incremental transform over everything staged and pending.
+    pub async fn transform(&self) -> Result<TransformReport> {
+        let report = transform::transform(&self.pool, TRANSFORM_BATCH).await?;
+        tracing::info!(%report, "transform");
+        Ok(report)
+    }
+
+    async fn run_id(&self, conn: &mut PgConnection, queue: &str) -> Result<i64> {
+        let mut runs = self.runs.lock().await;
+        if let Some(&id) = runs.get(queue) {
+            return Ok(id);
+        }
+        let id: i64 = sqlx::query_scalar(
+            "insert into loader.ingest_runs (queue, mode, loader_version)
+             values ($1, 'lambda', $2) returning id",
+        )
+        .bind(queue)
+        .bind(env!("CARGO_PKG_VERSION"))
+        .fetch_one(&mut *conn)
+        .await
+        .context("registering the ingest run (has `loader migrate` run?)")?;
+        tracing::info!(run_id = id, queue, "run started");
+        runs.insert(queue.to_owned(), id);
+        Ok(id)
+    }
+}
+
+/// Stages `messages` in one statement. If the database refuses that statement for any reason
+/// but an outage, stages them one at a time and returns the ids of those it still refuses.
+async fn stage_isolating(
+    conn: &mut PgConnection,
+    run_id: i64,
+    queue: &str,
+    messages: &[RawMessage],
+) -> Result<(StageOutcome, Vec<String>)> {
+    match staging::stage(conn, run_id, queue, messages).await {
+        Ok(outcome) => return Ok((outcome, Vec::new())),
+        Err(e) if retry::is_transient(&e) => return Err(e),
+        Err(e) => tracing::warn!(
+            reason = refusal(&e),
+            records = messages.len(),
+            "batch refused; staging its records one at a time"
+        ),
+    }
+    let mut total = StageOutcome::default();
+    let mut refused = Vec::new();
+    for message in messages {
+        match staging::stage(conn, run_id, queue, std::slice::from_ref(message)).await {
+            Ok(outcome) => {
+                total.received += outcome.received;
+                total.staged += outcome.staged;
+                total.duplicates += outcome.duplicates;
+            }
+            Err(e) if retry::is_transient(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "record refused; SQS will redeliver it");
+                refused.push(message.message_id.clone());
+            }
+        }
+    }
+    Ok((total, refused))
+}
+
+/// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
+/// the row, and so personal data): the SQLSTATE and the constraint or table it names.
+fn refusal(e: &anyhow::Error) -> String {
+    let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
+    match db {
+        Some(db) => format!(
+            "SQLSTATE {} on {}",
+            db.code().as_deref().unwrap_or("?"),
+            db.constraint().or(db.table()).unwrap_or("the statement")
+        ),
+        None => format!("{e:#}"),
+    }
+}
+
+/// A record as staging wants it: id, body, SentTimestamp and ApproximateReceiveCount.
+fn raw_message(record: SqsMessage) -> Result<RawMessage> {
+    let message_id = record.message_id.context("an SQS record without messageId")?;
+    Ok(RawMessage {
+        sent_at: record.attributes.get("SentTimestamp").and_then(|v| parse_epoch_millis(v)),
+        receive_count: record
+            .attributes
+            .get("ApproximateReceiveCount")
+            .and_then(|v| v.parse().ok()),
+        body: record.body.unwrap_or_default(),
+        message_id,
+    })
+}
+
+/// The queue's name, the last part of the record's `eventSourceARN`
+/// (`arn:aws:sqs:eu-west-1:123456789012:login-queue`).
+fn queue_name(record: &SqsMessage) -> String {
+    record
+        .event_source_arn
+        .as_deref()
+        .and_then(|arn| arn.rsplit(':').next())
+        .filter(|name| !name.is_empty())
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" | "" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(json: Value) -> SqsMessage {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_record_carries_its_id_timestamp_and_receive_count() {
+        let m = raw_message(record(json!({
+            "messageId": "m-1",
+            "body": "{\"user_id\": \"u\"}",
+            "attributes": {"SentTimestamp": "1583020799000", "ApproximateReceiveCount": "3"},
+            "eventSourceARN": "arn:aws:sqs:eu-west-1:123456789012:login-queue",
+        })))
+        .unwrap();
+        assert_eq!(m.message_id, "m-1");
+        assert_eq!(m.receive_count, Some(3));
+        assert_eq!(m.sent_at.unwrap().unix_timestamp(), 1_583_020_799);
+        assert_eq!(m.body, "{\"user_id\": \"u\"}");
+    }
+
+    #[test]
+    fn a_record_without_id_is_an_error() {
+        assert!(raw_message(record(json!({"body": "x"}))).is_err());
+    }
+
+    #[test]
+    fn the_queue_is_named_by_the_event_source_arn() {
+        let with = record(json!({"eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:q-1"}));
+        assert_eq!(queue_name(&with), "q-1");
+        assert_eq!(queue_name(&record(json!({}))), "unknown");
+    }
+
+    #[test]
+    fn transform_after_stage_accepts_only_booleans() {
+        assert_eq!(parse_bool("TRUE"), Some(true));
+        assert_eq!(parse_bool("0"), Some(false));
+        assert_eq!(parse_bool("maybe"), None);
+    }
+}

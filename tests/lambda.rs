@@ -1,0 +1,207 @@
+//! The Lambda handler (cargo feature `lambda`) against a real PostgreSQL: SQS events built from
+//! the fixture, redelivery, a record the database refuses, the scheduled transform.
+#![cfg(feature = "lambda")]
+
+mod common;
+
+use common::{TestDb, fixture_messages};
+use loader::lambda::Handler;
+use serde_json::{Value, json};
+
+const QUEUE_ARN: &str = "arn:aws:sqs:eu-west-1:123456789012:login-queue";
+
+/// An SQS event as Lambda delivers it, one record per `(message id, body)`.
+fn sqs_event(messages: &[(String, String)]) -> Value {
+    let records: Vec<Value> = messages
+        .iter()
+        .map(|(id, body)| {
+            json!({
+                "messageId": id,
+                "receiptHandle": format!("handle-{id}"),
+                "body": body,
+                "attributes": {
+                    "ApproximateReceiveCount": "1",
+                    "SentTimestamp": "1583020799000",
+                    "SenderId": "AIDAEXAMPLE",
+                    "ApproximateFirstReceiveTimestamp": "1583020799500"
+                },
+                "messageAttributes": {},
+                "md5OfBody": "00000000000000000000000000000000",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": QUEUE_ARN,
+                "awsRegion": "eu-west-1"
+            })
+        })
+        .collect();
+    json!({ "Records": records })
+}
+
+fn failures(response: &Value) -> Vec<String> {
+    response["batchItemFailures"]
+        .as_array()
+        .expect("a partial batch response")
+        .iter()
+        .map(|f| f["itemIdentifier"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn fixture_records_are_staged_once_however_often_delivered() {
+    let db = TestDb::migrated().await;
+    let handler = Handler::new(db.pool.clone(), false);
+    let event = sqs_event(&fixture_messages());
+
+    let first = handler.handle(event.clone()).await.unwrap();
+    assert_eq!(failures(&first), Vec::<String>::new());
+    assert_eq!(count(&db, "select count(*) from loader.raw_logins").await, 100);
+    let (queue, sent, receives): (String, i64, i32) = sqlx::query_as(
+        "select queue, extract(epoch from sent_at)::bigint, receive_count
+           from loader.raw_logins where message_id = 'fixture-0'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((queue.as_str(), sent, receives), ("login-queue", 1_583_020_799, 1));
+
+    let again = handler.handle(event).await.unwrap();
+    assert_eq!(failures(&again), Vec::<String>::new());
+    assert_eq!(count(&db, "select count(*) from loader.raw_logins").await, 100);
+    let run: (String, i64, i64, i64, i64) = sqlx::query_as(
+        "select mode, received, staged, duplicates, deleted from loader.ingest_runs",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(run, ("lambda".to_owned(), 200, 100, 100, 0), "one run per environment");
+}
+
+#[tokio::test]
+async fn a_record_the_database_refuses_is_the_only_failure_reported() {
+    let db = TestDb::migrated().await;
+    // A constraint failure for exactly one record, as a broken trigger or a new rule would cause.
+    sqlx::raw_sql(
+        "alter table loader.raw_logins
+           add constraint test_refuses_one check (message_id <> 'fixture-7')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let handler = Handler::new(db.pool.clone(), false);
+
+    let response = handler.handle(sqs_event(&fixture_messages())).await.unwrap();
+
+    assert_eq!(failures(&response), ["fixture-7"]);
+    assert_eq!(count(&db, "select count(*) from loader.raw_logins").await, 99);
+    assert_eq!(
+        count(&db, "select count(*) from loader.raw_logins where message_id = 'fixture-7'").await,
+        0
+    );
+    let (received, staged): (i64, i64) =
+        sqlx::query_as("select received, staged from loader.ingest_runs")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((received, staged), (99, 99), "the refused attempts leave no counts behind");
+}
+
+#[tokio::test]
+async fn a_schedule_runs_the_transform_and_staging_can_trigger_it() {
+    let db = TestDb::migrated().await;
+    let handler = Handler::new(db.pool.clone(), false);
+    handler.handle(sqs_event(&fixture_messages())).await.unwrap();
+    assert_eq!(count(&db, "select count(*) from public.user_logins").await, 0);
+
+    let tick = json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
+    let report = handler.handle(tick).await.unwrap();
+    assert_eq!(report, json!({"loaded": 99, "rejected": 1, "pending": 0}));
+
+    let db2 = TestDb::migrated().await;
+    let eager = Handler::new(db2.pool.clone(), true);
+    eager.handle(sqs_event(&fixture_messages()[..10])).await.unwrap();
+    assert_eq!(count(&db2, "select count(*) from public.user_logins").await, 10);
+}
+
+#[tokio::test]
+async fn an_unknown_event_is_an_error_not_a_guess() {
+    let db = TestDb::migrated().await;
+    let handler = Handler::new(db.pool.clone(), false);
+    let err = handler.handle(json!({"hello": "world"})).await.unwrap_err();
+    assert!(err.to_string().contains("unrecognised event"), "{err:#}");
+    assert_eq!(count(&db, "select count(*) from loader.ingest_runs").await, 0);
+}
+
+/// The real `loader-lambda` binary under cargo-lambda's Runtime API emulator
+/// (`cargo lambda watch --only-lambda-apis`, from PyPI; scripts/test.sh installs it and sets
+/// `CARGO_LAMBDA`): the runtime loop fetches events, the handler answers, the emulator relays.
+#[tokio::test]
+async fn the_runtime_loop_serves_invocations_under_the_emulator() {
+    let db = TestDb::migrated().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _emulator = tokio::process::Command::new(common::required_env("CARGO_LAMBDA"))
+        .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1", "-P"])
+        .arg(port.to_string())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting cargo-lambda");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the emulator did not listen");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _function = tokio::process::Command::new(env!("CARGO_BIN_EXE_loader-lambda"))
+        .env("DATABASE_URL", &db.url)
+        .env("AWS_LAMBDA_RUNTIME_API", format!("http://127.0.0.1:{port}/.rt"))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "loader-lambda")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting loader-lambda");
+
+    let invoke = |event: Value| async move {
+        // "_": the emulator names a function that polls its bare `/.rt` path this way.
+        let url = format!("http://127.0.0.1:{port}/2015-03-31/functions/_/invocations");
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--max-time", "60", "-X", "POST", &url, "-d"])
+            .arg(event.to_string())
+            .output()
+            .await
+            .expect("running curl");
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "invoke failed: {body} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<Value>(&body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+    };
+
+    let staged = invoke(sqs_event(&fixture_messages())).await;
+    assert_eq!(failures(&staged), Vec::<String>::new());
+    assert_eq!(count(&db, "select count(*) from loader.raw_logins").await, 100);
+
+    let again = invoke(sqs_event(&fixture_messages()[..5])).await;
+    assert_eq!(failures(&again), Vec::<String>::new());
+    assert_eq!(count(&db, "select count(*) from loader.ingest_runs").await, 1, "one environment");
+
+    let report = invoke(json!({"action": "transform"})).await;
+    assert_eq!(report, json!({"loaded": 99, "rejected": 1, "pending": 0}));
+}
+
+#[tokio::test]
+async fn the_ingest_role_is_enough_to_stage() {
+    let db = TestDb::migrated().await;
+    let role = common::TestRole::new(&db, "loader_ingest").await;
+    let handler = Handler::new(role.pool.clone(), false);
+    let response = handler.handle(sqs_event(&fixture_messages())).await.unwrap();
+    assert_eq!(failures(&response), Vec::<String>::new());
+    assert_eq!(count(&db, "select count(*) from loader.raw_logins").await, 100);
+}
