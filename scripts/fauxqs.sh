@@ -49,36 +49,16 @@ start() {
         log "fauxqs already answering at $FQ_URL"
     else
         install
-        mkdir -p "$FQ_STATE"
-        log "starting fauxqs at $FQ_URL (log: $FQ_STATE/fauxqs.log)"
-        (
-            cd "$FQ_STATE"
-            FAUXQS_PORT="$FQ_PORT" FAUXQS_LOGGER=false setsid nohup "$FQ_DIR/node_modules/.bin/node" \
-                "$FQ_DIR/node_modules/fauxqs/dist/cli.js" >"$FQ_STATE/fauxqs.log" 2>&1 </dev/null &
-            echo $! >"$FQ_STATE/pid"
-        )
-        for _ in $(seq 1 60); do
-            healthy && break
-            kill -0 "$(cat "$FQ_STATE/pid")" 2>/dev/null || die "fauxqs exited; see $FQ_STATE/fauxqs.log"
-            sleep 0.5
-        done
-        healthy || die "fauxqs not answering after 30 s; see $FQ_STATE/fauxqs.log"
-        log "fauxqs answering"
+        start_daemon fauxqs "$FQ_STATE" healthy 30 env FAUXQS_PORT="$FQ_PORT" FAUXQS_LOGGER=false \
+            "$FQ_DIR/node_modules/.bin/node" "$FQ_DIR/node_modules/fauxqs/dist/cli.js"
     fi
     echo "export AWS_ENDPOINT_URL=$FQ_URL"
     echo "export AWS_REGION=\${AWS_REGION:-us-east-1}"
 }
 
-stop() {
-    [ -f "$FQ_STATE/pid" ] || { log "no fauxqs started by this script"; return 0; }
-    kill -- "-$(cat "$FQ_STATE/pid")" 2>/dev/null || kill "$(cat "$FQ_STATE/pid")" 2>/dev/null || true
-    rm -f "$FQ_STATE/pid"
-    log "fauxqs stopped"
-}
-
 case "${1:-start}" in
 start) start ;;
-stop) stop ;;
+stop) stop_daemon fauxqs "$FQ_STATE" ;;
 install) install ;;
 *) die "usage: $0 [start|stop|install]" ;;
 esac

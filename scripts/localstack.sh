@@ -39,42 +39,20 @@ start() {
     else
         install
         mkdir -p "$LS_STATE/fs" "$LS_STATE/cache"
-        log "starting LocalStack at $LS_URL (log: $LS_STATE/localstack.log)"
-        (
-            cd "$LS_STATE"
+        start_daemon localstack "$LS_STATE" healthy 60 env \
             SERVICES=sqs GATEWAY_LISTEN="$LOADER_LOCALSTACK_ADDR" OVERRIDE_IN_DOCKER=0 \
-                PERSISTENCE=0 EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 DISABLE_EVENTS=1 \
-                SKIP_SSL_CERT_DOWNLOAD=1 SQS_ENDPOINT_STRATEGY=path \
-                FILESYSTEM_ROOT="$LS_STATE/fs" XDG_CACHE_HOME="$LS_STATE/cache" \
-                setsid nohup "$LS_VENV/bin/python" -m localstack.runtime.main \
-                >"$LS_STATE/localstack.log" 2>&1 </dev/null &
-            echo $! >"$LS_STATE/pid"
-        )
-        for _ in $(seq 1 120); do
-            healthy && break
-            kill -0 "$(cat "$LS_STATE/pid")" 2>/dev/null ||
-                die "LocalStack exited; see $LS_STATE/localstack.log"
-            sleep 0.5
-        done
-        healthy || die "LocalStack not healthy after 60 s; see $LS_STATE/localstack.log"
-        log "LocalStack healthy"
+            PERSISTENCE=0 EAGER_SERVICE_LOADING=1 DNS_ADDRESS=0 DISABLE_EVENTS=1 \
+            SKIP_SSL_CERT_DOWNLOAD=1 SQS_ENDPOINT_STRATEGY=path \
+            FILESYSTEM_ROOT="$LS_STATE/fs" XDG_CACHE_HOME="$LS_STATE/cache" \
+            "$LS_VENV/bin/python" -m localstack.runtime.main
     fi
     echo "export AWS_ENDPOINT_URL=$LS_URL"
     echo "export AWS_REGION=\${AWS_REGION:-us-east-1}"
 }
 
-stop() {
-    [ -f "$LS_STATE/pid" ] || { log "no LocalStack started by this script"; return 0; }
-    local pid
-    pid="$(cat "$LS_STATE/pid")"
-    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-    rm -f "$LS_STATE/pid"
-    log "LocalStack stopped"
-}
-
 case "${1:-start}" in
 start) start ;;
-stop) stop ;;
+stop) stop_daemon localstack "$LS_STATE" ;;
 install) install ;;
 *) die "usage: $0 [start|stop|install]" ;;
 esac

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 
 use crate::cli::{
     BenchCommand, Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, RunArgs, SendArgs,
-    TransformArgs,
+    StagingMethod, TransformArgs,
 };
 use crate::config::Settings;
 use crate::display::timestamp;
@@ -267,9 +267,13 @@ async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> 
                 bench::queue_ceiling(&queue, usize::from(*receivers), *wait_seconds).await?,
             )
         }
-        BenchCommand::Staging { rows, flush_messages } => {
+        BenchCommand::Staging { rows, flush_messages, method } => {
             let pool = db::connect(settings.database_url()?, 1).await?;
-            ("staging (no queue)", bench::staging(&pool, *rows, *flush_messages).await?)
+            let what = match method {
+                StagingMethod::Unnest => "staging (no queue)",
+                StagingMethod::Copy => "staging by COPY (no queue)",
+            };
+            (what, bench::staging(&pool, *rows, *flush_messages, *method).await?)
         }
     };
     let rate = n as f64 / took.as_secs_f64().max(1e-9);

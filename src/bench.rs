@@ -2,13 +2,18 @@
 //! (`scripts/bench-ingest.sh` runs them all and prints one report):
 //! - `ceiling`: the queue's own limit: receive and delete with the same concurrency as ingest,
 //!   and no database work at all;
-//! - `staging`: pre-built batches into `loader.raw_logins`, no queue at all.
+//! - `staging`: pre-built batches into `loader.raw_logins`, no queue at all; `--method copy`
+//!   measures COPY into a temporary table plus one INSERT ... SELECT against the UNNEST
+//!   statement ingest uses.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
+use time::format_description::well_known::Rfc3339;
 use tokio::task::JoinSet;
+
+use crate::cli::StagingMethod;
 
 use crate::send;
 use crate::sqs::Queue;
@@ -50,7 +55,12 @@ pub async fn queue_ceiling(
 
 /// Stages `rows` synthetic messages in flushes of `flush` rows over one connection; returns
 /// rows and elapsed time of the staging statements alone.
-pub async fn staging(pool: &PgPool, rows: u64, flush: usize) -> Result<(u64, Duration)> {
+pub async fn staging(
+    pool: &PgPool,
+    rows: u64,
+    flush: usize,
+    method: StagingMethod,
+) -> Result<(u64, Duration)> {
     let run_id: i64 = sqlx::query_scalar(
         "insert into loader.ingest_runs (queue, mode, loader_version)
          values ('bench', 'drain', 'bench') returning id",
@@ -72,7 +82,73 @@ pub async fn staging(pool: &PgPool, rows: u64, flush: usize) -> Result<(u64, Dur
     let started = Instant::now();
     let mut staged = 0;
     for chunk in messages.chunks(flush.max(1)) {
-        staged += staging::stage(&mut conn, run_id, "bench", chunk).await?.staged;
+        staged += match method {
+            StagingMethod::Unnest => {
+                staging::stage(&mut conn, run_id, "bench", chunk).await?.staged
+            }
+            StagingMethod::Copy => stage_by_copy(&mut conn, run_id, chunk).await?,
+        };
     }
     Ok((staged, started.elapsed()))
+}
+
+/// The COPY alternative to [`staging::stage`]: rows go into a temporary table by COPY (CSV),
+/// then into `loader.raw_logins` with the same INSERT ... ON CONFLICT and counter update. Four
+/// round trips (begin, copy, insert, commit) where UNNEST needs one.
+async fn stage_by_copy(
+    conn: &mut PgConnection,
+    run_id: i64,
+    messages: &[RawMessage],
+) -> Result<u64> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "create temp table if not exists bench_copy (message_id text, body text, is_json bool,
+             sent_at timestamptz, receive_count int) on commit delete rows",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let mut csv = String::with_capacity(messages.len() * 320);
+    for m in messages {
+        let sent_at = m.sent_at.map(|t| t.format(&Rfc3339)).transpose()?.unwrap_or_default();
+        let receive_count = m.receive_count.map(|c| c.to_string()).unwrap_or_default();
+        let is_json = staging::is_storable_json(&m.body);
+        csv.push_str(&format!(
+            "{},{},{is_json},{sent_at},{receive_count}\n",
+            csv_field(&m.message_id),
+            csv_field(&m.body)
+        ));
+    }
+    let mut copy = tx.copy_in_raw("copy bench_copy from stdin (format csv)").await?;
+    copy.send(csv.into_bytes()).await?;
+    copy.finish().await?;
+    let staged: i64 = sqlx::query_scalar(
+        "with inserted as (
+             insert into loader.raw_logins
+                 (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
+             select distinct on (message_id) message_id,
+                    case when is_json then body::jsonb else to_jsonb(body) end,
+                    is_json, sent_at, receive_count, 'bench', $1
+               from bench_copy
+             on conflict (message_id) do nothing
+             returning 1
+         ), counted as (
+             update loader.ingest_runs
+                set received = received + (select count(*) from bench_copy),
+                    staged = staged + (select count(*) from inserted),
+                    duplicates = duplicates + (select count(*) from bench_copy)
+                                            - (select count(*) from inserted)
+              where id = $1
+         )
+         select count(*) from inserted",
+    )
+    .bind(run_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(staged as u64)
+}
+
+/// A CSV field, always quoted (bodies hold commas, quotes and newlines).
+fn csv_field(value: &str) -> String {
+    format!("\"{}\"", value.replace('"', "\"\""))
 }

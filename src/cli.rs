@@ -94,7 +94,19 @@ pub enum BenchCommand {
         /// Rows per staging statement (as `ingest --flush-messages`)
         #[arg(long, default_value_t = 500)]
         flush_messages: usize,
+        /// How rows reach Postgres: unnest (what ingest does) or copy (for comparison)
+        #[arg(long, value_enum, default_value_t = StagingMethod::Unnest)]
+        method: StagingMethod,
     },
+}
+
+/// How `loader bench staging` sends a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StagingMethod {
+    /// One INSERT ... SELECT FROM unnest($1, $2, ...) statement: one round trip.
+    Unnest,
+    /// COPY into a temporary table, then one INSERT ... SELECT, in one transaction.
+    Copy,
 }
 
 #[derive(Debug, Args)]
