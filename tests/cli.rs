@@ -167,11 +167,26 @@ async fn bench_commands_measure_what_they_say() {
     );
     assert!(out.starts_with("staging (no queue): 1200 messages in "), "{out}");
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200);
+    let out = loader_ok(
+        &db.url,
+        "unused",
+        &["bench", "staging", "--rows", "700", "--flush-messages", "500", "--method", "copy"],
+    );
+    assert!(out.starts_with("staging by COPY (no queue): 700 messages in "), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1900);
+    assert_eq!(
+        db.count(
+            "select count(*) from loader.raw_logins where body_is_json and sent_at is not null"
+        )
+        .await,
+        1900,
+        "COPY carries bodies and timestamps intact"
+    );
 
     let q = common::TestQueue::new(30).await;
     q.send(&loader::send::generate(60, 1)).await;
     let out = loader_ok(&db.url, &q.name, &["bench", "ceiling", "--receivers", "2"]);
     assert!(out.starts_with("receive+delete (no database): 60 messages in "), "{out}");
     assert_eq!(q.depth().await, (0, 0, 0));
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200, "no database work");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1900, "no database work");
 }
