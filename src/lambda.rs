@@ -6,10 +6,11 @@
 //! (`ReportBatchItemFailures`). The event source mapping deletes the others; the function never
 //! calls SQS itself.
 //!
-//! - A batch the database refuses as a whole for a reason other than an outage (a constraint,
-//!   a trigger) is staged again one record at a time, and only the refused records are
-//!   reported. An outage (connection refused, restart) fails the invocation instead: every
-//!   record then returns to the queue, and reaches the DLQ only after `maxReceiveCount` tries.
+//! - A batch the database refuses because of its rows (a constraint, a data exception, an error
+//!   raised by a trigger) is staged again one record at a time, and only the refused records
+//!   are reported. Any other error (an outage, a missing schema, a permission) fails the
+//!   invocation: every record returns to the queue, and reaches the DLQ only after
+//!   `maxReceiveCount` tries.
 //! - Each execution environment registers one `loader.ingest_runs` row per queue (mode
 //!   `lambda`) the first time it stages, and adds to its counters from then on. Such a run never
 //!   finishes (Lambda freezes and retires environments without notice), and its `deleted`
@@ -28,7 +29,6 @@ use tokio::sync::Mutex;
 
 use crate::config::DatabaseUrl;
 use crate::db;
-use crate::retry;
 use crate::sqs::parse_epoch_millis;
 use crate::staging::{self, RawMessage, StageOutcome};
 use crate::transform::{self, TransformReport};
@@ -168,7 +168,7 @@ async fn stage_isolating(
 ) -> Result<(StageOutcome, Vec<String>)> {
     match staging::stage(conn, run_id, queue, messages).await {
         Ok(outcome) => return Ok((outcome, Vec::new())),
-        Err(e) if retry::is_transient(&e) => return Err(e),
+        Err(e) if !refuses_rows(&e) => return Err(e),
         Err(e) => tracing::warn!(
             reason = refusal(&e),
             records = messages.len(),
@@ -184,7 +184,7 @@ async fn stage_isolating(
                 total.staged += outcome.staged;
                 total.duplicates += outcome.duplicates;
             }
-            Err(e) if retry::is_transient(&e) => return Err(e),
+            Err(e) if !refuses_rows(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "record refused; SQS will redeliver it");
                 refused.push(message.message_id.clone());
@@ -192,6 +192,15 @@ async fn stage_isolating(
         }
     }
     Ok((total, refused))
+}
+
+/// True when Postgres refused the rows themselves: a data exception (class 22), an integrity
+/// constraint (class 23) or an error raised by a trigger (P0001). Anything else (an outage, a
+/// missing table, a permission) would refuse every record alike, so it fails the invocation.
+fn refuses_rows(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error()?.code())
+        .any(|code| code.starts_with("22") || code.starts_with("23") || code == "P0001")
 }
 
 /// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
