@@ -4,7 +4,7 @@
 //! point loses nothing: undeleted messages come back after their visibility timeout and the
 //! `message_id` unique key turns the second staging into a counted duplicate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,9 @@ pub struct Totals {
     pub duplicates: u64,
     pub deleted: u64,
     pub delete_failures: u64,
+    /// Messages PostgreSQL refused (a constraint or trigger): not staged, not deleted, so SQS
+    /// redelivers them and its redrive policy eventually moves them to the DLQ.
+    pub refused: u64,
 }
 
 impl Totals {
@@ -60,6 +63,7 @@ impl Totals {
         self.duplicates += o.duplicates;
         self.deleted += o.deleted;
         self.delete_failures += o.delete_failures;
+        self.refused += o.refused;
     }
 }
 
@@ -69,7 +73,11 @@ impl std::fmt::Display for Totals {
             f,
             "received {}, staged {} new, {} duplicates, deleted {} ({} delete failures)",
             self.received, self.staged, self.duplicates, self.deleted, self.delete_failures
-        )
+        )?;
+        if self.refused > 0 {
+            write!(f, "; {} refused by PostgreSQL, left on the queue", self.refused)?;
+        }
+        Ok(())
     }
 }
 
@@ -229,6 +237,8 @@ impl Default for Flow {
 /// A committed batch, not yet deleted.
 struct Staged {
     outcome: staging::StageOutcome,
+    /// Ids PostgreSQL refused: neither staged nor to be deleted.
+    refused: HashSet<String>,
     took: Duration,
 }
 
@@ -340,15 +350,19 @@ impl Ingestor {
         // commit with its rows, so a failed attempt leaves no trace.
         let staging = self.retrying(&self.postgres, || async move {
             let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-            staging::stage(&mut conn, run_id, queue.name(), raw).await
+            staging::stage_isolating(&mut conn, run_id, queue.name(), raw).await
         });
-        let staged = keep_invisible(queue, batch, self.visibility, staging).await?;
+        let (outcome, refused) = keep_invisible(queue, batch, self.visibility, staging).await?;
         let took = started.elapsed();
-        tracing::debug!(staged = staged.staged, duplicates = staged.duplicates, "batch committed");
+        tracing::debug!(
+            staged = outcome.staged,
+            duplicates = outcome.duplicates,
+            "batch committed"
+        );
         if let Some(notify) = &self.on_commit {
             notify.notify_one();
         }
-        Ok(Staged { outcome: staged, took })
+        Ok(Staged { outcome, refused: refused.into_iter().collect(), took })
     }
 
     /// Deletes every message of a committed batch (new and duplicate alike: both are now
@@ -362,14 +376,16 @@ impl Ingestor {
 
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
-        let (latest, copies) = latest_copies(batch);
+        let (mut latest, copies) = latest_copies(batch);
+        latest.retain(|m| !staged.refused.contains(&m.message_id));
         let outcome = self.retrying(&self.sqs, || queue.delete(&latest)).await?;
         for (message_id, code) in &outcome.failed {
             tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
         }
         let failed_copies: u64 =
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
-        let deleted_copies = batch.len() as u64 - failed_copies;
+        let refused_copies: u64 = staged.refused.iter().map(|id| copies[id]).sum();
+        let deleted_copies = batch.len() as u64 - failed_copies - refused_copies;
         self.retrying(&self.postgres, || async move {
             sqlx::query(
                 "update loader.ingest_runs
@@ -386,11 +402,12 @@ impl Ingestor {
         .await?;
 
         let totals = Totals {
-            received: staged.outcome.received,
+            received: staged.outcome.received + refused_copies,
             staged: staged.outcome.staged,
             duplicates: staged.outcome.duplicates,
             deleted: deleted_copies,
             delete_failures: failed_copies,
+            refused: refused_copies,
         };
         metrics::batch(&totals, staged.took);
         Ok(totals)
@@ -598,10 +615,19 @@ mod tests {
 
     #[test]
     fn summary_line_names_every_counter() {
-        let t = Totals { received: 12, staged: 10, duplicates: 2, deleted: 11, delete_failures: 1 };
+        let t = Totals {
+            received: 12,
+            staged: 10,
+            duplicates: 2,
+            deleted: 11,
+            delete_failures: 1,
+            refused: 0,
+        };
         assert_eq!(
             t.to_string(),
             "received 12, staged 10 new, 2 duplicates, deleted 11 (1 delete failures)"
         );
+        let t = Totals { refused: 3, received: 15, ..t };
+        assert!(t.to_string().ends_with("; 3 refused by PostgreSQL, left on the queue"), "{t}");
     }
 }

@@ -8,9 +8,9 @@
 //!
 //! - A batch the database refuses because of its rows (a constraint, a data exception, an error
 //!   raised by a trigger) is staged again one record at a time, and only the refused records
-//!   are reported. Any other error (an outage, a missing schema, a permission) fails the
-//!   invocation: every record returns to the queue, and reaches the DLQ only after
-//!   `maxReceiveCount` tries.
+//!   are reported ([`staging::stage_isolating`], as in `loader ingest`). Any other error (an
+//!   outage, a missing schema, a permission, or every record refused) fails the invocation:
+//!   every record returns to the queue, and reaches the DLQ after `maxReceiveCount` tries.
 //! - Each execution environment registers one `loader.ingest_runs` row per queue (mode
 //!   `lambda`) the first time it stages, and adds to its counters from then on. Such a run never
 //!   finishes (Lambda freezes and retires environments without notice), and its `deleted`
@@ -102,7 +102,8 @@ impl Handler {
         let mut totals = StageOutcome::default();
         for (queue, messages) in &by_queue {
             let run_id = self.run_id(&mut conn, queue).await?;
-            let (outcome, refused) = stage_isolating(&mut conn, run_id, queue, messages).await?;
+            let (outcome, refused) =
+                staging::stage_isolating(&mut conn, run_id, queue, messages).await?;
             totals.received += outcome.received;
             totals.staged += outcome.staged;
             totals.duplicates += outcome.duplicates;
@@ -155,65 +156,6 @@ impl Handler {
         tracing::info!(run_id = id, queue, "run started");
         runs.insert(queue.to_owned(), id);
         Ok(id)
-    }
-}
-
-/// Stages `messages` in one statement. If the database refuses that statement for any reason
-/// but an outage, stages them one at a time and returns the ids of those it still refuses.
-async fn stage_isolating(
-    conn: &mut PgConnection,
-    run_id: i64,
-    queue: &str,
-    messages: &[RawMessage],
-) -> Result<(StageOutcome, Vec<String>)> {
-    match staging::stage(conn, run_id, queue, messages).await {
-        Ok(outcome) => return Ok((outcome, Vec::new())),
-        Err(e) if !refuses_rows(&e) => return Err(e),
-        Err(e) => tracing::warn!(
-            reason = refusal(&e),
-            records = messages.len(),
-            "batch refused; staging its records one at a time"
-        ),
-    }
-    let mut total = StageOutcome::default();
-    let mut refused = Vec::new();
-    for message in messages {
-        match staging::stage(conn, run_id, queue, std::slice::from_ref(message)).await {
-            Ok(outcome) => {
-                total.received += outcome.received;
-                total.staged += outcome.staged;
-                total.duplicates += outcome.duplicates;
-            }
-            Err(e) if !refuses_rows(&e) => return Err(e),
-            Err(e) => {
-                tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "record refused; SQS will redeliver it");
-                refused.push(message.message_id.clone());
-            }
-        }
-    }
-    Ok((total, refused))
-}
-
-/// True when Postgres refused the rows themselves: a data exception (class 22), an integrity
-/// constraint (class 23) or an error raised by a trigger (P0001). Anything else (an outage, a
-/// missing table, a permission) would refuse every record alike, so it fails the invocation.
-fn refuses_rows(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error()?.code())
-        .any(|code| code.starts_with("22") || code.starts_with("23") || code == "P0001")
-}
-
-/// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
-/// the row, and so personal data): the SQLSTATE and the constraint or table it names.
-fn refusal(e: &anyhow::Error) -> String {
-    let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
-    match db {
-        Some(db) => format!(
-            "SQLSTATE {} on {}",
-            db.code().as_deref().unwrap_or("?"),
-            db.constraint().or(db.table()).unwrap_or("the statement")
-        ),
-        None => format!("{e:#}"),
     }
 }
 

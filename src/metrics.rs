@@ -8,6 +8,7 @@
 //! | `loader_messages_duplicate_total` | counter | received messages already staged |
 //! | `loader_messages_deleted_total` | counter | messages deleted after staging |
 //! | `loader_delete_failures_total` | counter | delete entries SQS refused |
+//! | `loader_messages_refused_total` | counter | messages PostgreSQL refused, left on the queue |
 //! | `loader_receive_errors_total{kind}` | counter | failed ReceiveMessage calls, by kind |
 //! | `loader_rows_loaded_total`, `loader_rows_rejected_total` | counter | transform outcomes |
 //! | `loader_batch_size` | histogram | messages per flush (SQS batches staged in one statement) |
@@ -46,6 +47,7 @@ pub fn batch(totals: &Totals, staging: Duration) {
     counter!("loader_messages_duplicate_total").increment(totals.duplicates);
     counter!("loader_messages_deleted_total").increment(totals.deleted);
     counter!("loader_delete_failures_total").increment(totals.delete_failures);
+    counter!("loader_messages_refused_total").increment(totals.refused);
     histogram!("loader_batch_size").record(totals.received as f64);
     histogram!("loader_staging_seconds").record(staging.as_secs_f64());
 }

@@ -135,6 +135,73 @@ async fn insert(
     Ok(staged as u64)
 }
 
+/// Stages `messages` like [`stage`]. If the database refuses the statement because of its
+/// rows ([`refuses_rows`]), stages them one at a time and returns the ids of those it still
+/// refuses (staged nothing, counted nothing), so the caller can leave just those on the queue.
+///
+/// When it refuses every one of several messages, the fault is not in the messages (a broken
+/// trigger, a rule that fits nothing): that is returned as the batch's error instead.
+pub async fn stage_isolating(
+    conn: &mut PgConnection,
+    run_id: i64,
+    queue: &str,
+    messages: &[RawMessage],
+) -> Result<(StageOutcome, Vec<String>)> {
+    let batch_error = match stage(conn, run_id, queue, messages).await {
+        Ok(outcome) => return Ok((outcome, Vec::new())),
+        Err(e) if !refuses_rows(&e) => return Err(e),
+        Err(e) => e,
+    };
+    tracing::warn!(
+        reason = refusal(&batch_error),
+        records = messages.len(),
+        "batch refused; staging its records one at a time"
+    );
+    let mut total = StageOutcome::default();
+    let mut refused = Vec::new();
+    for message in messages {
+        match stage(conn, run_id, queue, std::slice::from_ref(message)).await {
+            Ok(outcome) => {
+                total.received += outcome.received;
+                total.staged += outcome.staged;
+                total.duplicates += outcome.duplicates;
+            }
+            Err(e) if !refuses_rows(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "message refused; left on the queue");
+                refused.push(message.message_id.clone());
+            }
+        }
+    }
+    if messages.len() > 1 && refused.len() == messages.len() {
+        return Err(batch_error.context("PostgreSQL refuses every message, one by one too"));
+    }
+    Ok((total, refused))
+}
+
+/// True when Postgres refused the rows themselves: a data exception (class 22), an integrity
+/// constraint (class 23) or an error raised by a trigger (P0001). Anything else (an outage, a
+/// missing table, a permission) would refuse every record alike, so it fails the invocation.
+fn refuses_rows(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error()?.code())
+        .any(|code| code.starts_with("22") || code.starts_with("23") || code == "P0001")
+}
+
+/// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
+/// the row, and so personal data): the SQLSTATE and the constraint or table it names.
+fn refusal(e: &anyhow::Error) -> String {
+    let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
+    match db {
+        Some(db) => format!(
+            "SQLSTATE {} on {}",
+            db.code().as_deref().unwrap_or("?"),
+            db.constraint().or(db.table()).unwrap_or("the statement")
+        ),
+        None => format!("{e:#}"),
+    }
+}
+
 /// SQLSTATE class 22: Postgres refused a value (here: a body the `jsonb` cast could not take).
 fn is_data_exception(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))

@@ -306,3 +306,39 @@ async fn a_flush_holding_one_message_twice_stages_it_once_and_deletes_it_once() 
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(q.depth().await, (0, 0, 0));
 }
+
+#[tokio::test]
+async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
+    let db = TestDb::migrated().await;
+    let q = TestQueue::new(30).await;
+    let bodies = generated(30);
+    let poison: serde_json::Value = serde_json::from_str(&bodies[4]).unwrap();
+    let poison_user = poison["user_id"].as_str().unwrap();
+    // A rule added by an operator (a constraint, a trigger) that one message breaks.
+    sqlx::raw_sql(&format!(
+        "alter table loader.raw_logins
+           add constraint test_refuses_one check (body->>'user_id' <> '{poison_user}')"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    q.send(&bodies).await;
+
+    let out = loader_ok(&db.url, &q.name, &["ingest"]);
+
+    assert!(
+        out.contains(
+            "received 30, staged 29 new, 0 duplicates, deleted 29 (0 delete failures); \
+             1 refused by PostgreSQL, left on the queue"
+        ),
+        "{out}"
+    );
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 29);
+    assert_eq!(q.depth().await, (0, 1, 0), "the refused message is in flight, not deleted");
+    let run: (i64, i64, i64, i64) =
+        sqlx::query_as("select received, staged, duplicates, deleted from loader.ingest_runs")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(run, (29, 29, 0, 29), "the run row counts what was staged and deleted");
+}
