@@ -224,11 +224,10 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
     .await
     .map_err(anyhow::Error::from)
     .context("reading status (has `loader migrate` run?)")?;
-    let last_run: Option<reconcile::RunCounts> = sqlx::query_as(
-        "select id, mode, started_at, finished_at, received, staged, duplicates, deleted,
-                delete_failures
-           from loader.ingest_runs order by id desc limit 1",
-    )
+    let last_run: Option<reconcile::RunCounts> = sqlx::query_as(&format!(
+        "select {} from loader.ingest_runs order by id desc limit 1",
+        reconcile::RUN_COLUMNS
+    ))
     .fetch_optional(&pool)
     .await?;
     let when = timestamp;
@@ -238,7 +237,7 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
     println!("last drained transform: {}", when(last_drained));
     match last_run {
         Some(r) => println!(
-            "last ingest run: {} ({}), started {}, {}: received {}, staged {}, duplicates {}, deleted {}, delete failures {}",
+            "last ingest run: {} ({}), started {}, {}: received {}, staged {}, duplicates {}, deleted {}, delete failures {}, refused {}",
             r.id,
             r.mode,
             when(Some(r.started_at)),
@@ -250,7 +249,8 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
             r.staged,
             r.duplicates,
             r.deleted,
-            r.delete_failures
+            r.delete_failures,
+            r.refused
         ),
         None => println!("last ingest run: none"),
     }

@@ -25,7 +25,12 @@ pub struct RunCounts {
     pub duplicates: i64,
     pub deleted: i64,
     pub delete_failures: i64,
+    /// Messages PostgreSQL refused and left on the queue (not part of `received`).
+    pub refused: i64,
 }
+
+/// The columns of [`RunCounts`], for `select {RUN_COLUMNS} from loader.ingest_runs`.
+pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";
 
 /// Row counts per stage in the database.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -146,11 +151,9 @@ pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64)
     .await
     .context("counting stages (has `loader migrate` run?)")?;
 
-    let recent_runs = sqlx::query_as(
-        "select id, mode, started_at, finished_at, received, staged, duplicates, deleted,
-                delete_failures
-           from loader.ingest_runs order by id desc limit 10",
-    )
+    let recent_runs = sqlx::query_as(&format!(
+        "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 10"
+    ))
     .fetch_all(pool)
     .await?;
 
@@ -224,13 +227,13 @@ pub fn render(report: &Report) -> String {
     if !report.recent_runs.is_empty() {
         let _ = writeln!(
             out,
-            "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  finished",
-            "run", "mode", "received", "staged", "duplicates", "deleted", "del. failed"
+            "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  finished",
+            "run", "mode", "received", "staged", "duplicates", "deleted", "del. failed", "refused"
         );
         for r in &report.recent_runs {
             let _ = writeln!(
                 out,
-                "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {}",
+                "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  {}",
                 r.id,
                 r.mode,
                 r.received,
@@ -238,6 +241,7 @@ pub fn render(report: &Report) -> String {
                 r.duplicates,
                 r.deleted,
                 r.delete_failures,
+                r.refused,
                 when(r.finished_at)
             );
         }

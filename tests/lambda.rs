@@ -100,12 +100,12 @@ async fn a_record_the_database_refuses_is_the_only_failure_reported() {
         count(&db, "select count(*) from loader.raw_logins where message_id = 'fixture-7'").await,
         0
     );
-    let (received, staged): (i64, i64) =
-        sqlx::query_as("select received, staged from loader.ingest_runs")
+    let (received, staged, refused): (i64, i64, i64) =
+        sqlx::query_as("select received, staged, refused from loader.ingest_runs")
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!((received, staged), (99, 99), "the refused attempts leave no counts behind");
+    assert_eq!((received, staged, refused), (99, 99, 1), "the refused record is counted apart");
 }
 
 #[tokio::test]
