@@ -147,10 +147,17 @@ begin
             orphans;
     end if;
 
-    delete from public.user_logins u where u.message_id is not null;
-    delete from loader.login_rejects;
+    -- Purged rows (sql/40_retention.sql) have nothing left to recompute from: their outcomes
+    -- stay as they are.
+    delete from public.user_logins u
+     where u.message_id is not null
+       and not exists (select from loader.raw_logins r
+                        where r.message_id = u.message_id and r.purged_at is not null);
+    delete from loader.login_rejects j
+     where not exists (select from loader.raw_logins r
+                        where r.message_id = j.message_id and r.purged_at is not null);
     insert into loader.transform_queue (raw_id)
-    select r.id from loader.raw_logins r
+    select r.id from loader.raw_logins r where r.purged_at is null
     on conflict (raw_id) do nothing;
 
     loaded := 0;
@@ -166,7 +173,7 @@ begin
 end
 $$;
 comment on function loader.rebuild() is
-    'Recompute every outcome from raw_logins with the active key, atomically';
+    'Recompute every outcome from raw_logins with the active key, atomically (purged rows keep theirs)';
 
 -- rotate_key: make a new active key (random, or new_key when given: 32 bytes) and rebuild, in
 -- one transaction. Installing the key that is already active changes nothing.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::cli::{
-    BenchCommand, Cli, Command, IngestArgs, KeysCommand, ReconcileArgs, RunArgs, SendArgs,
-    StagingMethod, TransformArgs,
+    BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
+    SendArgs, StagingMethod, TransformArgs,
 };
 use crate::config::Settings;
 use crate::display::timestamp;
@@ -46,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_pipeline(&settings, &args).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
+        Command::Purge(args) => purge(&settings, &args).await,
         Command::Bench(command) => bench(&settings, &command).await,
     }
 }
@@ -255,6 +256,19 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
         None => println!("last ingest run: none"),
     }
     println!("active key: {}", key_id.map_or_else(|| "none".to_owned(), |k| k.to_string()));
+    Ok(ExitCode::from(exit::OK))
+}
+
+/// Retention (`sql/40_retention.sql`): old raw bodies with an outcome become JSON null.
+async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
+    let purged: i64 = sqlx::query_scalar("select loader.purge_staged(make_interval(days => $1))")
+        .bind(days)
+        .fetch_one(&pool)
+        .await
+        .context("purging staged bodies (only the owner role may)")?;
+    println!("purged {purged} staged bodies older than {days} days");
     Ok(ExitCode::from(exit::OK))
 }
 

@@ -70,6 +70,8 @@ pub enum Command {
     Reconcile(ReconcileArgs),
     /// A short health summary: queue depth, pending rows, last run, active key
     Status,
+    /// Retention: replace raw bodies staged more than N days ago (with an outcome) by JSON null
+    Purge(PurgeArgs),
     /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -130,6 +132,13 @@ pub struct RunArgs {
     #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Purge bodies staged more than this many days ago (0: every body with an outcome)
+    #[arg(long, env = "LOADER_RETENTION_DAYS")]
+    pub older_than_days: u32,
 }
 
 #[derive(Debug, Args)]

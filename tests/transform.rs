@@ -460,6 +460,8 @@ async fn analysts_cannot_read_pii_keys_or_hash_chosen_text() {
     denied("select loader._mask('dev-1', 'k'::bytea)", analyst.pool.clone()).await;
     denied("select * from loader.rebuild()", analyst.pool.clone()).await;
     denied("select * from loader.rotate_key()", analyst.pool.clone()).await;
+    denied("select loader.purge_staged('0 days')", analyst.pool.clone()).await;
+    denied("select loader.purge_staged('0 days')", ingest.pool.clone()).await;
     denied("call loader.transform()", ingest.pool.clone()).await;
 
     // The analyst's executable functions in schema loader: the transform, nothing else.
