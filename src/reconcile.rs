@@ -36,6 +36,8 @@ pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, stag
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StageCounts {
     pub staged: i64,
+    /// Staged rows whose body retention has purged (`loader purge`).
+    pub purged: i64,
     pub loaded: i64,
     pub rejected: i64,
     pub pending: i64,
@@ -140,6 +142,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
 pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64) -> Result<Report> {
     let stages: StageCounts = sqlx::query_as(
         "select (select count(*) from loader.raw_logins) as staged,
+                (select count(*) from loader.raw_logins where purged_at is not null) as purged,
                 (select count(*) from public.user_logins where message_id is not null) as loaded,
                 (select count(*) from loader.login_rejects) as rejected,
                 (select count(*) from loader.transform_queue) as pending,
@@ -200,6 +203,9 @@ pub fn render(report: &Report) -> String {
     let when = crate::display::timestamp;
     let _ = writeln!(out, "stages");
     let _ = writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged);
+    if s.purged > 0 {
+        let _ = writeln!(out, "    of which bodies purged        {:>10}", s.purged);
+    }
     let _ = writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded);
     let _ = writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected);
     let _ = writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending);

@@ -92,7 +92,8 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
         db.count("select count(*) from loader.raw_logins where body = 'null'::jsonb").await,
         40
     );
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    let report = loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    assert!(report.contains("of which bodies purged                40"), "{report}");
 }
 
 #[tokio::test]
