@@ -389,14 +389,12 @@ impl Ingestor {
         self.retrying(&self.postgres, || async move {
             sqlx::query(
                 "update loader.ingest_runs
-                    set deleted = deleted + $2, delete_failures = delete_failures + $3,
-                        refused = refused + $4
+                    set deleted = deleted + $2, delete_failures = delete_failures + $3
                   where id = $1",
             )
             .bind(run_id)
             .bind(deleted_copies as i64)
             .bind(failed_copies as i64)
-            .bind(refused_copies as i64)
             .execute(pool)
             .await
             .context("recording deletes")

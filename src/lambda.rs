@@ -104,17 +104,7 @@ impl Handler {
             let run_id = self.run_id(&mut conn, queue).await?;
             let (outcome, refused) =
                 staging::stage_isolating(&mut conn, run_id, queue, messages).await?;
-            if !refused.is_empty() {
-                sqlx::query("update loader.ingest_runs set refused = refused + $2 where id = $1")
-                    .bind(run_id)
-                    .bind(refused.len() as i64)
-                    .execute(&mut *conn)
-                    .await
-                    .context("counting refused records")?;
-            }
-            totals.received += outcome.received;
-            totals.staged += outcome.staged;
-            totals.duplicates += outcome.duplicates;
+            totals += outcome;
             failed.extend(refused);
         }
         drop(conn);

@@ -32,6 +32,14 @@ pub struct StageOutcome {
     pub duplicates: u64,
 }
 
+impl std::ops::AddAssign for StageOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.received += o.received;
+        self.staged += o.staged;
+        self.duplicates += o.duplicates;
+    }
+}
+
 /// Stages a batch in one statement that also adds its counts to `loader.ingest_runs` row
 /// `run_id`, so the counters commit exactly when the rows do.
 pub async fn stage(
@@ -137,7 +145,8 @@ async fn insert(
 
 /// Stages `messages` like [`stage`]. If the database refuses the statement because of its
 /// rows ([`refuses_rows`]), stages them one at a time and returns the ids of those it still
-/// refuses (staged nothing, counted nothing), so the caller can leave just those on the queue.
+/// refuses (one per copy), so the caller can leave just those on the queue. They are not staged;
+/// the run counts them in `loader.ingest_runs.refused`, apart from `received`.
 ///
 /// When it refuses every one of several messages, the fault is not in the messages (a broken
 /// trigger, a rule that fits nothing): that is returned as the batch's error instead.
@@ -161,11 +170,7 @@ pub async fn stage_isolating(
     let mut refused = Vec::new();
     for message in messages {
         match stage(conn, run_id, queue, std::slice::from_ref(message)).await {
-            Ok(outcome) => {
-                total.received += outcome.received;
-                total.staged += outcome.staged;
-                total.duplicates += outcome.duplicates;
-            }
+            Ok(outcome) => total += outcome,
             Err(e) if !refuses_rows(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "message refused; left on the queue");
@@ -175,6 +180,14 @@ pub async fn stage_isolating(
     }
     if messages.len() > 1 && refused.len() == messages.len() {
         return Err(batch_error.context("PostgreSQL refuses every message, one by one too"));
+    }
+    if !refused.is_empty() {
+        sqlx::query("update loader.ingest_runs set refused = refused + $2 where id = $1")
+            .bind(run_id)
+            .bind(refused.len() as i64)
+            .execute(&mut *conn)
+            .await
+            .context("counting refused messages")?;
     }
     Ok((total, refused))
 }
