@@ -2,8 +2,8 @@
 --
 -- Each statement is idempotent (create or replace), so this file reruns cleanly:
 --   psql -v ON_ERROR_STOP=1 -f sql/10_helpers.sql
--- `loader migrate` applies it too. None of these is executable by PUBLIC (V1 revokes that by
--- default in schema loader) and none is granted to the loader roles: a function that returns
+-- `loader migrate` applies it too. None of these is executable by PUBLIC or granted to the
+-- loader roles (sql/90_privileges.sql): a function that returns
 -- the HMAC of caller-chosen text would be a dictionary-attack oracle.
 
 -- _try_inet_slow: the text as inet, or NULL when it does not parse. A failed ::inet cast would
@@ -76,7 +76,6 @@ $$;
 --   value_too_long.
 -- Unknown extra keys are ignored, so producers may add fields. Details name fields and sizes,
 -- never values (no PII). Plain CASE chains: this runs once per row and must stay cheap.
-drop function if exists loader._reject(jsonb, boolean);
 
 -- _nested_field: the first contract field holding a JSON object or array, or NULL.
 create or replace function loader._nested_field(body jsonb) returns text

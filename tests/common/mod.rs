@@ -46,6 +46,7 @@ impl TestDb {
         let admin_url = required_env("DATABASE_URL");
         let name = unique_name("loader_test");
         let admin = PgPool::connect(&admin_url).await.expect("connecting with DATABASE_URL");
+        create_loader_roles(&admin).await;
         sqlx::raw_sql(&format!("create database {name}"))
             .execute(&admin)
             .await
@@ -231,10 +232,25 @@ pub fn fixture_messages() -> Vec<(String, String)> {
         .collect()
 }
 
-/// A LOGIN role granted `grant` (e.g. loader_analyst), with a pool connected as it. The role is
+/// Creates the two NOLOGIN roles when missing, as a DBA would before the first migrate (roles
+/// are cluster-wide; a fresh cluster has none until some database was migrated).
+pub async fn create_loader_roles(admin: &PgPool) {
+    let sql = "do $$ begin
+        if not exists (select from pg_roles where rolname = 'loader_ingest') then
+            create role loader_ingest nologin; end if;
+        if not exists (select from pg_roles where rolname = 'loader_analyst') then
+            create role loader_analyst nologin; end if;
+    exception when unique_violation or duplicate_object then null; end $$";
+    sqlx::raw_sql(sql).execute(admin).await.expect("creating the loader roles");
+}
+
+/// A LOGIN role granted `grant` (e.g. loader_analyst; "" for none: it can only connect), with a
+/// pool connected as it. The role is
 /// dropped with the database's objects when the value is dropped.
 pub struct TestRole {
     pub name: String,
+    /// The database URL that logs in as this role (for psql).
+    pub url: String,
     pub pool: PgPool,
     admin_url: String,
 }
@@ -242,16 +258,17 @@ pub struct TestRole {
 impl TestRole {
     pub async fn new(db: &TestDb, grant: &str) -> Self {
         let name = unique_name("login");
-        sqlx::raw_sql(&format!("create role {name} login; grant {grant} to {name};"))
+        let grant =
+            if grant.is_empty() { String::new() } else { format!("grant {grant} to {name};") };
+        sqlx::raw_sql(&format!("create role {name} login; {grant}"))
             .execute(&db.pool)
             .await
             .unwrap();
         let (scheme_user, rest) = db.url.split_once('@').expect("DATABASE_URL with a user@host");
         let scheme = scheme_user.split("://").next().unwrap();
-        let pool = PgPool::connect(&format!("{scheme}://{name}@{rest}"))
-            .await
-            .expect("login as test role");
-        Self { name, pool, admin_url: db.url.clone() }
+        let url = format!("{scheme}://{name}@{rest}");
+        let pool = PgPool::connect(&url).await.expect("login as test role");
+        Self { name, url, pool, admin_url: db.url.clone() }
     }
 }
 

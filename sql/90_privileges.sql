@@ -1,0 +1,72 @@
+-- Who may do what: the README's "Roles" and "Security model" sections, in code.
+--
+-- Applied last by `loader migrate`, in the same transaction as every migration and every other
+-- sql/ file, so no function or table is ever visible to another session before this file has
+-- locked it down. Reruns cleanly in psql (as the owner):
+--   psql -v ON_ERROR_STOP=1 -f sql/90_privileges.sql
+--
+-- It starts from nothing in schema loader and grants exactly what each role needs, so the
+-- privileges converge to this file on every migrate; tests/privacy.rs asserts the result,
+-- role by role, against the README's list.
+
+-- Nothing in schema loader for PUBLIC or the loader roles but what is granted below.
+revoke all on schema loader from public;
+revoke all on all tables in schema loader from public, loader_ingest, loader_analyst;
+revoke all on all sequences in schema loader from public, loader_ingest, loader_analyst;
+revoke all on all routines in schema loader from public, loader_ingest, loader_analyst;
+grant usage on schema loader to loader_ingest, loader_analyst;
+
+-- loader_ingest: stages raw messages and records its run; never reads bodies.
+grant insert on loader.raw_logins to loader_ingest;
+grant select (id, message_id) on loader.raw_logins to loader_ingest;
+grant select, insert, update on loader.ingest_runs to loader_ingest;
+grant select on loader.transform_state to loader_ingest;
+
+-- loader_analyst: reads the masked table, reject reasons and the bookkeeping, and runs the
+-- incremental transform. Never raw_logins, never the key table, never a helper that hashes.
+grant select on public.user_logins to loader_analyst;
+grant select on loader.login_rejects, loader.ingest_runs, loader.transform_queue,
+    loader.transform_state, loader.mask_key_info to loader_analyst;
+grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
+grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
+
+-- Every security-definer function runs with these settings pinned, whatever the calling
+-- session set: a session could otherwise print the plans and parse trees of the statements
+-- inside (debug_print_*, with client_min_messages routing LOG lines to itself) or have error
+-- reports quote parameters. Pinned here, in one place, so a new definer function cannot miss
+-- them; tests/privacy.rs checks each one has them.
+do $$
+declare
+    f regprocedure;
+begin
+    for f in select p.oid from pg_catalog.pg_proc p
+              where p.pronamespace = 'loader'::regnamespace and p.prosecdef
+    loop
+        execute format(
+            'alter function %s set search_path = pg_catalog, pg_temp
+                 set debug_print_parse = off set debug_print_rewritten = off
+                 set debug_print_plan = off set client_min_messages = warning
+                 set log_parameter_max_length_on_error = 0
+                 set plpgsql.print_strict_params = off', f);
+    end loop;
+end
+$$;
+
+-- A trigger of someone else's that calls a function of schema loader runs it as the owner
+-- (a security-definer trigger function ignores who fires it). Only loader's own trigger may.
+do $$
+declare
+    foreign_trigger text;
+begin
+    select format('%s on %s', t.tgname, t.tgrelid::regclass) into foreign_trigger
+      from pg_catalog.pg_trigger t
+      join pg_catalog.pg_proc p on p.oid = t.tgfoid
+     where p.pronamespace = 'loader'::regnamespace
+       and (t.tgrelid, t.tgname) <> ('loader.raw_logins'::regclass, 'raw_logins_queue_for_transform')
+     limit 1;
+    if foreign_trigger is not null then
+        raise exception 'trigger % calls a function of schema loader; drop it (it runs as the owner)',
+            foreign_trigger;
+    end if;
+end
+$$;

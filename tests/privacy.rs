@@ -1,0 +1,192 @@
+//! The privacy boundary, as an attacker below the owner would probe it: each test logs in as a
+//! real LOGIN role granted only `loader_analyst` or `loader_ingest` (or nothing but CONNECT)
+//! and tries one of the ways in. README "Security model" maps every claim to a test here.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::{TestDb, TestRole, fixture_messages, stage};
+use time::macros::datetime;
+
+const SENT: time::OffsetDateTime = datetime!(2024-05-01 12:00 UTC);
+
+/// The active key's 32 bytes, read as the owner.
+async fn active_key(db: &TestDb) -> Vec<u8> {
+    sqlx::query_scalar("select key from loader.mask_keys where retired_at is null")
+        .fetch_one(&db.pool)
+        .await
+        .expect("reading the active key as the owner")
+}
+
+/// Runs `sql` in psql logged in as `role`, and returns everything the server sent back
+/// (results, NOTICEs, LOG and DEBUG messages, errors), stdout and stderr together.
+/// Statements go one by one, as typed at the prompt (each in its own transaction unless the
+/// script says `begin`).
+fn psql_as(role: &TestRole, sql: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("psql")
+        .args([role.url.as_str(), "-X", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running psql");
+    child.stdin.take().unwrap().write_all(sql.as_bytes()).unwrap();
+    let out = child.wait_with_output().expect("psql output");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Panics when `text` holds any 8 consecutive bytes of `key` in a representation a client
+/// could decode: hex (either case), base64, or a list of byte values (signed, as a plan dump
+/// prints a `bytea` constant, or unsigned).
+fn assert_no_key(text: &str, key: &[u8], context: &str) {
+    use std::fmt::Write;
+    let hex = |bytes: &[u8]| {
+        bytes.iter().fold(String::new(), |mut s, b| {
+            write!(s, "{b:02x}").unwrap();
+            s
+        })
+    };
+    let lower = text.to_lowercase();
+    for window in key.windows(8) {
+        assert!(!lower.contains(&hex(window)), "{context}: key bytes in hex:\n{text}");
+    }
+    for start in 0..3 {
+        let b64 = base64(&key[start..]);
+        assert!(!text.contains(&b64[..12]), "{context}: key bytes in base64:\n{text}");
+    }
+    let numbers: Vec<i64> = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let signed: Vec<i64> = key.iter().map(|&b| b as i8 as i64).collect();
+    let unsigned: Vec<i64> = key.iter().map(|&b| b as i64).collect();
+    for bytes in [signed, unsigned] {
+        for window in bytes.windows(8) {
+            assert!(
+                !numbers.windows(8).any(|w| w == window),
+                "{context}: key bytes as a list of numbers:\n{text}"
+            );
+        }
+    }
+}
+
+/// Standard base64 (the test needs no crate for it).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    bytes
+        .chunks(3)
+        .flat_map(|c| {
+            let n = (c[0] as u32) << 16
+                | (*c.get(1).unwrap_or(&0) as u32) << 8
+                | *c.get(2).unwrap_or(&0) as u32;
+            (0..=c.len()).map(move |i| ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char)
+        })
+        .collect()
+}
+
+/// Every setting a session below the owner may change to look inside a statement.
+const PRYING_SETTINGS: &str = "
+    set debug_print_parse = on; set debug_print_rewritten = on; set debug_print_plan = on;
+    set debug_pretty_print = off; set client_min_messages = debug5;
+    set plan_cache_mode = force_custom_plan; set log_parameter_max_length_on_error = -1;
+    set plpgsql.print_strict_params = on;";
+
+/// Finding 1: the key reached an analyst as a constant in a plan dump. Whatever an analyst
+/// sets, no message it receives holds the key: with and without pending rows, through the
+/// batch function, the procedure, EXPLAIN and errors.
+#[tokio::test]
+async fn the_key_never_reaches_an_analyst_session_whatever_it_sets() {
+    let db = TestDb::migrated().await;
+    let key = active_key(&db).await;
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+
+    let empty = psql_as(
+        &analyst,
+        &format!(
+            "{PRYING_SETTINGS} select * from loader.transform_batch(0); call loader.transform();"
+        ),
+    );
+    assert!(empty.contains("LOG:"), "the settings took effect (plans are printed):\n{empty}");
+    assert_no_key(&empty, &key, "no pending rows");
+
+    stage(&db, &fixture_messages(), SENT).await;
+    let loading = psql_as(
+        &analyst,
+        &format!(
+            "{PRYING_SETTINGS}
+             explain (verbose, costs off) select * from loader.transform_batch(10);
+             select * from loader.transform_batch(10);
+             select * from loader.transform_batch(10);
+             call loader.transform();
+             select * from loader.transform_batch(-1);"
+        ),
+    );
+    assert!(loading.contains("loaded"), "the batches ran:\n{loading}");
+    assert_no_key(&loading, &key, "pending rows");
+    let loaded = db.count("select count(*) from public.user_logins").await;
+    assert_eq!(loaded, 99, "the analyst's batches loaded the fixture");
+}
+
+/// Finding 2: between the commit that created a security-definer function and the one that
+/// revoked PUBLIC's EXECUTE, any role could call it (install its own key) or wire it into a
+/// trigger of its own. Hammered from two analyst sessions while a fresh migrate runs, no
+/// private function is ever callable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_private_function_is_callable_while_a_fresh_migrate_runs() {
+    let db = TestDb::empty().await;
+    let attacker = TestRole::new(&db, "loader_analyst").await;
+    // A schema of its own, so it can create a table to hang a trigger on.
+    sqlx::raw_sql(&format!("create schema {0} authorization {0}", attacker.name))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tries = Arc::new(AtomicU64::new(0));
+    let mut hammers = Vec::new();
+    for worker in 0..2 {
+        let (pool, schema) = (attacker.pool.clone(), attacker.name.clone());
+        let (stop, tries) = (stop.clone(), tries.clone());
+        hammers.push(tokio::spawn(async move {
+            let attempts = [
+                "select loader._activate_key(decode(repeat('41', 32), 'hex'), 'installed')"
+                    .to_owned(),
+                "select loader._mask('dev-1', decode(repeat('41', 32), 'hex'))".to_owned(),
+                format!(
+                    "create table if not exists {schema}.t{worker} (x int);
+                     create trigger hijack after insert on {schema}.t{worker}
+                        referencing new table as staged
+                        for each statement execute function loader._queue_staged_rows()"
+                ),
+            ];
+            let mut got_through = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for sql in &attempts {
+                    tries.fetch_add(1, Ordering::Relaxed);
+                    if sqlx::raw_sql(sql).execute(&pool).await.is_ok() {
+                        got_through.push(sql.clone());
+                    }
+                }
+            }
+            got_through
+        }));
+    }
+    // Let the hammers get going, migrate, and keep hammering a little after the commit.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    loader::db::migrate(&db.pool).await.expect("migrating");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut got_through = Vec::new();
+    for h in hammers {
+        got_through.extend(h.await.unwrap());
+    }
+    assert!(tries.load(Ordering::Relaxed) > 100, "the hammers ran");
+    assert!(got_through.is_empty(), "callable during migrate: {got_through:#?}");
+    let installed =
+        db.count("select count(*) from loader.mask_keys where source = 'installed'").await;
+    assert_eq!(installed, 0, "no key was installed by the attacker");
+}
