@@ -1,5 +1,5 @@
 -- The transform: staged rows without an outcome become public.user_logins rows (masked) or
--- loader.login_rejects rows (with a reason). Also the rebuild and key rotation.
+-- loader.login_rejects rows (with a reason). Also the rebuild.
 --
 -- Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/30_transform.sql (applied by `loader migrate`).
 --
@@ -7,52 +7,44 @@
 --   call loader.transform();                       -- everything pending, committing per batch
 --   select * from loader.transform_batch(10000);   -- one bounded batch, in your transaction
 --
--- Concurrency: every batch claims its rows from loader.transform_queue with FOR UPDATE SKIP
--- LOCKED, so transforms run side by side without loading a row twice or waiting on each other,
--- and rows staged by a concurrent ingest are picked up once committed. A rebuild takes advisory
--- lock 7813570962337693698 exclusively; batches take it shared, so they wait for a rebuild and
--- a rebuild waits for them. The functions run as their owner (security definer, pinned
--- search_path), the only role that can read loader.raw_logins and the key.
+-- Concurrency, and why nothing a caller does can stall anyone else:
+-- - Every batch claims its rows from loader.transform_queue with FOR UPDATE SKIP LOCKED, so
+--   transforms run side by side without loading a row twice or waiting on each other, and rows
+--   staged by a concurrent ingest are picked up once committed. Rows claimed by a transaction
+--   that stays open simply wait for it; every other row flows.
+-- - A batch takes no table or advisory lock, and updates one of eight progress slots only when
+--   one is free (SKIP LOCKED): there is no row that every batch must update.
+-- - A batch leaves a ticket naming the key it masked with (loader.batch_keys). At COMMIT a
+--   deferred check confirms that key is still active, holding it FOR SHARE for the instant of
+--   the commit; when a rotation retired it meanwhile, the batch fails with 40001 and its rows
+--   go back to the work list. So a batch never needs to lock anything a rotation waits for,
+--   yet never commits old masks after one.
+-- - rebuild (and rotation and purge) lock loader.maintenance_lock, which only the owner can
+--   lock, and skip rows that are still in the work list (claimed or not): those get their
+--   outcome from the incremental transform, with the key active when it commits.
+-- The functions run as their owner (security definer, settings pinned by
+-- sql/90_privileges.sql), the only role that can read loader.raw_logins and the key.
 
--- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
--- count_pending is false: counting the work list costs more than a batch on a big backlog, so
--- the batch loops below count once, at the end).
-create or replace function loader.transform_batch(
-    max_rows integer default 10000,
-    count_pending boolean default true)
-returns table (loaded bigint, rejected bigint, pending bigint)
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-#variable_conflict use_column
-declare
-    claimed_rows bigint;
-begin
-    perform pg_advisory_xact_lock_shared(7813570962337693698);
-    if not exists (select from loader.mask_keys k where k.retired_at is null) then
-        raise exception 'no active masking key: run loader migrate';
-    end if;
-
+-- _outcomes: the outcome of each staged row in `ids`: a public.user_logins row masked with the
+-- active key, or a loader.login_rejects row with its reason. Rows that already have an outcome
+-- are left as they are. Leaves a ticket for the COMMIT-time key check when it loaded rows.
+-- Private: called by transform_batch and rebuild (as the owner).
+create or replace function loader._outcomes(ids bigint[], out loaded bigint, out rejected bigint)
+language sql volatile as $$
     -- The key is read inside this statement (active_key), never into a variable: PL/pgSQL
     -- passes variables to a statement as parameters, and a custom plan folds a parameter into
     -- a constant that debug_print_plan shows the calling session. Read here, it is a column
     -- of a scan, so no plan, message or log line can carry its bytes.
     with active_key as (
         select k.id, k.key from loader.mask_keys k where k.retired_at is null
-    ), claimed as (
-        -- = any(array(...)): an index probe per claimed id. A join here would let the planner
-        -- scan the whole work list for every batch.
-        delete from loader.transform_queue q
-         where q.raw_id = any (array(
-                   select t.raw_id from loader.transform_queue t
-                    order by t.raw_id limit max_rows
-                      for update skip locked))
-        returning q.raw_id
     ), judged as (
         -- A CTE used twice is materialised: the IP is parsed once per row here.
+        -- = any(ids): an index probe per id.
         select r.message_id, r.body, r.sent_at, r.staged_at,
                loader._reject_reason(r.body, r.body_is_json) as reason,
                loader._inet(r.body ->> 'ip') as ip
-          from claimed c
-          join loader.raw_logins r on r.id = c.raw_id
+          from loader.raw_logins r
+         where r.id = any (ids)
     ), loads as (
         insert into public.user_logins
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
@@ -72,21 +64,102 @@ begin
           from judged j cross join active_key k
          where j.reason is null
         on conflict (message_id) do nothing
-        returning 1
+        returning mask_key_id
     ), rejects as (
         insert into loader.login_rejects (message_id, reason, detail)
         select message_id, reason, loader._reject_detail(body, reason)
           from judged where reason is not null
         on conflict (message_id) do nothing
         returning 1
+    ), ticket as (
+        insert into loader.batch_keys (key_id)
+        select distinct l.mask_key_id from loads l
     )
-    select (select count(*) from loads), (select count(*) from rejects), (select count(*) from claimed)
-      into loaded, rejected, claimed_rows;
-    -- Fewer rows than asked for: the work list was drained as of this batch's start.
-    update loader.transform_state
-       set batches = batches + 1,
-           last_drained_at = case when claimed_rows < max_rows
-                                  then greatest(last_drained_at, now()) else last_drained_at end;
+    -- (ticket, like every data-modifying CTE, runs to completion unreferenced.)
+    select (select count(*) from loads), (select count(*) from rejects)
+$$;
+comment on function loader._outcomes(bigint[]) is
+    'Private: outcomes (masked rows or rejects) for the staged rows with these ids';
+
+-- _confirm_batch_key: the COMMIT-time check behind loader.batch_keys (constraint trigger,
+-- deferred). A ticket fires twice: the first firing (armed) only queues a second ticket. At
+-- COMMIT that second one fires at trigger depth 1 and checks the key, holding its row FOR SHARE
+-- until the commit ends, so a rotation cannot retire it in between. If a session forces the
+-- check early (SET CONSTRAINTS ... IMMEDIATE) to hold that lock while it idles, the second
+-- ticket fires nested inside the first and is refused: the lock is only ever held at COMMIT.
+create or replace function loader._confirm_batch_key() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    delete from loader.batch_keys b where b.id = new.id;
+    if new.armed then
+        insert into loader.batch_keys (key_id, armed) values (new.key_id, false);
+        return null;
+    end if;
+    if pg_trigger_depth() > 1 then
+        raise exception 'a transform batch is checked at COMMIT only; do not SET CONSTRAINTS loader.batch_keys_confirm IMMEDIATE'
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    perform from loader.mask_keys k where k.id = new.key_id and k.retired_at is null for share;
+    if not found then
+        raise exception 'the masking key was rotated while this transform batch ran; nothing of it was kept, run the transform again'
+            using errcode = 'serialization_failure';
+    end if;
+    return null;
+end
+$$;
+comment on function loader._confirm_batch_key() is
+    'Trigger: at COMMIT, refuse a transform batch whose masking key was retired meanwhile';
+
+do $$
+begin
+    if not exists (select from pg_catalog.pg_trigger
+                    where tgrelid = 'loader.batch_keys'::regclass and tgname = 'batch_keys_confirm') then
+        create constraint trigger batch_keys_confirm after insert on loader.batch_keys
+            deferrable initially deferred
+            for each row execute function loader._confirm_batch_key();
+    end if;
+end
+$$;
+
+-- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
+-- count_pending is false: counting the work list costs more than a batch on a big backlog, so
+-- the batch loops below count once, at the end).
+create or replace function loader.transform_batch(
+    max_rows integer default 10000,
+    count_pending boolean default true)
+returns table (loaded bigint, rejected bigint, pending bigint)
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    claimed bigint[];
+begin
+    if not exists (select from loader.mask_keys k where k.retired_at is null) then
+        raise exception 'no active masking key: run loader migrate';
+    end if;
+    -- The COMMIT-time key check stays deferred whatever the session set before.
+    set constraints loader.batch_keys_confirm deferred;
+
+    with taken as (
+        -- = any(array(...)): an index probe per claimed id. A join here would let the planner
+        -- scan the whole work list for every batch.
+        delete from loader.transform_queue q
+         where q.raw_id = any (array(
+                   select t.raw_id from loader.transform_queue t
+                    order by t.raw_id limit max_rows
+                      for update skip locked))
+        returning q.raw_id
+    )
+    select coalesce(array_agg(raw_id), '{}') into claimed from taken;
+    select o.loaded, o.rejected into loaded, rejected from loader._outcomes(claimed) o;
+
+    -- Fewer rows than asked for: the work list was drained as of this batch's start. Recorded
+    -- in a free progress slot; when all eight are held by open transactions, skipped.
+    update loader.transform_progress p
+       set batches = p.batches + 1,
+           last_drained_at = case when cardinality(claimed) < max_rows
+                                  then greatest(p.last_drained_at, now()) else p.last_drained_at end
+     where p.slot = (select s.slot from loader.transform_progress s
+                      order by s.slot limit 1 for update skip locked);
     if count_pending then
         select count(*) into pending from loader.transform_queue;
     end if;
@@ -127,17 +200,23 @@ comment on procedure loader.transform(bigint, bigint, bigint, integer) is
 
 -- rebuild: recompute every outcome from raw_logins with the active key, in one transaction, so
 -- readers see the old table state or the new one, never a mix of old and new masks. Rows of
--- user_logins without a message_id (adopted from before loader) are left alone. Refuses when an
--- outcome's staged message is gone: it could not be recomputed.
+-- user_logins without a message_id (adopted from before loader) are left alone, and so are
+-- purged rows (sql/40_retention.sql: nothing left to recompute from). Rows still pending are
+-- then transformed too, except those an open transform batch has claimed: that batch gives
+-- them their outcome, and its COMMIT-time check makes sure that is with the active key (or
+-- refuses it, and they are pending again). So a rebuild never waits for a transform batch.
+-- Refuses when an outcome's staged message is gone: it could not be recomputed.
 create or replace function loader.rebuild()
 returns table (loaded bigint, rejected bigint, pending bigint)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     orphans bigint;
+    ids bigint[];
+    last_id bigint := 0;
     batch record;
 begin
-    perform pg_advisory_xact_lock(7813570962337693698);
+    lock table loader.maintenance_lock in exclusive mode;
     select count(*) into orphans
       from (select u.message_id from public.user_logins u where u.message_id is not null
             union all
@@ -148,8 +227,6 @@ begin
             orphans;
     end if;
 
-    -- Purged rows (sql/40_retention.sql) have nothing left to recompute from: their outcomes
-    -- stay as they are.
     delete from public.user_logins u
      where u.message_id is not null
        and not exists (select from loader.raw_logins r
@@ -157,19 +234,29 @@ begin
     delete from loader.login_rejects j
      where not exists (select from loader.raw_logins r
                         where r.message_id = j.message_id and r.purged_at is not null);
-    insert into loader.transform_queue (raw_id)
-    select r.id from loader.raw_logins r where r.purged_at is null
-    on conflict (raw_id) do nothing;
 
     loaded := 0;
     rejected := 0;
+    loop
+        ids := array(select r.id from loader.raw_logins r
+                      where r.id > last_id and r.purged_at is null
+                        and not exists (select from loader.transform_queue q where q.raw_id = r.id)
+                      order by r.id limit 100000);
+        exit when cardinality(ids) = 0;
+        select * into batch from loader._outcomes(ids);
+        loaded := loaded + batch.loaded;
+        rejected := rejected + batch.rejected;
+        last_id := ids[cardinality(ids)];
+    end loop;
+    -- Then what was pending, as the incremental transform would (rows an open batch holds
+    -- are skipped, not waited for).
     loop
         select * into batch from loader.transform_batch(100000, false);
         loaded := loaded + batch.loaded;
         rejected := rejected + batch.rejected;
         exit when batch.loaded + batch.rejected = 0;
     end loop;
-    select b.pending into pending from loader.transform_batch(0) as b;
+    select count(*) into pending from loader.transform_queue;
     return next;
 end
 $$;
@@ -186,7 +273,7 @@ declare
     previous_id integer;
     outcome record;
 begin
-    perform pg_advisory_xact_lock(7813570962337693698);
+    lock table loader.maintenance_lock in exclusive mode;
     select k.id into previous_id from loader.mask_keys k where k.retired_at is null;
     key_id := loader._activate_key(
         coalesce(new_key, public.gen_random_bytes(32)),

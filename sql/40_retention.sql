@@ -8,7 +8,7 @@
 -- back from the database (old row versions go at the next VACUUM; backups and WAL archives keep
 -- them for as long as they are kept). Purged rows keep their outcome as it is: a rebuild or key
 -- rotation cannot recompute them and leaves them (and their mask_key_id) untouched.
--- Owner only. Takes the rebuild lock, so it never runs during a rebuild or rotation.
+-- Owner only. Locks loader.maintenance_lock, so it never runs during a rebuild or rotation.
 create or replace function loader.purge_staged(older_than interval)
 returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -18,7 +18,7 @@ begin
     if older_than is null or older_than < interval '0' then
         raise exception 'purge_staged: older_than must be a non-negative interval';
     end if;
-    perform pg_advisory_xact_lock(7813570962337693698);
+    lock table loader.maintenance_lock in exclusive mode;
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = now()
      where r.purged_at is null

@@ -53,7 +53,8 @@ end
 $$;
 
 -- A trigger of someone else's that calls a function of schema loader runs it as the owner
--- (a security-definer trigger function ignores who fires it). Only loader's own trigger may.
+-- (a security-definer trigger function ignores who fires it). Only triggers on loader's own
+-- tables (in schema loader, where nobody else may create anything) may.
 do $$
 declare
     foreign_trigger text;
@@ -61,8 +62,9 @@ begin
     select format('%s on %s', t.tgname, t.tgrelid::regclass) into foreign_trigger
       from pg_catalog.pg_trigger t
       join pg_catalog.pg_proc p on p.oid = t.tgfoid
+      join pg_catalog.pg_class c on c.oid = t.tgrelid
      where p.pronamespace = 'loader'::regnamespace
-       and (t.tgrelid, t.tgname) <> ('loader.raw_logins'::regclass, 'raw_logins_queue_for_transform')
+       and c.relnamespace <> 'loader'::regnamespace
      limit 1;
     if foreign_trigger is not null then
         raise exception 'trigger % calls a function of schema loader; drop it (it runs as the owner)',

@@ -23,18 +23,39 @@ impl std::fmt::Display for TransformReport {
     }
 }
 
+/// How often a transform whose batch was refused at COMMIT because a key rotation retired its
+/// key (SQLSTATE 40001) is run again. The rerun masks with the new key; batches committed
+/// before the refusal stay committed.
+const ROTATION_RETRIES: usize = 3;
+
 /// Transforms everything pending, one committed batch of `batch_size` rows at a time
 /// (`call loader.transform()`), then publishes the oldest-pending age gauge.
 pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
     let started = std::time::Instant::now();
-    let report = sqlx::query_as("call loader.transform(null, null, null, $1)")
-        .bind(batch_size)
-        .fetch_one(pool)
-        .await
-        .context("running loader.transform() (has `loader migrate` run?)")?;
+    let mut attempt = 0;
+    let report = loop {
+        let result = sqlx::query_as("call loader.transform(null, null, null, $1)")
+            .bind(batch_size)
+            .fetch_one(pool)
+            .await;
+        match result {
+            Err(e) if attempt < ROTATION_RETRIES && is_key_rotated(&e) => {
+                tracing::info!("a key rotation retired the batch's key; transforming again");
+                attempt += 1;
+            }
+            other => {
+                break other.context("running loader.transform() (has `loader migrate` run?)")?;
+            }
+        }
+    };
     metrics::transform(&report, started.elapsed());
     oldest_pending_age(pool).await?;
     Ok(report)
+}
+
+/// SQLSTATE 40001 from `loader._confirm_batch_key`: the batch's key was retired before COMMIT.
+fn is_key_rotated(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40001")
 }
 
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);

@@ -190,3 +190,102 @@ async fn no_private_function_is_callable_while_a_fresh_migrate_runs() {
         db.count("select count(*) from loader.mask_keys where source = 'installed'").await;
     assert_eq!(installed, 0, "no key was installed by the attacker");
 }
+
+/// Runs `work` and fails the test if it has not finished after 20 s: a liveness check (the
+/// operations here take well under a second when nothing stalls them).
+async fn finishes<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(20), work)
+        .await
+        .unwrap_or_else(|_| panic!("{what} was stalled by a lesser role"))
+}
+
+/// Finding 3: a role with nothing but CONNECT took the advisory lock every transform, rebuild,
+/// rotation and purge shared; an analyst idling in a transaction that had run one batch blocked
+/// every other batch (one hot row) and every rebuild, rotation and purge. Now all of them
+/// finish while such sessions sit there, and the idle batch, committed after a rotation, is
+/// refused rather than adding rows masked with the retired key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_analysts_and_strangers_stall_nothing() {
+    let db = TestDb::migrated().await;
+    let fixture = fixture_messages();
+    stage(&db, &fixture[..60], SENT).await;
+    let stranger = TestRole::new(&db, "").await;
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+
+    // The stranger holds the advisory keys loader used to share, the analyst a batch of 10.
+    let mut strange = stranger.pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "select pg_advisory_lock(7813570962337693698), pg_advisory_lock(7813570962337693697)",
+    )
+    .execute(&mut *strange)
+    .await
+    .unwrap();
+    let mut held = analyst.pool.acquire().await.unwrap();
+    let hold = "begin; select * from loader.transform_batch(10);
+                lock table public.user_logins in access share mode";
+    finishes("an analyst's batch", sqlx::raw_sql(hold).execute(&mut *held)).await.unwrap();
+    // A second analyst forces the COMMIT-time key check early, to hold the key row while it
+    // idles: refused on the spot.
+    let mut early = analyst.pool.acquire().await.unwrap();
+    finishes(
+        "a second analyst's batch",
+        sqlx::raw_sql("begin; select * from loader.transform_batch(10)").execute(&mut *early),
+    )
+    .await
+    .unwrap();
+    let err =
+        sqlx::raw_sql("set constraints all immediate").execute(&mut *early).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55000", "{err}");
+
+    let other_batch: (i64, i64, i64) = finishes("another analyst's batch", async {
+        let other = TestRole::new(&db, "loader_analyst").await;
+        sqlx::query_as("select * from loader.transform_batch(5)")
+            .fetch_one(&other.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(other_batch.0 + other_batch.1, 5, "the batch took rows the idle one had not");
+    finishes("call loader.transform()", sqlx::raw_sql("call loader.transform()").execute(&db.pool))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count("select count(*) from loader.transform_queue").await,
+        10,
+        "only the held rows wait"
+    );
+    finishes("staging", stage(&db, &fixture[60..], SENT)).await;
+    finishes("rebuild", sqlx::raw_sql("select * from loader.rebuild()").execute(&db.pool))
+        .await
+        .unwrap();
+    finishes("rotation", sqlx::raw_sql("select * from loader.rotate_key()").execute(&db.pool))
+        .await
+        .unwrap();
+    finishes("purge", sqlx::raw_sql("select loader.purge_staged('1 day')").execute(&db.pool))
+        .await
+        .unwrap();
+    finishes("migrate", loader::db::migrate(&db.pool)).await.unwrap();
+
+    // The idle batch masked with the key the rotation retired: its COMMIT is refused, and its
+    // rows go back to the work list.
+    let err = sqlx::raw_sql("commit").execute(&mut *held).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "40001", "{err}");
+    drop((held, early, strange));
+    sqlx::raw_sql("call loader.transform()").execute(&db.pool).await.unwrap();
+    let outcomes = db
+        .count("select (select count(*) from public.user_logins) + (select count(*) from loader.login_rejects)")
+        .await;
+    assert_eq!(outcomes, 100, "every staged message has its outcome");
+    let stale = db
+        .count(
+            "select count(*) from public.user_logins
+              where mask_key_id <> (select id from loader.mask_keys where retired_at is null)",
+        )
+        .await;
+    assert_eq!(stale, 0, "every row is masked with the active key");
+}
+
+/// The SQLSTATE of a database error.
+fn sqlstate(e: &sqlx::Error) -> String {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default()
+}
