@@ -16,17 +16,23 @@ revoke all on all sequences in schema loader from public, loader_ingest, loader_
 revoke all on all routines in schema loader from public, loader_ingest, loader_analyst;
 grant usage on schema loader to loader_ingest, loader_analyst;
 
--- loader_ingest: stages raw messages and records its run; never reads bodies.
-grant insert on loader.raw_logins to loader_ingest;
-grant select (id, message_id) on loader.raw_logins to loader_ingest;
-grant select, insert, update on loader.ingest_runs to loader_ingest;
-grant select on loader.transform_state to loader_ingest;
+-- loader_ingest: registers runs, stages raw messages into its own run and records its
+-- counters, through sql/15_staging.sql only. No privilege on any table: it cannot read bodies
+-- or set a column the server owns.
+grant execute on function loader.register_run(text, text, text),
+    loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint),
+    loader.record_deletes(bigint, text, bigint, bigint),
+    loader.record_refused(bigint, text, bigint),
+    loader.finish_run(bigint, text) to loader_ingest;
 
--- loader_analyst: reads the masked table, reject reasons and the bookkeeping, and runs the
--- incremental transform. Never raw_logins, never the key table, never a helper that hashes.
+-- loader_analyst: reads the masked table, reject reasons and the bookkeeping (not the runs'
+-- tokens), and runs the incremental transform. Never raw_logins, never the key table, never a
+-- helper that hashes.
 grant select on public.user_logins to loader_analyst;
-grant select on loader.login_rejects, loader.ingest_runs, loader.transform_queue,
-    loader.transform_state, loader.mask_key_info to loader_analyst;
+grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
+    loader.mask_key_info to loader_analyst;
+grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
+              delete_failures, loader_version, refused) on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
 

@@ -61,12 +61,7 @@ pub async fn staging(
     flush: usize,
     method: StagingMethod,
 ) -> Result<(u64, Duration)> {
-    let run_id: i64 = sqlx::query_scalar(
-        "insert into loader.ingest_runs (queue, mode, loader_version)
-         values ('bench', 'drain', 'bench') returning id",
-    )
-    .fetch_one(pool)
-    .await?;
+    let run = staging::Run::register(pool, "bench", "drain").await?;
     let bench_run = fastrand::u64(..);
     let messages: Vec<RawMessage> = send::generate(rows, 99)
         .into_iter()
@@ -83,10 +78,8 @@ pub async fn staging(
     let mut staged = 0;
     for chunk in messages.chunks(flush.max(1)) {
         staged += match method {
-            StagingMethod::Unnest => {
-                staging::stage(&mut conn, run_id, "bench", chunk).await?.staged
-            }
-            StagingMethod::Copy => stage_by_copy(&mut conn, run_id, chunk).await?,
+            StagingMethod::Unnest => staging::stage(&mut conn, &run, chunk).await?.staged,
+            StagingMethod::Copy => stage_by_copy(&mut conn, run.id, chunk).await?,
         };
     }
     Ok((staged, started.elapsed()))
@@ -94,7 +87,9 @@ pub async fn staging(
 
 /// The COPY alternative to [`staging::stage`]: rows go into a temporary table by COPY (CSV),
 /// then into `loader.raw_logins` with the same INSERT ... ON CONFLICT and counter update. Four
-/// round trips (begin, copy, insert, commit) where UNNEST needs one.
+/// round trips (begin, copy, insert, commit) where UNNEST needs one. It writes the tables
+/// directly, so it needs the owner role: a comparison, not a write path (`loader_ingest` has
+/// only `loader.stage`).
 async fn stage_by_copy(
     conn: &mut PgConnection,
     run_id: i64,

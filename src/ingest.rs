@@ -250,7 +250,7 @@ struct Staged {
 pub struct Ingestor {
     queue: Queue,
     pool: PgPool,
-    run_id: i64,
+    run: staging::Run,
     wait_seconds: i32,
     /// Signalled after every batch whose staging committed (used by `loader run`).
     on_commit: Option<Arc<Notify>>,
@@ -270,20 +270,11 @@ impl Ingestor {
     /// Reads the queue's visibility timeout and registers a new run in `loader.ingest_runs`.
     pub async fn start(queue: Queue, pool: PgPool, mode: Mode, wait_seconds: i32) -> Result<Self> {
         let visibility = queue.visibility_timeout().await?;
-        let (run_id,): (i64,) = sqlx::query_as(
-            "insert into loader.ingest_runs (queue, mode, loader_version)
-             values ($1, $2, $3) returning id",
-        )
-        .bind(queue.name())
-        .bind(mode.as_str())
-        .bind(env!("CARGO_PKG_VERSION"))
-        .fetch_one(&pool)
-        .await
-        .context("registering the ingest run (has `loader migrate` run?)")?;
+        let run = staging::Run::register(&pool, queue.name(), mode.as_str()).await?;
         Ok(Self {
             queue,
             pool,
-            run_id,
+            run,
             wait_seconds,
             on_commit: None,
             progress: None,
@@ -311,7 +302,12 @@ impl Ingestor {
     }
 
     pub fn run_id(&self) -> i64 {
-        self.run_id
+        self.run.id
+    }
+
+    /// The run this ingestor stages into.
+    pub fn staging_run(&self) -> &staging::Run {
+        &self.run
     }
 
     /// Receives one batch; empty when the long poll found nothing.
@@ -330,7 +326,7 @@ impl Ingestor {
     fn batch_span(&self, batch: &[Received]) -> tracing::Span {
         tracing::debug_span!(
             "batch",
-            run_id = self.run_id,
+            run_id = self.run.id,
             size = batch.len(),
             message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
         )
@@ -344,13 +340,13 @@ impl Ingestor {
 
     async fn stage_inner(&self, batch: &[Received]) -> Result<Staged> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
-        let (raw, pool, run_id, queue) = (&raw, &self.pool, self.run_id, &self.queue);
+        let (raw, pool, run, queue) = (&raw, &self.pool, &self.run, &self.queue);
         let started = std::time::Instant::now();
         // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
         // commit with its rows, so a failed attempt leaves no trace.
         let staging = self.retrying(&self.postgres, || async move {
             let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-            staging::stage_isolating(&mut conn, run_id, queue.name(), raw).await
+            staging::stage_isolating(&mut conn, run, raw).await
         });
         let (outcome, refused) = keep_invisible(queue, batch, self.visibility, staging).await?;
         let took = started.elapsed();
@@ -372,7 +368,7 @@ impl Ingestor {
     }
 
     async fn delete_inner(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
-        let (pool, run_id, queue) = (&self.pool, self.run_id, &self.queue);
+        let (pool, run, queue) = (&self.pool, &self.run, &self.queue);
 
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
@@ -386,20 +382,8 @@ impl Ingestor {
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
         let refused_copies: u64 = staged.refused.iter().map(|id| copies[id]).sum();
         let deleted_copies = batch.len() as u64 - failed_copies - refused_copies;
-        self.retrying(&self.postgres, || async move {
-            sqlx::query(
-                "update loader.ingest_runs
-                    set deleted = deleted + $2, delete_failures = delete_failures + $3
-                  where id = $1",
-            )
-            .bind(run_id)
-            .bind(deleted_copies as i64)
-            .bind(failed_copies as i64)
-            .execute(pool)
-            .await
-            .context("recording deletes")
-        })
-        .await?;
+        self.retrying(&self.postgres, || run.record_deletes(pool, deleted_copies, failed_copies))
+            .await?;
 
         let totals = Totals {
             received: staged.outcome.received + refused_copies,
@@ -534,12 +518,7 @@ impl Ingestor {
 
     /// Marks the run finished (also after an error, so the bookkeeping shows when it stopped).
     async fn finish(&self) -> Result<()> {
-        sqlx::query("update loader.ingest_runs set finished_at = now() where id = $1")
-            .bind(self.run_id)
-            .execute(&self.pool)
-            .await
-            .context("closing the ingest run")?;
-        Ok(())
+        self.run.finish(&self.pool).await
     }
 }
 

@@ -45,7 +45,7 @@ pub struct Handler {
     pool: PgPool,
     transform_after_stage: bool,
     /// The `loader.ingest_runs` row of each queue this environment has staged from.
-    runs: Mutex<HashMap<String, i64>>,
+    runs: Mutex<HashMap<String, staging::Run>>,
 }
 
 impl Handler {
@@ -101,9 +101,8 @@ impl Handler {
         let mut failed = Vec::new();
         let mut totals = StageOutcome::default();
         for (queue, messages) in &by_queue {
-            let run_id = self.run_id(&mut conn, queue).await?;
-            let (outcome, refused) =
-                staging::stage_isolating(&mut conn, run_id, queue, messages).await?;
+            let run = self.run(&mut conn, queue).await?;
+            let (outcome, refused) = staging::stage_isolating(&mut conn, &run, messages).await?;
             totals += outcome;
             failed.extend(refused);
         }
@@ -137,23 +136,15 @@ impl Handler {
         Ok(report)
     }
 
-    async fn run_id(&self, conn: &mut PgConnection, queue: &str) -> Result<i64> {
+    async fn run(&self, conn: &mut PgConnection, queue: &str) -> Result<staging::Run> {
         let mut runs = self.runs.lock().await;
-        if let Some(&id) = runs.get(queue) {
-            return Ok(id);
+        if let Some(run) = runs.get(queue) {
+            return Ok(run.clone());
         }
-        let id: i64 = sqlx::query_scalar(
-            "insert into loader.ingest_runs (queue, mode, loader_version)
-             values ($1, 'lambda', $2) returning id",
-        )
-        .bind(queue)
-        .bind(env!("CARGO_PKG_VERSION"))
-        .fetch_one(&mut *conn)
-        .await
-        .context("registering the ingest run (has `loader migrate` run?)")?;
-        tracing::info!(run_id = id, queue, "run started");
-        runs.insert(queue.to_owned(), id);
-        Ok(id)
+        let run = staging::Run::register(&mut *conn, queue, "lambda").await?;
+        tracing::info!(run_id = run.id, queue, "run started");
+        runs.insert(queue.to_owned(), run.clone());
+        Ok(run)
     }
 }
 

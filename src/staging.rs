@@ -1,5 +1,6 @@
 //! Raw messages into `loader.raw_logins`: one statement (one transaction, one round trip) per
-//! batch, idempotent on `message_id`.
+//! batch, idempotent on `message_id`, through the ingest role's only write path: the
+//! security-definer functions of `sql/15_staging.sql`, for a [`Run`] registered first.
 //!
 //! Nothing a producer can send fails a batch: a body that is not JSON that `jsonb` can store
 //! (invalid JSON, `\u0000` escapes, lone surrogates) is kept as a JSON string holding the exact
@@ -40,23 +41,93 @@ impl std::ops::AddAssign for StageOutcome {
     }
 }
 
-/// Stages a batch in one statement that also adds its counts to `loader.ingest_runs` row
-/// `run_id`, so the counters commit exactly when the rows do.
+/// An ingest run registered in `loader.ingest_runs`: what every staging call names. The token
+/// (random, from the database) binds the run to the process that registered it: no other
+/// session can stage into it or change its counters. Never logged.
+#[derive(Clone)]
+pub struct Run {
+    pub id: i64,
+    token: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Run {
+    /// Registers a new open run for `queue` (`mode`: drain, follow or lambda).
+    pub async fn register(db: impl sqlx::PgExecutor<'_>, queue: &str, mode: &str) -> Result<Self> {
+        let (id, token): (i64, String) =
+            sqlx::query_as("select run_id, run_token from loader.register_run($1, $2, $3)")
+                .bind(queue)
+                .bind(mode)
+                .bind(env!("CARGO_PKG_VERSION"))
+                .fetch_one(db)
+                .await
+                .context("registering the ingest run (has `loader migrate` run?)")?;
+        Ok(Self { id, token })
+    }
+
+    /// Adds a flush's deletes and delete failures to the run's counters.
+    pub async fn record_deletes(
+        &self,
+        db: impl sqlx::PgExecutor<'_>,
+        deleted: u64,
+        failures: u64,
+    ) -> Result<()> {
+        sqlx::query("select loader.record_deletes($1, $2, $3, $4)")
+            .bind(self.id)
+            .bind(&self.token)
+            .bind(deleted as i64)
+            .bind(failures as i64)
+            .execute(db)
+            .await
+            .context("recording deletes")?;
+        Ok(())
+    }
+
+    /// Adds messages PostgreSQL refused to stage to the run's counters.
+    async fn record_refused(&self, db: impl sqlx::PgExecutor<'_>, refused: u64) -> Result<()> {
+        sqlx::query("select loader.record_refused($1, $2, $3)")
+            .bind(self.id)
+            .bind(&self.token)
+            .bind(refused as i64)
+            .execute(db)
+            .await
+            .context("counting refused messages")?;
+        Ok(())
+    }
+
+    /// Marks the run finished.
+    pub async fn finish(&self, db: impl sqlx::PgExecutor<'_>) -> Result<()> {
+        sqlx::query("select loader.finish_run($1, $2)")
+            .bind(self.id)
+            .bind(&self.token)
+            .execute(db)
+            .await
+            .context("closing the ingest run")?;
+        Ok(())
+    }
+}
+
+/// Stages a batch in one statement (`loader.stage`) that also adds its counts to the run's
+/// row, so the counters commit exactly when the rows do. The rows get the run's queue.
 pub async fn stage(
     conn: &mut PgConnection,
-    run_id: i64,
-    queue: &str,
+    run: &Run,
     messages: &[RawMessage],
 ) -> Result<StageOutcome> {
     let mut batch = Batch::new(messages);
     let received = messages.len() as u64;
-    let staged = match insert(conn, run_id, queue, received, &batch).await {
+    let staged = match insert(conn, run, received, &batch).await {
         Ok(n) => n,
         // A data exception means Postgres refused a body the JSON check accepted (say a number
         // beyond numeric's range). Ask Postgres about each body, then stage again.
         Err(e) if is_data_exception(&e) => {
             batch.recheck_with_postgres(conn).await?;
-            insert(conn, run_id, queue, received, &batch).await.context("staging batch")?
+            insert(conn, run, received, &batch).await.context("staging batch")?
         }
         Err(e) => return Err(e).context("staging batch"),
     };
@@ -103,43 +174,21 @@ impl Batch {
 
 async fn insert(
     conn: &mut PgConnection,
-    run_id: i64,
-    queue: &str,
+    run: &Run,
     received: u64,
     b: &Batch,
 ) -> Result<u64, sqlx::Error> {
-    let (staged,): (i64,) = sqlx::query_as(
-        "with batch as (
-             select * from unnest($1::text[], $2::text[], $3::bool[], $4::timestamptz[], $5::int4[])
-                 as m(message_id, body, is_json, sent_at, receive_count)
-         ), inserted as (
-             insert into loader.raw_logins
-                 (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
-             select message_id,
-                    case when is_json then body::jsonb else to_jsonb(body) end,
-                    is_json, sent_at, receive_count, $6, $7
-               from batch
-             on conflict (message_id) do nothing
-             returning 1
-         ), counted as (
-             update loader.ingest_runs
-                set received = received + $8,
-                    staged = staged + (select count(*) from inserted),
-                    duplicates = duplicates + $8 - (select count(*) from inserted)
-              where id = $7
-         )
-         select count(*) from inserted",
-    )
-    .bind(&b.ids)
-    .bind(&b.bodies)
-    .bind(&b.is_json)
-    .bind(&b.sent_at)
-    .bind(&b.receive_count)
-    .bind(queue)
-    .bind(run_id)
-    .bind(received as i64)
-    .fetch_one(conn)
-    .await?;
+    let staged: i64 = sqlx::query_scalar("select loader.stage($1, $2, $3, $4, $5, $6, $7, $8)")
+        .bind(run.id)
+        .bind(&run.token)
+        .bind(&b.ids)
+        .bind(&b.bodies)
+        .bind(&b.is_json)
+        .bind(&b.sent_at)
+        .bind(&b.receive_count)
+        .bind(received as i64)
+        .fetch_one(conn)
+        .await?;
     Ok(staged as u64)
 }
 
@@ -152,11 +201,10 @@ async fn insert(
 /// trigger, a rule that fits nothing): that is returned as the batch's error instead.
 pub async fn stage_isolating(
     conn: &mut PgConnection,
-    run_id: i64,
-    queue: &str,
+    run: &Run,
     messages: &[RawMessage],
 ) -> Result<(StageOutcome, Vec<String>)> {
-    let batch_error = match stage(conn, run_id, queue, messages).await {
+    let batch_error = match stage(conn, run, messages).await {
         Ok(outcome) => return Ok((outcome, Vec::new())),
         Err(e) if !refuses_rows(&e) => return Err(e),
         Err(e) => e,
@@ -169,7 +217,7 @@ pub async fn stage_isolating(
     let mut total = StageOutcome::default();
     let mut refused = Vec::new();
     for message in messages {
-        match stage(conn, run_id, queue, std::slice::from_ref(message)).await {
+        match stage(conn, run, std::slice::from_ref(message)).await {
             Ok(outcome) => total += outcome,
             Err(e) if !refuses_rows(&e) => return Err(e),
             Err(e) => {
@@ -182,12 +230,7 @@ pub async fn stage_isolating(
         return Err(batch_error.context("PostgreSQL refuses every message, one by one too"));
     }
     if !refused.is_empty() {
-        sqlx::query("update loader.ingest_runs set refused = refused + $2 where id = $1")
-            .bind(run_id)
-            .bind(refused.len() as i64)
-            .execute(&mut *conn)
-            .await
-            .context("counting refused messages")?;
+        run.record_refused(&mut *conn, refused.len() as u64).await?;
     }
     Ok((total, refused))
 }

@@ -95,7 +95,7 @@ async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
     let batch = ingestor.receive().await.unwrap();
     let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
     let mut conn = db.pool.acquire().await.unwrap();
-    let staged = staging::stage(&mut conn, ingestor.run_id(), &q.name, &raw).await.unwrap();
+    let staged = staging::stage(&mut conn, ingestor.staging_run(), &raw).await.unwrap();
     assert_eq!(staged.staged, batch.len() as u64);
     drop(ingestor);
 
@@ -193,12 +193,7 @@ async fn hostile_bodies_are_all_staged_verbatim() {
 #[tokio::test]
 async fn copies_of_one_message_id_in_a_batch_stage_once() {
     let db = TestDb::migrated().await;
-    let run_id: i64 = sqlx::query_scalar(
-        "insert into loader.ingest_runs (queue, mode, loader_version) values ('q', 'drain', 't') returning id",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let run = staging::Run::register(&db.pool, "q", "drain").await.unwrap();
     let m = |id: &str| RawMessage {
         message_id: id.into(),
         body: "{}".into(),
@@ -207,15 +202,15 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
     };
     let mut conn = db.pool.acquire().await.unwrap();
 
-    let first = staging::stage(&mut conn, run_id, "q", &[m("a"), m("b"), m("a")]).await.unwrap();
+    let first = staging::stage(&mut conn, &run, &[m("a"), m("b"), m("a")]).await.unwrap();
     assert_eq!((first.received, first.staged, first.duplicates), (3, 2, 1));
-    let again = staging::stage(&mut conn, run_id, "q", &[m("b"), m("c")]).await.unwrap();
+    let again = staging::stage(&mut conn, &run, &[m("b"), m("c")]).await.unwrap();
     assert_eq!((again.received, again.staged, again.duplicates), (2, 1, 1));
 
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, 3);
     let counters: (i64, i64, i64) =
         sqlx::query_as("select received, staged, duplicates from loader.ingest_runs where id = $1")
-            .bind(run_id)
+            .bind(run.id)
             .fetch_one(&db.pool)
             .await
             .unwrap();

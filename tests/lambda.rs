@@ -209,16 +209,16 @@ async fn the_ingest_role_is_enough_to_stage() {
 #[tokio::test]
 async fn an_error_that_is_not_about_the_rows_fails_the_whole_invocation() {
     let db = TestDb::migrated().await;
-    // The ingest role without its insert grant on staging (in this database only): every record
-    // would fail alike, so none is singled out and the invocation fails.
-    sqlx::raw_sql("revoke insert on loader.raw_logins from loader_ingest")
+    // The ingest role without its execute grant on staging (in this database only): every
+    // record would fail alike, so none is singled out and the invocation fails.
+    sqlx::raw_sql("revoke execute on function loader.stage from loader_ingest")
         .execute(&db.pool)
         .await
         .unwrap();
     let role = common::TestRole::new(&db, "loader_ingest").await;
     let handler = Handler::new(role.pool.clone(), false);
     let err = handler.handle(sqs_event(&fixture_messages()[..3])).await.unwrap_err();
-    assert!(format!("{err:#}").contains("permission denied for table raw_logins"), "{err:#}");
+    assert!(format!("{err:#}").contains("permission denied for function stage"), "{err:#}");
     let (received,): (i64,) = sqlx::query_as("select received from loader.ingest_runs")
         .fetch_one(&db.pool)
         .await

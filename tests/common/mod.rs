@@ -32,35 +32,52 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// A database of this test's own; dropped (with its connections) when the value is dropped.
+/// The role that owns every test database and runs `loader migrate` in it: a LOGIN role that
+/// is not a superuser and may not create roles (the two loader roles are created beforehand,
+/// as a DBA would), as README "Security model" recommends for production.
+pub const OWNER: &str = "loader_test_owner";
+
+/// A database of this test's own, owned by [`OWNER`]; dropped (with its connections) when the
+/// value is dropped.
 pub struct TestDb {
     pub name: String,
+    /// Logs in as [`OWNER`]: what `loader` is given as `DATABASE_URL`.
     pub url: String,
+    /// Connected as [`OWNER`].
     pub pool: PgPool,
+    /// `DATABASE_URL`'s superuser, connected to this database: for what only a DBA may do
+    /// (creating login roles, schemas for other roles).
+    pub admin: PgPool,
     admin_url: String,
 }
 
 impl TestDb {
     /// A new, empty database.
     pub async fn empty() -> Self {
-        let admin_url = required_env("DATABASE_URL");
+        let server_admin_url = required_env("DATABASE_URL");
         let name = unique_name("loader_test");
-        let admin = PgPool::connect(&admin_url).await.expect("connecting with DATABASE_URL");
+        let admin = PgPool::connect(&server_admin_url).await.expect("connecting with DATABASE_URL");
         create_loader_roles(&admin).await;
-        sqlx::raw_sql(&format!("create database {name}"))
+        sqlx::raw_sql(&format!("create database {name} owner {OWNER}"))
             .execute(&admin)
             .await
             .expect("creating the test database");
         admin.close().await;
-        let url = match admin_url.rsplit_once('/') {
+        let admin_url = match server_admin_url.rsplit_once('/') {
             Some((server, _db)) => format!("{server}/{name}"),
             None => panic!("DATABASE_URL has no database path"),
         };
-        let pool = PgPool::connect(&url).await.expect("connecting to the test database");
-        Self { name, url, pool, admin_url }
+        let url = url_as(&admin_url, OWNER);
+        let pool =
+            PgPool::connect(&url).await.expect("connecting to the test database as its owner");
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy(&admin_url)
+            .expect("admin URL");
+        Self { name, url, pool, admin, admin_url }
     }
 
-    /// A new database with `loader migrate` applied.
+    /// A new database with `loader migrate` applied (by the owner).
     pub async fn migrated() -> Self {
         let db = Self::empty().await;
         loader::db::migrate(&db.pool).await.expect("migrating the test database");
@@ -78,9 +95,10 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        let server_admin_url = required_env("DATABASE_URL");
         let _ = Command::new("psql")
             .args([
-                &self.admin_url,
+                &server_admin_url,
                 "-Xqc",
                 &format!("drop database if exists {} with (force)", self.name),
             ])
@@ -200,13 +218,7 @@ pub async fn stage_with(
     messages: &[(String, String)],
     sent_at: time::OffsetDateTime,
 ) {
-    let run_id: i64 = sqlx::query_scalar(
-        "insert into loader.ingest_runs (queue, mode, loader_version)
-         values ('direct', 'drain', 'test') returning id",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let run = loader::staging::Run::register(pool, "direct", "drain").await.unwrap();
     let raw: Vec<loader::staging::RawMessage> = messages
         .iter()
         .map(|(id, body)| loader::staging::RawMessage {
@@ -218,7 +230,7 @@ pub async fn stage_with(
         .collect();
     let mut conn = pool.acquire().await.unwrap();
     for chunk in raw.chunks(5_000) {
-        loader::staging::stage(&mut conn, run_id, "direct", chunk).await.expect("staging");
+        loader::staging::stage(&mut conn, &run, chunk).await.expect("staging");
     }
 }
 
@@ -232,14 +244,23 @@ pub fn fixture_messages() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Creates the two NOLOGIN roles when missing, as a DBA would before the first migrate (roles
-/// are cluster-wide; a fresh cluster has none until some database was migrated).
+/// `url` (`scheme://user[:password]@host...`) logging in as `role` instead (trust auth).
+pub fn url_as(url: &str, role: &str) -> String {
+    let (scheme_user, rest) = url.split_once('@').expect("DATABASE_URL with a user@host");
+    let scheme = scheme_user.split("://").next().unwrap();
+    format!("{scheme}://{role}@{rest}")
+}
+
+/// Creates the two NOLOGIN roles and the [`OWNER`] login when missing, as a DBA would before
+/// the first migrate (roles are cluster-wide; tests running at once may race to create them).
 pub async fn create_loader_roles(admin: &PgPool) {
     let sql = "do $$ begin
         if not exists (select from pg_roles where rolname = 'loader_ingest') then
             create role loader_ingest nologin; end if;
         if not exists (select from pg_roles where rolname = 'loader_analyst') then
             create role loader_analyst nologin; end if;
+        if not exists (select from pg_roles where rolname = 'loader_test_owner') then
+            create role loader_test_owner login nosuperuser nocreaterole nocreatedb; end if;
     exception when unique_violation or duplicate_object then null; end $$";
     sqlx::raw_sql(sql).execute(admin).await.expect("creating the loader roles");
 }
@@ -261,14 +282,12 @@ impl TestRole {
         let grant =
             if grant.is_empty() { String::new() } else { format!("grant {grant} to {name};") };
         sqlx::raw_sql(&format!("create role {name} login; {grant}"))
-            .execute(&db.pool)
+            .execute(&db.admin)
             .await
             .unwrap();
-        let (scheme_user, rest) = db.url.split_once('@').expect("DATABASE_URL with a user@host");
-        let scheme = scheme_user.split("://").next().unwrap();
-        let url = format!("{scheme}://{name}@{rest}");
+        let url = url_as(&db.url, &name);
         let pool = PgPool::connect(&url).await.expect("login as test role");
-        Self { name, url, pool, admin_url: db.url.clone() }
+        Self { name, url, pool, admin_url: db.admin_url.clone() }
     }
 }
 
