@@ -289,3 +289,17 @@ end
 $$;
 comment on function loader.rotate_key(bytea) is
     'Activate a new masking key (random or given) and rebuild every outcome, atomically';
+
+-- pipeline_status: one row, the numbers `loader status` and the pending-age gauge show, for
+-- analysts in psql too (a view: it reads raw_logins as its owner, and shows no value of it).
+create or replace view loader.pipeline_status as
+select (select count(*) from loader.transform_queue) as pending,
+       p.oldest_pending_staged_at,
+       coalesce(extract(epoch from now() - p.oldest_pending_staged_at), 0)::float8
+           as oldest_pending_age_seconds,
+       (select s.last_drained_at from loader.transform_state s) as last_drained_at,
+       (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id
+  from (select min(r.staged_at) as oldest_pending_staged_at
+          from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id) as p;
+comment on view loader.pipeline_status is
+    'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id';

@@ -30,7 +30,7 @@ grant execute on function loader.register_run(text, text, text),
 -- helper that hashes.
 grant select on public.user_logins to loader_analyst;
 grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
-    loader.mask_key_info to loader_analyst;
+    loader.mask_key_info, loader.pipeline_status to loader_analyst;
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
               delete_failures, loader_version, refused) on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;

@@ -13,8 +13,6 @@ use sqlx::{Connection, PgConnection, PgPool};
 use time::format_description::well_known::Rfc3339;
 use tokio::task::JoinSet;
 
-use crate::cli::StagingMethod;
-
 use crate::send;
 use crate::sqs::Queue;
 use crate::staging::{self, RawMessage};
@@ -51,6 +49,32 @@ pub async fn queue_ceiling(
         end = end.max(last);
     }
     Ok((total, end - started))
+}
+
+/// How `loader bench staging` sends a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingMethod {
+    /// One `select loader.stage(...)` call (UNNEST inside): one round trip.
+    Unnest,
+    /// COPY into a temporary table, then one INSERT ... SELECT, in one transaction.
+    Copy,
+}
+
+impl StagingMethod {
+    /// The names the command line accepts.
+    pub const NAMES: [&str; 2] = ["unnest", "copy"];
+}
+
+impl std::str::FromStr for StagingMethod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "unnest" => Ok(Self::Unnest),
+            "copy" => Ok(Self::Copy),
+            _ => Err(format!("unknown staging method {s:?}: unnest or copy")),
+        }
+    }
 }
 
 /// Stages `rows` synthetic messages in flushes of `flush` rows over one connection; returns

@@ -4,8 +4,6 @@ use std::fmt;
 
 use anyhow::{Result, bail};
 
-use crate::cli::GlobalArgs;
-
 /// Where the queue lives and how to reach it.
 #[derive(Debug, Clone)]
 pub struct AwsSettings {
@@ -37,7 +35,8 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-/// Everything a subcommand may need, resolved from [`GlobalArgs`].
+/// Everything a subcommand may need, resolved once by the caller (the command line, the
+/// Lambda handler, a test).
 #[derive(Debug, Clone)]
 pub struct Settings {
     database_url: Option<DatabaseUrl>,
@@ -47,15 +46,18 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_args(args: &GlobalArgs) -> Self {
-        let non_empty = |v: &Option<String>| v.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+    /// Settings from raw values; blank strings count as not given.
+    pub fn new(
+        database_url: Option<&str>,
+        queue: &str,
+        endpoint_url: Option<&str>,
+        region: Option<&str>,
+    ) -> Self {
+        let non_empty = |v: Option<&str>| v.filter(|s| !s.trim().is_empty()).map(str::to_owned);
         Self {
-            database_url: non_empty(&args.database_url).map(DatabaseUrl),
-            queue: args.queue.clone(),
-            aws: AwsSettings {
-                endpoint_url: non_empty(&args.endpoint_url),
-                region: non_empty(&args.region),
-            },
+            database_url: non_empty(database_url).map(DatabaseUrl),
+            queue: queue.to_owned(),
+            aws: AwsSettings { endpoint_url: non_empty(endpoint_url), region: non_empty(region) },
         }
     }
 

@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
+use crate::counts::Totals;
 use crate::metrics;
 use crate::progress::Progress;
 use crate::retry::{self, Health};
@@ -40,44 +40,6 @@ impl Mode {
             Mode::Drain => "drain",
             Mode::Follow => "follow",
         }
-    }
-}
-
-/// Counters for one batch, and summed over a run.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Totals {
-    pub received: u64,
-    pub staged: u64,
-    pub duplicates: u64,
-    pub deleted: u64,
-    pub delete_failures: u64,
-    /// Messages PostgreSQL refused (a constraint or trigger): not staged, not deleted, so SQS
-    /// redelivers them and its redrive policy eventually moves them to the DLQ.
-    pub refused: u64,
-}
-
-impl Totals {
-    fn add(&mut self, o: &Totals) {
-        self.received += o.received;
-        self.staged += o.staged;
-        self.duplicates += o.duplicates;
-        self.deleted += o.deleted;
-        self.delete_failures += o.delete_failures;
-        self.refused += o.refused;
-    }
-}
-
-impl std::fmt::Display for Totals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "received {}, staged {} new, {} duplicates, deleted {} ({} delete failures)",
-            self.received, self.staged, self.duplicates, self.deleted, self.delete_failures
-        )?;
-        if self.refused > 0 {
-            write!(f, "; {} refused by PostgreSQL, left on the queue", self.refused)?;
-        }
-        Ok(())
     }
 }
 
@@ -251,15 +213,18 @@ pub struct Ingestor {
     queue: Queue,
     pool: PgPool,
     run: staging::Run,
+    /// Drain (stop when the queue is empty) or follow (until shutdown); set once, at start.
+    mode: Mode,
     wait_seconds: i32,
     /// Signalled after every batch whose staging committed (used by `loader run`).
     on_commit: Option<Arc<Notify>>,
     /// A progress line on the terminal (draining).
     progress: Option<Arc<Progress>>,
     flow: Flow,
-    /// Outage tracking (backoff, state-change logging) per dependency.
-    postgres: Arc<Mutex<Health>>,
-    sqs: Arc<Mutex<Health>>,
+    /// Outage tracking (backoff, state-change logging) per dependency: health trackers, not
+    /// clients.
+    postgres_health: Arc<Mutex<Health>>,
+    sqs_health: Arc<Mutex<Health>>,
     /// Set once shutdown has begun: transient failures are then no longer retried.
     stopping: Arc<AtomicBool>,
     /// The queue's VisibilityTimeout, read at start.
@@ -275,12 +240,13 @@ impl Ingestor {
             queue,
             pool,
             run,
+            mode,
             wait_seconds,
             on_commit: None,
             progress: None,
             flow: Flow::default(),
-            postgres: Arc::new(Mutex::new(Health::new("PostgreSQL"))),
-            sqs: Arc::new(Mutex::new(Health::new("SQS"))),
+            postgres_health: Arc::new(Mutex::new(Health::new("PostgreSQL"))),
+            sqs_health: Arc::new(Mutex::new(Health::new("SQS"))),
             stopping: Arc::new(AtomicBool::new(false)),
             visibility,
         })
@@ -315,36 +281,30 @@ impl Ingestor {
         self.queue.receive(self.wait_seconds).await
     }
 
-    /// Stages a received batch and, once that has committed, deletes every message in it (new
-    /// and duplicate alike: both are now safely staged).
+    /// The unit of work: stages a flush and, once that has committed, deletes every message in
+    /// it (new and duplicate alike: both are now safely staged), and returns its totals. Tests
+    /// drive it directly; [`Ingestor::run`] does the same two steps, overlapping one flush's
+    /// delete with the next one's staging.
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
         let staged = self.stage(batch).await?;
         self.delete_staged(batch, staged).await
     }
 
-    /// The span that a batch's log lines carry (message ids are not personal data).
-    fn batch_span(&self, batch: &[Received]) -> tracing::Span {
-        tracing::debug_span!(
-            "batch",
-            run_id = self.run.id,
-            size = batch.len(),
-            message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
-        )
-    }
-
     /// Stages a batch (retrying while PostgreSQL is unreachable, keeping the batch invisible
-    /// meanwhile) and signals the commit.
+    /// meanwhile) and signals the commit. Its log lines carry the batch's span (message ids
+    /// are not personal data).
+    #[tracing::instrument(level = "debug", name = "batch", skip_all, fields(
+        run_id = self.run.id,
+        size = batch.len(),
+        message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
+    ))]
     async fn stage(&self, batch: &[Received]) -> Result<Staged> {
-        self.stage_inner(batch).instrument(self.batch_span(batch)).await
-    }
-
-    async fn stage_inner(&self, batch: &[Received]) -> Result<Staged> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
         let (raw, pool, run, queue) = (&raw, &self.pool, &self.run, &self.queue);
         let started = std::time::Instant::now();
         // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
         // commit with its rows, so a failed attempt leaves no trace.
-        let staging = self.retrying(&self.postgres, || async move {
+        let staging = self.retrying(&self.postgres_health, || async move {
             let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
             staging::stage_isolating(&mut conn, run, raw).await
         });
@@ -363,18 +323,19 @@ impl Ingestor {
 
     /// Deletes every message of a committed batch (new and duplicate alike: both are now
     /// safely staged), records the deletes, and returns the batch's totals.
+    #[tracing::instrument(level = "debug", name = "batch", skip_all, fields(
+        run_id = self.run.id,
+        size = batch.len(),
+        message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
+    ))]
     async fn delete_staged(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
-        self.delete_inner(batch, staged).instrument(self.batch_span(batch)).await
-    }
-
-    async fn delete_inner(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
         let (pool, run, queue) = (&self.pool, &self.run, &self.queue);
 
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
         let (mut latest, copies) = latest_copies(batch);
         latest.retain(|m| !staged.refused.contains(&m.message_id));
-        let outcome = self.retrying(&self.sqs, || queue.delete(&latest)).await?;
+        let outcome = self.retrying(&self.sqs_health, || queue.delete(&latest)).await?;
         for (message_id, code) in &outcome.failed {
             tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
         }
@@ -382,8 +343,10 @@ impl Ingestor {
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
         let refused_copies: u64 = staged.refused.iter().map(|id| copies[id]).sum();
         let deleted_copies = batch.len() as u64 - failed_copies - refused_copies;
-        self.retrying(&self.postgres, || run.record_deletes(pool, deleted_copies, failed_copies))
-            .await?;
+        self.retrying(&self.postgres_health, || {
+            run.record_deletes(pool, deleted_copies, failed_copies)
+        })
+        .await?;
 
         let totals = Totals {
             received: staged.outcome.received + refused_copies,
@@ -419,15 +382,6 @@ impl Ingestor {
         }
     }
 
-    /// Receive, then process. The unit of work that tests drive directly.
-    pub async fn ingest_batch(&self) -> Result<Totals> {
-        let batch = self.receive().await?;
-        if batch.is_empty() {
-            return Ok(Totals::default());
-        }
-        self.process(&batch).await
-    }
-
     /// Runs until the queue is empty (`Drain`) or `shutdown` resolves (`Follow`).
     ///
     /// Several receivers (`flow.receivers`) long-poll at once and hand their batches through a
@@ -440,8 +394,8 @@ impl Ingestor {
     /// stop; a receive in progress gets [`SHUTDOWN_GRACE`] to land (a response already on its
     /// way would otherwise leave its messages invisible until their visibility timeout), and
     /// everything received is staged, committed and deleted before returning.
-    pub async fn run(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
-        let result = self.pump(mode, shutdown).await;
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
+        let result = self.pump(shutdown).await;
         if let Some(progress) = &self.progress {
             progress.finish();
         }
@@ -452,7 +406,8 @@ impl Ingestor {
         Ok(totals)
     }
 
-    async fn pump(&self, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<Totals> {
+    async fn pump(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
+        let mode = self.mode;
         tokio::pin!(shutdown);
         // Room for a whole flush plus a batch per receiver: receivers keep receiving while the
         // writer stages, instead of stalling on a full channel.
@@ -467,8 +422,8 @@ impl Ingestor {
                 mode,
                 batches.clone(),
                 stopped.clone(),
-                self.sqs.clone(),
-                self.postgres.clone(),
+                self.sqs_health.clone(),
+                self.postgres_health.clone(),
             ));
         }
         drop(batches);
@@ -480,7 +435,7 @@ impl Ingestor {
             let first = tokio::select! {
                 batch = inbox.recv() => batch,
                 Some(done) = deleting.join_next() => {
-                    totals.add(&done.context("a delete task panicked")??);
+                    totals += done.context("a delete task panicked")??;
                     continue;
                 }
                 Some(done) = receivers.join_next() => {
@@ -498,17 +453,26 @@ impl Ingestor {
             let flush = gather(first, &mut inbox, &self.flow).await;
             while deleting.len() >= FLUSHES_DELETING {
                 let done = deleting.join_next().await.expect("a delete task is running");
-                totals.add(&done.context("a delete task panicked")??);
+                totals += done.context("a delete task panicked")??;
             }
             let staged = self.stage(&flush).await?;
             if let Some(progress) = &self.progress {
-                progress.advance(flush.len() as u64, &self.queue).await;
+                let left = match progress.depth_due() {
+                    true => self
+                        .queue
+                        .depth()
+                        .await
+                        .ok()
+                        .map(|(visible, in_flight, _)| visible + in_flight),
+                    false => None,
+                };
+                progress.advance(flush.len() as u64, left);
             }
             let this = self.clone();
             deleting.spawn(async move { this.delete_staged(&flush, staged).await });
         }
         while let Some(done) = deleting.join_next().await {
-            totals.add(&done.context("a delete task panicked")??);
+            totals += done.context("a delete task panicked")??;
         }
         while let Some(done) = receivers.join_next().await {
             done.context("a receiver panicked")??;
@@ -590,23 +554,5 @@ mod tests {
         let flush = gather(vec![1, 2], &mut rx, &flow(500)).await;
         assert_eq!(flush.len(), 22, "the first batch and both buffered ones, nothing dropped");
         assert_eq!(started.elapsed(), Duration::ZERO, "no linger once every sender is gone");
-    }
-
-    #[test]
-    fn summary_line_names_every_counter() {
-        let t = Totals {
-            received: 12,
-            staged: 10,
-            duplicates: 2,
-            deleted: 11,
-            delete_failures: 1,
-            refused: 0,
-        };
-        assert_eq!(
-            t.to_string(),
-            "received 12, staged 10 new, 2 duplicates, deleted 11 (1 delete failures)"
-        );
-        let t = Totals { refused: 3, received: 15, ..t };
-        assert!(t.to_string().ends_with("; 3 refused by PostgreSQL, left on the queue"), "{t}");
     }
 }

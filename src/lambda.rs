@@ -28,10 +28,10 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::Mutex;
 
 use crate::config::DatabaseUrl;
+use crate::counts::TransformReport;
 use crate::db;
-use crate::sqs::parse_epoch_millis;
-use crate::staging::{self, RawMessage, StageOutcome};
-use crate::transform::{self, TransformReport};
+use crate::staging::{self, RawMessage, StageOutcome, parse_epoch_millis};
+use crate::transform;
 
 /// Connections per execution environment: it handles one invocation at a time, which stages on
 /// one connection and then (optionally) transforms.

@@ -5,33 +5,34 @@
 //! nothing is lost between the queue and the database and the masking can be rerun in psql.
 //!
 //! # Layout
-//! - [`cli`]: the command line (clap); every option has an environment variable.
-//! - [`config`]: settings resolved once from the command line.
-//! - [`sqs`]: the queue adapter: receive, delete, send, attributes.
-//! - [`staging`]: raw messages into `loader.raw_logins`, one statement per flush.
-//! - [`ingest`]: receivers, the writer that stages and deletes flushes, and the unit of work
-//!   [`ingest::Ingestor::process`].
-//! - [`send`]: publishing fixture files or synthetic events.
-//! - [`transform`]: `loader transform`, one call into the SQL functions of `sql/`.
-//! - [`retry`]: transient versus permanent errors, backoff, state-change logging.
-//! - [`run`]: `loader run`: ingest and transform together, graceful shutdown.
-//! - [`reconcile`]: counts per stage and the invariants (`loader reconcile`, exit 3 on a gap).
-//! - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres).
-//! - [`db`]: the Postgres pool and `loader migrate` (`migrations/`, then `sql/`).
-//! - [`metrics`]: the Prometheus metrics and their names (`--metrics-addr`).
-//! - [`progress`]: the progress line while draining on a terminal.
-//! - [`display`]: how timestamps are shown.
-//! - [`bench`]: `loader bench`: the queue's ceiling and staging alone.
-//! - [`app`]: one function per subcommand, returning the process exit code.
-//! - [`logging`]: log format and filters (no foreign crate logs at TRACE: the AWS SDK logs
-//!   message bodies there).
-//! - `lambda` (cargo feature `lambda`): the AWS Lambda handler behind the `loader-lambda`
-//!   binary: SQS events staged with [`staging`], partial batch responses.
+//! Layers, top to bottom; a module imports only from layers below its own (the library never
+//! names clap or the command line, which live in `src/bin/loader/`).
+//!
+//! - **binaries** (`src/bin/`): `loader` (clap, dispatch, printing, exit codes) and
+//!   `loader-lambda` (feature `lambda`).
+//! - **compositions** of the work below:
+//!   - [`run`], `loader run`: ingest and transform together, graceful shutdown;
+//!   - `lambda` (feature `lambda`): the AWS Lambda handler: SQS events staged with
+//!     [`staging`], schedules running [`transform`];
+//!   - [`bench`](mod@bench): the queue's ceiling, and staging alone with [`send`]'s generator.
+//! - **work**:
+//!   - [`ingest`]: receivers, the writer that stages and deletes flushes, and the unit of work
+//!     [`ingest::Ingestor::process`];
+//!   - [`transform`]: one call into the SQL functions of `sql/` (also rebuild and purge);
+//!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap), and `status`;
+//!   - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres);
+//!   - [`send`]: publishing fixture files or synthetic events.
+//! - **adapters**: [`db`] (the pool and `loader migrate`), [`sqs`] (receive, delete, send,
+//!   attributes), [`metrics`] (the Prometheus names, `--metrics-addr`).
+//! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
+//!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
+//!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at
+//!   TRACE, the AWS SDK logs message bodies there), [`progress`] (the terminal line while
+//!   draining), [`display`] (how timestamps are shown).
 
-pub mod app;
 pub mod bench;
-pub mod cli;
 pub mod config;
+pub mod counts;
 pub mod db;
 pub mod display;
 pub mod ingest;

@@ -7,7 +7,31 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::cli::LogFormat;
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, coloured on a terminal.
+    Pretty,
+    /// One JSON object per line (for log shippers, CloudWatch).
+    Json,
+}
+
+impl LogFormat {
+    /// The names the command line and `LOADER_LOG_FORMAT` accept.
+    pub const NAMES: [&str; 2] = ["pretty", "json"];
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pretty" => Ok(Self::Pretty),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?}: pretty or json")),
+        }
+    }
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn,loader=info`). Other crates never log
 /// finer than DEBUG, whatever `RUST_LOG` says: the AWS SDK logs whole responses (message bodies,

@@ -23,8 +23,7 @@ use anyhow::{Context, Result};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::ingest::Totals;
-use crate::transform::TransformReport;
+use crate::counts::{Totals, TransformReport};
 
 /// Serves `/metrics` (any path, in fact) on `addr`. Needs a Tokio runtime.
 pub fn install(addr: SocketAddr) -> Result<()> {

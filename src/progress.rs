@@ -1,5 +1,6 @@
 //! A progress line while draining a backlog on a terminal: messages done, rate, and how many
-//! are left on the queue. Nothing at all when stderr is not a terminal.
+//! are left on the queue (read by the caller, every [`DEPTH_REFRESH`]). Nothing at all when
+//! stderr is not a terminal.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -7,10 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::sqs::Queue;
-
 /// How often the queue's own depth is re-read (the count in between is an estimate).
-const DEPTH_REFRESH: Duration = Duration::from_secs(2);
+pub const DEPTH_REFRESH: Duration = Duration::from_secs(2);
 
 pub struct Progress {
     bar: ProgressBar,
@@ -35,19 +34,23 @@ impl Progress {
         }
     }
 
-    /// Records `n` more messages done; re-reads the queue depth every couple of seconds.
-    pub async fn advance(&self, n: u64, queue: &Queue) {
+    /// True once every [`DEPTH_REFRESH`]: time to read the queue's depth for [`advance`].
+    ///
+    /// [`advance`]: Progress::advance
+    pub fn depth_due(&self) -> bool {
+        let mut at = self.depth_read_at.lock().expect("progress lock");
+        let due = at.elapsed() >= DEPTH_REFRESH;
+        if due {
+            *at = Instant::now();
+        }
+        due
+    }
+
+    /// Records `n` more messages done, and `left` on the queue when it was just read.
+    pub fn advance(&self, n: u64, left: Option<u64>) {
         self.bar.inc(n);
-        let refresh = {
-            let mut at = self.depth_read_at.lock().expect("progress lock");
-            let due = at.elapsed() >= DEPTH_REFRESH;
-            if due {
-                *at = Instant::now();
-            }
-            due
-        };
-        if refresh && let Ok((visible, in_flight, _)) = queue.depth().await {
-            self.bar.set_length(self.bar.position() + visible + in_flight);
+        if let Some(left) = left {
+            self.bar.set_length(self.bar.position() + left);
         }
         let done = self.bar.position();
         let rate = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);

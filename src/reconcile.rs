@@ -32,6 +32,38 @@ pub struct RunCounts {
 /// The columns of [`RunCounts`], for `select {RUN_COLUMNS} from loader.ingest_runs`.
 pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";
 
+/// `loader status`: the pipeline at a glance, from `loader.pipeline_status` (which analysts
+/// can read in psql too) and the latest ingest run.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Staged rows waiting for the transform.
+    pub pending: i64,
+    /// When the oldest of them was staged.
+    pub oldest_pending: Option<OffsetDateTime>,
+    /// When a transform batch last found the work list drained.
+    pub last_drained_at: Option<OffsetDateTime>,
+    pub active_key_id: Option<i32>,
+    pub last_run: Option<RunCounts>,
+}
+
+/// Reads [`Status`].
+pub async fn status(pool: &PgPool) -> Result<Status> {
+    let (pending, oldest_pending, last_drained_at, active_key_id) = sqlx::query_as(
+        "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
+           from loader.pipeline_status",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading status (has `loader migrate` run?)")?;
+    let last_run = sqlx::query_as(&format!(
+        "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
+    ))
+    .fetch_optional(pool)
+    .await
+    .context("reading the last ingest run")?;
+    Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
+}
+
 /// Row counts per stage in the database.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StageCounts {

@@ -12,8 +12,9 @@ use anyhow::Result;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 
-use crate::ingest::{Ingestor, Mode, Totals};
-use crate::transform::{self, TransformReport};
+use crate::counts::{Totals, TransformReport};
+use crate::ingest::Ingestor;
+use crate::transform;
 
 /// How `loader run` schedules the transform.
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +46,7 @@ pub struct RunTotals {
 
 /// Drains the queue, transforms, returns (`loader run --once`).
 pub async fn once(ingestor: Ingestor, pool: &PgPool, schedule: Schedule) -> Result<RunTotals> {
-    let ingest = ingestor.run(Mode::Drain, std::future::pending()).await?;
+    let ingest = ingestor.run(std::future::pending()).await?;
     let transform = transform::transform(pool, schedule.batch_size).await?;
     Ok(RunTotals { ingest, transform })
 }
@@ -62,15 +63,13 @@ pub async fn until_stopped(
     let (stop, stopped) = watch::channel(false);
     let transformer = tokio::spawn(transform_loop(pool.clone(), schedule, committed, stopped));
 
-    let ingested = ingestor.run(Mode::Follow, shutdown).await;
+    let ingested = ingestor.run(shutdown).await;
     let _ = stop.send(true);
     let mut totals = transformer.await.unwrap_or_default();
     let ingest = ingested?;
     // The last transform covers the batch committed during shutdown.
     let last = transform::transform(pool, schedule.batch_size).await?;
-    totals.loaded += last.loaded;
-    totals.rejected += last.rejected;
-    totals.pending = last.pending;
+    totals += last;
     Ok(RunTotals { ingest, transform: totals })
 }
 
@@ -106,9 +105,7 @@ async fn transform_loop(
                         "transformed"
                     );
                 }
-                totals.loaded += r.loaded;
-                totals.rejected += r.rejected;
-                totals.pending = r.pending;
+                totals += r;
             }
             Err(e) => {
                 if !failing {

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::config::AwsSettings;
 use crate::retry::Transient;
+use crate::staging;
 
 /// SQS caps ReceiveMessage, DeleteMessageBatch and SendMessageBatch at ten entries.
 pub const MAX_BATCH: usize = 10;
@@ -212,7 +213,7 @@ impl Queue {
                 message_id,
                 receipt_handle,
                 sent_at: attr(MessageSystemAttributeName::SentTimestamp)
-                    .and_then(parse_epoch_millis),
+                    .and_then(staging::parse_epoch_millis),
                 receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount)
                     .and_then(|v| v.parse().ok()),
                 body: m.body.unwrap_or_default(),
@@ -486,11 +487,6 @@ fn name_from_url(url: &str) -> Result<String> {
     }
 }
 
-pub fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
-    let millis: i128 = v.parse().ok()?;
-    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,13 +497,5 @@ mod tests {
         assert_eq!(name_from_url(url).unwrap(), "login-queue");
         assert_eq!(name_from_url("https://sqs.us-east-1.amazonaws.com/1/q/").unwrap(), "q");
         assert!(name_from_url("http://host:4566").is_err());
-    }
-
-    #[test]
-    fn sent_timestamp_is_epoch_milliseconds() {
-        let t = parse_epoch_millis("1700000000123").unwrap();
-        assert_eq!(t.unix_timestamp(), 1_700_000_000);
-        assert_eq!(t.millisecond(), 123);
-        assert!(parse_epoch_millis("yesterday").is_none());
     }
 }

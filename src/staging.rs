@@ -193,7 +193,7 @@ async fn insert(
 }
 
 /// Stages `messages` like [`stage`]. If the database refuses the statement because of its
-/// rows ([`refuses_rows`]), stages them one at a time and returns the ids of those it still
+/// rows (`refuses_rows`), stages them one at a time and returns the ids of those it still
 /// refuses (one per copy), so the caller can leave just those on the queue. They are not staged;
 /// the run counts them in `loader.ingest_runs.refused`, apart from `received`.
 ///
@@ -263,6 +263,12 @@ fn is_data_exception(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))
 }
 
+/// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.
+pub fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
+    let millis: i128 = v.parse().ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+}
+
 /// True when `jsonb` can store the body as JSON: it parses, and no string or key holds U+0000
 /// (which `jsonb` refuses). serde_json already refuses lone surrogate escapes.
 pub fn is_storable_json(body: &str) -> bool {
@@ -310,5 +316,13 @@ mod tests {
         assert_eq!(b.ids, ["a", "b"]);
         assert_eq!(b.bodies, ["1", "x"]);
         assert_eq!(b.is_json, [true, false]);
+    }
+
+    #[test]
+    fn sent_timestamp_is_epoch_milliseconds() {
+        let t = parse_epoch_millis("1700000000123").unwrap();
+        assert_eq!(t.unix_timestamp(), 1_700_000_000);
+        assert_eq!(t.millisecond(), 123);
+        assert!(parse_epoch_millis("yesterday").is_none());
     }
 }

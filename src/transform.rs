@@ -7,21 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 
+use crate::counts::TransformReport;
 use crate::metrics;
-
-/// What a transform call reports: the SQL function's own row.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
-pub struct TransformReport {
-    pub loaded: i64,
-    pub rejected: i64,
-    pub pending: i64,
-}
-
-impl std::fmt::Display for TransformReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "loaded {}, rejected {}, pending {}", self.loaded, self.rejected, self.pending)
-    }
-}
 
 /// How often a transform whose batch was refused at COMMIT because a key rotation retired its
 /// key (SQLSTATE 40001) is run again. The rerun masks with the new key; batches committed
@@ -61,16 +48,25 @@ fn is_key_rotated(e: &sqlx::Error) -> bool {
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);
 /// also published as the `loader_oldest_pending_age_seconds` gauge.
 async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
-    let seconds: f64 = sqlx::query_scalar(
-        "select coalesce(extract(epoch from now() - min(r.staged_at))::float8, 0)
-           from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id",
-    )
-    .fetch_one(pool)
-    .await
-    .context("reading the oldest pending row")?;
+    let seconds: f64 =
+        sqlx::query_scalar("select oldest_pending_age_seconds from loader.pipeline_status")
+            .fetch_one(pool)
+            .await
+            .context("reading the oldest pending row")?;
     let age = Duration::from_secs_f64(seconds.max(0.0));
     metrics::oldest_pending(age);
     Ok(age)
+}
+
+/// Retention (`loader.purge_staged`, `sql/40_retention.sql`): the raw body of every message
+/// staged more than `days` days ago that has an outcome becomes JSON null. Owner role only.
+/// Returns how many bodies were purged.
+pub async fn purge(pool: &PgPool, days: i32) -> Result<i64> {
+    sqlx::query_scalar("select loader.purge_staged(make_interval(days => $1))")
+        .bind(days)
+        .fetch_one(pool)
+        .await
+        .context("purging staged bodies (only the owner role may)")
 }
 
 /// Recomputes every outcome with the active key, atomically (`loader.rebuild()`).

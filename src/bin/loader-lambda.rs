@@ -7,8 +7,8 @@
 //! invocation; see `loader::lambda` for what it does with each event.
 
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use loader::cli::LogFormat;
 use loader::lambda::Handler;
+use loader::logging::LogFormat;
 use serde_json::Value;
 
 #[tokio::main(flavor = "current_thread")]

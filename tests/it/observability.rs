@@ -1,13 +1,11 @@
 //! Signals people alert on and watch: Prometheus metrics, JSON logs, the progress line, and
 //! logs free of personal data at the most verbose level.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{TestDb, TestQueue, loader_command};
+use crate::support::{TestDb, TestQueue, loader_command};
 
 /// One GET of the metrics endpoint; the metric's value, if present.
 fn scrape(addr: &str, metric: &str) -> Option<f64> {
@@ -43,14 +41,14 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(30).await;
     let addr = format!("127.0.0.1:{}", free_port());
-    let child = common::spawn_loader(
+    let child = crate::support::spawn_loader(
         &db.url,
         &q.name,
         &["run", "--wait-seconds", "1", "--metrics-addr", &addr],
     );
 
     q.send(&loader::send::generate(40, 1)).await;
-    common::wait_for_count(&db, "select count(*) from public.user_logins", 40).await;
+    crate::support::wait_for_count(&db, "select count(*) from public.user_logins", 40).await;
     assert_eq!(scrape_until(&addr, "loader_messages_staged_total", 40.0).await, Some(40.0));
     assert_eq!(scrape_until(&addr, "loader_rows_loaded_total", 40.0).await, Some(40.0));
     assert_eq!(scrape_until(&addr, "loader_messages_deleted_total", 40.0).await, Some(40.0));
@@ -59,10 +57,10 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     assert!(scrape(&addr, "loader_transform_seconds_count").unwrap_or(0.0) >= 1.0);
 
     q.send(&loader::send::generate(25, 2)).await;
-    common::wait_for_count(&db, "select count(*) from public.user_logins", 65).await;
+    crate::support::wait_for_count(&db, "select count(*) from public.user_logins", 65).await;
     let moved = scrape_until(&addr, "loader_messages_staged_total", 65.0).await;
     assert_eq!(moved, Some(65.0), "the counter moved with the second burst");
-    common::terminate_ok(child);
+    crate::support::terminate_ok(child);
 }
 
 #[tokio::test]
@@ -112,7 +110,7 @@ async fn the_progress_line_shows_on_a_terminal_only() {
     // A terminal (a pty from `script`): the line shows messages done and the rate.
     q.send(&loader::send::generate(30, 5)).await;
     let cmd = format!("{} ingest --wait-seconds 1", env!("CARGO_BIN_EXE_loader"));
-    let log = std::env::temp_dir().join(common::unique_name("pty"));
+    let log = std::env::temp_dir().join(crate::support::unique_name("pty"));
     let status = std::process::Command::new("script")
         .args(["-qfec", &cmd, log.to_str().unwrap()])
         .envs(loader_command(&db.url, &q.name, &[]).get_envs().filter_map(|(k, v)| Some((k, v?))))
@@ -130,7 +128,7 @@ async fn the_progress_line_shows_on_a_terminal_only() {
 async fn a_whole_run_never_logs_bodies_ips_device_ids_or_keys_even_at_trace() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(30).await;
-    let fixture = common::fixture_messages();
+    let fixture = crate::support::fixture_messages();
     q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
 
     let out = loader_command(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"])

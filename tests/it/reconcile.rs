@@ -1,11 +1,9 @@
 //! `loader reconcile` and `loader status`: the counts, and each invariant caught when broken.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::support::{TestDb, TestQueue, loader, loader_ok};
 use aws_sdk_sqs::types::QueueAttributeName;
-use common::{TestDb, TestQueue, loader, loader_ok};
 use serde_json::Value;
 
 /// Runs `loader reconcile --json` and returns (exit code, report).
@@ -76,7 +74,8 @@ async fn healthy() -> (TestDb, TestQueue, TestQueue) {
         .send()
         .await
         .unwrap();
-    q.send(&common::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>()).await;
+    q.send(&crate::support::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>())
+        .await;
     loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
     loader_ok(&db.url, &q.name, &["transform"]);
     (db, q, dlq)
@@ -111,7 +110,12 @@ async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
 #[tokio::test]
 async fn each_broken_invariant_exits_3_and_names_the_message() {
     let db = TestDb::migrated().await;
-    common::stage(&db, &common::fixture_messages(), time::OffsetDateTime::now_utc()).await;
+    crate::support::stage(
+        &db,
+        &crate::support::fixture_messages(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await;
     loader_ok(&db.url, "unused", &["transform"]);
     let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
     assert_eq!(code, Some(0), "{report:#}");

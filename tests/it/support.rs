@@ -1,7 +1,7 @@
 //! Test fixtures: a database and a queue of one's own, against the real PostgreSQL and
 //! LocalStack that `scripts/test.sh` starts. Both are removed when dropped.
 
-#![allow(dead_code)] // each test binary uses a different part of this module
+#![allow(dead_code)] // parts serve only the `lambda` module, built with that feature
 
 use std::collections::HashMap;
 use std::process::{Command, Output};

@@ -1,11 +1,9 @@
 //! Outages mid-drain, through a proxy that refuses and cuts connections for a few seconds:
 //! ingest pauses, logs once, resumes by itself, and every message is staged exactly once.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Proxy, TestDb, TestQueue, loader_command};
+use crate::support::{Proxy, TestDb, TestQueue, loader_command};
 
 const MESSAGES: usize = 8_000;
 
@@ -29,7 +27,8 @@ async fn drain_through(
     .spawn()
     .unwrap();
     // Mid-drain: some rows are staged, not all.
-    let staged = common::wait_for_count(db, "select count(*) from loader.raw_logins", 1_000).await;
+    let staged =
+        crate::support::wait_for_count(db, "select count(*) from loader.raw_logins", 1_000).await;
     assert!(staged >= 1_000 && staged < MESSAGES as i64, "mid-drain: {staged}");
     proxy.outage(Duration::from_secs(3)).await;
     tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap()
@@ -48,14 +47,14 @@ async fn assert_exactly_once(db: &TestDb, q: &TestQueue, out: &std::process::Out
     if warned == 1 {
         assert!(stderr.contains(&format!("{what} available again")), "{stderr}");
     }
-    common::wait_until_visible(q, 0).await;
-    common::loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    crate::support::wait_until_visible(q, 0).await;
+    crate::support::loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, MESSAGES as i64);
     assert_eq!(
         db.count("select count(distinct message_id) from loader.raw_logins").await,
         MESSAGES as i64
     );
-    common::wait_until_visible(q, 0).await;
+    crate::support::wait_until_visible(q, 0).await;
     assert_eq!(q.depth().await, (0, 0, 0));
 }
 
@@ -64,7 +63,7 @@ async fn postgres_down_mid_drain_pauses_and_resumes() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(3).await;
     let (proxy, db_url) = Proxy::for_database(&db).await;
-    let sqs_url = common::aws_settings().endpoint_url.unwrap();
+    let sqs_url = crate::support::aws_settings().endpoint_url.unwrap();
     let out = drain_through(&db, &q, &db_url, &sqs_url, &proxy).await;
     assert_exactly_once(&db, &q, &out, "PostgreSQL").await;
 }
@@ -73,8 +72,8 @@ async fn postgres_down_mid_drain_pauses_and_resumes() {
 async fn sqs_unreachable_mid_drain_pauses_and_resumes() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(3).await;
-    let sqs = common::aws_settings().endpoint_url.unwrap();
-    let proxy = Proxy::start(common::socket_of(&sqs)).await;
+    let sqs = crate::support::aws_settings().endpoint_url.unwrap();
+    let proxy = Proxy::start(crate::support::socket_of(&sqs)).await;
     let sqs_url = format!("http://127.0.0.1:{}", proxy.port);
     let out = drain_through(&db, &q, &db.url, &sqs_url, &proxy).await;
     assert_exactly_once(&db, &q, &out, "SQS").await;

@@ -2,22 +2,19 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-
-use std::time::Duration;
-
-use anyhow::{Context, bail};
+use anyhow::{Context, Result};
+use loader::bench::StagingMethod;
+use loader::config::Settings;
+use loader::display::timestamp;
+use loader::ingest::{Ingestor, Mode};
+use loader::progress::Progress;
+use loader::sqs::Queue;
+use loader::{bench, db, keys, reconcile, run, send, sqs, transform};
 
 use crate::cli::{
     BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
-    SendArgs, StagingMethod, TransformArgs,
+    SendArgs, TransformArgs,
 };
-use crate::config::Settings;
-use crate::display::timestamp;
-use crate::ingest::{Ingestor, Mode};
-use crate::progress::Progress;
-use crate::sqs::Queue;
-use crate::{bench, db, keys, reconcile, run, send, sqs, transform};
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -26,6 +23,7 @@ pub mod exit {
     /// Any error (configuration, connection, database, queue).
     pub const ERROR: u8 = 1;
     /// Bad command line (clap's own code).
+    #[expect(dead_code, reason = "clap exits with it itself; named for the table of codes")]
     pub const USAGE: u8 = 2;
     /// `loader reconcile` found a broken invariant.
     pub const GAP: u8 = 3;
@@ -33,9 +31,9 @@ pub mod exit {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let settings = Settings::from_args(&cli.global);
+    let settings = cli.global.settings();
     if let Some(addr) = cli.global.metrics_addr {
-        crate::metrics::install(addr)?;
+        loader::metrics::install(addr)?;
     }
     match cli.command {
         Command::Migrate => migrate(&settings).await,
@@ -75,8 +73,8 @@ async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
         .with_flow(args.flow.flow());
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
     let totals = match mode {
-        Mode::Drain => ingestor.run(mode, std::future::pending()).await?,
-        Mode::Follow => ingestor.run(mode, shutdown_signal()).await?,
+        Mode::Drain => ingestor.run(std::future::pending()).await?,
+        Mode::Follow => ingestor.run(shutdown_signal()).await?,
     };
     println!("ingest run {}: {totals}", ingestor.run_id());
     Ok(ExitCode::from(exit::OK))
@@ -99,8 +97,7 @@ async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode
     if args.rebuild {
         println!("rebuild: {}", transform::rebuild(&pool).await?);
     } else if args.watch {
-        let interval = positive_seconds(args.interval, "--interval")?;
-        transform::watch(&pool, args.batch_size, interval, shutdown_signal(), |r| {
+        transform::watch(&pool, args.batch_size, args.interval, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
                 println!("transform: {r}");
             }
@@ -150,7 +147,7 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
 
 async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     let schedule = run::Schedule {
-        interval: positive_seconds(args.transform_interval, "--transform-interval")?,
+        interval: args.transform_interval,
         batch_size: args.batch_size,
         ..run::Schedule::default()
     };
@@ -172,14 +169,6 @@ async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     };
     println!("run {run_id}: {}; transform: {}", totals.ingest, totals.transform);
     Ok(ExitCode::from(exit::OK))
-}
-
-/// A positive, finite number of seconds from the command line.
-fn positive_seconds(seconds: f64, flag: &str) -> Result<Duration> {
-    if !(seconds.is_finite() && seconds > 0.0) {
-        bail!("{flag} must be a positive number of seconds");
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode> {
@@ -209,34 +198,16 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
         },
         Err(e) => format!("unavailable ({e:#})"),
     };
-    let (pending, oldest, last_drained, key_id): (
-        i64,
-        Option<time::OffsetDateTime>,
-        Option<time::OffsetDateTime>,
-        Option<i32>,
-    ) = sqlx::query_as(
-        "select (select count(*) from loader.transform_queue),
-                    (select min(r.staged_at) from loader.transform_queue q
-                       join loader.raw_logins r on r.id = q.raw_id),
-                    (select last_drained_at from loader.transform_state),
-                    (select id from loader.mask_key_info where active)",
-    )
-    .fetch_one(&pool)
-    .await
-    .map_err(anyhow::Error::from)
-    .context("reading status (has `loader migrate` run?)")?;
-    let last_run: Option<reconcile::RunCounts> = sqlx::query_as(&format!(
-        "select {} from loader.ingest_runs order by id desc limit 1",
-        reconcile::RUN_COLUMNS
-    ))
-    .fetch_optional(&pool)
-    .await?;
+    let status = reconcile::status(&pool).await?;
     let when = timestamp;
     println!("queue {}: {queue}", settings.queue);
-    let oldest = oldest.map(|t| format!(" (oldest staged {})", when(Some(t)))).unwrap_or_default();
-    println!("pending transform: {pending}{oldest}");
-    println!("last drained transform: {}", when(last_drained));
-    match last_run {
+    let oldest = status
+        .oldest_pending
+        .map(|t| format!(" (oldest staged {})", when(Some(t))))
+        .unwrap_or_default();
+    println!("pending transform: {}{oldest}", status.pending);
+    println!("last drained transform: {}", when(status.last_drained_at));
+    match status.last_run {
         Some(r) => println!(
             "last ingest run: {} ({}), started {}, {}: received {}, staged {}, duplicates {}, deleted {}, delete failures {}, refused {}",
             r.id,
@@ -255,7 +226,8 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
         ),
         None => println!("last ingest run: none"),
     }
-    println!("active key: {}", key_id.map_or_else(|| "none".to_owned(), |k| k.to_string()));
+    let key = status.active_key_id.map_or_else(|| "none".to_owned(), |k| k.to_string());
+    println!("active key: {key}");
     Ok(ExitCode::from(exit::OK))
 }
 
@@ -263,11 +235,7 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
 async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
-    let purged: i64 = sqlx::query_scalar("select loader.purge_staged(make_interval(days => $1))")
-        .bind(days)
-        .fetch_one(&pool)
-        .await
-        .context("purging staged bodies (only the owner role may)")?;
+    let purged = transform::purge(&pool, days).await?;
     println!("purged {purged} staged bodies older than {days} days");
     Ok(ExitCode::from(exit::OK))
 }

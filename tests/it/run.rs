@@ -1,30 +1,30 @@
 //! `loader run`: ingest and transform together, stopped by SIGTERM mid-stream; and the latency
 //! from a send to a row in `user_logins` on an idle queue.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestDb, TestQueue, loader, loader_ok};
+use crate::support::{TestDb, TestQueue, loader, loader_ok};
 
 #[tokio::test]
 async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
     let db = TestDb::migrated().await;
     // A short visibility timeout: a receive cut off by the shutdown returns its messages soon.
     let q = TestQueue::new(2).await;
-    let fixture: Vec<String> = common::fixture_messages().into_iter().map(|(_, b)| b).collect();
+    let fixture: Vec<String> =
+        crate::support::fixture_messages().into_iter().map(|(_, b)| b).collect();
     let generated = loader::send::generate(3_000, 11);
     q.send(&fixture).await;
 
-    let child = common::spawn_loader(&db.url, &q.name, &["run", "--wait-seconds", "1"]);
+    let child = crate::support::spawn_loader(&db.url, &q.name, &["run", "--wait-seconds", "1"]);
     // Keep sending while it runs, then stop it mid-stream.
     let sender = {
         let queue = q.queue.clone();
         tokio::spawn(async move { loader::send::send_all(&queue, generated).await.unwrap() })
     };
-    let staged = common::wait_for_count(&db, "select count(*) from loader.raw_logins", 600).await;
+    let staged =
+        crate::support::wait_for_count(&db, "select count(*) from loader.raw_logins", 600).await;
     assert!(staged >= 600, "run is ingesting: {staged}");
-    let stdout = common::terminate_ok(child);
+    let stdout = crate::support::terminate_ok(child);
     assert!(stdout.contains("transform: loaded"), "{stdout}");
     assert_eq!(sender.await.unwrap(), 3_000);
 
@@ -38,7 +38,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Drain the rest, including any message a cut-off receive held: every message exactly once.
-    common::wait_until_visible(&q, 0).await;
+    crate::support::wait_until_visible(&q, 0).await;
     loader_ok(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"]);
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, 3_100);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 3_100);
@@ -58,7 +58,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
 async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(30).await;
-    let child = common::spawn_loader(&db.url, &q.name, &["run"]);
+    let child = crate::support::spawn_loader(&db.url, &q.name, &["run"]);
     // Let it reach its first (idle) long poll.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -83,7 +83,7 @@ async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
         }
         delays.push(sent.elapsed());
     }
-    common::terminate_ok(child);
+    crate::support::terminate_ok(child);
     // Reported with --nocapture; the bound is deliberately generous.
     eprintln!("send-to-row delays on an idle queue: {delays:?}");
 }

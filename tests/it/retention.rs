@@ -1,9 +1,7 @@
 //! Retention (`loader purge`, `loader.purge_staged`): old raw bodies go, outcomes stay, and
 //! rebuilds, rotations, redeliveries and reconcile all still hold.
 
-mod common;
-
-use common::{TestDb, fixture_messages, loader_ok, stage};
+use crate::support::{TestDb, fixture_messages, loader_ok, stage};
 use time::macros::datetime;
 
 const SENT: time::OffsetDateTime = datetime!(2020-02-29 23:59:59 UTC);

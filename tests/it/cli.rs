@@ -1,11 +1,9 @@
 //! `loader migrate` on new and pre-existing databases, and the one-line errors (exit 1) for a
 //! wrong database, an unreachable endpoint or a missing queue.
 
-mod common;
-
 use std::process::Command;
 
-use common::{TestDb, loader, loader_ok};
+use crate::support::{TestDb, loader, loader_ok};
 
 #[tokio::test]
 async fn migrate_twice_is_a_no_op() {
@@ -89,7 +87,7 @@ fn run_with(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
 #[tokio::test]
 async fn configuration_errors_exit_1_with_one_line() {
     let db = TestDb::migrated().await;
-    let endpoint = common::aws_settings().endpoint_url.unwrap();
+    let endpoint = crate::support::aws_settings().endpoint_url.unwrap();
     let db_ok = ("DATABASE_URL", db.url.as_str());
     let sqs_ok = ("AWS_ENDPOINT_URL", endpoint.as_str());
     type Env<'a> = &'a [(&'a str, &'a str)];
@@ -125,7 +123,7 @@ async fn configuration_errors_exit_1_with_one_line() {
 #[tokio::test]
 async fn a_dotenv_file_configures_the_command() {
     let db = TestDb::empty().await;
-    let dir = std::env::temp_dir().join(common::unique_name("loader-dotenv"));
+    let dir = std::env::temp_dir().join(crate::support::unique_name("loader-dotenv"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(".env"), format!("DATABASE_URL={}\n", db.url)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_loader"))
@@ -142,11 +140,11 @@ async fn a_dotenv_file_configures_the_command() {
 #[tokio::test]
 async fn without_a_region_us_east_1_is_used() {
     let db = TestDb::migrated().await;
-    let q = common::TestQueue::new(30).await;
+    let q = crate::support::TestQueue::new(30).await;
     let out = Command::new(env!("CARGO_BIN_EXE_loader"))
         .args(["ingest", "--wait-seconds", "0", "--queue", &q.name])
         .env("DATABASE_URL", &db.url)
-        .env("AWS_ENDPOINT_URL", common::aws_settings().endpoint_url.unwrap())
+        .env("AWS_ENDPOINT_URL", crate::support::aws_settings().endpoint_url.unwrap())
         .env_remove("AWS_REGION")
         .env_remove("AWS_DEFAULT_REGION")
         .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -183,7 +181,7 @@ async fn bench_commands_measure_what_they_say() {
         "COPY carries bodies and timestamps intact"
     );
 
-    let q = common::TestQueue::new(30).await;
+    let q = crate::support::TestQueue::new(30).await;
     q.send(&loader::send::generate(60, 1)).await;
     let out = loader_ok(&db.url, &q.name, &["bench", "ceiling", "--receivers", "2"]);
     assert!(out.starts_with("receive+delete (no database): 60 messages in "), "{out}");

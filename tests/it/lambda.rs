@@ -1,10 +1,7 @@
 //! The Lambda handler (cargo feature `lambda`) against a real PostgreSQL: SQS events built from
 //! the fixture, redelivery, a record the database refuses, the scheduled transform.
-#![cfg(feature = "lambda")]
 
-mod common;
-
-use common::{TestDb, fixture_messages};
+use crate::support::{TestDb, fixture_messages};
 use loader::lambda::Handler;
 use serde_json::{Value, json};
 
@@ -141,7 +138,7 @@ async fn an_unknown_event_is_an_error_not_a_guess() {
 async fn the_runtime_loop_serves_invocations_under_the_emulator() {
     let db = TestDb::migrated().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _emulator = tokio::process::Command::new(common::required_env("CARGO_LAMBDA"))
+    let _emulator = tokio::process::Command::new(crate::support::required_env("CARGO_LAMBDA"))
         .args(["lambda", "watch", "--only-lambda-apis", "-A", "127.0.0.1", "-P"])
         .arg(port.to_string())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -199,7 +196,7 @@ async fn the_runtime_loop_serves_invocations_under_the_emulator() {
 #[tokio::test]
 async fn the_ingest_role_is_enough_to_stage() {
     let db = TestDb::migrated().await;
-    let role = common::TestRole::new(&db, "loader_ingest").await;
+    let role = crate::support::TestRole::new(&db, "loader_ingest").await;
     let handler = Handler::new(role.pool.clone(), false);
     let response = handler.handle(sqs_event(&fixture_messages())).await.unwrap();
     assert_eq!(failures(&response), Vec::<String>::new());
@@ -215,7 +212,7 @@ async fn an_error_that_is_not_about_the_rows_fails_the_whole_invocation() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let role = common::TestRole::new(&db, "loader_ingest").await;
+    let role = crate::support::TestRole::new(&db, "loader_ingest").await;
     let handler = Handler::new(role.pool.clone(), false);
     let err = handler.handle(sqs_event(&fixture_messages()[..3])).await.unwrap_err();
     assert!(format!("{err:#}").contains("permission denied for function stage"), "{err:#}");

@@ -1,9 +1,7 @@
 //! `loader send` and `loader ingest` against real PostgreSQL and LocalStack: the fixture, redelivery,
 //! crash safety around the commit, and hostile bodies.
 
-mod common;
-
-use common::{FIXTURE, TestDb, TestQueue, loader, loader_ok, wait_until_visible};
+use crate::support::{FIXTURE, TestDb, TestQueue, loader, loader_ok, wait_until_visible};
 use loader::ingest::{Ingestor, Mode};
 use loader::staging::{self, RawMessage};
 
@@ -14,7 +12,7 @@ fn generated(n: u64) -> Vec<String> {
 #[tokio::test]
 async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
     let db = TestDb::migrated().await;
-    let queue = common::unique_name("loader-fixture").replace('_', "-");
+    let queue = crate::support::unique_name("loader-fixture").replace('_', "-");
 
     // `send` creates the queue when it is missing.
     let out = loader_ok(&db.url, &queue, &["send", FIXTURE]);
@@ -53,7 +51,7 @@ async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
 }
 
 async fn open(name: &str) -> loader::sqs::Queue {
-    let client = loader::sqs::client(&common::aws_settings()).await;
+    let client = loader::sqs::client(&crate::support::aws_settings()).await;
     loader::sqs::Queue::open(client, name).await.unwrap()
 }
 
@@ -69,7 +67,7 @@ async fn a_redelivered_message_is_staged_once() {
     assert!(!first.is_empty());
     wait_until_visible(&q, 25).await;
 
-    let totals = ingestor.run(Mode::Drain, std::future::pending()).await.unwrap();
+    let totals = ingestor.run(std::future::pending()).await.unwrap();
     assert_eq!((totals.staged, totals.deleted), (25, 25));
     assert_eq!(db.count("select count(*) from loader.raw_logins").await, 25);
     let ids: Vec<String> = first.iter().map(|m| m.message_id.clone()).collect();
@@ -221,15 +219,19 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
 async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
     let db = TestDb::migrated().await;
     let q = TestQueue::new(30).await;
-    let child =
-        common::spawn_loader(&db.url, &q.name, &["ingest", "--follow", "--wait-seconds", "1"]);
+    let child = crate::support::spawn_loader(
+        &db.url,
+        &q.name,
+        &["ingest", "--follow", "--wait-seconds", "1"],
+    );
 
     q.send(&generated(15)).await;
-    let staged = common::wait_for_count(&db, "select count(*) from loader.raw_logins", 15).await;
+    let staged =
+        crate::support::wait_for_count(&db, "select count(*) from loader.raw_logins", 15).await;
     assert_eq!(staged, 15, "messages sent after start are staged");
     q.send(&generated(5)).await; // may be in hand when the signal arrives: must still finish
 
-    let stdout = common::terminate_ok(child);
+    let stdout = crate::support::terminate_ok(child);
     assert!(stdout.contains("staged"), "summary line printed: {stdout}");
     // Every message is either staged (and deleted) or still on the queue: none lost.
     let staged = db.count("select count(*) from loader.raw_logins").await;
@@ -254,9 +256,10 @@ async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() 
 
     let mut rng = fastrand::Rng::with_seed(7);
     for _ in 0..4 {
-        let child = common::spawn_loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+        let child =
+            crate::support::spawn_loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
         tokio::time::sleep(std::time::Duration::from_millis(rng.u64(300..1500))).await;
-        common::kill_9(child);
+        crate::support::kill_9(child);
     }
     let staged_before = db.count("select count(*) from loader.raw_logins").await;
     assert!(staged_before > 0 && staged_before < 20_000, "killed mid-drain: {staged_before}");

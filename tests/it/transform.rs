@@ -1,11 +1,9 @@
 //! The SQL transform, called as an analyst would call it: field rules, masks, rejects,
 //! idempotence, rebuild after rotation, concurrency, and privileges.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{TestDb, TestRole, fixture_messages, stage};
+use crate::support::{TestDb, TestRole, fixture_messages, stage};
 use serde_json::json;
 use time::macros::datetime;
 
@@ -307,7 +305,7 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     assert_eq!(db.count("select count(*) from public.user_logins").await, 119);
 
     let before: HashMap<String, (String, String, i32)> = masks(&db).await;
-    let out = common::loader_ok(&db.url, "unused", &["keys", "rotate"]);
+    let out = crate::support::loader_ok(&db.url, "unused", &["keys", "rotate"]);
     assert!(out.contains("rebuilt: loaded 119, rejected 1, pending 0"), "{out}");
     let after = masks(&db).await;
     assert_eq!(after.len(), before.len(), "row count unchanged");
@@ -328,7 +326,7 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     // Installing a known key (as two environments would) makes masks reproducible.
     let key_hex = "ab".repeat(32);
     let install = |db: &TestDb| {
-        let out = common::loader_command(&db.url, "unused", &["keys", "install"])
+        let out = crate::support::loader_command(&db.url, "unused", &["keys", "install"])
             .env("LOADER_MASK_KEY", &key_hex)
             .env("RUST_LOG", "trace")
             .output()
@@ -345,7 +343,7 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     let other = TestDb::migrated().await;
     stage(&other, &fixture_messages(), SENT).await;
     // The other environment reads the key from stdin.
-    let mut child = common::loader_command(&other.url, "unused", &["keys", "install"])
+    let mut child = crate::support::loader_command(&other.url, "unused", &["keys", "install"])
         .env_remove("LOADER_MASK_KEY")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -409,7 +407,7 @@ async fn transform_while_ingest_commits_skips_no_row() {
             let pool = db.pool.clone();
             tokio::spawn(async move {
                 for batch in part.chunks(500) {
-                    common::stage_with(&pool, batch, SENT).await;
+                    crate::support::stage_with(&pool, batch, SENT).await;
                 }
             })
         })
@@ -498,7 +496,7 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
     for args in
         [&["transform"][..], &["transform", "--rebuild"], &["keys", "rotate"], &["keys", "list"]]
     {
-        let out = common::loader_command(&db.url, "unused", args)
+        let out = crate::support::loader_command(&db.url, "unused", args)
             .env("RUST_LOG", "trace")
             .output()
             .unwrap();
@@ -526,16 +524,57 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
 #[tokio::test]
 async fn watch_mode_transforms_new_rows_until_sigterm() {
     let db = TestDb::migrated().await;
-    let child =
-        common::spawn_loader(&db.url, "unused", &["transform", "--watch", "--interval", "0.2"]);
+    let child = crate::support::spawn_loader(
+        &db.url,
+        "unused",
+        &["transform", "--watch", "--interval", "0.2"],
+    );
     stage(&db, &fixture_messages(), SENT).await;
-    let done = common::wait_for_count(
+    let done = crate::support::wait_for_count(
         &db,
         "select (select count(*) from public.user_logins) + (select count(*) from loader.login_rejects)",
         100,
     )
     .await;
     assert_eq!(done, 100);
-    let stdout = common::terminate_ok(child);
+    let stdout = crate::support::terminate_ok(child);
     assert!(stdout.contains("transform: loaded 99, rejected 1"), "{stdout}");
+}
+
+/// The SQL side explains itself in psql (`\dn+`, `\d+`, `\df+`): every function, table and
+/// view of schema loader, every column of those and of public.user_logins, has a comment.
+#[tokio::test]
+async fn every_object_an_analyst_may_meet_has_a_comment() {
+    let db = TestDb::migrated().await;
+    let missing: Vec<String> = sqlx::query_scalar(
+        "select 'function ' || p.oid::regprocedure from pg_proc p
+          where p.pronamespace = 'loader'::regnamespace and obj_description(p.oid, 'pg_proc') is null
+         union all
+         select 'relation ' || c.oid::regclass from pg_class c
+          where c.relnamespace = 'loader'::regnamespace and c.relkind in ('r', 'v', 'm', 'p')
+            and obj_description(c.oid, 'pg_class') is null
+         union all
+         select 'column ' || c.oid::regclass || '.' || a.attname
+           from pg_class c join pg_attribute a on a.attrelid = c.oid
+          where a.attnum > 0 and not a.attisdropped
+            and (c.oid = 'public.user_logins'::regclass
+                 or c.relnamespace = 'loader'::regnamespace and c.relkind in ('r', 'v', 'm', 'p'))
+            and col_description(c.oid, a.attnum) is null
+         union all
+         select 'schema loader' where obj_description('loader'::regnamespace, 'pg_namespace') is null
+         order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(missing, Vec::<String>::new(), "objects without a comment");
+    let schema: String =
+        sqlx::query_scalar("select obj_description('loader'::regnamespace, 'pg_namespace')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        schema.contains("call loader.transform()"),
+        "the schema comment lists the entry points"
+    );
 }

@@ -1,8 +1,14 @@
-//! The command line: every option also reads an environment variable (and `.env`, loaded first).
+//! The command line (clap): every option also reads an environment variable (and `.env`,
+//! loaded first), and resolves into the library's settings; only the binary knows clap.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use loader::bench::StagingMethod;
+use loader::config::Settings;
+use loader::ingest::Flow;
+use loader::logging::LogFormat;
 
 /// Moves user-login events from SQS into PostgreSQL: stage raw first, mask PII in SQL.
 #[derive(Debug, Parser)]
@@ -39,15 +45,39 @@ pub struct GlobalArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// Log format: pretty (default on a terminal) or json (default otherwise)
-    #[arg(long, env = "LOADER_LOG_FORMAT", global = true, value_enum)]
+    #[arg(long, env = "LOADER_LOG_FORMAT", global = true,
+          value_parser = named::<LogFormat>(LogFormat::NAMES))]
     pub log_format: Option<LogFormat>,
 }
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Pretty,
-    Json,
+impl GlobalArgs {
+    /// The settings the library takes, resolved from these arguments.
+    pub fn settings(&self) -> Settings {
+        Settings::new(
+            self.database_url.as_deref(),
+            &self.queue,
+            self.endpoint_url.as_deref(),
+            self.region.as_deref(),
+        )
+    }
+}
+
+/// A positive, finite number of seconds (fractions allowed), parsed where it is typed.
+fn positive_seconds(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
+/// A parser for a library enum that implements `FromStr`, offering `names` in help and
+/// completions (the library itself knows nothing of clap).
+fn named<T>(names: [&'static str; 2]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names).map(|s| s.parse::<T>().expect("a listed name"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,18 +127,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 500)]
         flush_messages: usize,
         /// How rows reach Postgres: unnest (what ingest does) or copy (for comparison)
-        #[arg(long, value_enum, default_value_t = StagingMethod::Unnest)]
+        #[arg(long, default_value = "unnest",
+              value_parser = named::<StagingMethod>(StagingMethod::NAMES))]
         method: StagingMethod,
     },
-}
-
-/// How `loader bench staging` sends a flush.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StagingMethod {
-    /// One INSERT ... SELECT FROM unnest($1, $2, ...) statement: one round trip.
-    Unnest,
-    /// COPY into a temporary table, then one INSERT ... SELECT, in one transaction.
-    Copy,
 }
 
 #[derive(Debug, Args)]
@@ -125,8 +147,9 @@ pub struct RunArgs {
     pub wait_seconds: Option<i32>,
 
     /// Also transform every this many seconds (rows staged by other ingest processes)
-    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value_t = 5.0)]
-    pub transform_interval: f64,
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value = "5",
+          value_parser = positive_seconds)]
+    pub transform_interval: Duration,
 
     /// Rows per committed transform batch
     #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
@@ -168,8 +191,9 @@ pub struct TransformArgs {
     pub watch: bool,
 
     /// Seconds between transforms with --watch
-    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value_t = 5.0)]
-    pub interval: f64,
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value = "5",
+          value_parser = positive_seconds)]
+    pub interval: Duration,
 
     /// Rows per committed batch
     #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
@@ -208,8 +232,8 @@ pub struct FlowArgs {
 }
 
 impl FlowArgs {
-    pub fn flow(&self) -> crate::ingest::Flow {
-        crate::ingest::Flow {
+    pub fn flow(&self) -> Flow {
+        Flow {
             receivers: usize::from(self.receivers),
             flush_messages: self.flush_messages as usize,
             linger: std::time::Duration::from_millis(self.linger_ms),

@@ -4,8 +4,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use loader::app::{self, exit};
-use loader::cli::Cli;
+
+mod cli;
+mod commands;
+
+use cli::Cli;
+use commands::exit;
 
 fn main() -> ExitCode {
     // `.env` first, so its values feed clap's `env = ...` defaults. A missing file is fine.
@@ -28,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    match runtime.block_on(app::run(cli)) {
+    match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));

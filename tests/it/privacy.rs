@@ -2,13 +2,11 @@
 //! real LOGIN role granted only `loader_analyst` or `loader_ingest` (or nothing but CONNECT)
 //! and tries one of the ways in. README "Security model" maps every claim to a test here.
 
-mod common;
-
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::{TestDb, TestRole, fixture_messages, stage};
+use crate::support::{TestDb, TestRole, fixture_messages, stage};
 use time::macros::datetime;
 
 const SENT: time::OffsetDateTime = datetime!(2024-05-01 12:00 UTC);
@@ -449,6 +447,7 @@ async fn each_role_has_exactly_the_documented_privileges() {
              duplicates, deleted, delete_failures, loader_version, refused)",
             "select loader.login_rejects",
             "select loader.mask_key_info",
+            "select loader.pipeline_status",
             "select loader.transform_queue",
             "select loader.transform_state",
             "select public.user_logins",
@@ -501,7 +500,7 @@ async fn the_key_is_never_a_statement_parameter() {
     .unwrap();
     let start = std::fs::metadata(&log).unwrap().len();
     let key_hex = "5a".repeat(16) + &"c3".repeat(16);
-    let out = common::loader_command(&db.url, "unused", &["keys", "install"])
+    let out = crate::support::loader_command(&db.url, "unused", &["keys", "install"])
         .env("LOADER_MASK_KEY", &key_hex)
         .output()
         .unwrap();

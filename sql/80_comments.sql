@@ -1,0 +1,113 @@
+-- What `\dn+`, `\d+` and `\df+` say in psql: a comment on every object of schema loader and on
+-- every column of public.user_logins. Comments on the functions defined in the other sql/ files
+-- sit beside their definitions; this file covers the tables the migrations create, their
+-- columns, and the private helpers. Reruns cleanly:
+--   psql -v ON_ERROR_STOP=1 -f sql/80_comments.sql
+-- tests/it/transform.rs checks that nothing is left without a comment.
+
+comment on schema loader is
+'loader: SQS login events staged raw, then masked into public.user_logins (README).
+Entry points:
+  call loader.transform();                    transform everything pending (analysts)
+  select * from loader.transform_batch(n);    one bounded batch, in your transaction (analysts)
+  select * from loader.pipeline_status;       pending rows, oldest age, last drain, active key
+  select * from loader.login_rejects;         why messages did not load
+  select * from loader.ingest_runs;           what each ingest run received, staged, deleted
+  select * from loader.rebuild();             recompute every outcome (owner)
+  select * from loader.rotate_key();          new key, every row re-masked, atomically (owner)
+  select loader.purge_staged(''30 days'');      retention of raw bodies (owner)
+  select * from loader.register_run(...), loader.stage(...)   the ingest role''s write path';
+
+-- The analysts' table.
+comment on table public.user_logins is
+    'Logins with personal data masked: one row per loaded SQS message (message_id), plus any rows adopted from before loader';
+comment on column public.user_logins.user_id is 'user_id as sent (numbers and booleans as their text)';
+comment on column public.user_logins.device_type is 'device_type as sent';
+comment on column public.user_logins.masked_ip is
+    'hex HMAC-SHA256 under key mask_key_id of host(ip::inet), or of the trimmed text when it is not an IP; NULL when missing or blank';
+comment on column public.user_logins.masked_device_id is
+    'hex HMAC-SHA256 under key mask_key_id of device_id; NULL when missing or blank';
+comment on column public.user_logins.locale is 'locale as sent; NULL stays NULL';
+comment on column public.user_logins.app_version is
+    'major*10000 + minor*100 + patch for 1-3 dot-separated numbers of 0-99 ("2.3.0" = 20300); NULL otherwise (see app_version_text)';
+comment on column public.user_logins.create_date is
+    'UTC date of the SQS SentTimestamp (of staging when missing), never of the transform';
+comment on column public.user_logins.loaded_at is 'When the transform wrote the row';
+
+-- Staging and runs.
+comment on column loader.raw_logins.id is 'Identity, in staging order (the work list refers to it)';
+comment on column loader.raw_logins.message_id is 'SQS MessageId: one row per message ever staged';
+comment on column loader.raw_logins.body is
+    'The body as jsonb, or a JSON string of its exact text (body_is_json false); JSON null once purged';
+comment on column loader.raw_logins.sent_at is 'SQS SentTimestamp';
+comment on column loader.raw_logins.receive_count is 'SQS ApproximateReceiveCount when staged';
+comment on column loader.raw_logins.queue is 'Queue the message came from (the run''s queue)';
+comment on column loader.raw_logins.ingest_run_id is 'loader.ingest_runs.id of the run that staged it';
+comment on column loader.raw_logins.staged_at is 'When it was staged (set by the server)';
+comment on column loader.ingest_runs.id is 'Run id, as `loader ingest` prints it';
+comment on column loader.ingest_runs.started_at is 'When the run was registered';
+comment on column loader.ingest_runs.finished_at is 'When it ended; NULL while running, after a crash, and for Lambda runs';
+comment on column loader.ingest_runs.queue is 'Queue it drained';
+comment on column loader.ingest_runs.mode is 'drain, follow or lambda';
+comment on column loader.ingest_runs.received is 'Messages that reached staging, every copy counted (= staged + duplicates)';
+comment on column loader.ingest_runs.staged is 'Messages newly staged by this run';
+comment on column loader.ingest_runs.duplicates is 'Messages already staged (redeliveries, copies within a flush)';
+comment on column loader.ingest_runs.deleted is 'Messages deleted from the queue after their staging committed';
+comment on column loader.ingest_runs.delete_failures is 'Deletes SQS refused (the message comes back and counts as a duplicate)';
+comment on column loader.ingest_runs.loader_version is 'Version of the loader that ran it';
+
+-- Outcomes, work list, progress.
+comment on column loader.login_rejects.message_id is 'SQS MessageId of the staged message';
+comment on column loader.login_rejects.reason is
+    'body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty or value_too_long';
+comment on column loader.login_rejects.detail is 'Human detail naming fields and sizes, never values';
+comment on column loader.login_rejects.rejected_at is 'When the transform rejected it';
+comment on column loader.transform_queue.raw_id is 'loader.raw_logins.id of a staged row without an outcome';
+comment on table loader.transform_progress is
+    'Eight slots of transform progress, each batch updating a free one (no hot row); read loader.transform_state';
+comment on column loader.transform_progress.slot is 'Slot number, 0-7';
+comment on column loader.transform_progress.last_drained_at is 'Latest drained batch recorded in this slot';
+comment on column loader.transform_progress.batches is 'Batches recorded in this slot';
+comment on view loader.transform_state is 'When the transform last drained its work list, and how many batches ran';
+comment on column loader.transform_state.last_drained_at is
+    'Start of the last batch that found less work than it could take: every row committed before it was claimed';
+comment on column loader.transform_state.batches is 'Transform batches run';
+comment on column loader.batch_keys.id is 'Ticket id';
+comment on column loader.batch_keys.key_id is 'loader.mask_keys.id the batch masked with';
+comment on column loader.batch_keys.armed is 'true on the first firing of the check, which re-queues it';
+comment on column loader.pipeline_status.pending is 'Staged rows waiting for the transform';
+comment on column loader.pipeline_status.oldest_pending_staged_at is 'When the oldest of them was staged';
+comment on column loader.pipeline_status.oldest_pending_age_seconds is 'Its age in seconds (0 when none waits)';
+comment on column loader.pipeline_status.last_drained_at is 'As loader.transform_state';
+comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id of the active key';
+
+-- Keys.
+comment on column loader.mask_keys.id is 'Key id (user_logins.mask_key_id)';
+comment on column loader.mask_keys.key is '32 random or installed bytes; owner only, never printed';
+comment on column loader.mask_keys.created_at is 'When it was created or installed';
+comment on column loader.mask_keys.retired_at is 'When a rotation retired it; NULL for the active key';
+comment on column loader.mask_keys.source is 'generated (random, in PostgreSQL) or installed (loader keys install)';
+comment on column loader.mask_key_info.id is 'Key id (user_logins.mask_key_id)';
+comment on column loader.mask_key_info.created_at is 'When it was created or installed';
+comment on column loader.mask_key_info.retired_at is 'When a rotation retired it';
+comment on column loader.mask_key_info.source is 'generated or installed';
+comment on column loader.mask_key_info.active is 'true for the one key new rows are masked with';
+
+-- Migrations' bookkeeping (refinery's table).
+comment on table loader.refinery_schema_history is 'Migrations applied by loader migrate (refinery)';
+comment on column loader.refinery_schema_history.version is 'Migration number (V1, V2, ...)';
+comment on column loader.refinery_schema_history.name is 'Migration name';
+comment on column loader.refinery_schema_history.applied_on is 'When it was applied';
+comment on column loader.refinery_schema_history.checksum is 'Checksum of the file as applied (never edit one)';
+
+-- Private helpers (owner only).
+comment on function loader._activate_key(bytea, text) is
+    'Private: retire the active key and activate this one (no-op when it is already active)';
+comment on function loader._app_version(text) is 'Private: the app_version integer encoding, or NULL';
+comment on function loader._canonical_ip(text, inet) is 'Private: what is hashed for an IP';
+comment on function loader._check_run(bigint, text) is 'Private: refuse a run that is not open or not the caller''s';
+comment on function loader._ip_network(inet) is 'Private: IPv4 /24 or IPv6 /48 network';
+comment on function loader._mask(text, bytea) is 'Private: hex HMAC-SHA256 (an oracle if granted: never grant it)';
+comment on function loader._nested_field(jsonb) is 'Private: the first contract field holding an object or array';
+comment on function loader._reject_detail(jsonb, text) is 'Private: the human detail of a reject reason';
+comment on function loader._too_long(jsonb) is 'Private: the first value longer than its column, as a detail line';

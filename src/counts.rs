@@ -1,0 +1,90 @@
+//! What the work reports: ingest totals and transform reports, with how they print and sum.
+//! A leaf: the work modules fill them in, and `metrics`, `run` and the binaries read them.
+
+use std::fmt;
+use std::ops::AddAssign;
+
+/// Counters for one flush, and summed over a run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages handed to staging, every copy counted (= staged + duplicates).
+    pub received: u64,
+    pub staged: u64,
+    pub duplicates: u64,
+    pub deleted: u64,
+    pub delete_failures: u64,
+    /// Messages PostgreSQL refused (a constraint or trigger): not staged, not deleted, so SQS
+    /// redelivers them and its redrive policy eventually moves them to the DLQ.
+    pub refused: u64,
+}
+
+impl AddAssign for Totals {
+    fn add_assign(&mut self, o: Self) {
+        self.received += o.received;
+        self.staged += o.staged;
+        self.duplicates += o.duplicates;
+        self.deleted += o.deleted;
+        self.delete_failures += o.delete_failures;
+        self.refused += o.refused;
+    }
+}
+
+impl fmt::Display for Totals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received {}, staged {} new, {} duplicates, deleted {} ({} delete failures)",
+            self.received, self.staged, self.duplicates, self.deleted, self.delete_failures
+        )?;
+        if self.refused > 0 {
+            write!(f, "; {} refused by PostgreSQL, left on the queue", self.refused)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a transform call reports: the SQL function's own row.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct TransformReport {
+    pub loaded: i64,
+    pub rejected: i64,
+    /// Rows still waiting, as of the end of the call (not summed: the latest wins).
+    pub pending: i64,
+}
+
+impl AddAssign for TransformReport {
+    fn add_assign(&mut self, o: Self) {
+        self.loaded += o.loaded;
+        self.rejected += o.rejected;
+        self.pending = o.pending;
+    }
+}
+
+impl fmt::Display for TransformReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "loaded {}, rejected {}, pending {}", self.loaded, self.rejected, self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_line_names_every_counter() {
+        let t = Totals {
+            received: 12,
+            staged: 10,
+            duplicates: 2,
+            deleted: 11,
+            delete_failures: 1,
+            refused: 0,
+        };
+        assert_eq!(
+            t.to_string(),
+            "received 12, staged 10 new, 2 duplicates, deleted 11 (1 delete failures)"
+        );
+        let t = Totals { refused: 3, received: 15, ..t };
+        assert!(t.to_string().ends_with("; 3 refused by PostgreSQL, left on the queue"), "{t}");
+    }
+}

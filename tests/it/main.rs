@@ -1,0 +1,16 @@
+//! The integration tests: one binary (the AWS SDK and sqlx link once), one module per
+//! feature, against the real PostgreSQL and LocalStack that `scripts/test.sh` starts. Every
+//! test makes its own database and queue ([`support`]), so they run in parallel.
+
+mod cli;
+mod faults;
+mod ingest;
+#[cfg(feature = "lambda")]
+mod lambda;
+mod observability;
+mod privacy;
+mod reconcile;
+mod retention;
+mod run;
+mod support;
+mod transform;
