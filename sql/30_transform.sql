@@ -263,33 +263,6 @@ $$;
 comment on function loader.rebuild() is
     'Recompute every outcome from raw_logins with the active key, atomically (purged rows keep theirs)';
 
--- rotate_key: make a new active key (random, or new_key when given: 32 bytes) and rebuild, in
--- one transaction. Installing the key that is already active changes nothing.
-create or replace function loader.rotate_key(new_key bytea default null)
-returns table (key_id integer, loaded bigint, rejected bigint, pending bigint)
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-#variable_conflict use_column
-declare
-    previous_id integer;
-    outcome record;
-begin
-    lock table loader.maintenance_lock in exclusive mode;
-    select k.id into previous_id from loader.mask_keys k where k.retired_at is null;
-    key_id := loader._activate_key(
-        coalesce(new_key, public.gen_random_bytes(32)),
-        case when new_key is null then 'generated' else 'installed' end);
-    if key_id is distinct from previous_id then
-        select * into outcome from loader.rebuild();
-        loaded := outcome.loaded;
-        rejected := outcome.rejected;
-        pending := outcome.pending;
-    end if;
-    return next;
-end
-$$;
-comment on function loader.rotate_key(bytea) is
-    'Activate a new masking key (random or given) and rebuild every outcome, atomically';
-
 -- pipeline_status: one row, the numbers `loader status` and the pending-age gauge show, for
 -- analysts in psql too (a view: it reads raw_logins as its owner, and shows no value of it).
 create or replace view loader.pipeline_status as

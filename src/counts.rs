@@ -7,8 +7,10 @@ use std::ops::AddAssign;
 /// Counters for one flush, and summed over a run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
-    /// Messages handed to staging, every copy counted (= staged + duplicates).
-    pub received: u64,
+    /// Messages received from the queue, every copy counted, refused ones included
+    /// (= staged + duplicates + refused). Not `loader.ingest_runs.received`, which counts what
+    /// reached staging (staged + duplicates): refused messages are counted apart there.
+    pub from_queue: u64,
     pub staged: u64,
     pub duplicates: u64,
     pub deleted: u64,
@@ -20,7 +22,7 @@ pub struct Totals {
 
 impl AddAssign for Totals {
     fn add_assign(&mut self, o: Self) {
-        self.received += o.received;
+        self.from_queue += o.from_queue;
         self.staged += o.staged;
         self.duplicates += o.duplicates;
         self.deleted += o.deleted;
@@ -34,7 +36,7 @@ impl fmt::Display for Totals {
         write!(
             f,
             "received {}, staged {} new, {} duplicates, deleted {} ({} delete failures)",
-            self.received, self.staged, self.duplicates, self.deleted, self.delete_failures
+            self.from_queue, self.staged, self.duplicates, self.deleted, self.delete_failures
         )?;
         if self.refused > 0 {
             write!(f, "; {} refused by PostgreSQL, left on the queue", self.refused)?;
@@ -73,7 +75,7 @@ mod tests {
     #[test]
     fn summary_line_names_every_counter() {
         let t = Totals {
-            received: 12,
+            from_queue: 12,
             staged: 10,
             duplicates: 2,
             deleted: 11,
@@ -84,7 +86,7 @@ mod tests {
             t.to_string(),
             "received 12, staged 10 new, 2 duplicates, deleted 11 (1 delete failures)"
         );
-        let t = Totals { refused: 3, received: 15, ..t };
+        let t = Totals { refused: 3, from_queue: 15, ..t };
         assert!(t.to_string().ends_with("; 3 refused by PostgreSQL, left on the queue"), "{t}");
     }
 }

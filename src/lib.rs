@@ -28,7 +28,8 @@
 //!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
 //!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at
 //!   TRACE, the AWS SDK logs message bodies there), [`progress`] (the terminal line while
-//!   draining), [`display`] (how timestamps are shown).
+//!   draining), [`display`] (how timestamps are shown), [`shutdown`] (the one owner of "has
+//!   shutdown begun").
 
 pub mod bench;
 pub mod config;
@@ -46,6 +47,7 @@ pub mod reconcile;
 pub mod retry;
 pub mod run;
 pub mod send;
+pub mod shutdown;
 pub mod sqs;
 pub mod staging;
 pub mod transform;

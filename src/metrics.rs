@@ -41,13 +41,13 @@ pub fn install(addr: SocketAddr) -> Result<()> {
 
 /// One flush (one or more received batches), staged and deleted.
 pub fn batch(totals: &Totals, staging: Duration) {
-    counter!("loader_messages_received_total").increment(totals.received);
+    counter!("loader_messages_received_total").increment(totals.from_queue);
     counter!("loader_messages_staged_total").increment(totals.staged);
     counter!("loader_messages_duplicate_total").increment(totals.duplicates);
     counter!("loader_messages_deleted_total").increment(totals.deleted);
     counter!("loader_delete_failures_total").increment(totals.delete_failures);
     counter!("loader_messages_refused_total").increment(totals.refused);
-    histogram!("loader_batch_size").record(totals.received as f64);
+    histogram!("loader_batch_size").record(totals.from_queue as f64);
     histogram!("loader_staging_seconds").record(staging.as_secs_f64());
 }
 

@@ -217,14 +217,21 @@ pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64)
 }
 
 async fn queue_counts(queue: &Queue) -> Result<QueueCounts> {
-    let (visible, in_flight, delayed) = queue.depth().await?;
+    let depth = queue.depth().await?;
     let dead_letter = match queue.dead_letter_queue().await? {
-        Some(dlq) => {
-            Some(DeadLetterCounts { name: dlq.name().to_owned(), visible: dlq.depth().await?.0 })
-        }
+        Some(dlq) => Some(DeadLetterCounts {
+            name: dlq.name().to_owned(),
+            visible: dlq.depth().await?.visible,
+        }),
         None => None,
     };
-    Ok(QueueCounts { name: queue.name().to_owned(), visible, in_flight, delayed, dead_letter })
+    Ok(QueueCounts {
+        name: queue.name().to_owned(),
+        visible: depth.visible,
+        in_flight: depth.in_flight,
+        delayed: depth.delayed,
+        dead_letter,
+    })
 }
 
 /// The human report.

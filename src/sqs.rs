@@ -144,7 +144,7 @@ impl Queue {
             if e.as_service_error().is_some_and(|s| s.is_queue_does_not_exist()) {
                 anyhow!("queue '{name_or_url}' does not exist (create it, or run `loader send`)")
             } else {
-                anyhow!("looking up queue '{name_or_url}': {}", describe(&e))
+                sdk_error(format!("looking up queue '{name_or_url}'"), &e)
             }
         })?;
         let url = out.queue_url().context("GetQueueUrl returned no URL")?.to_owned();
@@ -161,7 +161,7 @@ impl Queue {
             .queue_name(name_or_url)
             .send()
             .await
-            .map_err(|e| anyhow!("creating queue '{name_or_url}': {}", describe(&e)))?;
+            .map_err(|e| sdk_error(format!("creating queue '{name_or_url}'"), &e))?;
         let url = out.queue_url().context("CreateQueue returned no URL")?.to_owned();
         Ok(Self { client, url, name: name_or_url.to_owned() })
     }
@@ -293,7 +293,7 @@ impl Queue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| anyhow!("sending to '{}': {}", self.name, describe(&e)))?;
+            .map_err(|e| sdk_error(format!("sending to '{}'", self.name), &e))?;
         if let Some(f) = out.failed().first() {
             bail!(
                 "sending to '{}': {} of {} entries refused, first: {} {}",
@@ -368,9 +368,7 @@ impl Queue {
             .attribute_names(QueueAttributeName::RedrivePolicy)
             .send()
             .await
-            .map_err(|e| {
-                anyhow!("reading the redrive policy of '{}': {}", self.name, describe(&e))
-            })?;
+            .map_err(|e| sdk_error(format!("reading the redrive policy of '{}'", self.name), &e))?;
         let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
         else {
             return Ok(None);
@@ -384,8 +382,8 @@ impl Queue {
         Ok(Some(Queue::open(self.client.clone(), name).await?))
     }
 
-    /// Approximate counts `(visible, in flight, delayed)`.
-    pub async fn depth(&self) -> Result<(u64, u64, u64)> {
+    /// The queue's approximate message counts.
+    pub async fn depth(&self) -> Result<Depth> {
         let out = self
             .client
             .get_queue_attributes()
@@ -395,16 +393,27 @@ impl Queue {
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
             .send()
             .await
-            .map_err(|e| anyhow!("reading attributes of '{}': {}", self.name, describe(&e)))?;
+            .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
         let get = |n: QueueAttributeName| {
             out.attributes().and_then(|a| a.get(&n)).and_then(|v| v.parse().ok()).unwrap_or(0)
         };
-        Ok((
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-            get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
-        ))
+        Ok(Depth {
+            visible: get(QueueAttributeName::ApproximateNumberOfMessages),
+            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        })
     }
+}
+
+/// A queue's approximate message counts (SQS's own, eventually consistent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    /// Ready to be received.
+    pub visible: u64,
+    /// Received and not yet deleted (within their visibility timeout).
+    pub in_flight: u64,
+    /// Sent with a delay that has not passed yet.
+    pub delayed: u64,
 }
 
 /// One line for an SDK error: the service's code and message, or the innermost transport cause
@@ -435,7 +444,8 @@ where
 }
 
 /// An SDK error as `context: description`, marked [`Transient`] when waiting may help: the
-/// endpoint unreachable or slow, a 5xx, or throttling.
+/// endpoint unreachable or slow, a 5xx, or throttling. The one mapping of SQS errors: callers
+/// that retry branch on the mark, the others only print the line.
 fn sdk_error<E, R>(context: String, e: &SdkError<E, R>) -> anyhow::Error
 where
     E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + 'static,

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::support::{TestDb, loader, loader_ok};
+use crate::support::{TestDb, TestEnv, loader, loader_ok};
 
 #[tokio::test]
 async fn migrate_twice_is_a_no_op() {
@@ -139,8 +139,8 @@ async fn a_dotenv_file_configures_the_command() {
 
 #[tokio::test]
 async fn without_a_region_us_east_1_is_used() {
-    let db = TestDb::migrated().await;
-    let q = crate::support::TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     let out = Command::new(env!("CARGO_BIN_EXE_loader"))
         .args(["ingest", "--wait-seconds", "0", "--queue", &q.name])
         .env("DATABASE_URL", &db.url)
@@ -164,14 +164,14 @@ async fn bench_commands_measure_what_they_say() {
         &["bench", "staging", "--rows", "1200", "--flush-messages", "500"],
     );
     assert!(out.starts_with("staging (no queue): 1200 messages in "), "{out}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1200);
+    assert_eq!(db.staged().await, 1200);
     let out = loader_ok(
         &db.url,
         "unused",
         &["bench", "staging", "--rows", "700", "--flush-messages", "500", "--method", "copy"],
     );
     assert!(out.starts_with("staging by COPY (no queue): 700 messages in "), "{out}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1900);
+    assert_eq!(db.staged().await, 1900);
     assert_eq!(
         db.count(
             "select count(*) from loader.raw_logins where body_is_json and sent_at is not null"
@@ -186,5 +186,5 @@ async fn bench_commands_measure_what_they_say() {
     let out = loader_ok(&db.url, &q.name, &["bench", "ceiling", "--receivers", "2"]);
     assert!(out.starts_with("receive+delete (no database): 60 messages in "), "{out}");
     assert_eq!(q.depth().await, (0, 0, 0));
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1900, "no database work");
+    assert_eq!(db.staged().await, 1900, "no database work");
 }

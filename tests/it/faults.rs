@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Proxy, TestDb, TestQueue, loader_command};
+use crate::support::{Proxy, TestDb, TestEnv, TestQueue, loader_command};
 
 const MESSAGES: usize = 8_000;
 
@@ -49,7 +49,7 @@ async fn assert_exactly_once(db: &TestDb, q: &TestQueue, out: &std::process::Out
     }
     crate::support::wait_until_visible(q, 0).await;
     crate::support::loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, MESSAGES as i64);
+    assert_eq!(db.staged().await, MESSAGES as i64);
     assert_eq!(
         db.count("select count(distinct message_id) from loader.raw_logins").await,
         MESSAGES as i64
@@ -60,23 +60,23 @@ async fn assert_exactly_once(db: &TestDb, q: &TestQueue, out: &std::process::Out
 
 #[tokio::test]
 async fn postgres_down_mid_drain_pauses_and_resumes() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(3).await;
-    let (proxy, db_url) = Proxy::for_database(&db).await;
+    let env = TestEnv::new(3).await;
+    let (db, q) = (&env.db, &env.queue);
+    let (proxy, db_url) = Proxy::for_database(db).await;
     let sqs_url = crate::support::aws_settings().endpoint_url.unwrap();
-    let out = drain_through(&db, &q, &db_url, &sqs_url, &proxy).await;
-    assert_exactly_once(&db, &q, &out, "PostgreSQL").await;
+    let out = drain_through(db, q, &db_url, &sqs_url, &proxy).await;
+    assert_exactly_once(db, q, &out, "PostgreSQL").await;
 }
 
 #[tokio::test]
 async fn sqs_unreachable_mid_drain_pauses_and_resumes() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(3).await;
+    let env = TestEnv::new(3).await;
+    let (db, q) = (&env.db, &env.queue);
     let sqs = crate::support::aws_settings().endpoint_url.unwrap();
     let proxy = Proxy::start(crate::support::socket_of(&sqs)).await;
     let sqs_url = format!("http://127.0.0.1:{}", proxy.port);
-    let out = drain_through(&db, &q, &db.url, &sqs_url, &proxy).await;
-    assert_exactly_once(&db, &q, &out, "SQS").await;
+    let out = drain_through(db, q, &db.url, &sqs_url, &proxy).await;
+    assert_exactly_once(db, q, &out, "SQS").await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! `loader send` and `loader ingest` against real PostgreSQL and LocalStack: the fixture, redelivery,
 //! crash safety around the commit, and hostile bodies.
 
-use crate::support::{FIXTURE, TestDb, TestQueue, loader, loader_ok, wait_until_visible};
+use crate::support::{FIXTURE, TestDb, TestEnv, TestQueue, loader_ok, wait_until_visible};
 use loader::ingest::{Ingestor, Mode};
 use loader::staging::{self, RawMessage};
 
@@ -23,7 +23,7 @@ async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
         out.contains("received 100, staged 100 new, 0 duplicates, deleted 100 (0 delete failures)"),
         "{out}"
     );
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 100);
+    assert_eq!(db.staged().await, 100);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 100);
     // The malformed message is staged like any other.
     assert_eq!(db.count("select count(*) from loader.raw_logins where body ? 'foo'").await, 1);
@@ -34,7 +34,7 @@ async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
 
     let out = loader_ok(&db.url, &queue, &["ingest"]);
     assert!(out.contains("received 0, staged 0 new"), "{out}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 100);
+    assert_eq!(db.staged().await, 100);
 
     // The run bookkeeping agrees with the table.
     let (received, staged, deleted): (i64, i64, i64) = sqlx::query_as(
@@ -57,19 +57,19 @@ async fn open(name: &str) -> loader::sqs::Queue {
 
 #[tokio::test]
 async fn a_redelivered_message_is_staged_once() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(1).await;
+    let env = TestEnv::new(1).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&generated(25)).await;
 
     let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
     // Receive without staging or deleting: the messages come back after the visibility timeout.
     let first = ingestor.receive().await.unwrap();
     assert!(!first.is_empty());
-    wait_until_visible(&q, 25).await;
+    wait_until_visible(q, 25).await;
 
     let totals = ingestor.run(std::future::pending()).await.unwrap();
     assert_eq!((totals.staged, totals.deleted), (25, 25));
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 25);
+    assert_eq!(db.staged().await, 25);
     let ids: Vec<String> = first.iter().map(|m| m.message_id.clone()).collect();
     let redelivered: i64 = sqlx::query_scalar(
         "select count(*) from loader.raw_logins where message_id = any($1) and receive_count >= 2",
@@ -84,8 +84,8 @@ async fn a_redelivered_message_is_staged_once() {
 
 #[tokio::test]
 async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(1).await;
+    let env = TestEnv::new(1).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&generated(30)).await;
 
     // Stage one batch and commit, then "crash": the delete never happens.
@@ -98,25 +98,25 @@ async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
     drop(ingestor);
 
     // Nothing was deleted: all 30 are still on the queue once the visibility timeout passes.
-    wait_until_visible(&q, 30).await;
+    wait_until_visible(q, 30).await;
     assert_eq!(q.depth().await.0, 30);
 
-    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
     let expected = format!(
         "received 30, staged {} new, {} duplicates, deleted 30 (0 delete failures)",
         30 - batch.len(),
         batch.len()
     );
     assert!(out.contains(&expected), "{out}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 30);
+    assert_eq!(db.staged().await, 30);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 30);
     assert_eq!(q.depth().await, (0, 0, 0));
 }
 
 #[tokio::test]
 async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(1).await;
+    let env = TestEnv::new(1).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&generated(30)).await;
 
     // A deferred constraint trigger makes every COMMIT that staged a row fail, for real.
@@ -130,17 +130,17 @@ async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
     .await
     .unwrap();
 
-    let out = loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    let out = env.loader(&["ingest", "--wait-seconds", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("injected commit failure"), "{stderr}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 0);
+    assert_eq!(db.staged().await, 0);
     // No message was deleted before (or without) its commit.
-    wait_until_visible(&q, 30).await;
+    wait_until_visible(q, 30).await;
     assert_eq!(q.depth().await, (30, 0, 0));
 
     sqlx::raw_sql("drop trigger fail_commit on loader.raw_logins").execute(&db.pool).await.unwrap();
-    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains("received 30, staged 30 new, 0 duplicates, deleted 30"), "{out}");
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 30);
     assert_eq!(q.depth().await, (0, 0, 0));
@@ -148,8 +148,8 @@ async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
 
 #[tokio::test]
 async fn hostile_bodies_are_all_staged_verbatim() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     // SQS's own limit is 256 KiB for the whole message.
     let big = format!("{{\"user_id\": \"big\", \"pad\": \"{}\"}}", "x".repeat(256 * 1024 - 40));
     let bodies: Vec<(String, bool)> = vec![
@@ -165,7 +165,7 @@ async fn hostile_bodies_are_all_staged_verbatim() {
     let texts: Vec<String> = bodies.iter().map(|(b, _)| b.clone()).collect();
     q.send(&texts).await;
 
-    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains(&format!("staged {} new", bodies.len())), "{out}");
 
     // JSON bodies come back as equal JSON; the others as the exact raw text in a JSON string.
@@ -205,7 +205,7 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
     let again = staging::stage(&mut conn, &run, &[m("b"), m("c")]).await.unwrap();
     assert_eq!((again.received, again.staged, again.duplicates), (2, 1, 1));
 
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 3);
+    assert_eq!(db.staged().await, 3);
     let counters: (i64, i64, i64) =
         sqlx::query_as("select received, staged, duplicates from loader.ingest_runs where id = $1")
             .bind(run.id)
@@ -217,8 +217,8 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
 
 #[tokio::test]
 async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     let child = crate::support::spawn_loader(
         &db.url,
         &q.name,
@@ -227,14 +227,14 @@ async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
 
     q.send(&generated(15)).await;
     let staged =
-        crate::support::wait_for_count(&db, "select count(*) from loader.raw_logins", 15).await;
+        crate::support::wait_for_count(db, "select count(*) from loader.raw_logins", 15).await;
     assert_eq!(staged, 15, "messages sent after start are staged");
     q.send(&generated(5)).await; // may be in hand when the signal arrives: must still finish
 
     let stdout = crate::support::terminate_ok(child);
     assert!(stdout.contains("staged"), "summary line printed: {stdout}");
     // Every message is either staged (and deleted) or still on the queue: none lost.
-    let staged = db.count("select count(*) from loader.raw_logins").await;
+    let staged = db.staged().await;
     let (visible, in_flight, _) = q.depth().await;
     assert_eq!(
         staged as u64 + visible + in_flight,
@@ -249,26 +249,25 @@ async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
 
 #[tokio::test]
 async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(2).await;
+    let env = TestEnv::new(2).await;
+    let (db, q) = (&env.db, &env.queue);
     let messages = generated(20_000);
     q.send(&messages).await;
 
     let mut rng = fastrand::Rng::with_seed(7);
     for _ in 0..4 {
-        let child =
-            crate::support::spawn_loader(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+        let child = env.spawn(&["ingest", "--wait-seconds", "1"]);
         tokio::time::sleep(std::time::Duration::from_millis(rng.u64(300..1500))).await;
         crate::support::kill_9(child);
     }
-    let staged_before = db.count("select count(*) from loader.raw_logins").await;
+    let staged_before = db.staged().await;
     assert!(staged_before > 0 && staged_before < 20_000, "killed mid-drain: {staged_before}");
 
     // Messages held by the killed processes come back after the visibility timeout.
-    wait_until_visible(&q, 0).await;
-    let out = loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    wait_until_visible(q, 0).await;
+    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains("staged"), "{out}");
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 20_000);
+    assert_eq!(db.staged().await, 20_000);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 20_000);
     assert_eq!(
         db.count("select count(distinct body ->> 'user_id') from loader.raw_logins").await,
@@ -280,26 +279,29 @@ async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() 
         db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
         4
     );
-    let out = loader(&db.url, &q.name, &["reconcile", "--skip-queue"]);
+    let out = env.loader(&["reconcile", "--skip-queue"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test]
 async fn a_flush_holding_one_message_twice_stages_it_once_and_deletes_it_once() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(1).await;
+    let env = TestEnv::new(1).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&generated(1)).await;
     let ingestor = Ingestor::start(q.queue.clone(), db.pool.clone(), Mode::Drain, 1).await.unwrap();
     let first = ingestor.receive().await.unwrap();
-    wait_until_visible(&q, 1).await;
+    wait_until_visible(q, 1).await;
     let second = ingestor.receive().await.unwrap();
     assert_eq!(first[0].message_id, second[0].message_id);
     assert_ne!(first[0].receipt_handle, second[0].receipt_handle);
 
     let flush = [first, second].concat();
     let t = ingestor.process(&flush).await.unwrap();
-    assert_eq!((t.received, t.staged, t.duplicates, t.deleted, t.delete_failures), (2, 1, 1, 2, 0));
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 1);
+    assert_eq!(
+        (t.from_queue, t.staged, t.duplicates, t.deleted, t.delete_failures),
+        (2, 1, 1, 2, 0)
+    );
+    assert_eq!(db.staged().await, 1);
     // Deleted for good: nothing comes back after the visibility timeout.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(q.depth().await, (0, 0, 0));
@@ -307,8 +309,8 @@ async fn a_flush_holding_one_message_twice_stages_it_once_and_deletes_it_once() 
 
 #[tokio::test]
 async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     let bodies = generated(30);
     let poison: serde_json::Value = serde_json::from_str(&bodies[4]).unwrap();
     let poison_user = poison["user_id"].as_str().unwrap();
@@ -322,7 +324,7 @@ async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
     .unwrap();
     q.send(&bodies).await;
 
-    let out = loader_ok(&db.url, &q.name, &["ingest"]);
+    let out = env.loader_ok(&["ingest"]);
 
     assert!(
         out.contains(
@@ -331,7 +333,7 @@ async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
         ),
         "{out}"
     );
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 29);
+    assert_eq!(db.staged().await, 29);
     assert_eq!(q.depth().await, (0, 1, 0), "the refused message is in flight, not deleted");
     let run: (i64, i64, i64, i64, i64) = sqlx::query_as(
         "select received, staged, duplicates, deleted, refused from loader.ingest_runs",

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{TestDb, TestQueue, loader_command};
+use crate::support::{TestEnv, loader_command};
 
 /// One GET of the metrics endpoint; the metric's value, if present.
 fn scrape(addr: &str, metric: &str) -> Option<f64> {
@@ -38,8 +38,8 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn metrics_endpoint_shows_counters_moving_during_a_run() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     let addr = format!("127.0.0.1:{}", free_port());
     let child = crate::support::spawn_loader(
         &db.url,
@@ -48,7 +48,7 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     );
 
     q.send(&loader::send::generate(40, 1)).await;
-    crate::support::wait_for_count(&db, "select count(*) from public.user_logins", 40).await;
+    crate::support::wait_for_count(db, "select count(*) from public.user_logins", 40).await;
     assert_eq!(scrape_until(&addr, "loader_messages_staged_total", 40.0).await, Some(40.0));
     assert_eq!(scrape_until(&addr, "loader_rows_loaded_total", 40.0).await, Some(40.0));
     assert_eq!(scrape_until(&addr, "loader_messages_deleted_total", 40.0).await, Some(40.0));
@@ -57,7 +57,7 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     assert!(scrape(&addr, "loader_transform_seconds_count").unwrap_or(0.0) >= 1.0);
 
     q.send(&loader::send::generate(25, 2)).await;
-    crate::support::wait_for_count(&db, "select count(*) from public.user_logins", 65).await;
+    crate::support::wait_for_count(db, "select count(*) from public.user_logins", 65).await;
     let moved = scrape_until(&addr, "loader_messages_staged_total", 65.0).await;
     assert_eq!(moved, Some(65.0), "the counter moved with the second burst");
     crate::support::terminate_ok(child);
@@ -65,8 +65,8 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_run_ids() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&loader::send::generate(12, 3)).await;
     let out = loader_command(
         &db.url,
@@ -96,8 +96,8 @@ async fn json_logs_are_one_object_per_line_with_run_ids() {
 
 #[tokio::test]
 async fn the_progress_line_shows_on_a_terminal_only() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     q.send(&loader::send::generate(30, 4)).await;
 
     // Not a terminal: no progress line at all.
@@ -126,8 +126,8 @@ async fn the_progress_line_shows_on_a_terminal_only() {
 
 #[tokio::test]
 async fn a_whole_run_never_logs_bodies_ips_device_ids_or_keys_even_at_trace() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
     let fixture = crate::support::fixture_messages();
     q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
 

@@ -125,7 +125,7 @@ async fn the_key_never_reaches_an_analyst_session_whatever_it_sets() {
     );
     assert!(loading.contains("loaded"), "the batches ran:\n{loading}");
     assert_no_key(&loading, &key, "pending rows");
-    let loaded = db.count("select count(*) from public.user_logins").await;
+    let loaded = db.loaded().await;
     assert_eq!(loaded, 99, "the analyst's batches loaded the fixture");
 }
 
@@ -247,11 +247,7 @@ async fn idle_analysts_and_strangers_stall_nothing() {
     finishes("call loader.transform()", sqlx::raw_sql("call loader.transform()").execute(&db.pool))
         .await
         .unwrap();
-    assert_eq!(
-        db.count("select count(*) from loader.transform_queue").await,
-        10,
-        "only the held rows wait"
-    );
+    assert_eq!(db.pending().await, 10, "only the held rows wait");
     finishes("staging", stage(&db, &fixture[60..], SENT)).await;
     finishes("rebuild", sqlx::raw_sql("select * from loader.rebuild()").execute(&db.pool))
         .await

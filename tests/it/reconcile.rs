@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::support::{TestDb, TestQueue, loader, loader_ok};
+use crate::support::{TestDb, TestEnv, TestQueue, loader, loader_ok};
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::Value;
 
@@ -47,9 +47,9 @@ async fn exec(db: &TestDb, sql: &'static str) {
 }
 
 /// A database with the fixture ingested from a real queue (with a DLQ) and transformed.
-async fn healthy() -> (TestDb, TestQueue, TestQueue) {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
+async fn healthy() -> (TestEnv, TestQueue) {
+    let env = TestEnv::new(30).await;
+    let q = &env.queue;
     let dlq = TestQueue::new(30).await;
     let dlq_arn = q
         .queue
@@ -76,16 +76,17 @@ async fn healthy() -> (TestDb, TestQueue, TestQueue) {
         .unwrap();
     q.send(&crate::support::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>())
         .await;
-    loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
-    loader_ok(&db.url, &q.name, &["transform"]);
-    (db, q, dlq)
+    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    env.loader_ok(&["transform"]);
+    (env, dlq)
 }
 
 #[tokio::test]
 async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
-    let (db, q, dlq) = healthy().await;
+    let (env, dlq) = healthy().await;
+    let (db, q) = (&env.db, &env.queue);
     let dlq_name = dlq.name.clone();
-    let (code, report) = reconcile(&db, &q.name, &[]);
+    let (code, report) = reconcile(db, &q.name, &[]);
     assert_eq!(code, Some(0), "{report:#}");
     let s = &report["stages"];
     assert_eq!((s["staged"].as_i64(), s["loaded"].as_i64()), (Some(100), Some(99)));
@@ -96,12 +97,12 @@ async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
     assert_eq!(report["queue"]["dead_letter"]["name"].as_str(), Some(dlq_name.as_str()));
     assert_eq!(report["queue"]["dead_letter"]["visible"].as_u64(), Some(0));
 
-    let human = loader_ok(&db.url, &q.name, &["reconcile"]);
+    let human = env.loader_ok(&["reconcile"]);
     assert!(human.contains("staged (loader.raw_logins)"), "{human}");
     assert!(human.contains(&format!("dead-letter queue {dlq_name}: 0 visible")), "{human}");
     assert!(!human.contains("FAIL"), "{human}");
 
-    let status = loader_ok(&db.url, &q.name, &["status"]);
+    let status = env.loader_ok(&["status"]);
     assert!(status.contains("pending transform: 0"), "{status}");
     assert!(status.contains("received 100, staged 100"), "{status}");
     assert!(status.contains("active key: 1"), "{status}");

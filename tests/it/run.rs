@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{TestDb, TestQueue, loader, loader_ok};
+use crate::support::{TestDb, TestEnv, TestQueue, loader, loader_ok};
 
 #[tokio::test]
 async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
@@ -29,18 +29,14 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
     assert_eq!(sender.await.unwrap(), 3_000);
 
     // Stopped cleanly: everything staged so far was transformed by the last transform.
-    assert_eq!(
-        db.count("select count(*) from loader.transform_queue").await,
-        0,
-        "last transform ran"
-    );
+    assert_eq!(db.pending().await, 0, "last transform ran");
     let out = loader(&db.url, &q.name, &["reconcile"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Drain the rest, including any message a cut-off receive held: every message exactly once.
     crate::support::wait_until_visible(&q, 0).await;
     loader_ok(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"]);
-    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 3_100);
+    assert_eq!(db.staged().await, 3_100);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 3_100);
     assert_eq!(
         db.count(
@@ -56,9 +52,9 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
 
 #[tokio::test]
 async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
-    let db = TestDb::migrated().await;
-    let q = TestQueue::new(30).await;
-    let child = crate::support::spawn_loader(&db.url, &q.name, &["run"]);
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
+    let child = env.spawn(&["run"]);
     // Let it reach its first (idle) long poll.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 

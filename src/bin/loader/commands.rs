@@ -191,8 +191,8 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let queue = match Queue::open(sqs::client(&settings.aws).await, &settings.queue).await {
         Ok(q) => match q.depth().await {
-            Ok((visible, in_flight, delayed)) => {
-                format!("{visible} visible, {in_flight} in flight, {delayed} delayed")
+            Ok(d) => {
+                format!("{} visible, {} in flight, {} delayed", d.visible, d.in_flight, d.delayed)
             }
             Err(e) => format!("unavailable ({e:#})"),
         },

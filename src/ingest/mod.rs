@@ -4,21 +4,28 @@
 //! point loses nothing: undeleted messages come back after their visibility timeout and the
 //! `message_id` unique key turns the second staging into a counted duplicate.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
+
+mod flush;
+mod receiver;
+
+pub use flush::Flow;
+use flush::{gather, latest_copies};
+use receiver::Receiver;
 
 use crate::counts::Totals;
 use crate::metrics;
 use crate::progress::Progress;
 use crate::retry::{self, Health};
+use crate::shutdown::Shutdown;
 use crate::sqs::{MAX_BATCH, Queue, Received};
 use crate::staging::{self, RawMessage};
 
@@ -35,7 +42,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Drain => "drain",
             Mode::Follow => "follow",
@@ -77,124 +84,9 @@ async fn keep_invisible<T>(
     }
 }
 
-/// One entry per message id, the last received copy (its receipt handle is the current one),
-/// and how many copies each id had.
-fn latest_copies(batch: &[Received]) -> (Vec<Received>, HashMap<String, u64>) {
-    let mut copies: HashMap<String, u64> = HashMap::with_capacity(batch.len());
-    let mut latest: Vec<Received> = Vec::with_capacity(batch.len());
-    let mut position: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-    for m in batch {
-        *copies.entry(m.message_id.clone()).or_default() += 1;
-        match position.get(m.message_id.as_str()) {
-            Some(&i) => latest[i] = m.clone(),
-            None => {
-                position.insert(&m.message_id, latest.len());
-                latest.push(m.clone());
-            }
-        }
-    }
-    (latest, copies)
-}
-
-/// How often a paused receiver looks again whether PostgreSQL is back.
-const PAUSE_CHECK: Duration = Duration::from_millis(200);
-
-/// One receiver: long-polls and hands non-empty batches to the writer until told to stop, or
-/// (draining) until a long poll comes back empty. While the writer cannot reach PostgreSQL it
-/// receives nothing: messages stay on the queue rather than wait in memory, where their
-/// visibility timeout could run out.
-async fn receive_loop(
-    queue: Queue,
-    wait_seconds: i32,
-    mode: Mode,
-    writer: mpsc::Sender<Vec<Received>>,
-    mut stop: watch::Receiver<bool>,
-    health: Arc<Mutex<Health>>,
-    postgres: Arc<Mutex<Health>>,
-) -> Result<()> {
-    while !*stop.borrow() {
-        if postgres.lock().expect("health lock").is_failing() {
-            tokio::select! {
-                _ = tokio::time::sleep(PAUSE_CHECK) => continue,
-                _ = stop.changed() => return Ok(()),
-            }
-        }
-        let receive = queue.receive(wait_seconds);
-        tokio::pin!(receive);
-        let (received, last) = tokio::select! {
-            batch = &mut receive => (batch, false),
-            _ = stop.changed() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
-                Ok(batch) => (batch, true),
-                Err(_) => return Ok(()),
-            },
-        };
-        let batch = match received {
-            Ok(batch) => {
-                health.lock().expect("health lock").ok();
-                batch
-            }
-            // SQS unreachable or throttling: wait (or stop) and poll again.
-            Err(e) if retry::is_transient(&e) && !last => {
-                let wait = health.lock().expect("health lock").failed(&e);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = stop.changed() => return Ok(()),
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        if batch.is_empty() {
-            if mode == Mode::Drain || last {
-                return Ok(());
-            }
-            continue;
-        }
-        if writer.send(batch).await.is_err() || last {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
 /// Committed flushes whose deletes may run while the next flush stages. Two keep the writer
 /// busy; memory for them is bounded by two flushes.
 const FLUSHES_DELETING: usize = 2;
-
-/// Adds batches from `inbox` to `flush` until it holds `flow.flush_messages` messages,
-/// `flow.linger` has passed since this call, or every sender is gone (shutdown or the end of a
-/// drain: what was gathered is flushed, never dropped).
-async fn gather<T>(mut flush: Vec<T>, inbox: &mut mpsc::Receiver<Vec<T>>, flow: &Flow) -> Vec<T> {
-    let deadline = tokio::time::Instant::now() + flow.linger;
-    while flush.len() < flow.flush_messages {
-        tokio::select! {
-            batch = inbox.recv() => match batch {
-                Some(batch) => flush.extend(batch),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
-    }
-    flush
-}
-
-/// How ingest overlaps receiving and staging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flow {
-    /// ReceiveMessage calls in flight at once.
-    pub receivers: usize,
-    /// Stage once this many messages are buffered...
-    pub flush_messages: usize,
-    /// ...or this long after the first of them arrived, whichever comes first.
-    pub linger: Duration,
-}
-
-impl Default for Flow {
-    /// Four receivers keep LocalStack or SQS busy on two cores; 500 messages make one cheap
-    /// statement; 50 ms bounds the added latency of a quiet queue.
-    fn default() -> Self {
-        Self { receivers: 4, flush_messages: 500, linger: Duration::from_millis(50) }
-    }
-}
 
 /// A committed batch, not yet deleted.
 struct Staged {
@@ -225,8 +117,9 @@ pub struct Ingestor {
     /// clients.
     postgres_health: Arc<Mutex<Health>>,
     sqs_health: Arc<Mutex<Health>>,
-    /// Set once shutdown has begun: transient failures are then no longer retried.
-    stopping: Arc<AtomicBool>,
+    /// Whether shutdown has begun (its one owner): receivers then stop, and transient failures
+    /// are no longer retried.
+    shutdown: Shutdown,
     /// The queue's VisibilityTimeout, read at start.
     visibility: Duration,
 }
@@ -247,7 +140,7 @@ impl Ingestor {
             flow: Flow::default(),
             postgres_health: Arc::new(Mutex::new(Health::new("PostgreSQL"))),
             sqs_health: Arc::new(Mutex::new(Health::new("SQS"))),
-            stopping: Arc::new(AtomicBool::new(false)),
+            shutdown: Shutdown::default(),
             visibility,
         })
     }
@@ -349,7 +242,7 @@ impl Ingestor {
         .await?;
 
         let totals = Totals {
-            received: staged.outcome.received + refused_copies,
+            from_queue: staged.outcome.received + refused_copies,
             staged: staged.outcome.staged,
             duplicates: staged.outcome.duplicates,
             deleted: deleted_copies,
@@ -373,7 +266,7 @@ impl Ingestor {
                     health.lock().expect("health lock").ok();
                     return Ok(value);
                 }
-                Err(e) if retry::is_transient(&e) && !self.stopping.load(Ordering::Relaxed) => {
+                Err(e) if retry::is_transient(&e) && !self.shutdown.has_begun() => {
                     let wait = health.lock().expect("health lock").failed(&e);
                     tokio::time::sleep(wait).await;
                 }
@@ -413,18 +306,18 @@ impl Ingestor {
         // writer stages, instead of stalling on a full channel.
         let capacity = self.flow.flush_messages.div_ceil(MAX_BATCH) + self.flow.receivers;
         let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(capacity);
-        let (stop, stopped) = watch::channel(false);
         let mut receivers = JoinSet::new();
         for _ in 0..self.flow.receivers {
-            receivers.spawn(receive_loop(
-                self.queue.clone(),
-                self.wait_seconds,
+            let receiver = Receiver {
+                queue: self.queue.clone(),
+                wait_seconds: self.wait_seconds,
                 mode,
-                batches.clone(),
-                stopped.clone(),
-                self.sqs_health.clone(),
-                self.postgres_health.clone(),
-            ));
+                writer: batches.clone(),
+                shutdown: self.shutdown.listen(),
+                sqs_health: self.sqs_health.clone(),
+                postgres_health: self.postgres_health.clone(),
+            };
+            receivers.spawn(receiver.run());
         }
         drop(batches);
 
@@ -442,9 +335,8 @@ impl Ingestor {
                     done.context("a receiver panicked")??;
                     continue;
                 }
-                _ = &mut shutdown, if !self.stopping.load(Ordering::Relaxed) => {
-                    self.stopping.store(true, Ordering::Relaxed);
-                    let _ = stop.send(true);
+                _ = &mut shutdown, if !self.shutdown.has_begun() => {
+                    self.shutdown.begin();
                     continue;
                 }
             };
@@ -458,12 +350,7 @@ impl Ingestor {
             let staged = self.stage(&flush).await?;
             if let Some(progress) = &self.progress {
                 let left = match progress.depth_due() {
-                    true => self
-                        .queue
-                        .depth()
-                        .await
-                        .ok()
-                        .map(|(visible, in_flight, _)| visible + in_flight),
+                    true => self.queue.depth().await.ok().map(|d| d.visible + d.in_flight),
                     false => None,
                 };
                 progress.advance(flush.len() as u64, left);
@@ -483,76 +370,5 @@ impl Ingestor {
     /// Marks the run finished (also after an error, so the bookkeeping shows when it stopped).
     async fn finish(&self) -> Result<()> {
         self.run.finish(&self.pool).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copies_of_a_message_are_deleted_once_with_the_latest_handle() {
-        let m = |id: &str, handle: &str| Received {
-            message_id: id.into(),
-            receipt_handle: handle.into(),
-            body: String::new(),
-            sent_at: None,
-            receive_count: None,
-        };
-        let (latest, copies) = latest_copies(&[m("a", "h1"), m("b", "h2"), m("a", "h3")]);
-        let handles: Vec<_> =
-            latest.iter().map(|m| (m.message_id.as_str(), m.receipt_handle.as_str())).collect();
-        assert_eq!(handles, [("a", "h3"), ("b", "h2")]);
-        assert_eq!((copies["a"], copies["b"]), (2, 1));
-    }
-
-    fn flow(flush_messages: usize) -> Flow {
-        Flow { receivers: 1, flush_messages, linger: Duration::from_millis(50) }
-    }
-
-    /// A sender holding `batches` of `size` messages each, already sent.
-    fn inbox(batches: usize, size: usize) -> (mpsc::Sender<Vec<u32>>, mpsc::Receiver<Vec<u32>>) {
-        let (tx, rx) = mpsc::channel(batches.max(1));
-        for b in 0..batches {
-            tx.try_send((0..size as u32).map(|i| b as u32 * 100 + i).collect()).unwrap();
-        }
-        (tx, rx)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_flush_closes_as_soon_as_it_reaches_its_size() {
-        let (_tx, mut rx) = inbox(4, 10);
-        let started = tokio::time::Instant::now();
-        let flush = gather(vec![], &mut rx, &flow(25)).await;
-        assert_eq!(flush.len(), 30, "three batches of ten reach 25");
-        assert_eq!(started.elapsed(), Duration::ZERO, "no linger once full");
-        assert_eq!(rx.try_recv().unwrap().len(), 10, "the fourth batch waits for the next flush");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_partial_flush_waits_for_the_linger_then_goes() {
-        let (tx, mut rx) = inbox(1, 10);
-        let started = tokio::time::Instant::now();
-        let late = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            tx.send(vec![7; 5]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            tx.send(vec![8; 5]).await.unwrap();
-        });
-        let flush = gather(vec![], &mut rx, &flow(500)).await;
-        assert_eq!(flush.len(), 15, "the batch within the linger joins; the later one does not");
-        assert_eq!(started.elapsed(), Duration::from_millis(50));
-        late.await.unwrap();
-        assert_eq!(rx.recv().await.unwrap(), vec![8; 5]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_flushes_what_was_gathered_at_once() {
-        let (tx, mut rx) = inbox(2, 10);
-        drop(tx);
-        let started = tokio::time::Instant::now();
-        let flush = gather(vec![1, 2], &mut rx, &flow(500)).await;
-        assert_eq!(flush.len(), 22, "the first batch and both buffered ones, nothing dropped");
-        assert_eq!(started.elapsed(), Duration::ZERO, "no linger once every sender is gone");
     }
 }

@@ -1,0 +1,87 @@
+//! One receiver: long-polls SQS and hands non-empty batches to the writer. Several run at once
+//! (`Flow::receivers`); each pauses while PostgreSQL is failing and backs off while SQS is.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+use super::{Mode, SHUTDOWN_GRACE};
+use crate::retry::{self, Health};
+use crate::shutdown::Listener;
+use crate::sqs::{Queue, Received};
+
+/// How often a paused receiver looks again whether PostgreSQL is back.
+const PAUSE_CHECK: Duration = Duration::from_millis(200);
+
+/// One receiver: long-polls and hands non-empty batches to the writer until told to stop, or
+/// (draining) until a long poll comes back empty. While the writer cannot reach PostgreSQL it
+/// receives nothing: messages stay on the queue rather than wait in memory, where their
+/// visibility timeout could run out.
+pub(super) struct Receiver {
+    pub queue: Queue,
+    /// Long-poll wait per ReceiveMessage call, in seconds.
+    pub wait_seconds: i32,
+    /// Drain: stop at the first empty long poll. Follow: until shutdown.
+    pub mode: Mode,
+    /// Where non-empty batches go: the writer's channel.
+    pub writer: mpsc::Sender<Vec<Received>>,
+    /// Resolves when shutdown begins.
+    pub shutdown: Listener,
+    /// SQS's health, shared by the receivers: backoff and state-change logging on transient
+    /// errors.
+    pub sqs_health: Arc<Mutex<Health>>,
+    /// PostgreSQL's health, as the writer sees it: while it is failing, nothing is received.
+    pub postgres_health: Arc<Mutex<Health>>,
+}
+
+impl Receiver {
+    /// Receives until told to stop, or (draining) until a long poll comes back empty.
+    pub(super) async fn run(self) -> Result<()> {
+        let Self { queue, wait_seconds, mode, writer, mut shutdown, sqs_health, postgres_health } =
+            self;
+        while !shutdown.has_begun() {
+            if postgres_health.lock().expect("health lock").is_failing() {
+                tokio::select! {
+                    _ = tokio::time::sleep(PAUSE_CHECK) => continue,
+                    _ = shutdown.begun() => return Ok(()),
+                }
+            }
+            let receive = queue.receive(wait_seconds);
+            tokio::pin!(receive);
+            let (received, last) = tokio::select! {
+                batch = &mut receive => (batch, false),
+                _ = shutdown.begun() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
+                    Ok(batch) => (batch, true),
+                    Err(_) => return Ok(()),
+                },
+            };
+            let batch = match received {
+                Ok(batch) => {
+                    sqs_health.lock().expect("health lock").ok();
+                    batch
+                }
+                // SQS unreachable or throttling: wait (or stop) and poll again.
+                Err(e) if retry::is_transient(&e) && !last => {
+                    let wait = sqs_health.lock().expect("health lock").failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.begun() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            if batch.is_empty() {
+                if mode == Mode::Drain || last {
+                    return Ok(());
+                }
+                continue;
+            }
+            if writer.send(batch).await.is_err() || last {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! Test fixtures, against the real PostgreSQL and LocalStack that `scripts/test.sh` starts:
+//! a database ([`db`]) and a queue ([`queue`]) of each test's own, both removed when dropped;
+//! the `loader` binary as a child process ([`process`]); an outage proxy ([`proxy`]); and
+//! [`TestEnv`], which puts them together with one method per action.
+
+#![allow(dead_code)] // parts serve only the `lambda` module, built with that feature
+
+mod db;
+mod process;
+mod proxy;
+mod queue;
+
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use db::*;
+pub use process::*;
+pub use proxy::*;
+pub use queue::*;
+use sqlx::PgPool;
+
+pub const FIXTURE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/login-queue-sample.json");
+
+pub fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts the services")
+    })
+}
+
+/// A unique, lowercase name for this test's database or queue.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+/// A migrated database and a queue of this test's own, and the `loader` binary pointed at
+/// both: one method per action.
+pub struct TestEnv {
+    pub db: TestDb,
+    pub queue: TestQueue,
+}
+
+impl TestEnv {
+    /// A migrated database and a queue with this visibility timeout (seconds).
+    pub async fn new(visibility_timeout: u32) -> Self {
+        Self { db: TestDb::migrated().await, queue: TestQueue::new(visibility_timeout).await }
+    }
+
+    /// Runs `loader ARGS` to completion.
+    pub fn loader(&self, args: &[&str]) -> Output {
+        loader(&self.db.url, &self.queue.name, args)
+    }
+
+    /// Runs `loader ARGS`, asserts it exited 0, and returns stdout.
+    pub fn loader_ok(&self, args: &[&str]) -> String {
+        loader_ok(&self.db.url, &self.queue.name, args)
+    }
+
+    /// Starts `loader ARGS` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Running {
+        spawn_loader(&self.db.url, &self.queue.name, args)
+    }
+}
+
+/// Waits until the queue's in-flight messages are visible again (visibility timeout passed).
+pub async fn wait_until_visible(q: &TestQueue, expected: u64) {
+    for _ in 0..100 {
+        let (visible, in_flight, _) = q.depth().await;
+        if visible >= expected && in_flight == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("queue never showed {expected} visible messages: {:?}", q.depth().await);
+}
+
+/// Stages `(message_id, body)` pairs straight into `loader.raw_logins` (no queue involved), all
+/// sent at `sent_at`, through the same staging code `loader ingest` uses.
+pub async fn stage(db: &TestDb, messages: &[(String, String)], sent_at: time::OffsetDateTime) {
+    stage_with(&db.pool, messages, sent_at).await;
+}
+
+/// [`stage`] over any pool, e.g. one of several concurrent writers.
+pub async fn stage_with(
+    pool: &PgPool,
+    messages: &[(String, String)],
+    sent_at: time::OffsetDateTime,
+) {
+    let run = loader::staging::Run::register(pool, "direct", "drain").await.unwrap();
+    let raw: Vec<loader::staging::RawMessage> = messages
+        .iter()
+        .map(|(id, body)| loader::staging::RawMessage {
+            message_id: id.clone(),
+            body: body.clone(),
+            sent_at: Some(sent_at),
+            receive_count: Some(1),
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    for chunk in raw.chunks(5_000) {
+        loader::staging::stage(&mut conn, &run, chunk).await.expect("staging");
+    }
+}
+
+/// The fixture's bodies, as `loader send` would publish them, with ids `fixture-N`.
+pub fn fixture_messages() -> Vec<(String, String)> {
+    loader::send::bodies_from_file(std::path::Path::new(FIXTURE))
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| (format!("fixture-{i}"), body))
+        .collect()
+}
+
+/// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.
+pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i64 {
+    let mut last = -1;
+    for _ in 0..150 {
+        last = db.count(sql).await;
+        if last >= expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    last
+}

@@ -1,0 +1,92 @@
+//! The `loader` binary as a child process: run to completion, or in the background and
+//! stopped with SIGTERM or SIGKILL, its output drained as it comes.
+
+use std::process::{Command, Output};
+
+use super::aws_settings;
+
+/// The `loader` binary set up for a database and a queue.
+pub fn loader_command(db_url: &str, queue: &str, args: &[&str]) -> Command {
+    let aws = aws_settings();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
+    cmd.args(args)
+        .env("DATABASE_URL", db_url)
+        .env("SQS_QUEUE", queue)
+        .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
+        .env("AWS_REGION", aws.region.unwrap())
+        .env("RUST_LOG", "warn,loader=debug");
+    cmd
+}
+
+/// Runs the `loader` binary against a database and queue.
+pub fn loader(db_url: &str, queue: &str, args: &[&str]) -> Output {
+    loader_command(db_url, queue, args).output().expect("running the loader binary")
+}
+
+/// Runs `loader` and asserts it exited 0; returns stdout.
+pub fn loader_ok(db_url: &str, queue: &str, args: &[&str]) -> String {
+    let out = loader(db_url, queue, args);
+    assert!(
+        out.status.success(),
+        "loader {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// A `loader` process running in the background. Its output is drained as it comes (a full
+/// pipe would block the process), and returned by [`terminate`].
+pub struct Running {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+/// Starts `loader` in the background against a database and queue.
+pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> Running {
+    let mut child = loader_command(db_url, queue, args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the loader binary");
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    Running { child, stdout, stderr }
+}
+
+/// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+pub fn kill_9(running: Running) {
+    let Running { mut child, stdout, stderr } = running;
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    let _ = (stdout.join(), stderr.join());
+}
+
+/// Sends SIGTERM and waits for the process; returns its output.
+pub fn terminate(running: Running) -> Output {
+    let Running { mut child, stdout, stderr } = running;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+/// Sends SIGTERM, asserts a clean exit (0), and returns stdout.
+pub fn terminate_ok(running: Running) -> String {
+    let out = terminate(running);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
