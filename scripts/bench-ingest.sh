@@ -3,6 +3,10 @@
 #
 #   scripts/bench-ingest.sh [MESSAGES]               LocalStack (default 100000 messages)
 #   scripts/bench-ingest.sh --fauxqs [MESSAGES]      fauxqs, a faster emulator (npm, Node 22)
+#   scripts/bench-ingest.sh [--fauxqs] --latency-ms N [--receivers R] [MESSAGES]
+#       (a) and (b) talk to the emulator through `loader bench proxy`, which adds N ms to every
+#       call's round trip (real SQS answers in 10-30 ms; the emulators in well under 1 ms);
+#       --receivers R gives both (a) and (b) that many receive loops.
 #
 # With AWS_ENDPOINT_URL set, that endpoint is used instead.
 #   (a) the emulator's ceiling: receive + delete, same concurrency as ingest, no database;
@@ -16,10 +20,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 emulator=localstack
-if [ "${1:-}" = "--fauxqs" ]; then
-    emulator=fauxqs
-    shift
-fi
+latency_ms=0
+receivers=4
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --fauxqs) emulator=fauxqs; shift ;;
+    --latency-ms) latency_ms="$2"; shift 2 ;;
+    --receivers) receivers="$2"; shift 2 ;;
+    *) break ;;
+    esac
+done
 n="${1:-100000}"
 if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
     eval "$(bash "scripts/$emulator.sh")"
@@ -37,6 +47,19 @@ PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
 loader migrate >/dev/null
 
 tag="bench-$$"
+# Through the delaying proxy when asked: (a) and (b) see the latency, filling does not.
+direct="$AWS_ENDPOINT_URL"
+timed_endpoint="$direct"
+if [ "$latency_ms" -gt 0 ]; then
+    proxy_port=4577
+    target="${direct#*://}"
+    target="${target%%/*}"
+    loader bench proxy --listen "127.0.0.1:$proxy_port" --target "$target" \
+        --latency-ms "$latency_ms" 2>/dev/null &
+    proxy_pid=$!
+    timed_endpoint="http://127.0.0.1:$proxy_port"
+fi
+through() { AWS_ENDPOINT_URL="$timed_endpoint" "$@"; }
 TIMEFORMAT='%R %U %S'
 timed() { # timed OUTPUT_FILE COMMAND...: wall, user and sys seconds of COMMAND into OUTPUT_FILE
     local out="$1"
@@ -44,16 +67,18 @@ timed() { # timed OUTPUT_FILE COMMAND...: wall, user and sys seconds of COMMAND 
     { time "$@" >/dev/null 2>&1; } 2>"$out"
 }
 times=$(mktemp)
-trap 'rm -f "$times"' EXIT
+trap 'rm -f "$times"; [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true' EXIT
 
 log "filling ${tag}-ceiling with $n messages"
 loader --queue "${tag}-ceiling" send --generate "$n" >/dev/null
-timed "$times" loader --queue "${tag}-ceiling" bench ceiling --wait-seconds 0
+timed "$times" through loader --queue "${tag}-ceiling" bench ceiling --wait-seconds 0 \
+    --receivers "$receivers"
 read -r c_wall c_user c_sys <"$times"
 
 log "filling ${tag}-ingest with $n messages"
 loader --queue "${tag}-ingest" send --generate "$n" --seed 2 >/dev/null
-timed "$times" loader --queue "${tag}-ingest" ingest --wait-seconds 0
+timed "$times" through loader --queue "${tag}-ingest" ingest --wait-seconds 0 \
+    --receivers "$receivers"
 read -r wall user sys <"$times"
 staged=$(psql "$DATABASE_URL" -XAtc "select count(*) from loader.raw_logins")
 
@@ -64,7 +89,8 @@ end=$(date +%s.%N)
 
 staging=$(loader bench staging --rows "$n")
 
-echo "machine: $(nproc) cores; emulator: $emulator ($AWS_ENDPOINT_URL); messages: $n"
+echo "machine: $(nproc) cores; emulator: $emulator ($AWS_ENDPOINT_URL); messages: $n;" \
+    "added round trip: $latency_ms ms; receivers: $receivers"
 awk -v n="$n" -v w="$c_wall" -v u="$c_user" -v s="$c_sys" 'BEGIN {
     printf "(a) ceiling, receive+delete (no database): %.2f s, %.0f messages/s; CPU %.2f s per 100k\n",
         w, n / w, (u + s) * 100000 / n }'

@@ -242,6 +242,15 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
 
 async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
     let (what, (n, took)) = match command {
+        BenchCommand::Proxy { listen, target, latency_ms } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            eprintln!("proxy: {listen} -> {target}, +{latency_ms} ms per round trip");
+            let latency = std::time::Duration::from_millis(*latency_ms);
+            bench::delay_proxy(listener, *target, latency, shutdown_signal()).await?;
+            return Ok(ExitCode::from(exit::OK));
+        }
         BenchCommand::Ceiling { receivers, wait_seconds } => {
             let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
             (
