@@ -5,8 +5,10 @@
 #   scripts/bench-ingest.sh --fauxqs [MESSAGES]      fauxqs, a faster emulator (npm, Node 22)
 #   scripts/bench-ingest.sh [--fauxqs] --latency-ms N [--receivers R] [MESSAGES]
 #       (a) and (b) talk to the emulator through `loader bench proxy`, which adds N ms to every
-#       call's round trip (real SQS answers in 10-30 ms; the emulators in well under 1 ms);
-#       --receivers R gives both (a) and (b) that many receive loops.
+#       call's round trip (real SQS answers in 10-30 ms; the emulators in well under 1 ms), and
+#       (b') is `loader ingest --receivers 4`, the fixed concurrency of earlier versions.
+#       --receivers R fixes (b) at R receive loops (default: adaptive, up to 32); (a) uses R,
+#       else 32.
 #
 # With AWS_ENDPOINT_URL set, that endpoint is used instead.
 #   (a) the emulator's ceiling: receive + delete, same concurrency as ingest, no database;
@@ -21,7 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 emulator=localstack
 latency_ms=0
-receivers=4
+receivers=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --fauxqs) emulator=fauxqs; shift ;;
@@ -72,13 +74,13 @@ trap 'rm -f "$times"; [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null |
 log "filling ${tag}-ceiling with $n messages"
 loader --queue "${tag}-ceiling" send --generate "$n" >/dev/null
 timed "$times" through loader --queue "${tag}-ceiling" bench ceiling --wait-seconds 0 \
-    --receivers "$receivers"
+    --receivers "${receivers:-32}"
 read -r c_wall c_user c_sys <"$times"
 
 log "filling ${tag}-ingest with $n messages"
 loader --queue "${tag}-ingest" send --generate "$n" --seed 2 >/dev/null
 timed "$times" through loader --queue "${tag}-ingest" ingest --wait-seconds 0 \
-    --receivers "$receivers"
+    ${receivers:+--receivers "$receivers"}
 read -r wall user sys <"$times"
 staged=$(psql "$DATABASE_URL" -XAtc "select count(*) from loader.raw_logins")
 
@@ -89,14 +91,24 @@ end=$(date +%s.%N)
 
 staging=$(loader bench staging --rows "$n")
 
+fixed=""
+if [ -z "$receivers" ]; then
+    log "filling ${tag}-fixed with $n messages"
+    loader --queue "${tag}-fixed" send --generate "$n" --seed 3 >/dev/null
+    timed "$times" through loader --queue "${tag}-fixed" ingest --wait-seconds 0 --receivers 4
+    read -r f_wall _ _ <"$times"
+    fixed=$(awk -v n="$n" -v w="$f_wall" 'BEGIN { printf "%.2f s, %.0f messages/s", w, n / w }')
+fi
+
 echo "machine: $(nproc) cores; emulator: $emulator ($AWS_ENDPOINT_URL); messages: $n;" \
-    "added round trip: $latency_ms ms; receivers: $receivers"
+    "added round trip: $latency_ms ms; receivers: ${receivers:-adaptive}"
 awk -v n="$n" -v w="$c_wall" -v u="$c_user" -v s="$c_sys" 'BEGIN {
     printf "(a) ceiling, receive+delete (no database): %.2f s, %.0f messages/s; CPU %.2f s per 100k\n",
         w, n / w, (u + s) * 100000 / n }'
 awk -v n="$staged" -v w="$wall" -v u="$user" -v s="$sys" -v cw="$c_wall" 'BEGIN {
     printf "(b) loader ingest: %d messages in %.2f s, %.0f messages/s = %.0f%% of (a); loader CPU %.2f s per 100k\n",
         n, w, n / w, 100 * cw / w, (u + s) * 100000 / n }'
+[ -n "$fixed" ] && echo "(b') loader ingest --receivers 4 (fixed): $fixed"
 echo "(c) $staging"
 awk -v n="$staged" -v a="$start" -v b="$end" 'BEGIN {
     printf "(d) transform: %d rows in %.2f s, %.0f rows/s\n", n, b - a, n / (b - a) }'

@@ -15,6 +15,8 @@
 //! | `loader_staging_seconds` | histogram | one flush's staging statement |
 //! | `loader_transform_seconds` | histogram | one `call loader.transform()` |
 //! | `loader_oldest_pending_age_seconds` | gauge | age of the oldest staged row still pending |
+//! | `loader_receives_in_flight` | gauge | ReceiveMessage calls the concurrency controller allows |
+//! | `loader_deletes_in_flight` | gauge | DeleteMessageBatch calls allowed per flush being deleted |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,6 +66,16 @@ pub fn transform(report: &TransformReport, took: Duration) {
 }
 
 /// Age of the oldest staged row still waiting for the transform (0 when none waits).
+/// The receive concurrency the controller settled on.
+pub fn receives_in_flight(n: usize) {
+    gauge!("loader_receives_in_flight").set(n as f64);
+}
+
+/// The delete concurrency of the flush being deleted.
+pub fn deletes_in_flight(n: usize) {
+    gauge!("loader_deletes_in_flight").set(n as f64);
+}
+
 pub fn oldest_pending(age: Duration) {
     gauge!("loader_oldest_pending_age_seconds").set(age.as_secs_f64());
 }

@@ -226,10 +226,19 @@ impl Queue {
     /// [`DELETE_CONCURRENCY`] calls in flight, reporting per-entry failures (for example an
     /// expired receipt handle) instead of failing the whole set.
     pub async fn delete(&self, messages: &[Received]) -> Result<DeleteOutcome> {
+        self.delete_concurrently(messages, DELETE_CONCURRENCY).await
+    }
+
+    /// [`Queue::delete`] with up to `in_flight` calls at once (at least one).
+    pub async fn delete_concurrently(
+        &self,
+        messages: &[Received],
+        in_flight: usize,
+    ) -> Result<DeleteOutcome> {
         let mut outcome = DeleteOutcome::default();
         let mut calls = JoinSet::new();
         for chunk in messages.chunks(MAX_BATCH) {
-            if calls.len() >= DELETE_CONCURRENCY {
+            if calls.len() >= in_flight.max(1) {
                 outcome.merge(calls.join_next().await.expect("non-empty").context("delete task")??);
             }
             let queue = self.clone();

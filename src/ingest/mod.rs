@@ -14,9 +14,11 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
+pub mod concurrency;
 mod flush;
 mod receiver;
 
+use concurrency::Controller;
 pub use flush::Flow;
 use flush::{gather, latest_copies};
 use receiver::Receiver;
@@ -120,6 +122,8 @@ pub struct Ingestor {
     /// Whether shutdown has begun (its one owner): receivers then stop, and transient failures
     /// are no longer retried.
     shutdown: Shutdown,
+    /// How many receives are in flight (adaptive unless `--receivers N`); deletes follow it.
+    concurrency: concurrency::Shared,
     /// The queue's VisibilityTimeout, read at start.
     visibility: Duration,
 }
@@ -141,13 +145,15 @@ impl Ingestor {
             postgres_health: Arc::new(Mutex::new(Health::new("PostgreSQL"))),
             sqs_health: Arc::new(Mutex::new(Health::new("SQS"))),
             shutdown: Shutdown::default(),
+            concurrency: concurrency::Shared::new(Controller::from_flow(&Flow::default())),
             visibility,
         })
     }
 
     /// Sets the receive concurrency and flush policy.
     pub fn with_flow(self, flow: Flow) -> Self {
-        Self { flow, ..self }
+        let concurrency = concurrency::Shared::new(Controller::from_flow(&flow));
+        Self { flow, concurrency, ..self }
     }
 
     /// Shows `progress` (when `Some`) as batches complete.
@@ -228,7 +234,13 @@ impl Ingestor {
         // recent receipt handle (SQS ignores older ones); the delete counts for every copy.
         let (mut latest, copies) = latest_copies(batch);
         latest.retain(|m| !staged.refused.contains(&m.message_id));
-        let outcome = self.retrying(&self.sqs_health, || queue.delete(&latest)).await?;
+        // Deletes keep up with receives: as many calls in flight as receives (at least the
+        // usual eight), so the delete path never caps a drain at high latency.
+        let in_flight = self.concurrency.target().max(crate::sqs::DELETE_CONCURRENCY);
+        crate::metrics::deletes_in_flight(in_flight);
+        let outcome = self
+            .retrying(&self.sqs_health, || queue.delete_concurrently(&latest, in_flight))
+            .await?;
         for (message_id, code) in &outcome.failed {
             tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
         }
@@ -304,11 +316,13 @@ impl Ingestor {
         tokio::pin!(shutdown);
         // Room for a whole flush plus a batch per receiver: receivers keep receiving while the
         // writer stages, instead of stalling on a full channel.
-        let capacity = self.flow.flush_messages.div_ceil(MAX_BATCH) + self.flow.receivers;
+        let capacity = self.flow.flush_messages.div_ceil(MAX_BATCH) + self.concurrency.max();
         let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(capacity);
         let mut receivers = JoinSet::new();
-        for _ in 0..self.flow.receivers {
+        for index in 0..self.concurrency.max() {
             let receiver = Receiver {
+                index,
+                concurrency: self.concurrency.clone(),
                 queue: self.queue.clone(),
                 wait_seconds: self.wait_seconds,
                 mode,

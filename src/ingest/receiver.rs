@@ -7,10 +7,11 @@ use std::time::Duration;
 use anyhow::Result;
 use tokio::sync::mpsc;
 
+use super::concurrency::{Shared, Signal};
 use super::{Mode, SHUTDOWN_GRACE};
 use crate::retry::{self, Health};
 use crate::shutdown::Listener;
-use crate::sqs::{Queue, Received};
+use crate::sqs::{MAX_BATCH, Queue, Received};
 
 /// How often a paused receiver looks again whether PostgreSQL is back.
 const PAUSE_CHECK: Duration = Duration::from_millis(200);
@@ -20,6 +21,10 @@ const PAUSE_CHECK: Duration = Duration::from_millis(200);
 /// receives nothing: messages stay on the queue rather than wait in memory, where their
 /// visibility timeout could run out.
 pub(super) struct Receiver {
+    /// Its slot: it receives only while `index` is below the controller's target.
+    pub index: usize,
+    /// The run's receive concurrency, told what each call returned.
+    pub concurrency: Shared,
     pub queue: Queue,
     /// Long-poll wait per ReceiveMessage call, in seconds.
     pub wait_seconds: i32,
@@ -39,9 +44,25 @@ pub(super) struct Receiver {
 impl Receiver {
     /// Receives until told to stop, or (draining) until a long poll comes back empty.
     pub(super) async fn run(self) -> Result<()> {
-        let Self { queue, wait_seconds, mode, writer, mut shutdown, sqs_health, postgres_health } =
-            self;
+        let Self {
+            index,
+            concurrency,
+            queue,
+            wait_seconds,
+            mode,
+            writer,
+            mut shutdown,
+            sqs_health,
+            postgres_health,
+        } = self;
         while !shutdown.has_begun() {
+            // Out of the controller's target: wait for room, or for the drain to end.
+            if index >= concurrency.target() {
+                tokio::select! {
+                    room = concurrency.wait_for_room(index) => if room { continue } else { return Ok(()) },
+                    _ = shutdown.begun() => return Ok(()),
+                }
+            }
             if postgres_health.lock().expect("health lock").is_failing() {
                 tokio::select! {
                     _ = tokio::time::sleep(PAUSE_CHECK) => continue,
@@ -62,8 +83,9 @@ impl Receiver {
                     sqs_health.lock().expect("health lock").ok();
                     batch
                 }
-                // SQS unreachable or throttling: wait (or stop) and poll again.
+                // SQS unreachable or throttling: fewer receivers, wait (or stop), poll again.
                 Err(e) if retry::is_transient(&e) && !last => {
+                    concurrency.observe(Signal::Throttled);
                     let wait = sqs_health.lock().expect("health lock").failed(&e);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
@@ -73,11 +95,21 @@ impl Receiver {
                 Err(e) => return Err(e),
             };
             if batch.is_empty() {
+                concurrency.observe(Signal::Empty);
                 if mode == Mode::Drain || last {
+                    concurrency.drained();
                     return Ok(());
                 }
                 continue;
             }
+            // A full channel means staging is the bottleneck: no more receivers, fewer.
+            concurrency.observe(if writer.capacity() == 0 {
+                Signal::WriterBehind
+            } else if batch.len() >= MAX_BATCH {
+                Signal::Full
+            } else {
+                Signal::Partial
+            });
             if writer.send(batch).await.is_err() || last {
                 return Ok(());
             }

@@ -343,3 +343,44 @@ async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
     .unwrap();
     assert_eq!(run, (29, 29, 0, 29, 1), "staged and deleted 29; refused 1, left on the queue");
 }
+
+/// At real-SQS latency (a proxy adds 20 ms to every call), the receivers in flight grow past
+/// the starting four while batches come back full, fall back as polls come back empty, and
+/// the backlog is staged exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_sqs_latency_receivers_grow_with_a_backlog_and_fall_back_when_it_is_gone() {
+    let env = TestEnv::new(30).await;
+    env.queue.send(&generated(3_000)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("http://{}", listener.local_addr().unwrap());
+    let target = crate::support::socket_of(&crate::support::aws_settings().endpoint_url.unwrap());
+    let latency = std::time::Duration::from_millis(20);
+    let proxy_task =
+        tokio::spawn(loader::bench::delay_proxy(listener, target, latency, std::future::pending()));
+
+    let out = crate::support::loader_command(
+        &env.db.url,
+        &env.queue.name,
+        &["ingest", "--wait-seconds", "1"],
+    )
+    .env("AWS_ENDPOINT_URL", &proxy)
+    .env("LOADER_LOG_FORMAT", "json")
+    .output()
+    .unwrap();
+    proxy_task.abort();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let targets: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "receive concurrency changed")
+        .filter_map(|l| l["fields"]["receivers"].as_u64())
+        .collect();
+    let peak = targets.iter().copied().max().unwrap_or(4);
+    assert!(peak > 4, "receivers grew past the starting four: {targets:?}");
+    assert!(targets.last().copied().unwrap_or(peak) < peak, "and fell back: {targets:?}");
+    assert_eq!(env.db.staged().await, 3_000);
+    let distinct = env.db.count("select count(distinct message_id) from loader.raw_logins");
+    assert_eq!(distinct.await, 3_000, "exactly once");
+    assert_eq!(env.queue.depth().await, (0, 0, 0));
+}

@@ -229,10 +229,16 @@ pub enum KeysCommand {
 /// How ingest overlaps receiving and staging (`ingest` and `run`).
 #[derive(Debug, Args)]
 pub struct FlowArgs {
-    /// ReceiveMessage calls in flight at once
-    #[arg(long, env = "LOADER_RECEIVERS", default_value_t = 4,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub receivers: u16,
+    /// ReceiveMessage calls in flight, fixed. Default: adaptive, from 4 up to --max-receivers
+    /// (grows while polls come back full, shrinks when they come back empty)
+    #[arg(long, env = "LOADER_RECEIVERS",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub receivers: Option<u16>,
+
+    /// The most ReceiveMessage calls in flight when adaptive
+    #[arg(long, env = "LOADER_MAX_RECEIVERS", default_value_t = 32,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_receivers: u16,
 
     /// Stage once this many messages are buffered...
     #[arg(long, env = "LOADER_FLUSH_MESSAGES", default_value_t = 500,
@@ -247,7 +253,9 @@ pub struct FlowArgs {
 impl FlowArgs {
     pub fn flow(&self) -> Flow {
         Flow {
-            receivers: usize::from(self.receivers),
+            receivers: self.receivers.map_or(4, usize::from),
+            adaptive: self.receivers.is_none(),
+            max_receivers: usize::from(self.max_receivers),
             flush_messages: self.flush_messages as usize,
             linger: std::time::Duration::from_millis(self.linger_ms),
         }
