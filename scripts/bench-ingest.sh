@@ -56,8 +56,10 @@ if [ "$latency_ms" -gt 0 ]; then
     proxy_port=4577
     target="${direct#*://}"
     target="${target%%/*}"
-    loader bench proxy --listen "127.0.0.1:$proxy_port" --target "$target" \
-        --latency-ms "$latency_ms" 2>/dev/null &
+    # The binary itself in the background (not the `loader` function: $! would then name a
+    # subshell), with no inherited stdout, so `kill` ends it and `$(...)` callers do not wait.
+    target/release/loader bench proxy --listen "127.0.0.1:$proxy_port" --target "$target" \
+        --latency-ms "$latency_ms" >/dev/null 2>&1 &
     proxy_pid=$!
     timed_endpoint="http://127.0.0.1:$proxy_port"
 fi
