@@ -24,7 +24,7 @@ comment on function loader.register_run(text, text, text) is
 -- loader.raw_logins, idempotent on message_id, with the run's counters in the same statement
 -- (received counts every copy handed in, so received - staged = duplicates). A body is stored
 -- as jsonb when `is_json`, else as a JSON string of its exact text. Returns the rows newly
--- staged. Refuses (42501) a run that is unknown, finished, or not the caller's.
+-- staged. Refuses (42501) a run that is unknown, finished, or not the caller's (_check_run).
 create or replace function loader.stage(
     run_id bigint, run_token text, message_ids text[], bodies text[], is_json boolean[],
     sent_at timestamptz[], receive_counts integer[], received bigint)
@@ -33,24 +33,21 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_variable
 declare
     staged bigint;
-    counted bigint;
 begin
     if received < cardinality(message_ids) then
         raise exception 'received (%) is less than the % distinct messages handed in',
             received, cardinality(message_ids) using errcode = 'invalid_parameter_value';
     end if;
-    with run as (
-        select r.queue from loader.ingest_runs r
-         where r.id = run_id and r.token = run_token and r.finished_at is null
-    ), inserted as (
+    perform loader._check_run(run_id, run_token);
+    with inserted as (
         insert into loader.raw_logins
             (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
         select m.message_id,
                case when m.is_json then m.body::jsonb else to_jsonb(m.body) end,
-               m.is_json, m.sent_at, m.receive_count, run.queue, run_id
+               m.is_json, m.sent_at, m.receive_count,
+               (select r.queue from loader.ingest_runs r where r.id = run_id), run_id
           from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
                    as m(message_id, body, is_json, sent_at, receive_count)
-         cross join run
         on conflict (message_id) do nothing
         returning 1
     ), counted as (
@@ -58,21 +55,17 @@ begin
            set received = r.received + received,
                staged = r.staged + (select count(*) from inserted),
                duplicates = r.duplicates + received - (select count(*) from inserted)
-         where r.id = run_id and exists (select from run)
-        returning 1
+         where r.id = run_id
     )
-    select (select count(*) from inserted), (select count(*) from counted) into staged, counted;
-    if counted = 0 then
-        raise exception 'ingest run % is not open, or its token does not match', run_id
-            using errcode = 'insufficient_privilege';
-    end if;
+    select count(*) into staged from inserted;
     return staged;
 end
 $$;
 comment on function loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint) is
     'Stage a batch of SQS messages into the caller''s run; returns how many were new';
 
--- _run_row: private check that run_id is open and run_token is its token.
+-- _check_run: private check that run_id is open and run_token is its token (locks the run row,
+-- which the caller updates next anyway).
 create or replace function loader._check_run(run_id bigint, run_token text) returns void
 language plpgsql as $$
 begin

@@ -82,8 +82,9 @@ pub struct MigrateReport {
 /// role can call a private function, or wire one into a trigger of its own, while a migrate
 /// runs. Idempotent.
 ///
-/// Roles are cluster-wide: two first migrates of different databases at once may both create
-/// `loader_ingest`; the loser fails on the catalog's unique index and is tried once more.
+/// Roles and the schema's first objects are created `if not exists`: two first migrates at once
+/// (of one database, or of two sharing the cluster-wide roles) may both create one; the loser
+/// fails on the catalog's unique index and is tried once more.
 pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
     match migrate_once(pool).await {
         Err(e) if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(is_duplicate)) => {
@@ -130,7 +131,7 @@ async fn migrate_once(pool: &PgPool) -> Result<MigrateReport> {
 
 /// Creates schema `loader` (refinery's history table lives there) and the migrate lock table,
 /// each owner-only. Two first migrates at once may both try to create them: the loser's error
-/// is a duplicate, and a second try finds them.
+/// is a duplicate, which [`migrate`] answers with a second try that finds them.
 async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
     let sql = format!(
         "create schema if not exists loader;
@@ -138,13 +139,7 @@ async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
          comment on table {MIGRATE_LOCK_TABLE} is
              'Locked by loader migrate for its whole transaction (owner only)';"
     );
-    for attempt in 0..2 {
-        match sqlx::raw_sql(&sql).execute(&mut *conn).await {
-            Ok(_) => return Ok(()),
-            Err(e) if attempt == 0 && is_duplicate(&e) => continue,
-            Err(e) => return Err(e).context("creating schema loader"),
-        }
-    }
+    sqlx::raw_sql(&sql).execute(&mut *conn).await.context("creating schema loader")?;
     Ok(())
 }
 

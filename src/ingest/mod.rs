@@ -363,9 +363,10 @@ impl Ingestor {
             }
             let staged = self.stage(&flush).await?;
             if let Some(progress) = &self.progress {
-                let left = match progress.depth_due() {
-                    true => self.queue.depth().await.ok().map(|d| d.visible + d.in_flight),
-                    false => None,
+                let left = if progress.depth_due() {
+                    self.queue.depth().await.ok().map(|d| d.visible + d.in_flight)
+                } else {
+                    None
                 };
                 progress.advance(flush.len() as u64, left);
             }
