@@ -12,7 +12,9 @@
 #
 # With AWS_ENDPOINT_URL set, that endpoint is used instead.
 #   (a) the emulator's ceiling: receive + delete, same concurrency as ingest, no database;
-#   (b) `loader ingest`: messages/s, and the loader's own CPU seconds per 100k messages;
+#   (b) `loader ingest`: messages/s, the loader's own CPU seconds per 100k messages, and its
+#       maximum resident memory (GNU time's %M: flat with the backlog, since the channel and
+#       one flush bound what is held);
 #   (c) staging alone: pre-built batches into loader.raw_logins, rows/s;
 #   (d) transform: `call loader.transform()` over the rows (b) staged, rows/s.
 # Each of (a) and (b) drains its own freshly filled queue, with short polls (--wait-seconds 0)
@@ -63,27 +65,27 @@ if [ "$latency_ms" -gt 0 ]; then
     proxy_pid=$!
     timed_endpoint="http://127.0.0.1:$proxy_port"
 fi
-through() { AWS_ENDPOINT_URL="$timed_endpoint" "$@"; }
-TIMEFORMAT='%R %U %S'
-timed() { # timed OUTPUT_FILE COMMAND...: wall, user and sys seconds of COMMAND into OUTPUT_FILE
+timed() { # timed OUTPUT_FILE LOADER_ARGS...: wall, user, sys seconds and max RSS (KiB) of
+    # `loader LOADER_ARGS...` through the proxy, into OUTPUT_FILE
     local out="$1"
     shift
-    { time "$@" >/dev/null 2>&1; } 2>"$out"
+    AWS_ENDPOINT_URL="$timed_endpoint" /usr/bin/time -f '%e %U %S %M' -o "$out" \
+        target/release/loader "$@" >/dev/null 2>&1
 }
 times=$(mktemp)
 trap 'rm -f "$times"; [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true' EXIT
 
 log "filling ${tag}-ceiling with $n messages"
 loader --queue "${tag}-ceiling" send --generate "$n" >/dev/null
-timed "$times" through loader --queue "${tag}-ceiling" bench ceiling --wait-seconds 0 \
+timed "$times" --queue "${tag}-ceiling" bench ceiling --wait-seconds 0 \
     --receivers "${receivers:-32}"
-read -r c_wall c_user c_sys <"$times"
+read -r c_wall c_user c_sys _ <"$times"
 
 log "filling ${tag}-ingest with $n messages"
 loader --queue "${tag}-ingest" send --generate "$n" --seed 2 >/dev/null
-timed "$times" through loader --queue "${tag}-ingest" ingest --wait-seconds 0 \
+timed "$times" --queue "${tag}-ingest" ingest --wait-seconds 0 \
     ${receivers:+--receivers "$receivers"}
-read -r wall user sys <"$times"
+read -r wall user sys rss <"$times"
 staged=$(psql "$DATABASE_URL" -XAtc "select count(*) from loader.raw_logins")
 
 log "transform"
@@ -97,8 +99,8 @@ fixed=""
 if [ -z "$receivers" ]; then
     log "filling ${tag}-fixed with $n messages"
     loader --queue "${tag}-fixed" send --generate "$n" --seed 3 >/dev/null
-    timed "$times" through loader --queue "${tag}-fixed" ingest --wait-seconds 0 --receivers 4
-    read -r f_wall _ _ <"$times"
+    timed "$times" --queue "${tag}-fixed" ingest --wait-seconds 0 --receivers 4
+    read -r f_wall _ _ _ <"$times"
     fixed=$(awk -v n="$n" -v w="$f_wall" 'BEGIN { printf "%.2f s, %.0f messages/s", w, n / w }')
 fi
 
@@ -107,9 +109,9 @@ echo "machine: $(nproc) cores; emulator: $emulator ($AWS_ENDPOINT_URL); messages
 awk -v n="$n" -v w="$c_wall" -v u="$c_user" -v s="$c_sys" 'BEGIN {
     printf "(a) ceiling, receive+delete (no database): %.2f s, %.0f messages/s; CPU %.2f s per 100k\n",
         w, n / w, (u + s) * 100000 / n }'
-awk -v n="$staged" -v w="$wall" -v u="$user" -v s="$sys" -v cw="$c_wall" 'BEGIN {
-    printf "(b) loader ingest: %d messages in %.2f s, %.0f messages/s = %.0f%% of (a); loader CPU %.2f s per 100k\n",
-        n, w, n / w, 100 * cw / w, (u + s) * 100000 / n }'
+awk -v n="$staged" -v w="$wall" -v u="$user" -v s="$sys" -v cw="$c_wall" -v rss="$rss" 'BEGIN {
+    printf "(b) loader ingest: %d messages in %.2f s, %.0f messages/s = %.0f%% of (a); loader CPU %.2f s per 100k; max RSS %.1f MB\n",
+        n, w, n / w, 100 * cw / w, (u + s) * 100000 / n, rss / 1024 }'
 [ -n "$fixed" ] && echo "(b') loader ingest --receivers 4 (fixed): $fixed"
 echo "(c) $staging"
 awk -v n="$staged" -v a="$start" -v b="$end" 'BEGIN {

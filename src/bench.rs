@@ -6,49 +6,61 @@
 //!   measures COPY into a temporary table plus one INSERT ... SELECT against the UNNEST
 //!   statement ingest uses.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use sqlx::{Connection, PgConnection, PgPool};
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::send;
 use crate::sqs::Queue;
 use crate::staging::{self, RawMessage};
 
-/// Drains `queue` with `receivers` concurrent receive-and-delete loops; returns messages and
-/// elapsed time (up to the last non-empty receive).
+/// Drains `queue` with `receivers` concurrent receive loops, each handing its batches to
+/// delete tasks that run beside the receives (at most `receivers` delete calls in flight, as
+/// ingest allows), so a delete's round trip never delays the next receive. Returns messages
+/// and elapsed time (until the last delete).
 pub async fn queue_ceiling(
     queue: &Queue,
     receivers: usize,
     wait_seconds: i32,
 ) -> Result<(u64, Duration)> {
     let started = Instant::now();
+    let deletes = Arc::new(Semaphore::new(receivers.max(1)));
     let mut loops = JoinSet::new();
     for _ in 0..receivers {
-        let queue = queue.clone();
+        let (queue, deletes) = (queue.clone(), deletes.clone());
         loops.spawn(async move {
-            let mut done = 0u64;
-            let mut last = Instant::now();
+            let (mut done, mut deleting) = (0u64, JoinSet::new());
             loop {
+                while let Some(deleted) = deleting.try_join_next() {
+                    deleted??;
+                }
                 let batch = queue.receive(wait_seconds).await?;
                 if batch.is_empty() {
-                    return Ok::<_, anyhow::Error>((done, last));
+                    break;
                 }
-                queue.delete(&batch).await?;
                 done += batch.len() as u64;
-                last = Instant::now();
+                let (queue, permit) = (queue.clone(), deletes.clone().acquire_owned().await?);
+                deleting.spawn(async move {
+                    let _permit = permit;
+                    queue.delete(&batch).await
+                });
             }
+            while let Some(deleted) = deleting.join_next().await {
+                deleted??;
+            }
+            Ok::<_, anyhow::Error>(done)
         });
     }
-    let (mut total, mut end) = (0, started);
+    let mut total = 0;
     while let Some(done) = loops.join_next().await {
-        let (n, last) = done??;
-        total += n;
-        end = end.max(last);
+        total += done??;
     }
-    Ok((total, end - started))
+    Ok((total, started.elapsed()))
 }
 
 /// How `loader bench staging` sends a flush.

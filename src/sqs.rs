@@ -4,6 +4,7 @@
 //! (`localhost.localstack.cloud`) that may not resolve, and the SDK only passes the URL as a
 //! parameter.
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -235,20 +236,44 @@ impl Queue {
         messages: &[Received],
         in_flight: usize,
     ) -> Result<DeleteOutcome> {
+        let outcomes = self
+            .per_batch(messages, in_flight, |queue, chunk| async move {
+                queue.delete_batch(&chunk).await
+            })
+            .await?;
         let mut outcome = DeleteOutcome::default();
+        outcomes.into_iter().for_each(|o| outcome.merge(o));
+        Ok(outcome)
+    }
+
+    /// Runs `call` on every batch of ten of `items`, each in a task of its own with up to
+    /// `in_flight` (at least one) running at once, and returns their results in completion
+    /// order. The first error ends it.
+    async fn per_batch<T, R, F, Fut>(
+        &self,
+        items: &[T],
+        in_flight: usize,
+        call: F,
+    ) -> Result<Vec<R>>
+    where
+        T: Clone + Send + 'static,
+        R: Send + 'static,
+        F: Fn(Queue, Vec<T>) -> Fut,
+        Fut: Future<Output = Result<R>> + Send + 'static,
+    {
+        let mut results = Vec::with_capacity(items.len().div_ceil(MAX_BATCH));
         let mut calls = JoinSet::new();
-        for chunk in messages.chunks(MAX_BATCH) {
+        for chunk in items.chunks(MAX_BATCH) {
             if calls.len() >= in_flight.max(1) {
-                outcome.merge(calls.join_next().await.expect("non-empty").context("delete task")??);
+                results
+                    .push(calls.join_next().await.expect("non-empty").context("SQS call task")??);
             }
-            let queue = self.clone();
-            let chunk = chunk.to_vec();
-            calls.spawn(async move { queue.delete_batch(&chunk).await });
+            calls.spawn(call(self.clone(), chunk.to_vec()));
         }
         while let Some(done) = calls.join_next().await {
-            outcome.merge(done.context("delete task")??);
+            results.push(done.context("SQS call task")??);
         }
-        Ok(outcome)
+        Ok(results)
     }
 
     /// One DeleteMessageBatch call (at most ten messages).
@@ -334,38 +359,47 @@ impl Queue {
         Ok(Duration::from_secs(seconds))
     }
 
-    /// Makes the messages invisible for `timeout` more, from now (ChangeMessageVisibilityBatch,
-    /// ten per call). Returns how many entries SQS refused (e.g. a handle that already expired).
+    /// Makes the messages with these receipt handles invisible for `timeout` more, from now
+    /// (ChangeMessageVisibilityBatch, ten per call, up to `in_flight` calls at once). Returns
+    /// how many entries SQS refused (e.g. a handle that already expired).
     pub async fn extend_visibility(
         &self,
-        messages: &[Received],
+        receipts: &[String],
         timeout: Duration,
+        in_flight: usize,
     ) -> Result<usize> {
         let seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
-        let mut refused = 0;
-        for chunk in messages.chunks(MAX_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&m.receipt_handle)
-                        .visibility_timeout(seconds)
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .client
-                .change_message_visibility_batch()
-                .queue_url(&self.url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| sdk_error(format!("extending visibility in '{}'", self.name), &e))?;
-            refused += out.failed().len();
-        }
-        Ok(refused)
+        let refused = self
+            .per_batch(receipts, in_flight, move |queue, chunk| async move {
+                queue.change_visibility_batch(&chunk, seconds).await
+            })
+            .await?;
+        Ok(refused.into_iter().sum())
+    }
+
+    /// One ChangeMessageVisibilityBatch call (at most ten receipt handles); returns how many
+    /// entries SQS refused.
+    async fn change_visibility_batch(&self, receipts: &[String], seconds: i32) -> Result<usize> {
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, receipt)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(receipt)
+                    .visibility_timeout(seconds)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .client
+            .change_message_visibility_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("extending visibility in '{}'", self.name), &e))?;
+        Ok(out.failed().len())
     }
 
     /// The dead-letter queue named by this queue's RedrivePolicy, if any.

@@ -16,11 +16,13 @@ use tokio::task::JoinSet;
 
 pub mod concurrency;
 mod flush;
+mod invisible;
 mod receiver;
 
 use concurrency::Controller;
 pub use flush::Flow;
 use flush::{gather, latest_copies};
+use invisible::Held;
 use receiver::Receiver;
 
 use crate::counts::Totals;
@@ -59,29 +61,6 @@ impl From<&Received> for RawMessage {
             body: m.body.clone(),
             sent_at: m.sent_at,
             receive_count: m.receive_count,
-        }
-    }
-}
-
-/// Runs `work` (staging, which may wait out a database outage) while keeping `batch` invisible
-/// on the queue: every half `visibility` timeout, its visibility is extended by a full timeout,
-/// so SQS does not hand the messages to another consumer meanwhile.
-async fn keep_invisible<T>(
-    queue: &Queue,
-    batch: &[Received],
-    visibility: Duration,
-    work: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    tokio::pin!(work);
-    let period = (visibility / 2).max(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = tokio::time::sleep(period) => match queue.extend_visibility(batch, visibility).await {
-                Ok(0) => tracing::debug!(messages = batch.len(), "visibility extended"),
-                Ok(refused) => tracing::warn!(refused, "visibility not extended for some messages; they may be redelivered"),
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "visibility not extended; messages may be redelivered"),
-            },
         }
     }
 }
@@ -126,6 +105,8 @@ pub struct Ingestor {
     concurrency: concurrency::Shared,
     /// The queue's VisibilityTimeout, read at start.
     visibility: Duration,
+    /// Messages received and not yet staged, kept invisible while the run goes on.
+    held: Held,
 }
 
 impl Ingestor {
@@ -147,6 +128,7 @@ impl Ingestor {
             shutdown: Shutdown::default(),
             concurrency: concurrency::Shared::new(Controller::from_flow(&Flow::default())),
             visibility,
+            held: Held::default(),
         })
     }
 
@@ -185,12 +167,31 @@ impl Ingestor {
     /// drive it directly; [`Ingestor::run`] does the same two steps, overlapping one flush's
     /// delete with the next one's staging.
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
-        let staged = self.stage(batch).await?;
-        self.delete_staged(batch, staged).await
+        self.hold(batch);
+        self.keeping_invisible(async {
+            let staged = self.stage(batch).await?;
+            self.delete_staged(batch, staged).await
+        })
+        .await
     }
 
-    /// Stages a batch (retrying while PostgreSQL is unreachable, keeping the batch invisible
-    /// meanwhile) and signals the commit. Its log lines carry the batch's span (message ids
+    /// Holds a received batch: kept invisible until its staging commits.
+    fn hold(&self, batch: &[Received]) {
+        self.held.hold(batch, tokio::time::Instant::now(), self.visibility);
+    }
+
+    /// Runs `work` while every held message is kept invisible on the queue.
+    async fn keeping_invisible<T>(&self, work: impl Future<Output = T>) -> T {
+        let in_flight = || self.concurrency.target().max(crate::sqs::DELETE_CONCURRENCY);
+        let keeper = self.held.keep_invisible(&self.queue, self.visibility, in_flight);
+        tokio::select! {
+            done = work => done,
+            never = keeper => match never {},
+        }
+    }
+
+    /// Stages a held batch (retrying while PostgreSQL is unreachable; the batch stays
+    /// invisible meanwhile), releases it, and signals the commit. Its log lines carry the batch's span (message ids
     /// are not personal data).
     #[tracing::instrument(level = "debug", name = "batch", skip_all, fields(
         run_id = self.run.id,
@@ -199,7 +200,7 @@ impl Ingestor {
     ))]
     async fn stage(&self, batch: &[Received]) -> Result<Staged> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
-        let (raw, pool, run, queue) = (&raw, &self.pool, &self.run, &self.queue);
+        let (raw, pool, run) = (&raw, &self.pool, &self.run);
         let started = std::time::Instant::now();
         // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
         // commit with its rows, so a failed attempt leaves no trace.
@@ -207,7 +208,8 @@ impl Ingestor {
             let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
             staging::stage_isolating(&mut conn, run, raw).await
         });
-        let (outcome, refused) = keep_invisible(queue, batch, self.visibility, staging).await?;
+        let (outcome, refused) = staging.await?;
+        self.held.release(batch);
         let took = started.elapsed();
         tracing::debug!(
             staged = outcome.staged,
@@ -300,7 +302,7 @@ impl Ingestor {
     /// way would otherwise leave its messages invisible until their visibility timeout), and
     /// everything received is staged, committed and deleted before returning.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
-        let result = self.pump(shutdown).await;
+        let result = self.keeping_invisible(self.pump(shutdown)).await;
         if let Some(progress) = &self.progress {
             progress.finish();
         }
@@ -327,6 +329,8 @@ impl Ingestor {
                 wait_seconds: self.wait_seconds,
                 mode,
                 writer: batches.clone(),
+                held: self.held.clone(),
+                visibility: self.visibility,
                 shutdown: self.shutdown.listen(),
                 sqs_health: self.sqs_health.clone(),
                 postgres_health: self.postgres_health.clone(),

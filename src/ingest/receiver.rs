@@ -8,6 +8,7 @@ use anyhow::Result;
 use tokio::sync::mpsc;
 
 use super::concurrency::{Shared, Signal};
+use super::invisible::Held;
 use super::{Mode, SHUTDOWN_GRACE};
 use crate::retry::{self, Health};
 use crate::shutdown::Listener;
@@ -32,6 +33,10 @@ pub(super) struct Receiver {
     pub mode: Mode,
     /// Where non-empty batches go: the writer's channel.
     pub writer: mpsc::Sender<Vec<Received>>,
+    /// Where each batch is held (kept invisible) from receipt until the writer has staged it.
+    pub held: Held,
+    /// The queue's visibility timeout.
+    pub visibility: Duration,
     /// Resolves when shutdown begins.
     pub shutdown: Listener,
     /// SQS's health, shared by the receivers: backoff and state-change logging on transient
@@ -51,6 +56,8 @@ impl Receiver {
             wait_seconds,
             mode,
             writer,
+            held,
+            visibility,
             mut shutdown,
             sqs_health,
             postgres_health,
@@ -110,6 +117,7 @@ impl Receiver {
             } else {
                 Signal::Partial
             });
+            held.hold(&batch, tokio::time::Instant::now(), visibility);
             if writer.send(batch).await.is_err() || last {
                 return Ok(());
             }

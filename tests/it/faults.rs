@@ -117,3 +117,57 @@ async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(q.depth().await, (0, 0, 0), "deleted with valid handles: nothing comes back");
 }
+
+#[tokio::test]
+async fn batches_waiting_in_the_channel_stay_invisible_through_a_long_outage() {
+    let db = TestDb::migrated().await;
+    // A 2 s visibility timeout, an 8 s outage, and eight fixed receivers that fill the
+    // writer's channel (room for 100 / 10 + 8 batches) before the first failed flush pauses
+    // them: the batches waiting there, not only the flush being staged, must stay invisible.
+    let q = TestQueue::new(2).await;
+    let (proxy, db_url) = Proxy::for_database(&db).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&db_url)
+        .await
+        .unwrap();
+    const SENT: u64 = 300;
+    q.send(&loader::send::generate(SENT, 29)).await;
+    let flow = loader::ingest::Flow {
+        receivers: 8,
+        adaptive: false,
+        flush_messages: 100,
+        ..Default::default()
+    };
+    let ingestor =
+        loader::ingest::Ingestor::start(q.queue.clone(), pool, loader::ingest::Mode::Drain, 1)
+            .await
+            .unwrap()
+            .with_flow(flow);
+
+    let outage = proxy.outage(Duration::from_secs(8));
+    let drain = ingestor.run(std::future::pending());
+    let watch = async {
+        // Three timeouts into the outage.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        q.depth().await
+    };
+    let (_, totals, (visible, in_flight, _)) = tokio::join!(outage, drain, watch);
+    assert!(
+        in_flight > 100,
+        "more than the one flush being staged is held invisible: {in_flight} in flight, {visible} visible"
+    );
+    assert_eq!(visible + in_flight, SENT, "nothing staged during the outage");
+    let totals = totals.unwrap();
+    assert_eq!(
+        (totals.from_queue, totals.staged, totals.duplicates, totals.delete_failures),
+        (SENT, SENT, 0, 0),
+        "each message received once, staged once, and deleted with a handle still valid"
+    );
+    assert_eq!(
+        db.count("select count(*) from loader.raw_logins where receive_count = 1").await,
+        SENT as i64
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(q.depth().await, (0, 0, 0), "nothing comes back after the timeout");
+}
