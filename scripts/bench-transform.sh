@@ -7,8 +7,11 @@
 # (loader_bench, recreated), then times
 #   floor:     a plain copy of the same fields into a table shaped like user_logins (same unique
 #              index), with no masking and no validation;
-#   transform: `call loader.transform()`, i.e. validation, HMAC masking of IP and device id,
-#              network generalisation, version parsing, and the work-queue bookkeeping.
+#   transform: `call loader.transform()` (one session), i.e. validation, HMAC masking of IP and
+#              device id, network generalisation, version parsing, and the work-queue
+#              bookkeeping;
+#   then `loader transform` with its defaults (workers = cores) and with --workers N for each N
+#   in $WORKERS (default "2 4"), each from the same "nothing transformed" state.
 # About 5% of rows carry an IPv6 address and 1% are rejects, like the generator of `loader send`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,11 +58,31 @@ select body ->> 'user_id', body ->> 'device_type', body ->> 'ip', body ->> 'devi
   from loader.raw_logins"
 t1=$(now)
 
-log "transform"
+# Back to "nothing transformed": every staged row pending again, no outcome.
+reset() {
+    sql -c "truncate public.user_logins, loader.login_rejects" \
+        -c "insert into loader.transform_queue (raw_id) select id from loader.raw_logins" \
+        -c "vacuum analyze public.user_logins" -c "vacuum analyze loader.transform_queue"
+}
+ratio() { awk -v f="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v a="$1" -v b="$2" \
+    'BEGIN { printf "%.2fx the floor", (b - a) / f }'; }
+
+log "transform, one session"
 t2=$(now)
 result=$(sql -c "call loader.transform()")
 t3=$(now)
 
 echo "cores: $(nproc); rows staged: $rows; $(psql --version | head -n1)"
-echo "floor (plain copy, no masking):    $(rate "$t0" "$t1")"
-echo "transform (call loader.transform): $(rate "$t2" "$t3")   loaded|rejected|pending = $result"
+echo "floor (plain copy, no masking):       $(rate "$t0" "$t1")"
+echo "call loader.transform() (1 session):  $(rate "$t2" "$t3")  $(ratio "$t2" "$t3")   loaded|rejected|pending = $result"
+for workers in "" ${WORKERS:-2 4}; do
+    reset >/dev/null
+    log "loader transform ${workers:+--workers $workers}"
+    t4=$(now)
+    out=$(target/debug/loader transform ${workers:+--workers "$workers"})
+    t5=$(now)
+    label="loader transform ${workers:+--workers $workers}"
+    [ -z "$workers" ] && label="loader transform (defaults)"
+    printf '%-37s %s  %s   %s\n' "$label:" \
+        "$(rate "$t4" "$t5")" "$(ratio "$t4" "$t5")" "$out"
+done

@@ -6,6 +6,13 @@
 -- loader roles (sql/90_privileges.sql): a function that returns
 -- the HMAC of caller-chosen text would be a dictionary-attack oracle.
 
+-- Replaced by the helpers below when the transform became set-based per field (one extraction
+-- per row): _inet by _ipv4_plain and _inet_other, _canonical_ip by an expression in
+-- _outcome_rows, _reject_reason by _reason.
+drop function if exists loader._inet(text);
+drop function if exists loader._canonical_ip(text, inet);
+drop function if exists loader._reject_reason(jsonb, boolean);
+
 -- _try_inet_slow: the text as inet, or NULL when it does not parse. A failed ::inet cast would
 -- abort a whole set-based statement (PG15 has no pg_input_is_valid), so the cast runs in an
 -- exception block (a subtransaction). Parallel unsafe because of the exception block.
@@ -19,27 +26,32 @@ end
 $$;
 comment on function loader._try_inet_slow(text) is 'The text as inet, or NULL (exception block)';
 
--- _inet: the trimmed text as inet, or NULL when it does not parse. Inlined SQL: a plain
--- dotted-quad IPv4 (the common case) is cast directly, text that cannot be an inet (anything
--- but hex digits, colons, dots and one /mask) is NULL at once, and only the rest pays for the
--- exception block of _try_inet_slow.
-create or replace function loader._inet(v text) returns inet
+-- _ipv4_plain: true when the text (already trimmed) is a plain dotted-quad IPv4 address with
+-- no leading zeros and no /mask. Such a text always casts to inet, and is exactly what host()
+-- gives back for it, so its canonical form is the text itself.
+create or replace function loader._ipv4_plain(t text) returns boolean
+language sql immutable parallel safe as $$
+    select t ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$'
+$$;
+
+-- _inet_other: the already trimmed text as inet, or NULL, for a text that is not _ipv4_plain.
+-- IPv6 in the forms the inet parser always accepts (eight groups of 1-4 hex digits, or at most
+-- seven around one "::") is cast directly; text that cannot be an inet (anything but hex
+-- digits, colons, dots and one /mask) is NULL at once; only the rest (IPv4 with leading zeros
+-- or a mask, IPv6 with a mask or an embedded IPv4, malformed text) pays for the exception
+-- block of _try_inet_slow.
+create or replace function loader._inet_other(t text) returns inet
 language sql immutable parallel unsafe as $$
     select case
-        when btrim(v) ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$'
-            then btrim(v)::inet
-        when btrim(v) ~ '^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'
-            then loader._try_inet_slow(btrim(v))
+        when t ~ '^[0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4}){7}$'
+            then t::inet
+        -- "::" stands for at least one zero group: at most 7 colons means at most 7 groups.
+        when t ~ '^([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4})*)?::([0-9A-Fa-f]{1,4}(:[0-9A-Fa-f]{1,4})*)?$'
+             and length(t) - length(replace(t, ':', '')) <= 7
+            then t::inet
+        when t ~ '^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'
+            then loader._try_inet_slow(t)
     end
-$$;
-comment on function loader._inet(text) is 'The trimmed text as inet, or NULL when it does not parse';
-
--- _canonical_ip: what is hashed for an IP: host(ip::inet) when it parses (so two spellings of
--- one address mask alike), else the trimmed raw text. Blank or missing: NULL (no mask).
--- `parsed` is loader._inet(raw), computed once by the caller.
-create or replace function loader._canonical_ip(raw text, parsed inet) returns text
-language sql immutable parallel safe as $$
-    select coalesce(host(parsed), nullif(btrim(raw), ''))
 $$;
 
 -- _ip_network: IPv4 /24 or IPv6 /48 network of a parsed IP; NULL when it did not parse.
@@ -64,7 +76,11 @@ $$;
 -- are never stripped, so "2.3.0" and "23.0" cannot collide.
 create or replace function loader._app_version(v text) returns integer
 language sql immutable parallel safe as $$
-    select case when v ~ '^[0-9]{1,2}(\.[0-9]{1,2}){0,2}$' then
+    -- translate() turns every ASCII digit into 9, so the shapes below are exactly the texts
+    -- matching ^[0-9]{1,2}(\.[0-9]{1,2}){0,2}$ (a hashed lookup, cheaper than that regex).
+    select case when translate(v, '012345678', '999999999') in
+                     ('9', '99', '9.9', '9.99', '99.9', '99.99',
+                      '9.9.9', '9.9.99', '9.99.9', '9.99.99', '99.9.9', '99.9.99', '99.99.9', '99.99.99') then
                split_part(v, '.', 1)::integer * 10000
                + coalesce(nullif(split_part(v, '.', 2), '')::integer, 0) * 100
                + coalesce(nullif(split_part(v, '.', 3), '')::integer, 0)
@@ -92,32 +108,45 @@ $$;
 
 -- _too_long: the first value longer than its column, as a detail line, or NULL. Never
 -- truncate silently: user_logins.user_id is varchar(128), device_type and locale varchar(32).
+-- (::text, not text || integer: that operator is only stable, and an immutable SQL function
+-- calling it is not inlined but run as a nested statement per row.)
 create or replace function loader._too_long(body jsonb) returns text
 language sql immutable parallel safe as $$
     select case
         when char_length(body ->> 'user_id') > 128
-            then 'user_id is ' || char_length(body ->> 'user_id') || ' characters; the column allows 128'
+            then 'user_id is ' || char_length(body ->> 'user_id')::text || ' characters; the column allows 128'
         when char_length(body ->> 'device_type') > 32
-            then 'device_type is ' || char_length(body ->> 'device_type') || ' characters; the column allows 32'
+            then 'device_type is ' || char_length(body ->> 'device_type')::text || ' characters; the column allows 32'
         when char_length(body ->> 'locale') > 32
-            then 'locale is ' || char_length(body ->> 'locale') || ' characters; the column allows 32'
+            then 'locale is ' || char_length(body ->> 'locale')::text || ' characters; the column allows 32'
     end
 $$;
 
--- _reject_reason: why a staged body cannot load (a reason code), or NULL when it loads.
-create or replace function loader._reject_reason(body jsonb, body_is_json boolean) returns text
+-- _reason: why a staged body cannot load (a reason code), or NULL when it loads. The caller
+-- has extracted the contract fields with ->> (ip may be trimmed), so each is extracted once per
+-- row. ->>
+-- gives an object's or array's JSON text, which starts with { or [: only such a value needs the
+-- closer look of _nested_field (a string starting so is looked at too, and passes). In an
+-- object, ->> is NULL exactly when user_id is missing or JSON null.
+create or replace function loader._reason(body jsonb, body_is_json boolean, user_id text,
+    device_type text, ip text, locale text, device_id text, app_version text) returns text
 language sql immutable parallel safe as $$
     select case
         when not body_is_json then 'body_not_json'
         when jsonb_typeof(body) <> 'object' then 'body_not_object'
-        when loader._nested_field(body) is not null then 'field_not_scalar'
-        when coalesce(jsonb_typeof(body -> 'user_id'), 'null') = 'null' then 'user_id_missing'
-        when btrim(body ->> 'user_id') = '' then 'user_id_empty'
-        when loader._too_long(body) is not null then 'value_too_long'
+        -- ascii(): the code of the first character; 91 is [, 123 is {.
+        when (ascii(user_id) in (91, 123) or ascii(device_type) in (91, 123)
+              or ascii(ip) in (91, 123) or ascii(locale) in (91, 123)
+              or ascii(device_id) in (91, 123) or ascii(app_version) in (91, 123))
+             and loader._nested_field(body) is not null then 'field_not_scalar'
+        when user_id is null then 'user_id_missing'
+        when btrim(user_id) = '' then 'user_id_empty'
+        -- A text has no more characters than bytes: octet_length() (no scan) rules most out.
+        when (octet_length(user_id) > 128 and char_length(user_id) > 128)
+             or (octet_length(device_type) > 32 and char_length(device_type) > 32)
+             or (octet_length(locale) > 32 and char_length(locale) > 32) then 'value_too_long'
     end
 $$;
-comment on function loader._reject_reason(jsonb, boolean) is
-    'Reason code why a staged body cannot load, or NULL';
 
 -- _reject_detail: the human line for a reason code (no values, only field names and sizes).
 create or replace function loader._reject_detail(body jsonb, reason text) returns text

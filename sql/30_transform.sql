@@ -25,50 +25,109 @@
 -- The functions run as their owner (security definer, settings pinned by
 -- sql/90_privileges.sql), the only role that can read loader.raw_logins and the key.
 
--- _outcomes: the outcome of each staged row in `ids`: a public.user_logins row masked with the
--- active key, or a loader.login_rejects row with its reason. Rows that already have an outcome
--- are left as they are. Leaves a ticket for the COMMIT-time key check when it loaded rows.
--- Private: called by transform_batch and rebuild (as the owner).
-create or replace function loader._outcomes(ids bigint[], out loaded bigint, out rejected bigint)
-language sql volatile as $$
-    -- The key is read inside this statement (active_key), never into a variable: PL/pgSQL
+-- _outcome_rows: the outcome of each staged row in `ids`, not yet written: reason and detail for
+-- a reject (reason not null), else the user_logins values, masked with the active key. Inlined
+-- into the statements of _outcomes and _outcomes_new (a single SELECT, stable, no SET), so the
+-- key is read inside those statements.
+-- Private (owner only): its rows carry masks, so granted it would be a masking oracle.
+create or replace function loader._outcome_rows(ids bigint[])
+returns table (message_id text, reason text, detail text, user_id text, device_type text,
+               masked_ip text, masked_device_id text, locale text, app_version integer,
+               create_date date, ip_network cidr, app_version_text text, mask_key_id integer)
+language sql stable as $$
+    -- The key is read inside the statement (active_key), never into a variable: PL/pgSQL
     -- passes variables to a statement as parameters, and a custom plan folds a parameter into
     -- a constant that debug_print_plan shows the calling session. Read here, it is a column
     -- of a scan, so no plan, message or log line can carry its bytes.
-    with active_key as (
+    -- Materialised: one scan of mask_keys per statement, not one per row.
+    with active_key as materialized (
         select k.id, k.key from loader.mask_keys k where k.retired_at is null
-    ), judged as (
-        -- A CTE used twice is materialised: the IP is parsed once per row here.
-        -- = any(ids): an index probe per id.
-        select r.message_id, r.body, r.sent_at, r.staged_at,
-               loader._reject_reason(r.body, r.body_is_json) as reason,
-               loader._inet(r.body ->> 'ip') as ip
-          from loader.raw_logins r
-         where r.id = any (ids)
+    ), span as materialized (
+        -- dense: the ids are every id from lo to hi (distinct ids as many as the range holds),
+        -- as a batch claimed from the work list nearly always is.
+        select min(i) as lo, max(i) as hi, count(distinct i) = max(i) - min(i) + 1 as dense
+          from unnest(ids) as i
+    ), staged as (
+        -- Dense: one index range scan. Otherwise = any(ids): an index probe per id (a range
+        -- scan could read any number of rows that are not in ids).
+        select r.* from span s join loader.raw_logins r on r.id between s.lo and s.hi
+         where s.dense
+        union all
+        select r.* from span s join loader.raw_logins r on r.id = any (ids)
+         where not s.dense
+    )
+    -- Each level below is a subquery fenced by OFFSET 0, so the planner cannot flatten it and
+    -- repeat its expressions: a body field is extracted once, the reason is decided once, the
+    -- IP is trimmed once and parsed once (loaded rows only).
+    select j.message_id, j.reason,
+           case when j.reason is not null then loader._reject_detail(j.body, j.reason) end,
+           j.user_id,
+           j.device_type,
+           -- What is hashed for an IP (as loader._canonical_ip): host(ip::inet) when it parses,
+           -- which for a plain dotted quad is the text itself; else the trimmed text; NULL when
+           -- blank or missing (never blank, so _mask's blank check is moot).
+           loader._mask(case when j.ip_plain then j.ip
+                             else coalesce(host(j.parsed), nullif(j.ip, '')) end, k.key),
+           loader._mask(j.device_id, k.key),
+           j.locale,
+           loader._app_version(j.app_version),
+           j.create_date,
+           loader._ip_network(j.parsed),
+           j.app_version,
+           k.id
+      from (select c.*,
+                   case when c.reason is null then
+                       case when c.ip_plain then c.ip::inet else loader._inet_other(c.ip) end
+                   end as parsed
+              from (select f.*,
+                           loader._reason(f.body, f.body_is_json, f.user_id, f.device_type, f.ip,
+                                          f.locale, f.device_id, f.app_version) as reason,
+                           loader._ipv4_plain(f.ip) as ip_plain
+                      from (select r.message_id, r.body, r.body_is_json,
+                                   r.body ->> 'user_id' as user_id,
+                                   r.body ->> 'device_type' as device_type,
+                                   btrim(r.body ->> 'ip') as ip,
+                                   r.body ->> 'locale' as locale,
+                                   r.body ->> 'device_id' as device_id,
+                                   r.body ->> 'app_version' as app_version,
+                                   -- The UTC day it was sent, not the day of the transform:
+                                   -- reruns must not move it.
+                                   (coalesce(r.sent_at, r.staged_at) at time zone 'UTC')::date
+                                       as create_date
+                              from staged r
+                            offset 0) f
+                    offset 0) c
+            offset 0) j
+      cross join active_key k
+$$;
+comment on function loader._outcome_rows(bigint[]) is
+    'Private: the outcomes (masked values or reject reasons) of the staged rows with these ids, unwritten';
+
+-- _outcomes: writes the outcome of each staged row in `ids`: a public.user_logins row masked with
+-- the active key, or a loader.login_rejects row with its reason. Rows that already have an
+-- outcome are left as they are. Leaves a ticket for the COMMIT-time key check when it loaded
+-- rows. Private: called by transform_batch and rebuild (as the owner).
+-- jit off: the dense range scan is estimated at a fixed share of raw_logins (its bounds are
+-- parameters), so on a big table the planner would JIT-compile every batch for nothing.
+create or replace function loader._outcomes(ids bigint[], out loaded bigint, out rejected bigint)
+language sql volatile set jit = off as $$
+    -- A CTE used twice is materialised: each outcome is computed once.
+    with outcome as (
+        select * from loader._outcome_rows(ids)
     ), loads as (
         insert into public.user_logins
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
              message_id, ip_network, app_version_text, mask_key_id)
-        select j.body ->> 'user_id',
-               j.body ->> 'device_type',
-               loader._mask(loader._canonical_ip(j.body ->> 'ip', j.ip), k.key),
-               loader._mask(j.body ->> 'device_id', k.key),
-               j.body ->> 'locale',
-               loader._app_version(j.body ->> 'app_version'),
-               -- The UTC day it was sent, not the day of the transform: reruns must not move it.
-               (coalesce(j.sent_at, j.staged_at) at time zone 'UTC')::date,
-               j.message_id,
-               loader._ip_network(j.ip),
-               j.body ->> 'app_version',
-               k.id
-          from judged j cross join active_key k
-         where j.reason is null
+        select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
+               o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
+               o.mask_key_id
+          from outcome o
+         where o.reason is null
         on conflict (message_id) do nothing
         returning mask_key_id
     ), rejects as (
         insert into loader.login_rejects (message_id, reason, detail)
-        select message_id, reason, loader._reject_detail(body, reason)
-          from judged where reason is not null
+        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
         on conflict (message_id) do nothing
         returning 1
     ), ticket as (
@@ -80,6 +139,38 @@ language sql volatile as $$
 $$;
 comment on function loader._outcomes(bigint[]) is
     'Private: outcomes (masked rows or rejects) for the staged rows with these ids';
+
+-- _outcomes_new: _outcomes for rows that have no outcome yet, as every row claimed from the work
+-- list should: a plain INSERT, without ON CONFLICT's extra index probe and speculative
+-- insertion per row (which cost about as much as the insert itself). When a row has an outcome
+-- after all, it fails with unique_violation and writes nothing; transform_batch then runs
+-- _outcomes instead, so the result is _outcomes' in every case.
+create or replace function loader._outcomes_new(ids bigint[], out loaded bigint, out rejected bigint)
+language sql volatile set jit = off as $$
+    with outcome as (
+        select * from loader._outcome_rows(ids)
+    ), loads as (
+        insert into public.user_logins
+            (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
+             message_id, ip_network, app_version_text, mask_key_id)
+        select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
+               o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
+               o.mask_key_id
+          from outcome o
+         where o.reason is null
+        returning mask_key_id
+    ), rejects as (
+        insert into loader.login_rejects (message_id, reason, detail)
+        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
+        returning 1
+    ), ticket as (
+        insert into loader.batch_keys (key_id)
+        select distinct l.mask_key_id from loads l
+    )
+    select (select count(*) from loads), (select count(*) from rejects)
+$$;
+comment on function loader._outcomes_new(bigint[]) is
+    'Private: _outcomes for rows without an outcome; unique_violation (nothing written) otherwise';
 
 -- _confirm_batch_key: the COMMIT-time check behind loader.batch_keys (constraint trigger,
 -- deferred). A ticket fires twice: the first firing (armed) only queues a second ticket. At
@@ -140,17 +231,26 @@ begin
     set constraints loader.batch_keys_confirm deferred;
 
     with taken as (
-        -- = any(array(...)): an index probe per claimed id. A join here would let the planner
-        -- scan the whole work list for every batch.
+        -- ctid = any(array(...)): a TID scan fetches exactly the claimed rows (they are locked
+        -- by this transaction, so their ctids cannot change), with no index descent per row.
+        -- A join here would let the planner scan the whole work list for every batch.
         delete from loader.transform_queue q
-         where q.raw_id = any (array(
-                   select t.raw_id from loader.transform_queue t
+         where q.ctid = any (array(
+                   select t.ctid from loader.transform_queue t
                     order by t.raw_id limit max_rows
                       for update skip locked))
         returning q.raw_id
     )
     select coalesce(array_agg(raw_id), '{}') into claimed from taken;
-    select o.loaded, o.rejected into loaded, rejected from loader._outcomes(claimed) o;
+    -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
+    -- transaction), so the cheaper _outcomes_new; should one have an outcome after all, its
+    -- unique_violation rolls it back (this block's subtransaction) and _outcomes leaves that
+    -- outcome as it is.
+    begin
+        select o.loaded, o.rejected into loaded, rejected from loader._outcomes_new(claimed) o;
+    exception when unique_violation then
+        select o.loaded, o.rejected into loaded, rejected from loader._outcomes(claimed) o;
+    end;
 
     -- Fewer rows than asked for: the work list was drained as of this batch's start. Recorded
     -- in a free progress slot; when all eight are held by open transactions, skipped.

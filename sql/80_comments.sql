@@ -104,7 +104,10 @@ comment on column loader.refinery_schema_history.checksum is 'Checksum of the fi
 comment on function loader._activate_key(bytea, text) is
     'Private: retire the active key and activate this one (no-op when it is already active)';
 comment on function loader._app_version(text) is 'Private: the app_version integer encoding, or NULL';
-comment on function loader._canonical_ip(text, inet) is 'Private: what is hashed for an IP';
+comment on function loader._ipv4_plain(text) is 'Private: whether the text is a plain dotted-quad IPv4 address';
+comment on function loader._inet_other(text) is 'Private: a text that is not a plain IPv4 address as inet, or NULL';
+comment on function loader._reason(jsonb, boolean, text, text, text, text, text, text) is
+    'Private: reason code why a staged body cannot load, or NULL';
 comment on function loader._check_run(bigint, text) is 'Private: refuse a run that is not open or not the caller''s';
 comment on function loader._ip_network(inet) is 'Private: IPv4 /24 or IPv6 /48 network';
 comment on function loader._mask(text, bytea) is 'Private: hex HMAC-SHA256 (an oracle if granted: never grant it)';

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use refinery_core::Migration;
 use refinery_core::traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection, PgPool, Row};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -59,10 +59,14 @@ pub fn pool(url: &DatabaseUrl, max_connections: u32) -> Result<PgPool> {
         .connect_lazy_with(options(url)?))
 }
 
+/// Connection options: the URL, named `loader` in `pg_stat_activity`. sqlx's slow-statement
+/// warning is lowered to debug: `call loader.transform()` on a backlog, a rebuild or a purge
+/// run for seconds by design, and their durations are in the metrics and the summary lines.
 fn options(url: &DatabaseUrl) -> Result<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url.expose())
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
-        .application_name("loader"))
+        .application_name("loader")
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)))
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -37,8 +37,9 @@ use crate::transform;
 /// one connection and then (optionally) transforms.
 const POOL_SIZE: u32 = 2;
 
-/// Rows per committed transform batch (as `loader transform --batch-size`).
-const TRANSFORM_BATCH: i32 = 10_000;
+/// The transform an invocation runs: one session (each execution environment has a pool of
+/// two; Lambda's concurrency is the parallelism), committed batches as `loader transform`.
+const TRANSFORM: transform::Plan = transform::Plan { batch_size: 10_000, workers: 1 };
 
 /// What one execution environment keeps between invocations.
 pub struct Handler {
@@ -131,7 +132,7 @@ impl Handler {
 
     /// Runs the incremental transform over everything staged and pending.
     pub async fn transform(&self) -> Result<TransformReport> {
-        let report = transform::transform(&self.pool, TRANSFORM_BATCH).await?;
+        let report = transform::transform(&self.pool, TRANSFORM).await?;
         tracing::info!(%report, "transform");
         Ok(report)
     }

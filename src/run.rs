@@ -23,8 +23,8 @@ pub struct Schedule {
     pub debounce: Duration,
     /// Transform at least this often, for rows staged by other ingest processes.
     pub interval: Duration,
-    /// Rows per committed transform batch.
-    pub batch_size: i32,
+    /// Rows per committed transform batch, and sessions at once.
+    pub transform: transform::Plan,
 }
 
 impl Default for Schedule {
@@ -32,7 +32,7 @@ impl Default for Schedule {
         Self {
             debounce: Duration::from_millis(100),
             interval: Duration::from_secs(5),
-            batch_size: 10_000,
+            transform: transform::Plan::default(),
         }
     }
 }
@@ -47,7 +47,7 @@ pub struct RunTotals {
 /// Drains the queue, transforms, returns (`loader run --once`).
 pub async fn once(ingestor: Ingestor, pool: &PgPool, schedule: Schedule) -> Result<RunTotals> {
     let ingest = ingestor.run(std::future::pending()).await?;
-    let transform = transform::transform(pool, schedule.batch_size).await?;
+    let transform = transform::transform(pool, schedule.transform).await?;
     Ok(RunTotals { ingest, transform })
 }
 
@@ -68,7 +68,7 @@ pub async fn until_stopped(
     let mut totals = transformer.await.unwrap_or_default();
     let ingest = ingested?;
     // The last transform covers the batch committed during shutdown.
-    let last = transform::transform(pool, schedule.batch_size).await?;
+    let last = transform::transform(pool, schedule.transform).await?;
     totals += last;
     Ok(RunTotals { ingest, transform: totals })
 }
@@ -90,7 +90,7 @@ async fn transform_loop(
             _ = tokio::time::sleep(schedule.interval) => {}
         }
         let started = std::time::Instant::now();
-        match transform::transform(&pool, schedule.batch_size).await {
+        match transform::transform(&pool, schedule.transform).await {
             Ok(r) => {
                 if failing {
                     tracing::info!("transform recovered");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
+use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
 use crate::metrics;
@@ -15,12 +16,67 @@ use crate::metrics;
 /// before the refusal stay committed.
 const ROTATION_RETRIES: usize = 3;
 
-/// Transforms everything pending, one committed batch of `batch_size` rows at a time
-/// (`call loader.transform()`), then publishes the oldest-pending age gauge.
-pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
+/// How the transform runs: rows per committed batch, and database sessions at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Rows per committed batch.
+    pub batch_size: i32,
+    /// Sessions running `call loader.transform()` side by side. Their batches claim rows with
+    /// `FOR UPDATE SKIP LOCKED`, so they split the work without loading a row twice.
+    pub workers: usize,
+}
+
+impl Plan {
+    /// Default workers: this machine's cores, at least 2 and at most 8. Where PostgreSQL runs
+    /// on the same host that is the number of cores it has; elsewhere set `--workers` to the
+    /// database's vCPUs (measured: README "Transform at scale").
+    pub fn default_workers() -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+    }
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self { batch_size: 10_000, workers: Self::default_workers() }
+    }
+}
+
+/// Transforms everything pending with `plan.workers` sessions, each calling
+/// `call loader.transform()` (committed batches of `plan.batch_size` rows), then publishes the
+/// oldest-pending age gauge. The pool needs room for `plan.workers` connections.
+pub async fn transform(pool: &PgPool, plan: Plan) -> Result<TransformReport> {
     let started = std::time::Instant::now();
+    let mut sessions = JoinSet::new();
+    for worker in 0..plan.workers.max(1) {
+        let pool = pool.clone();
+        sessions.spawn(async move {
+            let report = one_session(&pool, plan.batch_size).await?;
+            tracing::debug!(
+                worker,
+                loaded = report.loaded,
+                rejected = report.rejected,
+                "transform session finished"
+            );
+            Ok::<_, anyhow::Error>(report)
+        });
+    }
+    let mut report = TransformReport { pending: i64::MAX, ..TransformReport::default() };
+    while let Some(done) = sessions.join_next().await {
+        let session = done.context("a transform session panicked")??;
+        report.loaded += session.loaded;
+        report.rejected += session.rejected;
+        // Each session counts the work list as it ends: the smallest count is the latest.
+        report.pending = report.pending.min(session.pending);
+    }
+    metrics::transform(&report, started.elapsed());
+    oldest_pending_age(pool).await?;
+    Ok(report)
+}
+
+/// One session's `call loader.transform()`, run again when a rotation refused a batch.
+async fn one_session(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
     let mut attempt = 0;
-    let report = loop {
+    loop {
         let result = sqlx::query_as("call loader.transform(null, null, null, $1)")
             .bind(batch_size)
             .fetch_one(pool)
@@ -31,13 +87,10 @@ pub async fn transform(pool: &PgPool, batch_size: i32) -> Result<TransformReport
                 attempt += 1;
             }
             other => {
-                break other.context("running loader.transform() (has `loader migrate` run?)")?;
+                return other.context("running loader.transform() (has `loader migrate` run?)");
             }
         }
-    };
-    metrics::transform(&report, started.elapsed());
-    oldest_pending_age(pool).await?;
-    Ok(report)
+    }
 }
 
 /// SQLSTATE 40001 from `loader._confirm_batch_key`: the batch's key was retired before COMMIT.
@@ -81,14 +134,14 @@ pub async fn rebuild(pool: &PgPool) -> Result<TransformReport> {
 /// run. A run in progress is finished before returning.
 pub async fn watch(
     pool: &PgPool,
-    batch_size: i32,
+    plan: Plan,
     interval: Duration,
     shutdown: impl Future<Output = ()>,
     mut report: impl FnMut(&TransformReport),
 ) -> Result<()> {
     tokio::pin!(shutdown);
     loop {
-        report(&transform(pool, batch_size).await?);
+        report(&transform(pool, plan).await?);
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = tokio::time::sleep(interval) => {}

@@ -578,3 +578,94 @@ async fn every_object_an_analyst_may_meet_has_a_comment() {
         "the schema comment lists the entry points"
     );
 }
+
+/// The golden outputs of the transform: every column it writes, for the fixture and the hostile
+/// bodies of `tests/fixtures/golden-hostile.sql`, under a fixed key, byte for byte as the file
+/// `tests/fixtures/golden-outcomes.txt` has them. A faster transform must not change one byte;
+/// a deliberate change rewrites the file with LOADER_BLESS=1 and shows up in review.
+#[tokio::test]
+async fn outcomes_match_the_golden_file_byte_for_byte() {
+    const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden-outcomes.txt");
+    const HOSTILE: &str = include_str!("../fixtures/golden-hostile.sql");
+    let db = TestDb::migrated().await;
+    sqlx::query("select loader._activate_key(decode(repeat('ab', 32), 'hex'), 'installed')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    stage(&db, &fixture_messages(), SENT).await;
+    sqlx::raw_sql(HOSTILE).execute(&db.pool).await.unwrap();
+    let (loaded, rejected, pending) = call_transform(&db.pool).await;
+    assert_eq!(pending, 0);
+
+    let rows: Vec<String> = sqlx::query_scalar(
+        // quote_nullable: NULL and '' stay apart.
+        "select concat_ws(' | ', 'L', message_id, quote_nullable(user_id),
+                          quote_nullable(device_type), quote_nullable(masked_ip),
+                          quote_nullable(masked_device_id), quote_nullable(locale),
+                          quote_nullable(app_version), quote_nullable(create_date),
+                          quote_nullable(ip_network), quote_nullable(app_version_text),
+                          quote_nullable(mask_key_id))
+           from public.user_logins
+         union all
+         select concat_ws(' | ', 'R', message_id, quote_nullable(reason), quote_nullable(detail))
+           from loader.login_rejects
+         order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len() as i64, loaded + rejected);
+    let got = rows.join("\n") + "\n";
+    if std::env::var_os("LOADER_BLESS").is_some() {
+        std::fs::write(GOLDEN, &got).unwrap();
+    }
+    let golden = std::fs::read_to_string(GOLDEN).expect("tests/fixtures/golden-outcomes.txt");
+    if got != golden {
+        let first = got.lines().zip(golden.lines()).find(|(g, w)| g != w);
+        panic!(
+            "outcomes differ from the golden file ({} lines vs {}); first difference:\n got: {:?}\nwant: {:?}",
+            got.lines().count(),
+            golden.lines().count(),
+            first.map(|f| f.0),
+            first.map(|f| f.1)
+        );
+    }
+}
+
+#[tokio::test]
+async fn parallel_workers_split_a_backlog_and_load_each_row_once() {
+    let db = TestDb::migrated().await;
+    let bodies = loader::send::generate(20_000, 41);
+    let messages: Vec<(String, String)> =
+        bodies.into_iter().enumerate().map(|(i, b)| (format!("w-{i}"), b)).collect();
+    stage(&db, &messages, SENT).await;
+    let out = crate::support::loader_command(
+        &db.url,
+        "unused",
+        &["transform", "--workers", "4", "--batch-size", "500"],
+    )
+    .env("RUST_LOG", "loader=debug")
+    .output()
+    .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    // One JSON log line per worker, with what it loaded.
+    let sessions: Vec<i64> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "transform session finished")
+        .map(|l| l["fields"]["loaded"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sessions.len(), 4, "one line per worker: {stderr}");
+    let busy = sessions.iter().filter(|&&loaded| loaded > 0).count();
+    assert!(busy >= 2, "the work is split between sessions: {sessions:?}");
+
+    // Every row has exactly one outcome, and the report adds the sessions up.
+    assert_eq!(db.loaded().await + db.rejected().await, 20_000);
+    assert_eq!(db.pending().await, 0);
+    let summary =
+        format!("loaded {}, rejected {}, pending 0", db.loaded().await, db.rejected().await);
+    assert!(stdout.contains(&summary), "{stdout}");
+    crate::support::loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+}

@@ -9,6 +9,7 @@ use loader::bench::StagingMethod;
 use loader::config::Settings;
 use loader::ingest::Flow;
 use loader::logging::LogFormat;
+use loader::transform;
 
 /// Moves user-login events from SQS into PostgreSQL: stage raw first, mask PII in SQL.
 #[derive(Debug, Parser)]
@@ -164,10 +165,32 @@ pub struct RunArgs {
           value_parser = positive_seconds)]
     pub transform_interval: Duration,
 
+    #[command(flatten)]
+    pub transform: TransformPlanArgs,
+}
+
+/// How the transform runs (`transform` and `run`).
+#[derive(Debug, Args)]
+pub struct TransformPlanArgs {
     /// Rows per committed transform batch
     #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
+
+    /// Database sessions transforming side by side. Default: this machine's cores (2 to 8),
+    /// which is the database's when it runs here; else give the database's vCPUs
+    #[arg(long, env = "LOADER_TRANSFORM_WORKERS",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: Option<u16>,
+}
+
+impl TransformPlanArgs {
+    pub fn plan(&self) -> transform::Plan {
+        transform::Plan {
+            batch_size: self.batch_size,
+            workers: self.workers.map_or_else(transform::Plan::default_workers, usize::from),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -208,10 +231,8 @@ pub struct TransformArgs {
           value_parser = positive_seconds)]
     pub interval: Duration,
 
-    /// Rows per committed batch
-    #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
-          value_parser = clap::value_parser!(i32).range(1..))]
-    pub batch_size: i32,
+    #[command(flatten)]
+    pub plan: TransformPlanArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -93,18 +93,19 @@ async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
 }
 
 async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode> {
-    let pool = db::connect(settings.database_url()?, 1).await?;
+    let plan = args.plan.plan();
+    let pool = db::connect(settings.database_url()?, plan.workers as u32).await?;
     if args.rebuild {
         println!("rebuild: {}", transform::rebuild(&pool).await?);
     } else if args.watch {
-        transform::watch(&pool, args.batch_size, args.interval, shutdown_signal(), |r| {
+        transform::watch(&pool, plan, args.interval, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
                 println!("transform: {r}");
             }
         })
         .await?;
     } else {
-        println!("transform: {}", transform::transform(&pool, args.batch_size).await?);
+        println!("transform: {}", transform::transform(&pool, plan).await?);
     }
     Ok(ExitCode::from(exit::OK))
 }
@@ -148,12 +149,13 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
 async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     let schedule = run::Schedule {
         interval: args.transform_interval,
-        batch_size: args.batch_size,
+        transform: args.transform.plan(),
         ..run::Schedule::default()
     };
     let mode = if args.once { Mode::Drain } else { Mode::Follow };
     let wait = args.wait_seconds.unwrap_or(if args.once { 2 } else { 20 });
-    let pool = db::connect(settings.database_url()?, 3).await?;
+    // Staging, deleting's bookkeeping, and the transform's sessions.
+    let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     let progress = if args.once { Progress::on_terminal() } else { None };
     let ingestor = Ingestor::start(queue, pool.clone(), mode, wait)
