@@ -87,6 +87,8 @@ impl Controller {
 #[derive(Clone)]
 pub struct Shared {
     controller: Arc<Mutex<Controller>>,
+    /// The controller's bound, which never changes.
+    max: usize,
     target: Arc<watch::Sender<usize>>,
     /// Set by the first empty poll of a drain: receivers that are not in flight then stop
     /// instead of waiting for more room.
@@ -98,6 +100,7 @@ impl Shared {
         let target = Arc::new(watch::Sender::new(controller.target()));
         crate::metrics::receives_in_flight(controller.target());
         Self {
+            max: controller.max(),
             controller: Arc::new(Mutex::new(controller)),
             target,
             drained: Arc::new(watch::Sender::new(false)),
@@ -106,7 +109,7 @@ impl Shared {
 
     /// Receivers to start: one per slot the target may ever reach.
     pub fn max(&self) -> usize {
-        self.controller.lock().expect("controller lock").max()
+        self.max
     }
 
     /// Receive calls that should be in flight now.

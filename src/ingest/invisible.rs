@@ -67,13 +67,13 @@ impl Held {
 
     /// Extends every held message whose half-timeout is due, forever (the caller drops it when
     /// the run ends). `in_flight` says how many ChangeMessageVisibilityBatch calls may run at
-    /// once: as many as receives, so extensions keep up with what receivers bring in. A queue
-    /// without a visibility timeout has nothing to keep.
+    /// once: as many as receives can be, so extensions keep up with what receivers bring in. A
+    /// queue without a visibility timeout has nothing to keep.
     pub async fn keep_invisible(
         &self,
         queue: &Queue,
         visibility: Duration,
-        in_flight: impl Fn() -> usize,
+        in_flight: usize,
     ) -> Infallible {
         if visibility < Duration::from_secs(1) {
             return std::future::pending().await;
@@ -87,7 +87,7 @@ impl Held {
             if receipts.is_empty() {
                 continue;
             }
-            match queue.extend_visibility(&receipts, visibility, in_flight()).await {
+            match queue.extend_visibility(&receipts, visibility, in_flight).await {
                 Ok(refused) => {
                     self.extended(&receipts, now, visibility);
                     failing = false;
