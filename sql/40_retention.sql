@@ -1,32 +1,77 @@
 -- Retention of raw personal data. Applied by `loader migrate` after the migrations; create or
 -- replace, so it also reruns in psql.
 --
--- purge_staged(older_than): replaces the body of every staged message older than `older_than`
--- (by staged_at) that already has an outcome with JSON null, and stamps purged_at. Rows still
--- waiting for the transform are kept whole. The row stays, so a redelivered copy is still a
--- duplicate and reconcile still accounts for it. Afterwards the original values cannot be read
--- back from the database (old row versions go at the next VACUUM; backups and WAL archives keep
--- them for as long as they are kept). Purged rows keep their outcome as it is: a rebuild or key
--- rotation cannot recompute them and leaves them (and their mask_key_id) untouched.
--- Owner only. Locks loader.maintenance_lock, so it never runs during a rebuild or rotation.
-create or replace function loader.purge_staged(older_than interval)
+-- Purging replaces the body of every staged message staged before a cutoff that already has an
+-- outcome with JSON null, and stamps purged_at. Rows still waiting for the transform are kept
+-- whole. The row stays, so a redelivered copy is still a duplicate and reconcile still accounts
+-- for it. Afterwards the original values cannot be read back from the database (old row
+-- versions go at the next VACUUM; backups and WAL archives keep them for as long as they are
+-- kept). Purged rows keep their outcome as it is: a rebuild or key rotation cannot recompute
+-- them and leaves them (and their mask_key_id) untouched.
+--
+-- In bounded, committed batches: a first purge of 10^9 rows is never one transaction (its
+-- locks, its WAL burst, its bloat), a kill loses at most the batch in progress, and rerunning
+-- continues where it stopped (the purged rows have left the partial index it walks).
+-- Owner only. Each batch locks loader.maintenance_lock, so none runs during a rebuild or
+-- rotation's transaction.
+
+-- The single UPDATE it replaces (PostgreSQL cannot turn a function into a procedure).
+drop function if exists loader.purge_staged(interval);
+
+-- purge_staged_batch: purges up to max_rows bodies staged before `cutoff` (oldest first) and
+-- returns how many; 0 when none is left. Rows another purge holds are skipped, not waited for.
+create or replace function loader.purge_staged_batch(cutoff timestamptz, max_rows integer default 10000)
 returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     purged bigint;
 begin
-    if older_than is null or older_than < interval '0' then
-        raise exception 'purge_staged: older_than must be a non-negative interval';
+    if cutoff is null or cutoff > now() then
+        raise exception 'purge_staged_batch: the cutoff must be a time in the past, not %', cutoff
+            using errcode = 'invalid_parameter_value';
     end if;
     lock table loader.maintenance_lock in exclusive mode;
+    -- raw_logins_unpurged_staged_at (V10): an index range over the bodies still held that are
+    -- old enough; pending rows in it are passed over, and stay.
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = now()
-     where r.purged_at is null
-       and r.staged_at < now() - older_than
-       and not exists (select from loader.transform_queue q where q.raw_id = r.id);
+     where r.id = any (array(
+               select c.id from loader.raw_logins c
+                where c.purged_at is null and c.staged_at < cutoff
+                  and not exists (select from loader.transform_queue q where q.raw_id = c.id)
+                order by c.staged_at
+                limit max_rows
+                  for update skip locked));
     get diagnostics purged = row_count;
     return purged;
 end
 $$;
-comment on function loader.purge_staged(interval) is
-    'Replace bodies staged before now() - older_than that have an outcome with JSON null';
+comment on function loader.purge_staged_batch(timestamptz, integer) is
+    'Purge up to max_rows bodies staged before cutoff that have an outcome; returns how many';
+
+-- purge_staged: every body staged more than `older_than` ago, one committed batch at a time
+-- (for psql: CALL, outside a transaction block). The cutoff is fixed when it starts.
+create or replace procedure loader.purge_staged(
+    older_than interval,
+    inout purged bigint default null,
+    batch_size integer default 10000)
+language plpgsql as $$
+declare
+    cutoff timestamptz := now() - older_than;
+    batch bigint;
+begin
+    if older_than is null or older_than < interval '0' then
+        raise exception 'purge_staged: older_than must be a non-negative interval'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    purged := 0;
+    loop
+        batch := loader.purge_staged_batch(cutoff, batch_size);
+        purged := purged + batch;
+        commit;
+        exit when batch = 0;
+    end loop;
+end
+$$;
+comment on procedure loader.purge_staged(interval, bigint, integer) is
+    'Purge bodies staged before now() - older_than that have an outcome, in committed batches';

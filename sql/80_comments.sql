@@ -15,7 +15,7 @@ Entry points:
   select * from loader.ingest_runs;           what each ingest run received, staged, deleted
   select * from loader.rebuild();             recompute every outcome (owner)
   select * from loader.rotate_key();          new key, every row re-masked, atomically (owner)
-  select loader.purge_staged(''30 days'');      retention of raw bodies (owner)
+  call loader.purge_staged(''30 days'');        retention of raw bodies, in batches (owner)
   select * from loader.register_run(...), loader.stage(...)   the ingest role''s write path';
 
 -- The analysts' table.

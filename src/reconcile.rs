@@ -1,6 +1,8 @@
 //! `loader reconcile`: counts at every stage and the invariants that prove nothing was lost or
 //! doubled. Offenders are named by message id (or run id), never by content.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -64,7 +66,7 @@ pub async fn status(pool: &PgPool) -> Result<Status> {
     Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
 }
 
-/// Row counts per stage in the database.
+/// Row counts per stage in the database (of the window, when scoped; pending is always all).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StageCounts {
     pub staged: i64,
@@ -77,6 +79,9 @@ pub struct StageCounts {
     pub unfinished_runs: i64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_drained_at: Option<OffsetDateTime>,
+    /// With `--since`: the start of the window the counts and checks cover (None: everything).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub window_start: Option<OffsetDateTime>,
 }
 
 /// Approximate queue depth, and the dead-letter queue's when a redrive policy names one.
@@ -122,28 +127,47 @@ impl Report {
     }
 }
 
-/// The invariants, each as SQL returning the offending ids (text). `$1` is the grace period
-/// in seconds for the pending check.
+/// The parameters of every statement below, as a CTE: the grace period in seconds for the
+/// pending check (`$1`), and `since`, the start of the window: `$2` seconds before now, or the
+/// beginning of time when `$2` is NULL (the full audit). Each table is read by its time
+/// column, with the BRIN indexes of `migrations/V10__time_indexes.sql`.
+const PARAMS: &str = "params as (
+    select $1::float8 as grace_seconds,
+           coalesce(now() - make_interval(secs => $2::float8), '-infinity') as since)";
+
+/// The invariants, each as SQL returning the offending ids (text), reading [`PARAMS`] as
+/// `{grace}` and `{since}`. Scoped, each looks at the rows
+/// of the window: messages staged in it, outcomes written in it, runs started in it (every
+/// row of a run is staged after the run started). The work list is small and always read
+/// whole.
 const CHECKS: &[(&str, &str, &str)] = &[
     (
         "single_outcome",
         "every staged message has at most one outcome",
-        "select u.message_id from public.user_logins u
-           join loader.login_rejects j on j.message_id = u.message_id",
+        "select j.message_id from loader.login_rejects j
+           join public.user_logins u on u.message_id = j.message_id
+          where j.rejected_at >= {since}
+         union
+         select u.message_id from public.user_logins u
+           join loader.login_rejects j on j.message_id = u.message_id
+          where u.loaded_at >= {since}",
     ),
     (
         "outcome_has_staged_message",
         "every output row (load or reject) has its staged message",
         "select o.message_id
-           from (select message_id from public.user_logins where message_id is not null
-                 union all select message_id from loader.login_rejects) o
+           from (select message_id from public.user_logins
+                  where message_id is not null and loaded_at >= {since}
+                 union all
+                 select message_id from loader.login_rejects where rejected_at >= {since}) o
           where not exists (select from loader.raw_logins r where r.message_id = o.message_id)",
     ),
     (
         "staged_message_accounted_for",
         "every staged message has an outcome or is pending",
         "select r.message_id from loader.raw_logins r
-          where not exists (select from public.user_logins u where u.message_id = r.message_id)
+          where r.staged_at >= {since}
+            and not exists (select from public.user_logins u where u.message_id = r.message_id)
             and not exists (select from loader.login_rejects j where j.message_id = r.message_id)
             and not exists (select from loader.transform_queue q where q.raw_id = r.id)",
     ),
@@ -153,35 +177,53 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "select r.message_id from loader.transform_queue q
            join loader.raw_logins r on r.id = q.raw_id
           where r.staged_at < (select last_drained_at from loader.transform_state)
-                              - make_interval(secs => $1)",
+                              - make_interval(secs => {grace})",
     ),
     (
         "run_deletes_match",
         "per finished ingest run: deleted + delete failures = staged + duplicates",
         "select id::text from loader.ingest_runs
-          where finished_at is not null and deleted + delete_failures <> staged + duplicates
-             or received <> staged + duplicates",
+          where started_at >= {since}
+            and (finished_at is not null and deleted + delete_failures <> staged + duplicates
+                 or received <> staged + duplicates)",
     ),
     (
         "run_staged_matches_rows",
         "per ingest run: its staged count equals the rows it staged",
+        // One pass over the window's rows, grouped by run (not a count per run).
         "select i.id::text from loader.ingest_runs i
-          where i.staged <> (select count(*) from loader.raw_logins r where r.ingest_run_id = i.id)",
+           left join (select r.ingest_run_id, count(*) as n from loader.raw_logins r
+                       where r.staged_at >= {since} group by r.ingest_run_id) c
+             on c.ingest_run_id = i.id
+          where i.started_at >= {since} and i.staged <> coalesce(c.n, 0)",
     ),
 ];
 
-/// Gathers the counts and runs every check. `queue`, when given, adds queue and DLQ depths.
-pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64) -> Result<Report> {
-    let stages: StageCounts = sqlx::query_as(
-        "select (select count(*) from loader.raw_logins) as staged,
-                (select count(*) from loader.raw_logins where purged_at is not null) as purged,
-                (select count(*) from public.user_logins where message_id is not null) as loaded,
-                (select count(*) from loader.login_rejects) as rejected,
+/// Gathers the counts and runs every check, over everything or (with `since`) the rows of the
+/// last `since`. `queue`, when given, adds queue and DLQ depths.
+pub async fn reconcile(
+    pool: &PgPool,
+    queue: Option<&Queue>,
+    grace_seconds: f64,
+    since: Option<Duration>,
+) -> Result<Report> {
+    let since_seconds = since.map(|d| d.as_secs_f64());
+    let stages: StageCounts = sqlx::query_as(&with_params(
+        " select (select count(*) from loader.raw_logins where staged_at >= {since}) as staged,
+                (select count(*) from loader.raw_logins
+                  where purged_at is not null and staged_at >= {since}) as purged,
+                (select count(*) from public.user_logins
+                  where message_id is not null and loaded_at >= {since}) as loaded,
+                (select count(*) from loader.login_rejects where rejected_at >= {since}) as rejected,
                 (select count(*) from loader.transform_queue) as pending,
-                (select count(*) from loader.ingest_runs) as runs,
-                (select count(*) from loader.ingest_runs where finished_at is null) as unfinished_runs,
-                (select last_drained_at from loader.transform_state) as last_drained_at",
-    )
+                (select count(*) from loader.ingest_runs where started_at >= {since}) as runs,
+                (select count(*) from loader.ingest_runs
+                  where finished_at is null and started_at >= {since}) as unfinished_runs,
+                (select last_drained_at from loader.transform_state) as last_drained_at,
+                (select nullif(since, '-infinity') from params) as window_start",
+    ))
+    .bind(grace_seconds)
+    .bind(since_seconds)
     .fetch_one(pool)
     .await
     .context("counting stages (has `loader migrate` run?)")?;
@@ -194,18 +236,18 @@ pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64)
 
     let mut checks = Vec::with_capacity(CHECKS.len());
     for (name, description, sql) in CHECKS {
-        let counted = format!(
-            "with offenders as ({sql})
+        let counted = with_params(&format!(
+            ", offenders as ({sql})
              select (select count(*) from offenders),
                     coalesce((select array_agg(o) from (select * from offenders limit {MAX_IDS}) o(o)),
                              '{{}}')"
-        );
-        let mut query = sqlx::query_as::<_, (i64, Vec<String>)>(&counted);
-        if sql.contains("$1") {
-            query = query.bind(grace_seconds);
-        }
-        let (violations, offenders) =
-            query.fetch_one(pool).await.with_context(|| format!("checking {name}"))?;
+        ));
+        let (violations, offenders) = sqlx::query_as::<_, (i64, Vec<String>)>(&counted)
+            .bind(grace_seconds)
+            .bind(since_seconds)
+            .fetch_one(pool)
+            .await
+            .with_context(|| format!("checking {name}"))?;
         checks.push(Check { name, description, ok: violations == 0, violations, offenders });
     }
 
@@ -214,6 +256,15 @@ pub async fn reconcile(pool: &PgPool, queue: Option<&Queue>, grace_seconds: f64)
         None => None,
     };
     Ok(Report { stages, recent_runs, queue, checks })
+}
+
+/// A statement with [`PARAMS`] as its first CTE: `rest` is what follows it (more CTEs after a
+/// comma, then the select), with `{since}` and `{grace}` read from it.
+fn with_params(rest: &str) -> String {
+    let rest = rest
+        .replace("{since}", "(select since from params)")
+        .replace("{grace}", "(select grace_seconds from params)");
+    format!("with {PARAMS}{rest}")
 }
 
 async fn queue_counts(queue: &Queue) -> Result<QueueCounts> {
@@ -240,7 +291,18 @@ pub fn render(report: &Report) -> String {
     let s = &report.stages;
     let mut out = String::new();
     let when = crate::display::timestamp;
-    let _ = writeln!(out, "stages");
+    match s.window_start {
+        Some(start) => {
+            let _ = writeln!(
+                out,
+                "stages (staged, loaded, rejected or run since {})",
+                when(Some(start))
+            );
+        }
+        None => {
+            let _ = writeln!(out, "stages");
+        }
+    }
     let _ = writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged);
     if s.purged > 0 {
         let _ = writeln!(out, "    of which bodies purged        {:>10}", s.purged);

@@ -111,17 +111,6 @@ async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
     Ok(age)
 }
 
-/// Retention (`loader.purge_staged`, `sql/40_retention.sql`): the raw body of every message
-/// staged more than `days` days ago that has an outcome becomes JSON null. Owner role only.
-/// Returns how many bodies were purged.
-pub async fn purge(pool: &PgPool, days: i32) -> Result<i64> {
-    sqlx::query_scalar("select loader.purge_staged(make_interval(days => $1))")
-        .bind(days)
-        .fetch_one(pool)
-        .await
-        .context("purging staged bodies (only the owner role may)")
-}
-
 /// Recomputes every outcome with the active key, atomically (`loader.rebuild()`).
 pub async fn rebuild(pool: &PgPool) -> Result<TransformReport> {
     sqlx::query_as("select loaded, rejected, pending from loader.rebuild()")

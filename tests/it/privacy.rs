@@ -255,7 +255,7 @@ async fn idle_analysts_and_strangers_stall_nothing() {
     finishes("rotation", sqlx::raw_sql("select * from loader.rotate_key()").execute(&db.pool))
         .await
         .unwrap();
-    finishes("purge", sqlx::raw_sql("select loader.purge_staged('1 day')").execute(&db.pool))
+    finishes("purge", sqlx::raw_sql("call loader.purge_staged('1 day')").execute(&db.pool))
         .await
         .unwrap();
     finishes("migrate", loader::db::migrate(&db.pool)).await.unwrap();
@@ -310,7 +310,8 @@ async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
         "insert into loader.ingest_runs (queue, mode, loader_version) values ('q', 'drain', 'x')",
         "select token from loader.ingest_runs",
         "select message_id from loader.raw_logins",
-        "select loader.purge_staged('0')",
+        "call loader.purge_staged('0')",
+        "select loader.purge_staged_batch(now(), 10)",
     ] {
         denied(&ingest.pool, forged).await;
     }

@@ -175,3 +175,48 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("FAIL") && text.contains("stale-1"), "{text}");
 }
+
+#[tokio::test]
+async fn since_checks_only_the_window_and_the_full_audit_still_sees_everything() {
+    let db = TestDb::migrated().await;
+    let messages = crate::support::fixture_messages();
+    let now = time::OffsetDateTime::now_utc();
+    crate::support::stage(&db, &messages[..40], now).await;
+    crate::support::stage(&db, &messages[40..], now).await;
+    loader_ok(&db.url, "unused", &["transform"]);
+    // Ten days ago: the first run's 40 messages, with their outcomes; one of them has lost its
+    // outcome since (a gap only the full audit can see).
+    exec(
+        &db,
+        "update loader.ingest_runs set started_at = started_at - interval '10 days'
+          where id = (select min(id) from loader.ingest_runs);
+         update loader.raw_logins set staged_at = staged_at - interval '10 days'
+          where message_id in (select 'fixture-' || g from generate_series(0, 39) g);
+         update public.user_logins set loaded_at = loaded_at - interval '10 days'
+          where message_id in (select 'fixture-' || g from generate_series(0, 39) g);
+         update loader.login_rejects set rejected_at = rejected_at - interval '10 days'
+          where message_id in (select 'fixture-' || g from generate_series(0, 39) g);
+         delete from public.user_logins where message_id = 'fixture-7'",
+    )
+    .await;
+
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue", "--since", "1d"]);
+    assert_eq!(code, Some(0), "the last day is clean: {report:#}");
+    let stages = &report["stages"];
+    let outcomes = stages["loaded"].as_i64().unwrap() + stages["rejected"].as_i64().unwrap();
+    assert_eq!((stages["staged"].as_i64(), outcomes), (Some(60), 60), "the window's rows only");
+    assert!(stages["window_start"].is_string(), "{stages:#}");
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
+    assert_eq!(code, Some(3), "{report:#}");
+    assert_eq!(failures(&report)["staged_message_accounted_for"], ["fixture-7"]);
+    assert!(report["stages"]["window_start"].is_null());
+
+    // A gap inside the window is caught by the scoped check too.
+    exec(&db, "delete from public.user_logins where message_id = 'fixture-70'").await;
+    let (code, report) = reconcile(&db, "unused", &["--skip-queue", "--since", "1d"]);
+    assert_eq!(code, Some(3), "{report:#}");
+    assert_eq!(failures(&report)["staged_message_accounted_for"], ["fixture-70"]);
+    // The human report says which window it covered.
+    let out = loader(&db.url, "unused", &["reconcile", "--skip-queue", "--since", "36h"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("since"), "{out:?}");
+}

@@ -95,11 +95,79 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
 }
 
 #[tokio::test]
-async fn purge_refuses_a_negative_age() {
+async fn purge_refuses_a_negative_age_or_a_future_cutoff() {
     let db = TestDb::migrated().await;
-    let err = sqlx::query("select loader.purge_staged(interval '-1 day')")
+    let err = sqlx::query("call loader.purge_staged(interval '-1 day')")
         .execute(&db.pool)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("non-negative"), "{err}");
+    let err = sqlx::query("select loader.purge_staged_batch(now() + interval '1 hour')")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must be a time in the past"), "{err}");
+}
+
+#[tokio::test]
+async fn a_killed_purge_kept_its_committed_batches_and_a_rerun_finishes_it() {
+    const ROWS: i64 = 100_000;
+    const BATCH: i64 = 200;
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql(&format!(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
+         select 'p-' || g, jsonb_build_object('user_id', 'u' || g, 'device_id', 'd' || g),
+                true, 'q', now() - interval '2 days'
+           from generate_series(1, {ROWS}) g"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    let purged = "select count(*) from loader.raw_logins where purged_at is not null";
+
+    let running = crate::support::spawn_loader(
+        &db.url,
+        "unused",
+        &["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()],
+    );
+    // Killed as soon as its first batches have committed.
+    let mut seen = 0;
+    for _ in 0..3000 {
+        seen = db.count(purged).await;
+        if seen >= 3 * BATCH {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    crate::support::kill_9(running);
+    // The batch the server was running when its client died still ends (and commits, as
+    // a statement of its own would): wait for it before counting.
+    while db
+        .count(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and state = 'active'
+                and query like '%purge_staged_batch%' and pid <> pg_backend_pid()",
+        )
+        .await
+        > 0
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let after_kill = db.count(purged).await;
+    assert!(seen > 0 && after_kill < ROWS, "killed mid-way: {after_kill} of {ROWS}");
+    assert_eq!(after_kill % BATCH, 0, "whole batches only, never part of one: {after_kill}");
+    assert_eq!(
+        db.count(
+            "select count(*) from loader.raw_logins where purged_at is not null and body <> 'null'"
+        )
+        .await,
+        0
+    );
+
+    let out = loader_ok(&db.url, "unused", &["purge", "--older-than-days", "1"]);
+    assert_eq!(out.trim(), format!("purged {} staged bodies older than 1 days", ROWS - after_kill));
+    assert_eq!(db.count(purged).await, ROWS);
+    assert_eq!(db.loaded().await, ROWS, "outcomes stay");
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
 }

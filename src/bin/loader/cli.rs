@@ -198,6 +198,11 @@ pub struct PurgeArgs {
     /// Purge bodies staged more than this many days ago (0: every body with an outcome)
     #[arg(long, env = "LOADER_RETENTION_DAYS")]
     pub older_than_days: u32,
+
+    /// Bodies per committed batch: the most one transaction holds
+    #[arg(long, env = "LOADER_PURGE_BATCH", default_value_t = loader::retention::DEFAULT_BATCH,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub batch_size: i32,
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +219,11 @@ pub struct ReconcileArgs {
     /// pending (their ingest transaction may have committed after it)
     #[arg(long, env = "LOADER_RECONCILE_GRACE", default_value_t = 60.0)]
     pub grace_seconds: f64,
+
+    /// Check only the rows of the last DURATION (e.g. 24h, 7d, 90m): messages staged, outcomes
+    /// written and runs started in it; bounded time on any table size. Default: everything
+    #[arg(long, env = "LOADER_RECONCILE_SINCE", value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

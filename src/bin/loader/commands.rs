@@ -9,7 +9,7 @@ use loader::display::timestamp;
 use loader::ingest::{Ingestor, Mode};
 use loader::progress::Progress;
 use loader::sqs::Queue;
-use loader::{bench, db, keys, reconcile, run, send, sqs, transform};
+use loader::{bench, db, keys, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
     BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
@@ -66,7 +66,11 @@ async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
     let wait = args.wait_seconds.unwrap_or(if args.follow { 20 } else { 2 });
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
-    let progress = if mode == Mode::Drain { Progress::on_terminal() } else { None };
+    let progress = if mode == Mode::Drain {
+        Progress::on_terminal("messages staged and deleted")
+    } else {
+        None
+    };
     let ingestor = Ingestor::start(queue, pool, mode, wait)
         .await?
         .with_progress(progress)
@@ -157,7 +161,8 @@ async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     // Staging, deleting's bookkeeping, and the transform's sessions.
     let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
-    let progress = if args.once { Progress::on_terminal() } else { None };
+    let progress =
+        if args.once { Progress::on_terminal("messages staged and deleted") } else { None };
     let ingestor = Ingestor::start(queue, pool.clone(), mode, wait)
         .await?
         .with_progress(progress)
@@ -180,7 +185,8 @@ async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode
     } else {
         Some(Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?)
     };
-    let report = reconcile::reconcile(&pool, queue.as_ref(), args.grace_seconds).await?;
+    let report =
+        reconcile::reconcile(&pool, queue.as_ref(), args.grace_seconds, args.since).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -237,7 +243,11 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
 async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
-    let purged = transform::purge(&pool, days).await?;
+    let progress = Progress::on_terminal("bodies purged");
+    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref()).await?;
+    if let Some(progress) = progress {
+        progress.finish();
+    }
     println!("purged {purged} staged bodies older than {days} days");
     Ok(ExitCode::from(exit::OK))
 }
