@@ -51,6 +51,7 @@ declare
     outcome record;
 begin
     lock table loader.maintenance_lock in exclusive mode;
+    perform loader._no_rebuild_copying('rotate_key()');
     select k.id into previous_id from loader.mask_keys k where k.retired_at is null;
     key_id := loader._activate_key(
         coalesce(new_key, public.gen_random_bytes(32)),

@@ -26,11 +26,13 @@
 -- sql/90_privileges.sql), the only role that can read loader.raw_logins and the key.
 
 -- _outcome_rows: the outcome of each staged row in `ids`, not yet written: reason and detail for
--- a reject (reason not null), else the user_logins values, masked with the active key. Inlined
--- into the statements of _outcomes and _outcomes_new (a single SELECT, stable, no SET), so the
--- key is read inside those statements.
+-- a reject (reason not null), else the user_logins values, masked with the active key (or, with
+-- for_rebuild, the copying online rebuild's key: sql/35_rebuild.sql). Inlined into the
+-- statements of _outcomes, _outcomes_new and _outcomes_next (a single SELECT, stable, no SET),
+-- so the key is read inside those statements.
 -- Private (owner only): its rows carry masks, so granted it would be a masking oracle.
-create or replace function loader._outcome_rows(ids bigint[])
+drop function if exists loader._outcome_rows(bigint[]);
+create or replace function loader._outcome_rows(ids bigint[], for_rebuild boolean default false)
 returns table (message_id text, reason text, detail text, user_id text, device_type text,
                masked_ip text, masked_device_id text, locale text, app_version integer,
                create_date date, ip_network cidr, app_version_text text, mask_key_id integer)
@@ -41,7 +43,13 @@ language sql stable as $$
     -- of a scan, so no plan, message or log line can carry its bytes.
     -- Materialised: one scan of mask_keys per statement, not one per row.
     with active_key as materialized (
-        select k.id, k.key from loader.mask_keys k where k.retired_at is null
+        select k.id, k.key from loader.mask_keys k where k.retired_at is null and not for_rebuild
+        union all
+        -- A rotation's new key waits in loader.rebuilds; a plain rebuild uses the active key.
+        select b.key_id, coalesce(b.new_key, k.key)
+          from loader.rebuilds b
+          left join loader.mask_keys k on k.id = b.key_id and k.retired_at is null
+         where for_rebuild and b.state = 'copying'
     ), span as materialized (
         -- dense: the ids are every id from lo to hi (distinct ids as many as the range holds),
         -- as a batch claimed from the work list nearly always is.
@@ -100,7 +108,7 @@ language sql stable as $$
             offset 0) j
       cross join active_key k
 $$;
-comment on function loader._outcome_rows(bigint[]) is
+comment on function loader._outcome_rows(bigint[], boolean) is
     'Private: the outcomes (masked values or reject reasons) of the staged rows with these ids, unwritten';
 
 -- _outcomes: writes the outcome of each staged row in `ids`: a public.user_logins row masked with
@@ -183,12 +191,23 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
     delete from loader.batch_keys b where b.id = new.id;
     if new.armed then
-        insert into loader.batch_keys (key_id, armed) values (new.key_id, false);
+        insert into loader.batch_keys (key_id, armed, rebuild_check, rebuild_id)
+        values (new.key_id, false, new.rebuild_check, new.rebuild_id);
         return null;
     end if;
     if pg_trigger_depth() > 1 then
         raise exception 'a transform batch is checked at COMMIT only; do not SET CONSTRAINTS loader.batch_keys_confirm IMMEDIATE'
             using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    if new.rebuild_check then
+        -- The row rebuild_start rewrites: held from here to the end of the commit, so no
+        -- rebuild starts between this check and the commit.
+        perform from loader.mask_keys k where k.retired_at is null for share;
+        if (select b.id from loader.rebuilds b where b.state = 'copying') is distinct from new.rebuild_id then
+            raise exception 'an online rebuild started or ended while this transform batch ran; nothing of it was kept, run the transform again'
+                using errcode = 'serialization_failure';
+        end if;
+        return null;
     end if;
     perform from loader.mask_keys k where k.id = new.key_id and k.retired_at is null for share;
     if not found then
@@ -223,6 +242,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     claimed bigint[];
+    rebuilding bigint;
 begin
     if not exists (select from loader.mask_keys k where k.retired_at is null) then
         raise exception 'no active masking key: run loader migrate';
@@ -251,6 +271,15 @@ begin
     exception when unique_violation then
         select o.loaded, o.rejected into loaded, rejected from loader._outcomes(claimed) o;
     end;
+    -- While an online rebuild copies, its copies get these outcomes too (with its key), and a
+    -- ticket says which rebuild this batch saw: at COMMIT it must still be the one copying.
+    if cardinality(claimed) > 0 then
+        select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
+        if rebuilding is not null then
+            perform loader._outcomes_next(claimed);
+        end if;
+        insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
+    end if;
 
     -- Fewer rows than asked for: the work list was drained as of this batch's start. Recorded
     -- in a free progress slot; when all eight are held by open transactions, skipped.
@@ -317,6 +346,7 @@ declare
     batch record;
 begin
     lock table loader.maintenance_lock in exclusive mode;
+    perform loader._no_rebuild_copying('rebuild()');
     select count(*) into orphans
       from (select u.message_id from public.user_logins u where u.message_id is not null
             union all

@@ -31,6 +31,8 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     lock table loader.maintenance_lock in exclusive mode;
+    -- A rebuild recomputes from the bodies: none is purged while one copies.
+    perform loader._no_rebuild_copying('purge');
     -- raw_logins_unpurged_staged_at (V10): an index range over the bodies still held that are
     -- old enough; pending rows in it are passed over, and stay.
     update loader.raw_logins r

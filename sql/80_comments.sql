@@ -114,3 +114,21 @@ comment on function loader._mask(text, bytea) is 'Private: hex HMAC-SHA256 (an o
 comment on function loader._nested_field(jsonb) is 'Private: the first contract field holding an object or array';
 comment on function loader._reject_detail(jsonb, text) is 'Private: the human detail of a reject reason';
 comment on function loader._too_long(jsonb) is 'Private: the first value longer than its column, as a detail line';
+
+-- Online rebuild (sql/35_rebuild.sql, migrations/V11__online_rebuild.sql).
+comment on column loader.rebuilds.id is 'Rebuild id';
+comment on column loader.rebuilds.key_id is 'Key the new copies are masked with (a rotation''s new key id)';
+comment on column loader.rebuilds.new_key is 'A rotation''s new key until its swap, then NULL (owner only)';
+comment on column loader.rebuilds.new_key_source is 'generated or installed (a rotation''s new key)';
+comment on column loader.rebuilds.upto is 'raw_logins ids up to this one are copied by ranges; later ones by the transform';
+comment on column loader.rebuilds.started_at is 'When the rebuild started';
+comment on column loader.rebuilds.finished_at is 'When it was swapped in or abandoned';
+comment on column loader.rebuilds.state is 'copying, swapped or abandoned';
+comment on column loader.rebuild_ranges.rebuild_id is 'The rebuild';
+comment on column loader.rebuild_ranges.lo is 'First raw_logins id of the range';
+comment on column loader.rebuild_ranges.hi is 'Last raw_logins id of the range';
+comment on column loader.rebuild_ranges.done is 'Copied (committed)';
+comment on column loader.batch_keys.rebuild_check is 'A rebuild ticket: checks at COMMIT that the same rebuild (or none) is copying';
+comment on column loader.batch_keys.rebuild_id is 'The rebuild the batch saw copying (NULL: none)';
+comment on function loader._rebuild_blockers() is
+    'Private: objects an online rebuild''s swap could not carry over, or NULL';

@@ -18,16 +18,6 @@ pub struct KeyInfo {
     pub active: bool,
 }
 
-/// The outcome of a rotation: the active key and the rebuild's counts (zero when the key was
-/// already active and nothing needed rebuilding).
-#[derive(Debug, Clone, Copy, sqlx::FromRow)]
-pub struct Rotation {
-    pub key_id: i32,
-    pub loaded: Option<i64>,
-    pub rejected: Option<i64>,
-    pub pending: Option<i64>,
-}
-
 pub async fn list(pool: &PgPool) -> Result<Vec<KeyInfo>> {
     sqlx::query_as(
         "select id, created_at, retired_at, source, active from loader.mask_key_info order by id",
@@ -37,38 +27,27 @@ pub async fn list(pool: &PgPool) -> Result<Vec<KeyInfo>> {
     .context("listing keys (this needs the owner role, or loader_analyst)")
 }
 
-/// Activates `key` (or a new random key, made inside Postgres, when `None`) and rebuilds every
-/// outcome, in one transaction inside Postgres.
+/// The SQL expression that yields `key` inside a statement of `tx` (`null` for none).
 ///
 /// A given key never travels as a statement parameter: the server logs parameters with
 /// `log_min_duration_statement` (up to `log_parameter_max_length`), and the key would land in
 /// the server log. It is sent as COPY data into a temporary table, which nothing logs, and
 /// read from there inside the statement that installs it.
-pub async fn rotate(pool: &PgPool, key: Option<&[u8]>) -> Result<Rotation> {
-    let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
-    let source = match key {
-        None => "null",
-        Some(key) => {
-            sqlx::raw_sql("create temporary table loader_key_input (key bytea) on commit drop")
-                .execute(&mut *tx)
-                .await?;
-            let mut copy = tx.copy_in_raw("copy pg_temp.loader_key_input from stdin").await?;
-            // In COPY's text format a doubled backslash is one: the field reads `\x<hex>`,
-            // bytea's hex input.
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            copy.send(format!("\\\\x{hex}\n").into_bytes()).await?;
-            copy.finish().await.context("sending the key")?;
-            "(select key from pg_temp.loader_key_input)"
-        }
-    };
-    let rotation = sqlx::query_as(&format!(
-        "select key_id, loaded, rejected, pending from loader.rotate_key({source})"
-    ))
-    .fetch_one(&mut *tx)
-    .await
-    .context("rotating the masking key")?;
-    tx.commit().await.context("committing the key rotation")?;
-    Ok(rotation)
+pub(crate) async fn key_expression(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: Option<&[u8]>,
+) -> Result<&'static str> {
+    let Some(key) = key else { return Ok("null") };
+    sqlx::raw_sql("create temporary table loader_key_input (key bytea) on commit drop")
+        .execute(&mut **tx)
+        .await?;
+    let mut copy = tx.copy_in_raw("copy pg_temp.loader_key_input from stdin").await?;
+    // In COPY's text format a doubled backslash is one: the field reads `\x<hex>`, bytea's
+    // hex input.
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    copy.send(format!("\\\\x{hex}\n").into_bytes()).await?;
+    copy.finish().await.context("sending the key")?;
+    Ok("(select key from pg_temp.loader_key_input)")
 }
 
 /// Reads a key given as 64 hex characters from `LOADER_MASK_KEY`, else from stdin.

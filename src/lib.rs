@@ -18,7 +18,8 @@
 //! - **work**:
 //!   - [`ingest`]: receivers, the writer that stages and deletes flushes, and the unit of work
 //!     [`ingest::Ingestor::process`];
-//!   - [`transform`]: the SQL transform of `sql/` in parallel sessions (also rebuild);
+//!   - [`transform`]: the SQL transform of `sql/` in parallel sessions;
+//!   - [`rebuild`]: online rebuild and key rotation (parallel copy, then one swap);
 //!   - [`retention`]: purging old raw bodies in committed batches;
 //!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap), and `status`;
 //!   - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres);
@@ -44,6 +45,7 @@ pub mod lambda;
 pub mod logging;
 pub mod metrics;
 pub mod progress;
+pub mod rebuild;
 pub mod reconcile;
 pub mod retention;
 pub mod retry;

@@ -111,14 +111,6 @@ async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
     Ok(age)
 }
 
-/// Recomputes every outcome with the active key, atomically (`loader.rebuild()`).
-pub async fn rebuild(pool: &PgPool) -> Result<TransformReport> {
-    sqlx::query_as("select loaded, rejected, pending from loader.rebuild()")
-        .fetch_one(pool)
-        .await
-        .context("running loader.rebuild()")
-}
-
 /// Runs [`transform`] every `interval` until `shutdown` resolves, calling `report` after each
 /// run. A run in progress is finished before returning.
 pub async fn watch(

@@ -9,6 +9,7 @@ mod ingest;
 mod lambda;
 mod observability;
 mod privacy;
+mod rebuild;
 mod reconcile;
 mod retention;
 mod run;

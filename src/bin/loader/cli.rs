@@ -228,7 +228,8 @@ pub struct ReconcileArgs {
 
 #[derive(Debug, Args)]
 pub struct TransformArgs {
-    /// Recompute every outcome from raw_logins with the active key, atomically
+    /// Recompute every outcome from raw_logins with the active key, online: new copies filled
+    /// by --workers sessions while the transform goes on, then one short swap (resumable)
     #[arg(long, conflicts_with = "watch")]
     pub rebuild: bool,
 
@@ -249,12 +250,13 @@ pub struct TransformArgs {
 pub enum KeysCommand {
     /// Show key ids, dates and which is active (never the key bytes)
     List,
-    /// Make a new random key active and re-mask every row (one transaction)
-    Rotate,
+    /// Make a new random key active and re-mask every row: online, in new copies of the
+    /// tables swapped in at once (resumable: run it again after a kill)
+    Rotate(TransformPlanArgs),
     /// Make a given key active and re-mask every row, so two environments produce joinable
     /// masks. The key (64 hex characters) is read from LOADER_MASK_KEY, else from stdin; never
     /// from the command line.
-    Install,
+    Install(TransformPlanArgs),
 }
 
 /// How ingest overlaps receiving and staging (`ingest` and `run`).

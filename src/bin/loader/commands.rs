@@ -9,7 +9,7 @@ use loader::display::timestamp;
 use loader::ingest::{Ingestor, Mode};
 use loader::progress::Progress;
 use loader::sqs::Queue;
-use loader::{bench, db, keys, reconcile, retention, run, send, sqs, transform};
+use loader::{bench, db, keys, rebuild, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
     BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
@@ -100,7 +100,7 @@ async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode
     let plan = args.plan.plan();
     let pool = db::connect(settings.database_url()?, plan.workers as u32).await?;
     if args.rebuild {
-        println!("rebuild: {}", transform::rebuild(&pool).await?);
+        rebuild(&pool, &rebuild::Kind::Rebuild, plan).await?;
     } else if args.watch {
         transform::watch(&pool, plan, args.interval, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
@@ -115,9 +115,9 @@ async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode
 }
 
 async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
-    let pool = db::connect(settings.database_url()?, 1).await?;
     match command {
         KeysCommand::List => {
+            let pool = db::connect(settings.database_url()?, 1).await?;
             println!("{:>4}  {:<6}  {:<9}  {:<25}  retired", "id", "active", "source", "created");
             for k in keys::list(&pool).await? {
                 let retired = k.retired_at.map_or_else(|| "-".to_owned(), |t| timestamp(Some(t)));
@@ -130,24 +130,46 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
                 );
             }
         }
-        KeysCommand::Rotate | KeysCommand::Install => {
+        KeysCommand::Rotate(args) | KeysCommand::Install(args) => {
             let given = match command {
-                KeysCommand::Install => Some(keys::read_key_from_env_or_stdin()?),
+                KeysCommand::Install(_) => Some(keys::read_key_from_env_or_stdin()?),
                 _ => None,
             };
-            let r = keys::rotate(&pool, given.as_deref()).await?;
-            match r.loaded {
-                Some(loaded) => println!(
-                    "key {} active; rebuilt: loaded {loaded}, rejected {}, pending {}",
-                    r.key_id,
-                    r.rejected.unwrap_or(0),
-                    r.pending.unwrap_or(0)
-                ),
-                None => println!("key {} already active; nothing to rebuild", r.key_id),
-            }
+            let pool = db::connect(settings.database_url()?, args.plan().workers as u32).await?;
+            rebuild(&pool, &rebuild::Kind::Rotate(given), args.plan()).await?;
         }
     }
     Ok(ExitCode::from(exit::OK))
+}
+
+/// An online rebuild or rotation, saying up front what it will do and the disk it needs.
+async fn rebuild(pool: &sqlx::PgPool, kind: &rebuild::Kind, plan: transform::Plan) -> Result<()> {
+    let finished = rebuild::run(pool, kind, plan, |s| {
+        let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
+        let resumed = if s.resumed { ", resumed" } else { "" };
+        eprintln!(
+            "rebuild {} ({what} {}{resumed}): {} of {} ranges to copy with {} workers; needs about {} MB of free disk (one more copy of user_logins and login_rejects), freed at the swap",
+            s.rebuild_id,
+            s.key_id,
+            s.ranges - s.ranges_done,
+            s.ranges,
+            plan.workers,
+            s.copy_bytes / 1_000_000
+        );
+    })
+    .await?;
+    match finished {
+        Some(f) => println!(
+            "rebuild {}: key {} active; copied {} rows; swap waited {:.1} s; transform: {}",
+            f.started.rebuild_id,
+            f.started.key_id,
+            f.copied,
+            f.swap_waited.as_secs_f64(),
+            f.transform
+        ),
+        None => println!("that key is already active; nothing to rebuild"),
+    }
+    Ok(())
 }
 
 async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
@@ -285,12 +307,19 @@ async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> 
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called, not when the future is first polled: a
+/// SIGTERM arriving before that (say during a long first transform) would otherwise meet the
+/// default action and end the process mid-batch.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing the batch in hand");
     }
-    tracing::info!("shutdown requested; finishing the batch in hand");
 }

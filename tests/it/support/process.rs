@@ -90,3 +90,14 @@ pub fn terminate_ok(running: Running) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Waits for the process to end by itself, asserts a clean exit (0), and returns its stdout
+/// followed by its stderr.
+pub fn wait_ok(running: Running) -> String {
+    let Running { mut child, stdout, stderr } = running;
+    let status = child.wait().unwrap();
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    format!("{}{stderr}", String::from_utf8_lossy(&stdout))
+}

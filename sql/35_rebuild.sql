@@ -1,0 +1,309 @@
+-- Online rebuild and key rotation: every outcome recomputed into new copies of
+-- public.user_logins and loader.login_rejects, in committed batches, while the incremental
+-- transform goes on; then one short transaction swaps the copies in. Readers see the old
+-- tables or the new ones, never a mix of masks. `loader transform --rebuild` and `loader keys
+-- rotate|install` drive it (with parallel workers and a progress line); in psql, as the owner:
+--
+--   select * from loader.rebuild_start();                 -- or rebuild_start(rotate => true)
+--   select loader.rebuild_copy_range();                   -- repeat (in any number of sessions)
+--                                                         -- until it returns NULL
+--   select * from loader.rebuild_swap();                  -- needs a moment with no reader
+--   select loader.rebuild_abandon();                      -- or give up, dropping the copies
+--
+-- How it stays consistent without stopping anything:
+-- - rebuild_start creates the copies, records the rebuild (with a rotation's new key, which
+--   stays here, owner-only, until the swap) and cuts raw_logins' ids up to the current maximum
+--   into ranges. It rewrites the active key's row, the row every committing transform batch
+--   holds FOR SHARE: batches that committed before it are in the live tables when the ranges
+--   are copied; a batch that commits after it must have written the copies too.
+-- - Workers claim ranges with SKIP LOCKED and copy each in one transaction: rows that have an
+--   outcome are recomputed from raw_logins with the rebuild's key; purged rows (nothing to
+--   recompute from) keep theirs. Rows still in the work list are left to the transform.
+-- - Every transform batch, while a rebuild is copying, writes its outcomes to the live tables
+--   (active key) and to the copies (the rebuild's key), and leaves a ticket naming the rebuild
+--   it saw; at COMMIT _confirm_batch_key refuses (40001) a batch whose rebuild is no longer the
+--   one copying, and its rows return to the work list.
+-- - The swap takes ACCESS EXCLUSIVE on the four tables (waiting for open batches and readers,
+--   bounded by the caller's lock_timeout), makes a rotation's key active, carries grants,
+--   comments and index names over, renames, and drops the old tables: no bloat is left.
+-- While a rebuild is copying, rotate_key(), rebuild() and purge refuse to start.
+
+-- What a swap could not carry over: objects of other people's that name the live tables by
+-- identity (views, rules, triggers, policies, publications, foreign keys, inheritance). NULL
+-- when there is none.
+create or replace function loader._rebuild_blockers() returns text
+language sql stable as $$
+    select string_agg(what, '; ')
+      from (select format('%s depends on %s', pg_describe_object(d.classid, d.objid, d.objsubid),
+                          d.refobjid::regclass) as what
+              from pg_catalog.pg_depend d
+             where d.refobjid in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)
+               and d.deptype = 'n'
+               and d.classid in ('pg_catalog.pg_rewrite'::regclass, 'pg_catalog.pg_trigger'::regclass,
+                                 'pg_catalog.pg_policy'::regclass, 'pg_catalog.pg_constraint'::regclass,
+                                 'pg_catalog.pg_publication_rel'::regclass)
+               and not (d.classid = 'pg_catalog.pg_constraint'::regclass
+                        and exists (select from pg_catalog.pg_constraint c
+                                     where c.oid = d.objid and c.conrelid = d.refobjid))
+            union all
+            select format('%s inherits from %s', i.inhrelid::regclass, i.inhparent::regclass)
+              from pg_catalog.pg_inherits i
+             where i.inhparent in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)) b
+$$;
+
+-- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
+-- key), or returns the one already copying (resumed = true; its kind wins). `range_rows`
+-- raw_logins ids per range. key_id is NULL when `new_key` is already the active key.
+create or replace function loader.rebuild_start(
+    new_key bytea default null,
+    rotate boolean default false,
+    range_rows integer default 50000)
+returns table (rebuild_id bigint, key_id integer, rotation boolean, ranges bigint,
+               ranges_done bigint, resumed boolean, copy_bytes bigint)
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    running loader.rebuilds;
+    blockers text;
+    active_id integer;
+    top bigint;
+begin
+    lock table loader.maintenance_lock in exclusive mode;
+    select * into running from loader.rebuilds b where b.state = 'copying';
+    if running.id is null then
+        blockers := loader._rebuild_blockers();
+        if blockers is not null then
+            raise exception 'an online rebuild cannot swap the tables: %', blockers
+                using hint = 'drop or move those objects, or rebuild in place: select * from loader.rebuild()';
+        end if;
+        if new_key is not null and (length(new_key) <> 32) then
+            raise exception 'a masking key must be exactly 32 bytes (got %)', length(new_key)
+                using errcode = 'invalid_parameter_value';
+        end if;
+        -- A real new version of the row every committing batch holds FOR SHARE: batches
+        -- committing from here on see this rebuild (or, in REPEATABLE READ, fail with 40001).
+        update loader.mask_keys k set key = k.key where k.retired_at is null
+        returning k.id into active_id;
+        if active_id is null then
+            raise exception 'no active masking key: run loader migrate';
+        end if;
+        if rotate and new_key is not null
+           and exists (select from loader.mask_keys k where k.id = active_id and k.key = new_key) then
+            return query select null::bigint, null::integer, true, 0::bigint, 0::bigint, false, 0::bigint;
+            return;
+        end if;
+        drop table if exists loader.user_logins_next, loader.login_rejects_next;
+        create table loader.user_logins_next (like public.user_logins including all);
+        create table loader.login_rejects_next (like loader.login_rejects including all);
+        select coalesce(max(r.id), 0) into top from loader.raw_logins r;
+        insert into loader.rebuilds (key_id, new_key, new_key_source, upto)
+        values (case when rotate then nextval(pg_get_serial_sequence('loader.mask_keys', 'id'))::integer
+                     else active_id end,
+                case when rotate then coalesce(new_key, public.gen_random_bytes(32)) end,
+                case when rotate then case when new_key is null then 'generated' else 'installed' end end,
+                top)
+        returning * into running;
+        insert into loader.rebuild_ranges (rebuild_id, lo, hi)
+        select running.id, g, least(g + range_rows - 1, top)
+          from generate_series(1::bigint, top, range_rows) g;
+        -- Rows from before loader (no message_id): nothing to recompute, carried as they are
+        -- (the unique index on message_id finds them).
+        insert into loader.user_logins_next select * from public.user_logins u where u.message_id is null;
+    end if;
+    return query
+    select running.id, running.key_id, running.new_key is not null,
+           (select count(*) from loader.rebuild_ranges g where g.rebuild_id = running.id),
+           (select count(*) from loader.rebuild_ranges g where g.rebuild_id = running.id and g.done),
+           running.started_at < now(),
+           pg_total_relation_size('public.user_logins') + pg_total_relation_size('loader.login_rejects');
+end
+$$;
+comment on function loader.rebuild_start(bytea, boolean, integer) is
+    'Start an online rebuild (or rotation), or return the one copying; see sql/35_rebuild.sql';
+
+-- _outcomes_next: the outcomes of the staged rows `ids`, masked with the copying rebuild's key,
+-- into the new copies (rows already there are left). PL/pgSQL: the copies exist only while a
+-- rebuild runs, and its statements are planned when first run. The key is read inside the
+-- statement (_outcome_rows), as in _outcomes.
+create or replace function loader._outcomes_next(ids bigint[], out loaded bigint, out rejected bigint)
+language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
+begin
+    with outcome as (
+        select * from loader._outcome_rows(ids, true)
+    ), loads as (
+        insert into loader.user_logins_next
+            (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
+             message_id, ip_network, app_version_text, mask_key_id)
+        select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
+               o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
+               o.mask_key_id
+          from outcome o
+         where o.reason is null
+        on conflict (message_id) do nothing
+        returning 1
+    ), rejects as (
+        insert into loader.login_rejects_next (message_id, reason, detail)
+        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
+        on conflict (message_id) do nothing
+        returning 1
+    )
+    select (select count(*) from loads), (select count(*) from rejects) into loaded, rejected;
+end
+$$;
+comment on function loader._outcomes_next(bigint[]) is
+    'Private: outcomes of these staged rows with the rebuild''s key, into the new copies';
+
+-- rebuild_copy_range: copies one unclaimed range of the copying rebuild, committed with the
+-- caller's transaction; returns the rows it wrote, or NULL when no range is left to claim.
+-- Safe to run in many sessions at once (SKIP LOCKED), and to kill: an uncommitted range is
+-- claimed again.
+create or replace function loader.rebuild_copy_range() returns bigint
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    running bigint;
+    range record;
+    ids bigint[];
+    outcome record;
+    kept bigint;
+begin
+    select b.id into running from loader.rebuilds b where b.state = 'copying';
+    if running is null then
+        raise exception 'no online rebuild is copying' using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    select g.lo, g.hi into range from loader.rebuild_ranges g
+     where g.rebuild_id = running and not g.done
+     order by g.lo limit 1
+       for update skip locked;
+    if not found then
+        return null;
+    end if;
+    -- Rows with an outcome to recompute; pending ones are the transform's.
+    ids := array(select r.id from loader.raw_logins r
+                  where r.id between range.lo and range.hi and r.purged_at is null
+                    and not exists (select from loader.transform_queue q where q.raw_id = r.id)
+                  order by r.id);
+    select * into outcome from loader._outcomes_next(ids);
+    -- Purged rows keep their outcome as it is.
+    insert into loader.user_logins_next
+    select u.* from loader.raw_logins r join public.user_logins u on u.message_id = r.message_id
+     where r.id between range.lo and range.hi and r.purged_at is not null
+    on conflict (message_id) do nothing;
+    get diagnostics kept = row_count;
+    insert into loader.login_rejects_next
+    select j.* from loader.raw_logins r join loader.login_rejects j on j.message_id = r.message_id
+     where r.id between range.lo and range.hi and r.purged_at is not null
+    on conflict (message_id) do nothing;
+    update loader.rebuild_ranges g set done = true where g.rebuild_id = running and g.lo = range.lo;
+    return outcome.loaded + outcome.rejected + kept;
+end
+$$;
+comment on function loader.rebuild_copy_range() is
+    'Copy one range of the online rebuild (committed by the caller); NULL when none is left';
+
+-- rebuild_swap: once every range is copied, swaps the copies in, in one transaction: waits for
+-- ACCESS EXCLUSIVE on the four tables (bounded by the caller's lock_timeout: a reader or an
+-- open transform batch delays it, and a failed attempt changes nothing), activates a
+-- rotation's key, carries grants, the table comments and index names over, and drops the old
+-- tables.
+create or replace function loader.rebuild_swap() returns table (rebuild_id bigint, key_id integer)
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    running loader.rebuilds;
+    left_to_copy bigint;
+    pair record;
+    grant_item record;
+    ix record;
+begin
+    select * into running from loader.rebuilds b where b.state = 'copying' for update;
+    if running.id is null then
+        raise exception 'no online rebuild is copying' using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    select count(*) into left_to_copy from loader.rebuild_ranges g
+     where g.rebuild_id = running.id and not g.done;
+    if left_to_copy > 0 then
+        raise exception 'rebuild %: % ranges are not copied yet', running.id, left_to_copy
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    lock table public.user_logins, loader.login_rejects, loader.user_logins_next,
+               loader.login_rejects_next in access exclusive mode;
+    if running.new_key is not null then
+        update loader.mask_keys k set retired_at = clock_timestamp() where k.retired_at is null;
+        insert into loader.mask_keys (id, key, source) overriding system value
+        values (running.key_id, running.new_key, running.new_key_source);
+    end if;
+    for pair in select * from (values ('public.user_logins'::regclass, 'loader.user_logins_next'::regclass),
+                                      ('loader.login_rejects'::regclass, 'loader.login_rejects_next'::regclass)) p(live, copy)
+    loop
+        -- Grants (PUBLIC is grantee 0), and the table's own comment.
+        for grant_item in select a.privilege_type, a.grantee
+                            from pg_catalog.pg_class c, aclexplode(c.relacl) a
+                           where c.oid = pair.live and a.grantee <> c.relowner
+        loop
+            execute format('grant %s on %s to %s', grant_item.privilege_type, pair.copy,
+                           case when grant_item.grantee = 0 then 'public'
+                                else quote_ident(grant_item.grantee::regrole::text) end);
+        end loop;
+        execute format('comment on table %s is %L', pair.copy, obj_description(pair.live, 'pg_class'));
+        -- Index names: each index of the copy takes the name of the live index with the same
+        -- definition, once the live table is gone.
+        for ix in select n.indexrelid::regclass as copy_index, l.indexrelid::regclass::text as live_name
+                    from pg_catalog.pg_index n join pg_catalog.pg_index l
+                      on l.indrelid = pair.live and n.indrelid = pair.copy
+                     and l.indisunique = n.indisunique
+                     and regexp_replace(pg_get_indexdef(l.indexrelid), '^.* USING ', '')
+                       = regexp_replace(pg_get_indexdef(n.indexrelid), '^.* USING ', '')
+        loop
+            execute format('alter index %s rename to %s', ix.live_name, quote_ident(split_part(ix.live_name, '.', 2) || '_old'));
+            execute format('alter index %s rename to %s', ix.copy_index, quote_ident(split_part(ix.live_name, '.', 2)));
+        end loop;
+    end loop;
+    alter table public.user_logins rename to user_logins_old;
+    alter table public.user_logins_old set schema loader;
+    alter table loader.user_logins_next set schema public;
+    alter table public.user_logins_next rename to user_logins;
+    alter table loader.login_rejects rename to login_rejects_old;
+    alter table loader.login_rejects_next rename to login_rejects;
+    drop table loader.user_logins_old, loader.login_rejects_old;
+    update loader.rebuilds b set state = 'swapped', finished_at = clock_timestamp(), new_key = null
+     where b.id = running.id;
+    delete from loader.rebuild_ranges g where g.rebuild_id = running.id;
+    return query select running.id, running.key_id;
+end
+$$;
+comment on function loader.rebuild_swap() is
+    'Swap a fully copied online rebuild in, in one short transaction (activates a rotation''s key)';
+
+-- rebuild_abandon: gives up the copying rebuild: drops the copies and forgets a new key.
+create or replace function loader.rebuild_abandon() returns bigint
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    running bigint;
+begin
+    update loader.rebuilds b set state = 'abandoned', finished_at = clock_timestamp(), new_key = null
+     where b.state = 'copying' returning b.id into running;
+    drop table if exists loader.user_logins_next, loader.login_rejects_next;
+    delete from loader.rebuild_ranges g where g.rebuild_id = running;
+    return running;
+end
+$$;
+comment on function loader.rebuild_abandon() is
+    'Abandon the copying online rebuild: drop its copies, forget its key; returns its id';
+
+-- _no_rebuild_copying: raises when an online rebuild is copying (rotate_key, rebuild and purge
+-- would change what it copies).
+create or replace function loader._no_rebuild_copying(what text) returns void
+language plpgsql as $$
+declare
+    running bigint;
+begin
+    select b.id into running from loader.rebuilds b where b.state = 'copying';
+    if running is not null then
+        raise exception '% refused: online rebuild % is copying', what, running
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'finish it (loader transform --rebuild, loader keys rotate) or abandon it (select loader.rebuild_abandon())';
+    end if;
+end
+$$;
+comment on function loader._no_rebuild_copying(text) is
+    'Private: raise when an online rebuild is copying';

@@ -1,0 +1,178 @@
+//! Online rebuild and key rotation (`sql/35_rebuild.sql`): every outcome recomputed into new
+//! copies of the output tables by parallel workers, in committed ranges, while the incremental
+//! transform keeps loading (into both); then one short swap. Killed at any point, running it
+//! again resumes: ranges already committed are not copied twice.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+
+use crate::counts::TransformReport;
+use crate::keys;
+use crate::progress::Progress;
+use crate::transform::{self, Plan};
+
+/// What to rebuild with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Recompute every outcome with the active key (after a change to the transform).
+    Rebuild,
+    /// Re-mask every outcome with a new key (random when `None`), active from the swap on.
+    Rotate(Option<Vec<u8>>),
+}
+
+/// A rebuild as `loader.rebuild_start` reports it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Started {
+    pub rebuild_id: i64,
+    /// The key the new copies are masked with (a rotation's new key's id).
+    pub key_id: i32,
+    pub rotation: bool,
+    pub ranges: i64,
+    pub ranges_done: i64,
+    /// It was already copying (killed or stopped earlier): this run continues it.
+    pub resumed: bool,
+    /// Bytes of the live tables now: about the free disk the copies need.
+    pub copy_bytes: i64,
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub started: Started,
+    /// Rows the workers wrote into the copies (this run's share).
+    pub copied: i64,
+    /// How long the swap waited for readers and open batches to let go of the tables.
+    pub swap_waited: Duration,
+    /// The transform of what was pending at the end.
+    pub transform: TransformReport,
+}
+
+/// How long one swap attempt waits for its locks before letting readers go on and trying
+/// again: while it waits, new readers of the tables queue behind it.
+const SWAP_LOCK_TIMEOUT: &str = "2s";
+/// Swap attempts before giving up (the copies stay; running again swaps).
+const SWAP_ATTEMPTS: u32 = 90;
+
+/// Starts a rebuild (or resumes the one copying), calls `on_start` (to say what it will do
+/// and the disk it needs, before the long part), copies with `plan.workers` sessions, swaps,
+/// and transforms what is pending. `None` when a rotation's key is already the active one.
+pub async fn run(
+    pool: &PgPool,
+    kind: &Kind,
+    plan: Plan,
+    on_start: impl FnOnce(&Started),
+) -> Result<Option<Finished>> {
+    let Some(started) = start(pool, kind).await? else { return Ok(None) };
+    on_start(&started);
+    let progress = Progress::on_terminal("ranges copied");
+    if let Some(p) = &progress {
+        p.advance(started.ranges_done as u64, Some((started.ranges - started.ranges_done) as u64));
+    }
+    let copied = copy(pool, plan.workers, progress.as_ref()).await?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let swap_waited = swap(pool).await?;
+    sqlx::raw_sql("analyze public.user_logins; analyze loader.login_rejects")
+        .execute(pool)
+        .await
+        .context("analysing the swapped tables")?;
+    let transform = transform::transform(pool, plan).await?;
+    Ok(Some(Finished { started, copied, swap_waited, transform }))
+}
+
+/// `loader.rebuild_start`, the new key (if given) sent as COPY data, never as a parameter.
+pub async fn start(pool: &PgPool, kind: &Kind) -> Result<Option<Started>> {
+    let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+    let (key, rotate) = match kind {
+        Kind::Rebuild => ("null", false),
+        Kind::Rotate(key) => (keys::key_expression(&mut tx, key.as_deref()).await?, true),
+    };
+    let started: Option<Started> = sqlx::query_as(&format!(
+        "select rebuild_id, key_id, rotation, ranges, ranges_done, resumed, copy_bytes
+           from loader.rebuild_start({key}, {rotate}) where rebuild_id is not null"
+    ))
+    .fetch_optional(&mut *tx)
+    .await
+    .context("starting the online rebuild (only the owner role may)")?;
+    tx.commit().await.context("committing the rebuild's start")?;
+    Ok(started)
+}
+
+/// Copies every range left, `workers` sessions at once; returns the rows they wrote.
+pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) -> Result<i64> {
+    let (done, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
+    let mut sessions = JoinSet::new();
+    for _ in 0..workers.max(1) {
+        let (pool, done) = (pool.clone(), done.clone());
+        sessions.spawn(async move {
+            while let Some(rows) =
+                sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
+                    .fetch_one(&pool)
+                    .await
+                    .context("copying a range of the online rebuild")?
+            {
+                let _ = done.send(rows);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    drop(done);
+    let mut copied = 0;
+    while let Some(rows) = done_rx.recv().await {
+        copied += rows;
+        if let Some(p) = progress {
+            p.advance(1, None);
+        }
+    }
+    while let Some(session) = sessions.join_next().await {
+        session.context("a copy session panicked")??;
+    }
+    Ok(copied)
+}
+
+/// `loader.rebuild_swap`, each attempt bounded by [`SWAP_LOCK_TIMEOUT`]; between attempts the
+/// sessions holding the tables are logged (pids, never queries). Returns how long it waited.
+pub async fn swap(pool: &PgPool) -> Result<Duration> {
+    let started = Instant::now();
+    for attempt in 1..=SWAP_ATTEMPTS {
+        let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+        sqlx::raw_sql(&format!("set local lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
+            .execute(&mut *tx)
+            .await?;
+        match sqlx::query("select * from loader.rebuild_swap()").execute(&mut *tx).await {
+            Ok(_) => {
+                tx.commit().await.context("committing the swap")?;
+                return Ok(started.elapsed());
+            }
+            Err(e) if is_lock_timeout(&e) => {
+                drop(tx);
+                let holders: Vec<i32> = sqlx::query_scalar(
+                    "select distinct l.pid from pg_locks l
+                      where l.granted and l.pid <> pg_backend_pid()
+                        and l.relation in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+                tracing::warn!(
+                    attempt,
+                    ?holders,
+                    "the swap waits for sessions using user_logins or login_rejects"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context("swapping the rebuilt tables in"),
+        }
+    }
+    anyhow::bail!(
+        "the swap found the tables in use {SWAP_ATTEMPTS} times in a row; the copies are kept: run the same command again to swap"
+    )
+}
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "55P03")
+}

@@ -1,0 +1,197 @@
+//! Online rebuild and key rotation (`sql/35_rebuild.sql`, `loader keys rotate`, `loader
+//! transform --rebuild`): the transform goes on while the copies fill, readers never see two
+//! keys, and a killed rotation resumes where it stopped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use crate::support::{TestDb, kill_9, loader_ok, spawn_loader};
+
+/// `rows` staged logins (one in a hundred a reject), transformed.
+async fn transformed(db: &TestDb, rows: i64) {
+    sqlx::raw_sql(&format!(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         select 'r-' || g,
+                case when g % 100 = 0 then '[]'::jsonb
+                     else jsonb_build_object('user_id', 'u' || g, 'ip', '10.1.' || (g % 250) || '.7',
+                                             'device_id', 'd' || g) end,
+                true, 'q'
+           from generate_series(1, {rows}) g"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+}
+
+/// Starts a rotation with small ranges, as `loader keys rotate` would with its own; the command
+/// then resumes it.
+async fn start_rotation(db: &TestDb, range_rows: i32) -> i64 {
+    sqlx::query_scalar("select ranges from loader.rebuild_start(rotate => true, range_rows => $1)")
+        .bind(range_rows)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn key_ids(db: &TestDb) -> Vec<i32> {
+    sqlx::query_scalar(
+        "select distinct mask_key_id from public.user_logins where message_id is not null order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+async fn active_key(db: &TestDb) -> i32 {
+    sqlx::query_scalar("select id from loader.mask_key_info where active")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_transform_goes_on_during_a_rotation_and_readers_never_see_two_keys() {
+    let db = TestDb::migrated().await;
+    transformed(&db, 20_000).await;
+    let old = active_key(&db).await;
+    assert_eq!(start_rotation(&db, 100).await, 200);
+
+    // A reader polling all along: each query sees one key id.
+    let (stop, most, reads) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicI64::new(0)),
+        Arc::new(AtomicI64::new(0)),
+    );
+    let reader = tokio::spawn({
+        let (pool, stop, most, reads) =
+            (db.pool.clone(), stop.clone(), most.clone(), reads.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let keys: i64 = sqlx::query_scalar(
+                    "select count(distinct mask_key_id) from public.user_logins where message_id is not null",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                most.fetch_max(keys, Ordering::Relaxed);
+                reads.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+
+    let rotation = spawn_loader(&db.url, "unused", &["keys", "rotate", "--workers", "1"]);
+    // Meanwhile new logins arrive and the incremental transform loads them at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::raw_sql(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         select 'new-' || g, jsonb_build_object('user_id', 'n' || g, 'device_id', 'x' || g), true, 'q'
+           from generate_series(1, 1000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (_, _, pending): (i64, i64, i64) =
+        sqlx::query_as("call loader.transform()").fetch_one(&db.pool).await.unwrap();
+    let took = started.elapsed();
+    let copying: bool =
+        sqlx::query_scalar("select exists (select from loader.rebuilds where state = 'copying')")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(copying, "the rotation was still copying when the new rows loaded");
+    assert_eq!(pending, 0, "new rows get their outcome during the rotation ({took:?})");
+    assert_eq!(key_ids(&db).await, [old], "before the swap readers see the old key only");
+
+    let out = crate::support::wait_ok(rotation);
+    assert!(out.contains("resumed"), "{out}");
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    assert!(reads.load(Ordering::Relaxed) > 10, "the reader read all along");
+    assert_eq!(most.load(Ordering::Relaxed), 1, "no reader ever saw two key ids at once");
+
+    let new = active_key(&db).await;
+    assert_ne!(new, old);
+    assert_eq!(key_ids(&db).await, [new], "every row, old and new, on the new key");
+    assert_eq!(db.loaded().await + db.rejected().await, 21_000, "nothing lost or doubled");
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+}
+
+#[tokio::test]
+async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_key() {
+    let db = TestDb::migrated().await;
+    transformed(&db, 20_000).await;
+    let (old, loaded, rejected) = (active_key(&db).await, db.loaded().await, db.rejected().await);
+    assert_eq!(start_rotation(&db, 100).await, 200);
+
+    let rotation = spawn_loader(&db.url, "unused", &["keys", "rotate", "--workers", "1"]);
+    let done = "select count(*) from loader.rebuild_ranges where done";
+    for _ in 0..3000 {
+        if db.count(done).await >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill_9(rotation);
+    let copied = db.count(done).await;
+    assert!((20..200).contains(&copied), "killed half-way: {copied} of 200 ranges");
+    assert_eq!(key_ids(&db).await, [old], "nothing swapped: the live table is all on the old key");
+    assert_eq!(active_key(&db).await, old);
+    // Nothing else that would change what it copies may start meanwhile.
+    for sql in ["select loader.purge_staged_batch(now())", "select * from loader.rotate_key()"] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert!(err.to_string().contains("is copying"), "{sql}: {err}");
+    }
+
+    let out = loader_ok(&db.url, "unused", &["keys", "rotate", "--workers", "2"]);
+    assert!(out.contains("key") && !out.contains("already"), "{out}");
+    let new = active_key(&db).await;
+    assert_ne!(new, old);
+    assert_eq!(key_ids(&db).await, [new]);
+    assert_eq!(
+        (db.loaded().await, db.rejected().await),
+        (loaded, rejected),
+        "nothing lost or doubled"
+    );
+    assert_eq!(
+        db.count("select count(*) from pg_class where relname in ('user_logins_next', 'login_rejects_next', 'user_logins_old')")
+            .await,
+        0,
+        "the copies became the tables, the old ones are gone"
+    );
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+}
+
+#[tokio::test]
+async fn a_batch_open_when_a_rotation_starts_is_refused_at_commit_and_loads_again() {
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         select 'b-' || g, jsonb_build_object('user_id', 'u' || g, 'device_id', 'd' || g), true, 'q'
+           from generate_series(1, 100) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // A batch masks its rows, and its transaction stays open while a rotation starts: those
+    // rows are in neither copy the rotation makes.
+    let mut open = db.pool.begin().await.unwrap();
+    let (loaded,): (i64,) = sqlx::query_as("select loaded from loader.transform_batch(60)")
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    assert_eq!(loaded, 60);
+    start_rotation(&db, 1000).await;
+    let err = open.commit().await.unwrap_err();
+    assert_eq!(err.as_database_error().and_then(|e| e.code()).as_deref(), Some("40001"), "{err}");
+    assert_eq!(db.pending().await, 100, "its rows are pending again");
+
+    loader_ok(&db.url, "unused", &["keys", "rotate"]);
+    let new = active_key(&db).await;
+    assert_eq!(key_ids(&db).await, [new]);
+    assert_eq!(db.loaded().await, 100);
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+}
