@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The database side at scale, one report (README "Transform at scale"):
+#
+#   scripts/bench-scale.sh [ROWS]      (default 10000000)
+#
+# In a scratch database (loader_scale, recreated): stages ROWS synthetic logins (the generator
+# of bench-transform.sh, spread over the last 60 days), then times, with table and index sizes
+# before and after each step:
+#   transform with 1 worker, then (reset) with the default workers;
+#   an online key rotation (`loader keys rotate`) while a second process stages 1,000 new
+#   logins a second and transforms them, reporting the longest any of them waited for its
+#   outcome;
+#   `loader purge --older-than-days 30` (about half the rows);
+#   `loader reconcile --skip-queue --since 1d` and the full audit (after the transform, and the
+#   scoped one again at the end: a rotation gives every row a new loaded_at).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+rows="${1:-10000000}"
+eval "$(bash scripts/postgres.sh)"
+admin_url="$DATABASE_URL"
+export DATABASE_URL="${admin_url%/*}/loader_scale" RUST_LOG=warn
+cargo build --release --locked --quiet
+loader() { target/release/loader "$@"; }
+PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
+    -c 'drop database if exists loader_scale' -c 'create database loader_scale'
+loader migrate >/dev/null
+
+sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
+now() { date +%s.%N; }
+took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
+sizes() {
+    sql -c "select string_agg(format('%s %s', c.relname, pg_size_pretty(pg_total_relation_size(c.oid))), ', ' order by c.relname)
+              from pg_class c where c.oid in ('loader.raw_logins'::regclass, 'public.user_logins'::regclass,
+                                              'loader.login_rejects'::regclass)"
+}
+report() { printf '%-58s %s\n' "$1" "$2"; }
+
+echo "cores: $(nproc); rows: $rows; $(psql --version | head -n1)"
+t=$(now)
+sql -c "
+insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue, staged_at)
+select 'scale-' || g,
+       case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
+            else jsonb_build_object(
+                'user_id', md5(g::text),
+                'app_version', (g % 10) || '.' || (g % 37) || '.' || (g % 7),
+                'device_type', case when g % 2 = 0 then 'android' else 'ios' end,
+                'ip', case when g % 20 = 0 then '2001:db8:' || to_hex(g % 65536) || '::' || to_hex(g % 999)
+                           else (1 + g % 223) || '.' || (g / 7 % 256) || '.' || (g / 3 % 256) || '.' || (1 + g % 254) end,
+                'locale', case when g % 6 = 0 then null else 'FR' end,
+                'device_id', lpad((g % 900000)::text, 6, '0') || '-' || (g % 97)) end,
+       true, now() - (($rows - g) * interval '60 days' / $rows), 1, 'scale',
+       now() - (($rows - g) * interval '60 days' / $rows)
+  from generate_series(1, $rows) as g" -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue"
+report "stage $rows rows (one INSERT ... SELECT)" "$(took "$t"); $(sizes)"
+
+reset() {
+    sql -c "truncate public.user_logins, loader.login_rejects" \
+        -c "insert into loader.transform_queue (raw_id) select id from loader.raw_logins" \
+        -c "vacuum analyze loader.transform_queue" >/dev/null
+}
+t=$(now); loader transform --workers 1 >/dev/null; report "transform, 1 worker" "$(took "$t")"
+reset
+t=$(now); loader transform >/dev/null; report "transform, default workers ($(nproc) cores)" "$(took "$t"); $(sizes)"
+sql -c "vacuum analyze public.user_logins" -c "vacuum analyze loader.login_rejects" >/dev/null
+t=$(now); loader reconcile --skip-queue --since 1d >/dev/null; report "reconcile --since 1d" "$(took "$t")"
+t=$(now); loader reconcile --skip-queue >/dev/null; report "reconcile, full audit" "$(took "$t")"
+
+# A stream of new logins during the rotation: 1,000 a second, each batch transformed at once;
+# the longest wait from staging to outcome is what a dashboard would see.
+stream() {
+    local i=0 worst=0
+    while [ ! -f "$1" ]; do
+        i=$((i + 1))
+        sql -c "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+                select 'live-$i-' || g, jsonb_build_object('user_id', 'l' || g, 'device_id', 'x' || g), true, 'live'
+                  from generate_series(1, 1000) g" >/dev/null
+        loader transform --workers 1 >/dev/null
+        worst=$(sql -c "select greatest($worst, coalesce(max(extract(epoch from u.loaded_at - r.staged_at)), 0))
+                          from loader.raw_logins r join public.user_logins u using (message_id)
+                         where r.message_id like 'live-$i-%'")
+        sleep 1
+    done
+    echo "$worst" >"$1.worst"
+}
+stop=$(mktemp -u)
+stream "$stop" &
+t=$(now); loader keys rotate >/dev/null 2>&1
+report "key rotation, online (default workers)" "$(took "$t"); $(sizes)"
+touch "$stop"; wait
+report "  longest wait of a new login for its outcome meanwhile" "$(cat "$stop.worst") s"
+report "  key ids in user_logins after it" "$(sql -c "select count(distinct mask_key_id) from public.user_logins")"
+
+t=$(now); purged=$(loader purge --older-than-days 30)
+report "purge, 10,000-row batches: $purged" "$(took "$t"); $(sizes)"
+
+t=$(now); loader reconcile --skip-queue --since 1d >/dev/null; report "reconcile --since 1d (after the rotation rewrote loaded_at)" "$(took "$t")"
+rm -f "$stop" "$stop.worst"
