@@ -38,21 +38,8 @@ report() { printf '%-58s %s\n' "$1" "$2"; }
 
 echo "cores: $(nproc); rows: $rows; $(psql --version | head -n1)"
 t=$(now)
-sql -c "
-insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue, staged_at)
-select 'scale-' || g,
-       case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
-            else jsonb_build_object(
-                'user_id', md5(g::text),
-                'app_version', (g % 10) || '.' || (g % 37) || '.' || (g % 7),
-                'device_type', case when g % 2 = 0 then 'android' else 'ios' end,
-                'ip', case when g % 20 = 0 then '2001:db8:' || to_hex(g % 65536) || '::' || to_hex(g % 999)
-                           else (1 + g % 223) || '.' || (g / 7 % 256) || '.' || (g / 3 % 256) || '.' || (1 + g % 254) end,
-                'locale', case when g % 6 = 0 then null else 'FR' end,
-                'device_id', lpad((g % 900000)::text, 6, '0') || '-' || (g % 97)) end,
-       true, now() - (($rows - g) * interval '60 days' / $rows), 1, 'scale',
-       now() - (($rows - g) * interval '60 days' / $rows)
-  from generate_series(1, $rows) as g" -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue"
+sql -c "$(synthetic_logins_sql "$rows" scale "now() - (($rows - g) * interval '60 days' / $rows)")" \
+    -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue"
 report "stage $rows rows (one INSERT ... SELECT)" "$(took "$t"); $(sizes)"
 
 reset() {

@@ -30,20 +30,7 @@ now() { date +%s.%N; }
 rate() { awk -v n="$rows" -v a="$1" -v b="$2" 'BEGIN { printf "%6.2f s  %9.0f rows/s", b - a, n / (b - a) }'; }
 
 log "staging $rows synthetic rows"
-sql -c "
-insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue)
-select 'bench-' || g,
-       case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
-            else jsonb_build_object(
-                'user_id', md5(g::text),
-                'app_version', (g % 10) || '.' || (g % 37) || '.' || (g % 7),
-                'device_type', case when g % 2 = 0 then 'android' else 'ios' end,
-                'ip', case when g % 20 = 0 then '2001:db8:' || to_hex(g % 65536) || '::' || to_hex(g % 999)
-                           else (1 + g % 223) || '.' || (g / 7 % 256) || '.' || (g / 3 % 256) || '.' || (1 + g % 254) end,
-                'locale', case when g % 6 = 0 then null else 'FR' end,
-                'device_id', lpad((g % 900000)::text, 6, '0') || '-' || (g % 97)) end,
-       true, now() - interval '1 day', 1, 'bench'
-  from generate_series(1, $rows) as g" \
+sql -c "$(synthetic_logins_sql "$rows" bench "now() - interval '1 day'")" \
     -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" \
     -c "create table public.bench_floor (like public.user_logins including defaults including indexes)"
 

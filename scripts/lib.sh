@@ -49,3 +49,26 @@ stop_daemon() {
     rm -f "$state/pid"
     log "$name stopped"
 }
+
+# synthetic_logins_sql ROWS PREFIX STAGED_AT: an INSERT of ROWS synthetic logins into
+# loader.raw_logins (for the transform and scale benchmarks): message ids PREFIX-1..ROWS, 1% not
+# a login (rejected), 5% IPv6, a sixth without locale; STAGED_AT is an SQL expression of g (the
+# row number) for staged_at and sent_at.
+synthetic_logins_sql() {
+    local rows="$1" prefix="$2" staged_at="$3"
+    cat <<SQL
+insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue, staged_at)
+select '$prefix-' || g,
+       case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
+            else jsonb_build_object(
+                'user_id', md5(g::text),
+                'app_version', (g % 10) || '.' || (g % 37) || '.' || (g % 7),
+                'device_type', case when g % 2 = 0 then 'android' else 'ios' end,
+                'ip', case when g % 20 = 0 then '2001:db8:' || to_hex(g % 65536) || '::' || to_hex(g % 999)
+                           else (1 + g % 223) || '.' || (g / 7 % 256) || '.' || (g / 3 % 256) || '.' || (1 + g % 254) end,
+                'locale', case when g % 6 = 0 then null else 'FR' end,
+                'device_id', lpad((g % 900000)::text, 6, '0') || '-' || (g % 97)) end,
+       true, $staged_at, 1, '$prefix', $staged_at
+  from generate_series(1, $rows) as g
+SQL
+}

@@ -79,11 +79,13 @@ async fn sqs_unreachable_mid_drain_pauses_and_resumes() {
     assert_exactly_once(db, q, &out, "SQS").await;
 }
 
-#[tokio::test]
-async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
+/// `messages` sent to a queue with a 2 s visibility timeout, and an ingestor (draining, 1 s
+/// polls) whose database connections go through a proxy that can cut them.
+async fn behind_a_database_proxy(
+    messages: u64,
+    seed: u64,
+) -> (TestDb, TestQueue, Proxy, loader::ingest::Ingestor) {
     let db = TestDb::migrated().await;
-    // A 2 s visibility timeout and a 5 s database outage: without extensions SQS would hand
-    // the messages out again while the flush waits.
     let q = TestQueue::new(2).await;
     let (proxy, db_url) = Proxy::for_database(&db).await;
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -91,11 +93,19 @@ async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
         .connect(&db_url)
         .await
         .unwrap();
-    q.send(&loader::send::generate(10, 23)).await;
+    q.send(&loader::send::generate(messages, seed)).await;
     let ingestor =
         loader::ingest::Ingestor::start(q.queue.clone(), pool, loader::ingest::Mode::Drain, 1)
             .await
             .unwrap();
+    (db, q, proxy, ingestor)
+}
+
+#[tokio::test]
+async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
+    // A 2 s visibility timeout and a 5 s database outage: without extensions SQS would hand
+    // the messages out again while the flush waits.
+    let (db, q, proxy, ingestor) = behind_a_database_proxy(10, 23).await;
     let batch = ingestor.receive().await.unwrap();
     assert_eq!(batch.len(), 10);
 
@@ -120,30 +130,18 @@ async fn a_flush_waiting_on_the_database_stays_invisible_on_the_queue() {
 
 #[tokio::test]
 async fn batches_waiting_in_the_channel_stay_invisible_through_a_long_outage() {
-    let db = TestDb::migrated().await;
     // A 2 s visibility timeout, an 8 s outage, and eight fixed receivers that fill the
     // writer's channel (room for 100 / 10 + 8 batches) before the first failed flush pauses
     // them: the batches waiting there, not only the flush being staged, must stay invisible.
-    let q = TestQueue::new(2).await;
-    let (proxy, db_url) = Proxy::for_database(&db).await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(&db_url)
-        .await
-        .unwrap();
     const SENT: u64 = 300;
-    q.send(&loader::send::generate(SENT, 29)).await;
+    let (db, q, proxy, ingestor) = behind_a_database_proxy(SENT, 29).await;
     let flow = loader::ingest::Flow {
         receivers: 8,
         adaptive: false,
         flush_messages: 100,
         ..Default::default()
     };
-    let ingestor =
-        loader::ingest::Ingestor::start(q.queue.clone(), pool, loader::ingest::Mode::Drain, 1)
-            .await
-            .unwrap()
-            .with_flow(flow);
+    let ingestor = ingestor.with_flow(flow);
 
     let outage = proxy.outage(Duration::from_secs(8));
     let drain = ingestor.run(std::future::pending());
