@@ -52,8 +52,9 @@ language sql stable as $$
 $$;
 
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
--- key), or returns the one already copying (resumed = true; its kind wins). `range_rows`
--- raw_logins ids per range. key_id is NULL when `new_key` is already the active key.
+-- key), or returns the one already copying when it is the same request (resumed = true);
+-- refuses when another is copying. `range_rows` raw_logins ids per range. key_id is NULL when
+-- `new_key` is already the active key.
 create or replace function loader.rebuild_start(
     new_key bytea default null,
     rotate boolean default false,
@@ -70,6 +71,15 @@ declare
 begin
     lock table loader.maintenance_lock in exclusive mode;
     select * into running from loader.rebuilds b where b.state = 'copying';
+    -- Resuming is for the same request: a rebuild, a rotation to a random key, or to this key.
+    if running.id is not null
+       and not (rotate = (running.new_key is not null)
+                and (new_key is null or new_key = running.new_key)) then
+        raise exception 'online % % is copying, and this asks for something else',
+            case when running.new_key is null then 'rebuild' else 'rotation' end, running.id
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'finish it with the command that started it (loader transform --rebuild, loader keys rotate, the same loader keys install), or abandon it (select loader.rebuild_abandon()), then run this again';
+    end if;
     if running.id is null then
         blockers := loader._rebuild_blockers();
         if blockers is not null then

@@ -140,11 +140,15 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
     assert!((20..200).contains(&copied), "killed half-way: {copied} of 200 ranges");
     assert_eq!(key_ids(&db).await, [old], "nothing swapped: the live table is all on the old key");
     assert_eq!(active_key(&db).await, old);
-    // Nothing else that would change what it copies may start meanwhile.
+    // Nothing else that would change what it copies may start meanwhile, nor another kind of
+    // rebuild resume it by mistake.
     for sql in ["select loader.purge_staged_batch(now())", "select * from loader.rotate_key()"] {
         let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
         assert!(err.to_string().contains("is copying"), "{sql}: {err}");
     }
+    let out = crate::support::loader(&db.url, "unused", &["transform", "--rebuild"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is copying"), "{stderr}");
 
     let out = loader_ok(&db.url, "unused", &["keys", "rotate", "--workers", "2"]);
     assert!(out.contains("key") && !out.contains("already"), "{out}");
