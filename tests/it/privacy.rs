@@ -264,16 +264,30 @@ async fn idle_analysts_and_strangers_stall_nothing() {
     // rows go back to the work list.
     let err = sqlx::raw_sql("commit").execute(&mut *held).await.unwrap_err();
     assert_eq!(sqlstate(&err), "40001", "{err}");
-    // The early analyst's transaction (aborted by its refused SET CONSTRAINTS) ends too, so its
-    // rows are free again; a pooled connection dropped mid-transaction is rolled back only
-    // later, in the background.
+    // The server reports a failed COMMIT before it has released the batch's row locks; the
+    // next statement on that session waits for the release. The early analyst's transaction
+    // (aborted by its refused SET CONSTRAINTS) ends too: a pooled connection dropped
+    // mid-transaction is rolled back only later, in the background. Until both let go, a
+    // transform skips their rows (SKIP LOCKED).
+    sqlx::raw_sql("select 1").execute(&mut *held).await.unwrap();
     sqlx::raw_sql("rollback").execute(&mut *early).await.unwrap();
     drop((held, early, strange));
     sqlx::raw_sql("call loader.transform()").execute(&db.pool).await.unwrap();
     let outcomes = db
         .count("select (select count(*) from public.user_logins) + (select count(*) from loader.login_rejects)")
         .await;
-    assert_eq!(outcomes, 100, "every staged message has its outcome");
+    let pending = db.pending().await;
+    let claimed_by: Vec<String> = sqlx::query_scalar(
+        "select format('%s %s %s', a.pid, a.state, left(a.query, 60)) from pg_stat_activity a
+          where a.datname = current_database() and a.pid <> pg_backend_pid()",
+    )
+    .fetch_all(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes, 100,
+        "every staged message has its outcome; pending {pending}, sessions {claimed_by:#?}"
+    );
     let stale = db
         .count(
             "select count(*) from public.user_logins

@@ -182,15 +182,19 @@ async fn a_batch_open_when_a_rotation_starts_is_refused_at_commit_and_loads_agai
     .unwrap();
     // A batch masks its rows, and its transaction stays open while a rotation starts: those
     // rows are in neither copy the rotation makes.
-    let mut open = db.pool.begin().await.unwrap();
+    let mut open = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin").execute(&mut *open).await.unwrap();
     let (loaded,): (i64,) = sqlx::query_as("select loaded from loader.transform_batch(60)")
         .fetch_one(&mut *open)
         .await
         .unwrap();
     assert_eq!(loaded, 60);
     start_rotation(&db, 1000).await;
-    let err = open.commit().await.unwrap_err();
+    let err = sqlx::raw_sql("commit").execute(&mut *open).await.unwrap_err();
     assert_eq!(err.as_database_error().and_then(|e| e.code()).as_deref(), Some("40001"), "{err}");
+    // The failed COMMIT is reported before its row locks are released; the next statement on
+    // the session waits for that.
+    sqlx::raw_sql("select 1").execute(&mut *open).await.unwrap();
     assert_eq!(db.pending().await, 100, "its rows are pending again");
 
     loader_ok(&db.url, "unused", &["keys", "rotate"]);
