@@ -1,5 +1,6 @@
-//! `loader transform`: one call into the SQL transform (`sql/30_transform.sql`), whose counts
-//! are printed as they are. The work happens in Postgres, so psql users get the same result.
+//! `loader transform`: the SQL transform (`sql/30_transform.sql`), `call loader.transform()` in
+//! `--workers` sessions side by side, their counts summed. The work happens in Postgres, so
+//! psql users get the same result.
 
 use std::future::Future;
 use std::time::Duration;
