@@ -10,7 +10,8 @@
 #   an online key rotation (`loader keys rotate`) while a second process stages 1,000 new
 #   logins a second and transforms them, reporting the longest any of them waited for its
 #   outcome;
-#   `loader purge --older-than-days 30` (about half the rows);
+#   `loader purge --older-than-days 30` (about half the rows), with its WAL and seconds per batch
+#   as it advances, against dropping the same days' partitions of a daily-partitioned copy;
 #   `loader reconcile --skip-queue --since 1d` and the full audit (after the transform, and the
 #   scoped one again at the end: a rotation gives every row a new loaded_at).
 set -euo pipefail
@@ -79,8 +80,45 @@ touch "$stop"; wait
 report "  longest wait of a new login for its outcome meanwhile" "$(cat "$stop.worst") s"
 report "  key ids in user_logins after it" "$(sql -c "select count(distinct mask_key_id) from public.user_logins")"
 
-t=$(now); purged=$(loader purge --older-than-days 30)
-report "purge, 10,000-row batches: $purged" "$(took "$t"); $(sizes)"
+# Purge or partitions, on the same rows: first a copy of raw_logins partitioned by day (as
+# pg_partman would keep it), timed as the staging it would replace; then the batched purge of
+# the bodies older than 30 days (stopped after PURGE_SECONDS, default 1200: it resumes), and
+# dropping the copy's partitions of the same days. WAL volume from pg_current_wal_lsn().
+wal() { sql -c "select pg_current_wal_lsn()"; }
+wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }
+sql >/dev/null <<'SQL'
+create table loader.parts (like loader.raw_logins) partition by range (staged_at);
+select format('create table loader.parts_%s partition of loader.parts for values from (%L) to (%L)',
+              to_char(d, 'YYYYMMDD'), d, d + interval '1 day')
+  from generate_series(date_trunc('day', now() - interval '61 days'), now(), interval '1 day') d
+\gexec
+alter table loader.parts add primary key (id, staged_at);
+create index on loader.parts (message_id);
+SQL
+t=$(now); w=$(wal)
+sql -c "insert into loader.parts select * from loader.raw_logins" -c "checkpoint"
+report "  copy into 62 daily partitions (INSERT ... SELECT)" "$(took "$t"); WAL $(wal_since "$w")"
+
+t=$(now); w=$(wal)
+purged=$(RUST_LOG=loader::retention=debug timeout -s INT "${PURGE_SECONDS:-1200}" \
+             target/release/loader purge --older-than-days 30 2>"$stop.purge-log") || true
+report "purge, 10,000-row batches: $purged" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
+# Seconds per batch, by tenth of the batches run: a rate that falls as the purge advances shows.
+grep -o 'ms=[0-9]*' "$stop.purge-log" | cut -d= -f2 | awk '
+    { ms[NR] = $1 }
+    END { if (NR == 0) exit; line = "";
+          for (d = 0; d < 10; d++) { lo = int(d * NR / 10) + 1; hi = int((d + 1) * NR / 10); s = 0; n = 0;
+              for (i = lo; i <= hi; i++) { s += ms[i]; n++ }
+              if (n) line = line sprintf(" %.2f", s / n / 1000) }
+          printf "  seconds per batch, by tenth of the %d batches:%s\n", NR, line }'
+t=$(now); w=$(wal)
+old_parts="select format('drop table loader.%I', c.relname) from pg_inherits i join pg_class c on c.oid = i.inhrelid
+            where i.inhparent = 'loader.parts'::regclass
+              and c.relname < 'parts_' || to_char(now() - interval '30 days', 'YYYYMMDD')"
+dropped=$(sql -c "select count(*) from ($old_parts) p")
+printf '%s\n\\gexec\n' "$old_parts" | sql >/dev/null
+report "  drop the $dropped daily partitions older than 30 days instead" "$(took "$t"); WAL $(wal_since "$w")"
+sql -c "drop table loader.parts"
 
 t=$(now); loader reconcile --skip-queue --since 1d >/dev/null; report "reconcile --since 1d (after the rotation rewrote loaded_at)" "$(took "$t")"
-rm -f "$stop" "$stop.worst"
+rm -f "$stop" "$stop.worst" "$stop.purge-log"

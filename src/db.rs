@@ -150,8 +150,12 @@ async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
 /// A concurrent `create ... if not exists` lost the race: 23505 on the catalog's unique index,
 /// or 42P06/42P07 (duplicate schema or table).
 fn is_duplicate(e: &sqlx::Error) -> bool {
-    let code = e.as_database_error().and_then(|d| d.code());
-    matches!(code.as_deref(), Some("23505" | "42P06" | "42P07"))
+    matches!(sqlstate(e).as_deref(), Some("23505" | "42P06" | "42P07"))
+}
+
+/// The SQLSTATE of an error the server sent (None for I/O, pool or decoding errors).
+pub fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    e.as_database_error()?.code()
 }
 
 /// refinery's async driver traits over one sqlx connection (inside migrate's transaction).

@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
+use crate::db;
 use crate::keys;
 use crate::progress::Progress;
 use crate::transform::{self, Plan};
@@ -174,5 +175,5 @@ pub async fn swap(pool: &PgPool) -> Result<Duration> {
 }
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "55P03")
+    db::sqlstate(e).is_some_and(|c| c == "55P03")
 }

@@ -1,24 +1,61 @@
 //! Retention (`sql/40_retention.sql`): the raw body of every message staged before a cutoff
 //! that has an outcome becomes JSON null, in bounded committed batches. Owner role only.
 
+use std::future::Future;
+use std::time::Instant;
+
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::progress::Progress;
+use crate::shutdown::Shutdown;
 
 /// Bodies per committed batch: one batch is the most a purge ever holds in one transaction.
 pub const DEFAULT_BATCH: i32 = 10_000;
 
+/// What a purge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Bodies purged by this call.
+    pub bodies: i64,
+    /// False when `stop` ended it before every old body was purged (run again to continue).
+    pub finished: bool,
+}
+
 /// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
-/// `batch` rows per committed transaction, showing `progress` when given. Killed, it loses at
-/// most the batch in progress; run again, it continues. Returns how many bodies it purged.
+/// `batch` rows per committed transaction, showing `progress` when given.
+///
+/// When `stop` resolves (a signal, say), the batch in hand commits and the purge returns with
+/// `finished: false`; killed outright, it loses at most the batch in progress. Either way,
+/// running it again continues.
 pub async fn purge(
     pool: &PgPool,
     days: i32,
     batch: i32,
     progress: Option<&Progress>,
-) -> Result<i64> {
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<Purged> {
+    let stopping = Shutdown::default();
+    let watcher = tokio::spawn({
+        let stopping = stopping.clone();
+        async move {
+            stop.await;
+            stopping.begin();
+        }
+    });
+    let purged = purge_until(pool, days, batch, progress, &stopping).await;
+    watcher.abort();
+    purged
+}
+
+async fn purge_until(
+    pool: &PgPool,
+    days: i32,
+    batch: i32,
+    progress: Option<&Progress>,
+    stopping: &Shutdown,
+) -> Result<Purged> {
     let cutoff: OffsetDateTime = sqlx::query_scalar("select now() - make_interval(days => $1)")
         .bind(days)
         .fetch_one(pool)
@@ -26,6 +63,10 @@ pub async fn purge(
         .context("reading the database's clock")?;
     let mut purged = 0;
     loop {
+        if stopping.has_begun() {
+            return Ok(Purged { bodies: purged, finished: false });
+        }
+        let started = Instant::now();
         let n: i64 = sqlx::query_scalar("select loader.purge_staged_batch($1, $2)")
             .bind(cutoff)
             .bind(batch)
@@ -33,10 +74,11 @@ pub async fn purge(
             .await
             .context("purging staged bodies (only the owner role may)")?;
         if n == 0 {
-            return Ok(purged);
+            return Ok(Purged { bodies: purged, finished: true });
         }
         purged += n;
-        tracing::debug!(batch = n, purged, "purge batch committed");
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(batch = n, purged, ms, "purge batch committed");
         if let Some(progress) = progress {
             progress.advance(n as u64, None);
         }

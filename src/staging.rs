@@ -13,6 +13,8 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
+use crate::db;
+
 /// What staging needs to know about one message.
 #[derive(Debug, Clone)]
 pub struct RawMessage {
@@ -260,7 +262,7 @@ fn refusal(e: &anyhow::Error) -> String {
 
 /// SQLSTATE class 22: Postgres refused a value (here: a body the `jsonb` cast could not take).
 fn is_data_exception(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("22"))
+    db::sqlstate(e).is_some_and(|c| c.starts_with("22"))
 }
 
 /// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.

@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
+use crate::db;
 use crate::metrics;
 
 /// How often a transform whose batch was refused at COMMIT because a key rotation retired its
@@ -96,7 +97,7 @@ async fn one_session(pool: &PgPool, batch_size: i32) -> Result<TransformReport> 
 
 /// SQLSTATE 40001 from `loader._confirm_batch_key`: the batch's key was retired before COMMIT.
 fn is_key_rotated(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40001")
+    db::sqlstate(e).is_some_and(|c| c == "40001")
 }
 
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);

@@ -110,7 +110,7 @@ async fn purge_refuses_a_negative_age_or_a_future_cutoff() {
 }
 
 #[tokio::test]
-async fn a_killed_purge_kept_its_committed_batches_and_a_rerun_finishes_it() {
+async fn a_killed_or_stopped_purge_kept_its_committed_batches_and_a_rerun_finishes_it() {
     const ROWS: i64 = 100_000;
     const BATCH: i64 = 200;
     let db = TestDb::migrated().await;
@@ -165,8 +165,29 @@ async fn a_killed_purge_kept_its_committed_batches_and_a_rerun_finishes_it() {
         0
     );
 
+    // SIGTERM: the batch in hand commits, the purge says how far it got and exits 4.
+    let running = crate::support::spawn_loader(
+        &db.url,
+        "unused",
+        &["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()],
+    );
+    while db.count(purged).await < after_kill + 3 * BATCH {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let out = crate::support::terminate(running);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let after_stop = db.count(purged).await;
+    assert!(after_stop < ROWS, "stopped mid-way: {after_stop} of {ROWS}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!(
+            "stopped after purging {} staged bodies older than 1 days; run again to continue",
+            after_stop - after_kill
+        )
+    );
+
     let out = loader_ok(&db.url, "unused", &["purge", "--older-than-days", "1"]);
-    assert_eq!(out.trim(), format!("purged {} staged bodies older than 1 days", ROWS - after_kill));
+    assert_eq!(out.trim(), format!("purged {} staged bodies older than 1 days", ROWS - after_stop));
     assert_eq!(db.count(purged).await, ROWS);
     assert_eq!(db.loaded().await, ROWS, "outcomes stay");
     loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);

@@ -27,6 +27,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// `loader reconcile` found a broken invariant.
     pub const GAP: u8 = 3;
+    /// `loader purge` stopped by SIGINT/SIGTERM before it finished; running it again continues.
+    pub const INTERRUPTED: u8 = 4;
 }
 
 /// Runs the parsed command line.
@@ -266,12 +268,21 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
     let progress = Progress::on_terminal("bodies purged");
-    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref()).await?;
+    let stop = shutdown_signal();
+    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref(), stop).await?;
     if let Some(progress) = progress {
         progress.finish();
     }
-    println!("purged {purged} staged bodies older than {days} days");
-    Ok(ExitCode::from(exit::OK))
+    let bodies = purged.bodies;
+    if purged.finished {
+        println!("purged {bodies} staged bodies older than {days} days");
+        Ok(ExitCode::from(exit::OK))
+    } else {
+        println!(
+            "stopped after purging {bodies} staged bodies older than {days} days; run again to continue"
+        );
+        Ok(ExitCode::from(exit::INTERRUPTED))
+    }
 }
 
 async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
