@@ -104,7 +104,8 @@ purged=$(RUST_LOG=loader::retention=debug timeout -s INT "${PURGE_SECONDS:-1200}
              target/release/loader purge --older-than-days 30 2>"$stop.purge-log") || true
 report "purge, 10,000-row batches: $purged" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
 # Seconds per batch, by tenth of the batches run: a rate that falls as the purge advances shows.
-grep -o 'ms=[0-9]*' "$stop.purge-log" | cut -d= -f2 | awk '
+# (The log is JSON lines: stderr is not a terminal.)
+{ grep -o '"ms":[0-9]*' "$stop.purge-log" || true; } | cut -d: -f2 | awk '
     { ms[NR] = $1 }
     END { if (NR == 0) exit; line = "";
           for (d = 0; d < 10; d++) { lo = int(d * NR / 10) + 1; hi = int((d + 1) * NR / 10); s = 0; n = 0;

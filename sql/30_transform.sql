@@ -25,6 +25,25 @@
 -- The functions run as their owner (security definer, settings pinned by
 -- sql/90_privileges.sql), the only role that can read loader.raw_logins and the key.
 
+-- Rejects by reason (the `loader_rows_rejected_total{reason}` metric): _outcomes, _outcomes_new
+-- and transform_batch also return rejected_by_reason, and the procedure took a new INOUT
+-- parameter. CREATE OR REPLACE cannot change a result type, so the older ones go first.
+do $$
+declare
+    f regprocedure;
+begin
+    for f in select p.oid::regprocedure from pg_proc p
+              where p.oid in (to_regprocedure('loader._outcomes(bigint[])'),
+                              to_regprocedure('loader._outcomes_new(bigint[])'),
+                              to_regprocedure('loader.transform_batch(integer, boolean)'))
+                and pg_get_function_result(p.oid) not like '%rejected_by_reason%'
+    loop
+        execute format('drop function %s', f);
+    end loop;
+end
+$$;
+drop procedure if exists loader.transform(bigint, bigint, bigint, integer);
+
 -- _outcome_rows: the outcome of each staged row in `ids`, not yet written: reason and detail for
 -- a reject (reason not null), else the user_logins values, masked with the active key (or, with
 -- for_rebuild, the copying online rebuild's key: sql/35_rebuild.sql). Inlined into the
@@ -117,7 +136,8 @@ comment on function loader._outcome_rows(bigint[], boolean) is
 -- rows. Private: called by transform_batch and rebuild (as the owner).
 -- jit off: the dense range scan is estimated at a fixed share of raw_logins (its bounds are
 -- parameters), so on a big table the planner would JIT-compile every batch for nothing.
-create or replace function loader._outcomes(ids bigint[], out loaded bigint, out rejected bigint)
+create or replace function loader._outcomes(
+    ids bigint[], out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
 language sql volatile set jit = off as $$
     -- A CTE used twice is materialised: each outcome is computed once.
     with outcome as (
@@ -137,13 +157,15 @@ language sql volatile set jit = off as $$
         insert into loader.login_rejects (message_id, reason, detail)
         select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
         on conflict (message_id) do nothing
-        returning 1
+        returning reason
     ), ticket as (
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
     )
     -- (ticket, like every data-modifying CTE, runs to completion unreferenced.)
-    select (select count(*) from loads), (select count(*) from rejects)
+    select (select count(*) from loads), (select count(*) from rejects),
+           (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
+              from (select reason, count(*) as n from rejects group by reason) as j)
 $$;
 comment on function loader._outcomes(bigint[]) is
     'Private: outcomes (masked rows or rejects) for the staged rows with these ids';
@@ -153,7 +175,8 @@ comment on function loader._outcomes(bigint[]) is
 -- insertion per row (which cost about as much as the insert itself). When a row has an outcome
 -- after all, it fails with unique_violation and writes nothing; transform_batch then runs
 -- _outcomes instead, so the result is _outcomes' in every case.
-create or replace function loader._outcomes_new(ids bigint[], out loaded bigint, out rejected bigint)
+create or replace function loader._outcomes_new(
+    ids bigint[], out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
 language sql volatile set jit = off as $$
     with outcome as (
         select * from loader._outcome_rows(ids)
@@ -170,12 +193,14 @@ language sql volatile set jit = off as $$
     ), rejects as (
         insert into loader.login_rejects (message_id, reason, detail)
         select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
-        returning 1
+        returning reason
     ), ticket as (
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
     )
-    select (select count(*) from loads), (select count(*) from rejects)
+    select (select count(*) from loads), (select count(*) from rejects),
+           (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
+              from (select reason, count(*) as n from rejects group by reason) as j)
 $$;
 comment on function loader._outcomes_new(bigint[]) is
     'Private: _outcomes for rows without an outcome; unique_violation (nothing written) otherwise';
@@ -237,7 +262,7 @@ $$;
 create or replace function loader.transform_batch(
     max_rows integer default 10000,
     count_pending boolean default true)
-returns table (loaded bigint, rejected bigint, pending bigint)
+returns table (loaded bigint, rejected bigint, pending bigint, rejected_by_reason jsonb)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
@@ -267,9 +292,11 @@ begin
     -- unique_violation rolls it back (this block's subtransaction) and _outcomes leaves that
     -- outcome as it is.
     begin
-        select o.loaded, o.rejected into loaded, rejected from loader._outcomes_new(claimed) o;
+        select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
+          from loader._outcomes_new(claimed) o;
     exception when unique_violation then
-        select o.loaded, o.rejected into loaded, rejected from loader._outcomes(claimed) o;
+        select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
+          from loader._outcomes(claimed) o;
     end;
     -- While an online rebuild copies, its copies get these outcomes too (with its key), and a
     -- ticket says which rebuild this batch saw: at COMMIT it must still be the one copying.
@@ -296,7 +323,7 @@ begin
 end
 $$;
 comment on function loader.transform_batch(integer, boolean) is
-    'Transform up to max_rows staged rows without an outcome; returns (loaded, rejected, pending)';
+    'Transform up to max_rows staged rows without an outcome; returns (loaded, rejected, pending, rejected_by_reason)';
 
 -- transform: every pending row, committing after each batch, so a large backlog never holds one
 -- giant transaction. Security invoker (transaction control needs it); the work is done by
@@ -306,17 +333,27 @@ create or replace procedure loader.transform(
     inout loaded bigint default null,
     inout rejected bigint default null,
     inout pending bigint default null,
-    batch_size integer default 10000)
+    batch_size integer default 10000,
+    inout rejected_by_reason jsonb default null)
 language plpgsql as $$
 declare
     batch record;
 begin
     loaded := 0;
     rejected := 0;
+    rejected_by_reason := '{}';
     loop
         select * into batch from loader.transform_batch(batch_size, false);
         loaded := loaded + batch.loaded;
         rejected := rejected + batch.rejected;
+        -- The two {"reason": count} objects added key by key.
+        rejected_by_reason := (
+            select coalesce(pg_catalog.jsonb_object_agg(e.reason, e.n), '{}')
+              from (select c.key as reason, pg_catalog.sum(c.value::bigint) as n
+                      from (select * from pg_catalog.jsonb_each_text(rejected_by_reason)
+                            union all
+                            select * from pg_catalog.jsonb_each_text(batch.rejected_by_reason)) as c
+                     group by c.key) as e);
         commit;
         -- Nothing claimed: done, or what is left is claimed by a concurrent transform.
         exit when batch.loaded + batch.rejected = 0;
@@ -324,8 +361,8 @@ begin
     select b.pending into pending from loader.transform_batch(0) as b;
 end
 $$;
-comment on procedure loader.transform(bigint, bigint, bigint, integer) is
-    'Transform everything pending, one committed batch at a time; returns (loaded, rejected, pending)';
+comment on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) is
+    'Transform everything pending, one committed batch at a time; returns (loaded, rejected, pending, rejected_by_reason)';
 
 -- rebuild: recompute every outcome from raw_logins with the active key, in one transaction, so
 -- readers see the old table state or the new one, never a mix of old and new masks. Rows of

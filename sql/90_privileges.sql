@@ -34,7 +34,7 @@ grant select on loader.login_rejects, loader.transform_queue, loader.transform_s
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
               delete_failures, loader_version, refused) on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
-grant execute on procedure loader.transform(bigint, bigint, bigint, integer) to loader_analyst;
+grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_analyst;
 
 -- Every security-definer function runs with these settings pinned, whatever the calling
 -- session set: a session could otherwise print the plans and parse trees of the statements

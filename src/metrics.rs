@@ -1,8 +1,11 @@
-//! Prometheus metrics (`--metrics-addr`): one place that names every metric loader exports.
-//! Without `--metrics-addr` no recorder is installed and these calls cost next to nothing.
+//! Prometheus metrics (`--metrics-addr`): one place that names and describes every metric loader
+//! exports. Without `--metrics-addr` no recorder is installed and these calls cost next to
+//! nothing. The exposition passes `promtool check metrics` (tests/it/observability.rs); the
+//! alert rules and the dashboard built on it are in `deploy/prometheus/` and `deploy/grafana/`.
 //!
 //! | metric | type | meaning |
 //! | --- | --- | --- |
+//! | `loader_build_info{version}` | gauge | always 1; the running version as a label |
 //! | `loader_messages_received_total` | counter | messages received from SQS |
 //! | `loader_messages_staged_total` | counter | rows newly staged |
 //! | `loader_messages_duplicate_total` | counter | received messages already staged |
@@ -10,24 +13,40 @@
 //! | `loader_delete_failures_total` | counter | delete entries SQS refused |
 //! | `loader_messages_refused_total` | counter | messages PostgreSQL refused, left on the queue |
 //! | `loader_receive_errors_total{kind}` | counter | failed ReceiveMessage calls, by kind |
-//! | `loader_rows_loaded_total`, `loader_rows_rejected_total` | counter | transform outcomes |
+//! | `loader_rows_loaded_total` | counter | rows the transform loaded into `user_logins` |
+//! | `loader_rows_rejected_total{reason}` | counter | rows the transform rejected, by reason code |
 //! | `loader_batch_size` | histogram | messages per flush (SQS batches staged in one statement) |
 //! | `loader_staging_seconds` | histogram | one flush's staging statement |
-//! | `loader_transform_seconds` | histogram | one `call loader.transform()` |
+//! | `loader_transform_seconds` | histogram | one transform run (all its sessions) |
+//! | `loader_pending_rows` | gauge | staged rows without an outcome, after the last transform |
 //! | `loader_oldest_pending_age_seconds` | gauge | age of the oldest staged row still pending |
 //! | `loader_receives_in_flight` | gauge | ReceiveMessage calls the concurrency controller allows |
 //! | `loader_deletes_in_flight` | gauge | DeleteMessageBatch calls allowed per flush being deleted |
+//! | `loader_queue_messages{queue,state}` | gauge | SQS's approximate counts: `visible`, `in_flight`, `delayed` |
+//! | `loader_dead_letter_messages{queue,dead_letter_queue}` | gauge | visible messages in the queue's DLQ |
+//! | `process_*` | various | CPU seconds, resident memory, open fds, threads (metrics-process) |
+//!
+//! Every label has a fixed, small set of values: queue names, error kinds and reason codes
+//! (`loader._reason`), never message content.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::counts::{Totals, TransformReport};
+use crate::sqs::Queue;
 
-/// Serves `/metrics` (any path, in fact) on `addr`. Needs a Tokio runtime.
+/// How often process metrics are sampled.
+const PROCESS_PERIOD: Duration = Duration::from_secs(5);
+
+/// Serves `/metrics` (any path, in fact) on `addr`, describes every metric, and samples process
+/// metrics every 5 s. Needs a Tokio runtime.
 pub fn install(addr: SocketAddr) -> Result<()> {
     let latency = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
     PrometheusBuilder::new()
@@ -38,7 +57,98 @@ pub fn install(addr: SocketAddr) -> Result<()> {
             &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
         )?
         .install()
-        .with_context(|| format!("serving metrics on {addr}"))
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    describe();
+    gauge!("loader_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let process = metrics_process::Collector::default();
+    process.describe();
+    tokio::spawn(async move {
+        loop {
+            process.collect();
+            tokio::time::sleep(PROCESS_PERIOD).await;
+        }
+    });
+    Ok(())
+}
+
+/// HELP text and unit of every loader metric (`promtool check metrics` wants both).
+fn describe() {
+    describe_gauge!("loader_build_info", "Always 1; the loader version as a label.");
+    describe_counter!("loader_messages_received_total", "Messages received from SQS.");
+    describe_counter!(
+        "loader_messages_staged_total",
+        "Messages newly staged in loader.raw_logins."
+    );
+    describe_counter!(
+        "loader_messages_duplicate_total",
+        "Received messages whose message id was already staged."
+    );
+    describe_counter!(
+        "loader_messages_deleted_total",
+        "Messages deleted from SQS after their staging committed."
+    );
+    describe_counter!(
+        "loader_delete_failures_total",
+        "DeleteMessageBatch entries SQS refused (the message comes back and is a duplicate)."
+    );
+    describe_counter!(
+        "loader_messages_refused_total",
+        "Messages PostgreSQL refused to stage, left on the queue for its redrive policy."
+    );
+    describe_counter!("loader_receive_errors_total", "Failed ReceiveMessage calls, by kind.");
+    describe_counter!(
+        "loader_rows_loaded_total",
+        "Staged rows the transform loaded into user_logins."
+    );
+    describe_counter!(
+        "loader_rows_rejected_total",
+        "Staged rows the transform rejected into loader.login_rejects, by reason code."
+    );
+    describe_histogram!(
+        "loader_batch_size",
+        Unit::Count,
+        "Messages per flush (SQS batches staged by one statement)."
+    );
+    describe_histogram!(
+        "loader_staging_seconds",
+        Unit::Seconds,
+        "Time of one flush's staging statement and commit."
+    );
+    describe_histogram!(
+        "loader_transform_seconds",
+        Unit::Seconds,
+        "Time of one transform run (all its sessions)."
+    );
+    describe_gauge!(
+        "loader_pending_rows",
+        Unit::Count,
+        "Staged rows without an outcome, as of the end of the last transform."
+    );
+    describe_gauge!(
+        "loader_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest staged row still waiting for the transform (0 when none waits)."
+    );
+    describe_gauge!(
+        "loader_receives_in_flight",
+        Unit::Count,
+        "ReceiveMessage calls the concurrency controller allows at once."
+    );
+    describe_gauge!(
+        "loader_deletes_in_flight",
+        Unit::Count,
+        "DeleteMessageBatch calls allowed at once for the flush being deleted."
+    );
+    describe_gauge!(
+        "loader_queue_messages",
+        Unit::Count,
+        "SQS's approximate message counts of the queue, by state (visible, in_flight, delayed)."
+    );
+    describe_gauge!(
+        "loader_dead_letter_messages",
+        Unit::Count,
+        "Visible messages in the dead-letter queue the queue's redrive policy names."
+    );
 }
 
 /// One flush (one or more received batches), staged and deleted.
@@ -58,14 +168,20 @@ pub fn receive_error(kind: &'static str) {
     counter!("loader_receive_errors_total", "kind" => kind).increment(1);
 }
 
-/// One transform call.
-pub fn transform(report: &TransformReport, took: Duration) {
+/// One transform run: its counts, its rejects by reason code, and how long it took.
+pub fn transform(
+    report: &TransformReport,
+    rejected_by_reason: &BTreeMap<String, u64>,
+    took: Duration,
+) {
     counter!("loader_rows_loaded_total").increment(report.loaded.max(0) as u64);
-    counter!("loader_rows_rejected_total").increment(report.rejected.max(0) as u64);
+    for (reason, n) in rejected_by_reason {
+        counter!("loader_rows_rejected_total", "reason" => reason.clone()).increment(*n);
+    }
+    gauge!("loader_pending_rows").set(report.pending.max(0) as f64);
     histogram!("loader_transform_seconds").record(took.as_secs_f64());
 }
 
-/// Age of the oldest staged row still waiting for the transform (0 when none waits).
 /// The receive concurrency the controller settled on.
 pub fn receives_in_flight(n: usize) {
     gauge!("loader_receives_in_flight").set(n as f64);
@@ -76,6 +192,50 @@ pub fn deletes_in_flight(n: usize) {
     gauge!("loader_deletes_in_flight").set(n as f64);
 }
 
+/// Age of the oldest staged row still waiting for the transform (0 when none waits).
 pub fn oldest_pending(age: Duration) {
     gauge!("loader_oldest_pending_age_seconds").set(age.as_secs_f64());
+}
+
+/// Publishes the queue's approximate counts, and its dead-letter queue's visible count, every
+/// `period`, until the task is dropped. A failed read is logged and the gauges keep their last
+/// values (a scrape shows the last known state; `loader_receive_errors_total` shows the outage).
+pub async fn watch_queue(queue: Queue, period: Duration) {
+    let name = queue.name().to_owned();
+    loop {
+        match queue.depth().await {
+            Ok(depth) => {
+                for (state, n) in [
+                    ("visible", depth.visible),
+                    ("in_flight", depth.in_flight),
+                    ("delayed", depth.delayed),
+                ] {
+                    gauge!("loader_queue_messages", "queue" => name.clone(), "state" => state)
+                        .set(n as f64);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = %name, error = format!("{e:#}"), "reading the queue's counts")
+            }
+        }
+        // Looked up each time: a redrive policy added or changed while loader runs shows up.
+        match queue.dead_letter_queue().await {
+            Ok(Some(dlq)) => match dlq.depth().await {
+                Ok(depth) => gauge!(
+                    "loader_dead_letter_messages",
+                    "queue" => name.clone(),
+                    "dead_letter_queue" => dlq.name().to_owned()
+                )
+                .set(depth.visible as f64),
+                Err(e) => {
+                    tracing::warn!(queue = %dlq.name(), error = format!("{e:#}"), "reading the DLQ's counts")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(queue = %name, error = format!("{e:#}"), "reading the redrive policy")
+            }
+        }
+        tokio::time::sleep(period).await;
+    }
 }

@@ -2,6 +2,7 @@
 //! `--workers` sessions side by side, their counts summed. The work happens in Postgres, so
 //! psql users get the same result.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -52,34 +53,47 @@ pub async fn transform(pool: &PgPool, plan: Plan) -> Result<TransformReport> {
     for worker in 0..plan.workers.max(1) {
         let pool = pool.clone();
         sessions.spawn(async move {
-            let report = one_session(&pool, plan.batch_size).await?;
+            let session = one_session(&pool, plan.batch_size).await?;
             tracing::debug!(
                 worker,
-                loaded = report.loaded,
-                rejected = report.rejected,
+                loaded = session.report.loaded,
+                rejected = session.report.rejected,
                 "transform session finished"
             );
-            Ok::<_, anyhow::Error>(report)
+            Ok::<_, anyhow::Error>(session)
         });
     }
     let mut report = TransformReport { pending: i64::MAX, ..TransformReport::default() };
+    let mut rejected_by_reason = BTreeMap::new();
     while let Some(done) = sessions.join_next().await {
         let session = done.context("a transform session panicked")??;
-        report.loaded += session.loaded;
-        report.rejected += session.rejected;
+        report.loaded += session.report.loaded;
+        report.rejected += session.report.rejected;
         // Each session counts the work list as it ends: the smallest count is the latest.
-        report.pending = report.pending.min(session.pending);
+        report.pending = report.pending.min(session.report.pending);
+        for (reason, n) in session.rejected_by_reason.0 {
+            *rejected_by_reason.entry(reason).or_insert(0) += n;
+        }
     }
-    metrics::transform(&report, started.elapsed());
+    metrics::transform(&report, &rejected_by_reason, started.elapsed());
     oldest_pending_age(pool).await?;
     Ok(report)
 }
 
+/// The row `call loader.transform()` returns.
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    #[sqlx(flatten)]
+    report: TransformReport,
+    /// Rejected rows by reason code (a fixed set: `loader._reason`).
+    rejected_by_reason: sqlx::types::Json<BTreeMap<String, u64>>,
+}
+
 /// One session's `call loader.transform()`, run again when a rotation refused a batch.
-async fn one_session(pool: &PgPool, batch_size: i32) -> Result<TransformReport> {
+async fn one_session(pool: &PgPool, batch_size: i32) -> Result<SessionRow> {
     let mut attempt = 0;
     loop {
-        let result = sqlx::query_as("call loader.transform(null, null, null, $1)")
+        let result = sqlx::query_as("call loader.transform(batch_size => $1)")
             .bind(batch_size)
             .fetch_one(pool)
             .await;

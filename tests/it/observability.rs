@@ -5,15 +5,21 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{TestEnv, loader_command};
+use crate::support::{Proxy, TestEnv, loader_command};
+
+/// One GET of the metrics endpoint: the exposition text (without the HTTP header).
+fn scrape_text(addr: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
 
 /// One GET of the metrics endpoint; the metric's value, if present.
 fn scrape(addr: &str, metric: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines()
+    scrape_text(addr)?
+        .lines()
         .find_map(|l| l.strip_prefix(metric).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
 }
@@ -153,4 +159,120 @@ async fn a_whole_run_never_logs_bodies_ips_device_ids_or_keys_even_at_trace() {
         .await
         .unwrap();
     assert!(!logs.contains(&key), "the key leaked into the logs");
+}
+
+/// Metric names (loader_*, process_*) in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("loader_") || t.starts_with("process_"))
+        .collect()
+}
+
+/// Every `expr` in a Grafana dashboard, panels nested in rows included.
+fn dashboard_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if let Some(expr) = map.get("expr").and_then(|e| e.as_str()) {
+                out.push(expr.to_owned());
+            }
+            map.values().for_each(|v| dashboard_exprs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| dashboard_exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_dashboard_queries() {
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
+    let dlq = q.attach_dead_letter_queue(5).await;
+    dlq.send(&loader::send::generate(2, 8)).await;
+    // Ingest and transform: 40 logins, one body that is not a login (a reject), and one message
+    // PostgreSQL refuses (an operator's constraint), left on the queue.
+    let mut bodies = loader::send::generate(40, 9);
+    bodies.push(r#"{"not": "a login"}"#.to_owned());
+    let poison: serde_json::Value = serde_json::from_str(&bodies[3]).unwrap();
+    sqlx::raw_sql(&format!(
+        "alter table loader.raw_logins
+           add constraint test_refuses_one check (body->>'user_id' <> '{}')",
+        poison["user_id"].as_str().unwrap()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    q.send(&bodies).await;
+    // SQS through a proxy, so that receives can fail.
+    let sqs = crate::support::aws_settings().endpoint_url.unwrap();
+    let proxy = Proxy::start(crate::support::socket_of(&sqs)).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut command =
+        loader_command(&db.url, &q.name, &["run", "--wait-seconds", "1", "--metrics-addr", &addr]);
+    command.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port));
+    let child = crate::support::spawn(command);
+
+    crate::support::wait_for_count(db, "select count(*) from public.user_logins", 39).await;
+    assert_eq!(scrape_until(&addr, "loader_rows_loaded_total", 39.0).await, Some(39.0));
+    assert!(scrape(&addr, "loader_messages_refused_total").is_some_and(|n| n >= 1.0));
+    proxy.outage(Duration::from_secs(4)).await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape_text(&addr).unwrap_or_default();
+        if text.contains("loader_receive_errors_total{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crate::support::terminate_ok(child);
+
+    for expected in [
+        "loader_receive_errors_total{kind=",
+        "loader_rows_rejected_total{reason=\"",
+        &format!("loader_queue_messages{{queue=\"{}\",state=\"in_flight\"}}", q.name),
+        &format!(
+            "loader_dead_letter_messages{{queue=\"{}\",dead_letter_queue=\"{}\"}} 2",
+            q.name, dlq.name
+        ),
+        &format!("loader_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+        "process_resident_memory_bytes ",
+        "# HELP loader_messages_staged_total ",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from the scrape:\n{text}");
+    }
+
+    // Prometheus's own linter.
+    let promtool = crate::support::required_env("PROMTOOL");
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool (scripts/promtool.sh provides it)");
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The dashboard queries only metrics a real scrape has.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/loader-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    let scraped: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            assert!(scraped.contains(name), "the dashboard queries {name}, not in the scrape");
+        }
+    }
 }

@@ -456,7 +456,7 @@ async fn each_role_has_exactly_the_documented_privileges() {
     assert_eq!(
         privileges_of(&db, "loader_analyst").await,
         [
-            "execute loader.transform(bigint,bigint,bigint,integer)",
+            "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
             "execute loader.transform_batch(integer,boolean)",
             "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, \
              duplicates, deleted, delete_failures, loader_version, refused)",

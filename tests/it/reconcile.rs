@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use crate::support::{TestDb, TestEnv, TestQueue, loader, loader_ok};
-use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::Value;
 
 /// Runs `loader reconcile --json` and returns (exit code, report).
@@ -50,30 +49,7 @@ async fn exec(db: &TestDb, sql: &'static str) {
 async fn healthy() -> (TestEnv, TestQueue) {
     let env = TestEnv::new(30).await;
     let q = &env.queue;
-    let dlq = TestQueue::new(30).await;
-    let dlq_arn = q
-        .queue
-        .client()
-        .get_queue_attributes()
-        .queue_url(dlq.queue.url())
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&QueueAttributeName::QueueArn]
-        .clone();
-    q.queue
-        .client()
-        .set_queue_attributes()
-        .queue_url(q.queue.url())
-        .attributes(
-            QueueAttributeName::RedrivePolicy,
-            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"5"}}"#),
-        )
-        .send()
-        .await
-        .unwrap();
+    let dlq = q.attach_dead_letter_queue(5).await;
     q.send(&crate::support::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>())
         .await;
     env.loader_ok(&["ingest", "--wait-seconds", "1"]);

@@ -10,11 +10,21 @@ use time::macros::datetime;
 /// Staged at a fixed past instant, one second before midnight UTC.
 const SENT: time::OffsetDateTime = datetime!(2020-02-29 23:59:59 UTC);
 
+/// `call loader.transform()`: (loaded, rejected, pending).
 async fn call_transform(pool: &sqlx::PgPool) -> (i64, i64, i64) {
-    sqlx::query_as("call loader.transform()")
+    call_transform_by_reason(pool).await.0
+}
+
+/// `call loader.transform()`: (loaded, rejected, pending) and its rejects by reason, which
+/// always add up to its rejected count.
+async fn call_transform_by_reason(pool: &sqlx::PgPool) -> ((i64, i64, i64), HashMap<String, i64>) {
+    type Row = (i64, i64, i64, sqlx::types::Json<HashMap<String, i64>>);
+    let (loaded, rejected, pending, by_reason): Row = sqlx::query_as("call loader.transform()")
         .fetch_one(pool)
         .await
-        .expect("call loader.transform()")
+        .expect("call loader.transform()");
+    assert_eq!(by_reason.0.values().sum::<i64>(), rejected, "{by_reason:?}");
+    ((loaded, rejected, pending), by_reason.0)
 }
 
 fn msgs(bodies: &[(&str, serde_json::Value)]) -> Vec<(String, String)> {
@@ -205,7 +215,22 @@ async fn bad_messages_are_rejected_with_reason_codes() {
     ]);
     messages.push(("not-json".into(), "{oops".into()));
     stage(&db, &messages, SENT).await;
-    assert_eq!(call_transform(&db.pool).await, (4, 14, 0));
+    let (counts, by_reason) = call_transform_by_reason(&db.pool).await;
+    assert_eq!(counts, (4, 14, 0));
+    let in_table: Vec<(String, i64)> = sqlx::query_as(
+        "select reason, count(*) from loader.login_rejects group by reason order by reason",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        in_table,
+        by_reason
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
 
     let rejects: HashMap<String, (String, String)> = sqlx::query_as::<_, (String, String, String)>(
         "select message_id, reason, detail from loader.login_rejects",
@@ -485,7 +510,7 @@ async fn analysts_cannot_read_pii_keys_or_hash_chosen_text() {
     assert_eq!(
         callable,
         [
-            "loader.transform(bigint,bigint,bigint,integer)",
+            "loader.transform(bigint,bigint,bigint,integer,jsonb)",
             "loader.transform_batch(integer,boolean)"
         ]
     );

@@ -45,6 +45,12 @@ pub struct GlobalArgs {
     #[arg(long, env = "LOADER_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
+    /// With --metrics-addr, `ingest` and `run` read the queue's and its DLQ's counts every
+    /// SECONDS (two or three GetQueueAttributes calls each time)
+    #[arg(long, env = "LOADER_QUEUE_METRICS_INTERVAL", global = true, default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_metrics_interval: u64,
+
     /// Log format: pretty (default on a terminal) or json (default otherwise)
     #[arg(long, env = "LOADER_LOG_FORMAT", global = true,
           value_parser = named::<LogFormat>(LogFormat::NAMES))]

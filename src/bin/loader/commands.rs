@@ -1,6 +1,7 @@
 //! One function per subcommand: resolve settings, call the library, print the result.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use loader::bench::StagingMethod;
@@ -9,7 +10,7 @@ use loader::display::timestamp;
 use loader::ingest::{Ingestor, Mode};
 use loader::progress::Progress;
 use loader::sqs::Queue;
-use loader::{bench, db, keys, rebuild, reconcile, retention, run, send, sqs, transform};
+use loader::{bench, db, keys, metrics, rebuild, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
     BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
@@ -34,16 +35,19 @@ pub mod exit {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let settings = cli.global.settings();
+    // How often `ingest` and `run` publish the queue's counts; None: no metrics.
+    let queue_metrics =
+        cli.global.metrics_addr.map(|_| Duration::from_secs(cli.global.queue_metrics_interval));
     if let Some(addr) = cli.global.metrics_addr {
-        loader::metrics::install(addr)?;
+        metrics::install(addr)?;
     }
     match cli.command {
         Command::Migrate => migrate(&settings).await,
-        Command::Ingest(args) => ingest(&settings, &args).await,
+        Command::Ingest(args) => ingest(&settings, &args, queue_metrics).await,
         Command::Send(args) => send(&settings, &args).await,
         Command::Transform(args) => transform(&settings, &args).await,
         Command::Keys(command) => keys(&settings, &command).await,
-        Command::Run(args) => run_pipeline(&settings, &args).await,
+        Command::Run(args) => run_pipeline(&settings, &args, queue_metrics).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
         Command::Purge(args) => purge(&settings, &args).await,
@@ -63,11 +67,18 @@ async fn migrate(settings: &Settings) -> Result<ExitCode> {
     Ok(ExitCode::from(exit::OK))
 }
 
-async fn ingest(settings: &Settings, args: &IngestArgs) -> Result<ExitCode> {
+async fn ingest(
+    settings: &Settings,
+    args: &IngestArgs,
+    queue_metrics: Option<Duration>,
+) -> Result<ExitCode> {
     let mode = if args.follow { Mode::Follow } else { Mode::Drain };
     let wait = args.wait_seconds.unwrap_or(if args.follow { 20 } else { 2 });
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+    if let Some(period) = queue_metrics {
+        tokio::spawn(metrics::watch_queue(queue.clone(), period));
+    }
     let progress = if mode == Mode::Drain {
         Progress::on_terminal("messages staged and deleted")
     } else {
@@ -174,7 +185,11 @@ async fn rebuild(pool: &sqlx::PgPool, kind: &rebuild::Kind, plan: transform::Pla
     Ok(())
 }
 
-async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
+async fn run_pipeline(
+    settings: &Settings,
+    args: &RunArgs,
+    queue_metrics: Option<Duration>,
+) -> Result<ExitCode> {
     let schedule = run::Schedule {
         interval: args.transform_interval,
         transform: args.transform.plan(),
@@ -185,6 +200,9 @@ async fn run_pipeline(settings: &Settings, args: &RunArgs) -> Result<ExitCode> {
     // Staging, deleting's bookkeeping, and the transform's sessions.
     let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+    if let Some(period) = queue_metrics {
+        tokio::spawn(metrics::watch_queue(queue.clone(), period));
+    }
     let progress =
         if args.once { Progress::on_terminal("messages staged and deleted") } else { None };
     let ingestor = Ingestor::start(queue, pool.clone(), mode, wait)
@@ -292,7 +310,7 @@ async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> 
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             eprintln!("proxy: {listen} -> {target}, +{latency_ms} ms per round trip");
-            let latency = std::time::Duration::from_millis(*latency_ms);
+            let latency = Duration::from_millis(*latency_ms);
             bench::delay_proxy(listener, *target, latency, shutdown_signal()).await?;
             return Ok(ExitCode::from(exit::OK));
         }

@@ -45,7 +45,12 @@ pub struct Running {
 
 /// Starts `loader` in the background against a database and queue.
 pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> Running {
-    let mut child = loader_command(db_url, queue, args)
+    spawn(loader_command(db_url, queue, args))
+}
+
+/// Starts a [`loader_command`] (perhaps with settings changed) in the background.
+pub fn spawn(mut command: Command) -> Running {
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

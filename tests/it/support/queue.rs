@@ -47,6 +47,32 @@ impl TestQueue {
         (d.visible, d.in_flight, d.delayed)
     }
 
+    /// A new queue of its own made this queue's dead-letter queue (RedrivePolicy, after
+    /// `max_receives`); returned so the test keeps it alive.
+    pub async fn attach_dead_letter_queue(&self, max_receives: u32) -> TestQueue {
+        let dlq = TestQueue::new(30).await;
+        let client = self.queue.client();
+        let attrs = client
+            .get_queue_attributes()
+            .queue_url(dlq.queue.url())
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("reading the DLQ's ARN");
+        let arn = &attrs.attributes().expect("attributes")[&QueueAttributeName::QueueArn];
+        client
+            .set_queue_attributes()
+            .queue_url(self.queue.url())
+            .attributes(
+                QueueAttributeName::RedrivePolicy,
+                format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"{max_receives}"}}"#),
+            )
+            .send()
+            .await
+            .expect("setting the redrive policy");
+        dlq
+    }
+
     pub async fn send(&self, bodies: &[String]) {
         loader::send::send_all(&self.queue, bodies.to_vec()).await.expect("sending");
     }
