@@ -93,18 +93,30 @@ $$;
 comment on function loader.record_deletes(bigint, text, bigint, bigint) is
     'Add deleted messages and delete failures to the caller''s ingest run';
 
--- record_refused: add messages PostgreSQL refused to stage (left on the queue) to the run.
-create or replace function loader.record_refused(run_id bigint, run_token text, refused bigint)
+-- record_refusals: the messages PostgreSQL refused to stage (left on the queue), into the ledger
+-- loader.refusals and the run's refused counter, in one statement. Codes only, never values.
+drop function if exists loader.record_refused(bigint, text, bigint);
+create or replace function loader.record_refusals(
+    run_id bigint, run_token text, message_ids text[], sqlstates text[], constraint_names text[])
 returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_variable
 begin
     perform loader._check_run(run_id, run_token);
-    update loader.ingest_runs r set refused = r.refused + refused where r.id = run_id;
+    if cardinality(message_ids) is distinct from cardinality(sqlstates)
+       or cardinality(message_ids) is distinct from cardinality(constraint_names) then
+        raise exception 'record_refusals: the three arrays must have one entry per message'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
+    select m, left(s, 5), left(c, 63), run_id
+      from unnest(message_ids, sqlstates, constraint_names) as u (m, s, c);
+    update loader.ingest_runs r set refused = r.refused + cardinality(message_ids)
+     where r.id = run_id;
 end
 $$;
-comment on function loader.record_refused(bigint, text, bigint) is
-    'Add messages PostgreSQL refused (left on the queue) to the caller''s ingest run';
+comment on function loader.record_refusals(bigint, text, text[], text[], text[]) is
+    'Record messages PostgreSQL refused (left on the queue) in loader.refusals and the caller''s run';
 
 -- finish_run: mark the caller's run finished; later calls with its token are refused.
 create or replace function loader.finish_run(run_id bigint, run_token text) returns void

@@ -22,7 +22,7 @@ grant usage on schema loader to loader_ingest, loader_analyst;
 grant execute on function loader.register_run(text, text, text),
     loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint),
     loader.record_deletes(bigint, text, bigint, bigint),
-    loader.record_refused(bigint, text, bigint),
+    loader.record_refusals(bigint, text, text[], text[], text[]),
     loader.finish_run(bigint, text) to loader_ingest;
 
 -- loader_analyst: reads the masked table, reject reasons and the bookkeeping (not the runs'
@@ -30,7 +30,7 @@ grant execute on function loader.register_run(text, text, text),
 -- helper that hashes.
 grant select on public.user_logins to loader_analyst;
 grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
-    loader.mask_key_info, loader.pipeline_status to loader_analyst;
+    loader.mask_key_info, loader.pipeline_status, loader.refusals to loader_analyst;
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
               delete_failures, loader_version, refused) on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;

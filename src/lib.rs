@@ -38,6 +38,7 @@ pub mod config;
 pub mod counts;
 pub mod db;
 pub mod display;
+pub mod dlq;
 pub mod ingest;
 pub mod keys;
 #[cfg(feature = "lambda")]

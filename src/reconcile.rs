@@ -118,7 +118,25 @@ pub struct Report {
     pub stages: StageCounts,
     pub recent_runs: Vec<RunCounts>,
     pub queue: Option<QueueCounts>,
+    pub refusals: RefusalAccount,
     pub checks: Vec<Check>,
+}
+
+/// Where every message PostgreSQL refused (`loader.refusals`, in the window) is now.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RefusalAccount {
+    /// Distinct message ids refused.
+    pub refused_messages: i64,
+    /// Of those, staged since (a fix, or a redrive and ingest).
+    pub staged_later: i64,
+    /// Refused, not staged, and in the dead-letter queue (listed only with the queue, and only
+    /// when some refused message is not staged). Up to 100 ids.
+    pub in_dead_letter_queue: Vec<String>,
+    /// Refused, not staged, and not in the dead-letter queue (or it was not listed): still on
+    /// the queue, being retried. Up to 100 ids.
+    pub on_queue: Vec<String>,
+    /// True when the dead-letter queue was listed to tell the two apart.
+    pub dead_letter_queue_listed: bool,
 }
 
 impl Report {
@@ -251,11 +269,53 @@ pub async fn reconcile(
         checks.push(Check { name, description, ok: violations == 0, violations, offenders });
     }
 
+    let refusals = refusal_account(pool, queue, since_seconds).await?;
     let queue = match queue {
         Some(q) => Some(queue_counts(q).await?),
         None => None,
     };
-    Ok(Report { stages, recent_runs, queue, checks })
+    Ok(Report { stages, recent_runs, queue, refusals, checks })
+}
+
+/// [`RefusalAccount`]: staged later, in the dead-letter queue, or still on the queue, by id.
+async fn refusal_account(
+    pool: &PgPool,
+    queue: Option<&Queue>,
+    since_seconds: Option<f64>,
+) -> Result<RefusalAccount> {
+    let (refused_messages, staged_later, not_staged): (i64, i64, Vec<String>) =
+        sqlx::query_as(&with_params(
+            ", refused as (select distinct message_id from loader.refusals
+                             where refused_at >= {since})
+             select (select count(*) from refused),
+                    (select count(*) from refused f
+                      where exists (select from loader.raw_logins r where r.message_id = f.message_id)),
+                    coalesce((select array_agg(f.message_id order by f.message_id) from refused f
+                               where not exists (select from loader.raw_logins r
+                                                  where r.message_id = f.message_id)), '{}')",
+        ))
+        .bind(0.0)
+        .bind(since_seconds)
+        .fetch_one(pool)
+        .await
+        .context("accounting for refused messages")?;
+    let mut account = RefusalAccount { refused_messages, staged_later, ..Default::default() };
+    let dlq = match queue {
+        Some(q) if !not_staged.is_empty() => q.dead_letter_queue().await?,
+        _ => None,
+    };
+    let in_dlq: std::collections::HashSet<String> = match dlq {
+        Some(dlq) => {
+            account.dead_letter_queue_listed = true;
+            crate::dlq::list(&dlq, pool).await?.into_iter().map(|l| l.message_id).collect()
+        }
+        None => Default::default(),
+    };
+    let (dead, alive): (Vec<String>, Vec<String>) =
+        not_staged.into_iter().partition(|id| in_dlq.contains(id));
+    account.in_dead_letter_queue = dead.into_iter().take(MAX_IDS as usize).collect();
+    account.on_queue = alive.into_iter().take(MAX_IDS as usize).collect();
+    Ok(account)
 }
 
 /// A statement with [`PARAMS`] as its first CTE: `rest` is what follows it (more CTEs after a
@@ -350,6 +410,29 @@ pub fn render(report: &Report) -> String {
                 r.delete_failures,
                 r.refused,
                 when(r.finished_at)
+            );
+        }
+    }
+    let r = &report.refusals;
+    if r.refused_messages > 0 {
+        let _ = writeln!(
+            out,
+            "refused by PostgreSQL (loader.refusals): {} messages, {} staged later",
+            r.refused_messages, r.staged_later
+        );
+        if r.dead_letter_queue_listed {
+            let _ = writeln!(
+                out,
+                "  in the dead-letter queue: [{}]",
+                r.in_dead_letter_queue.join(", ")
+            );
+            let _ =
+                writeln!(out, "  still on the queue (being retried): [{}]", r.on_queue.join(", "));
+        } else if !r.on_queue.is_empty() {
+            let _ = writeln!(
+                out,
+                "  not staged (on the queue or in its DLQ; run without --skip-queue to tell): [{}]",
+                r.on_queue.join(", ")
             );
         }
     }

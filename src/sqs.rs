@@ -425,6 +425,55 @@ impl Queue {
         Ok(Some(Queue::open(self.client.clone(), name).await?))
     }
 
+    /// The queue's ARN (what redrive policies and message move tasks name).
+    pub async fn arn(&self) -> Result<String> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("reading the ARN of '{}'", self.name), &e))?;
+        out.attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+            .cloned()
+            .with_context(|| format!("'{}' has no QueueArn attribute", self.name))
+    }
+
+    /// Starts moving every message of this queue (a dead-letter queue) to `destination`
+    /// (StartMessageMoveTask); SQS does the moving. Returns the task's handle.
+    pub async fn start_move_to(&self, destination: &Queue) -> Result<String> {
+        let (source, destination_arn) = (self.arn().await?, destination.arn().await?);
+        let out = self
+            .client
+            .start_message_move_task()
+            .source_arn(source)
+            .destination_arn(destination_arn)
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("starting to move '{}' back", self.name), &e))?;
+        Ok(out.task_handle().unwrap_or_default().to_owned())
+    }
+
+    /// The most recent message move task out of this queue, if any (ListMessageMoveTasks).
+    pub async fn latest_move(&self) -> Result<Option<MoveTask>> {
+        let out = self
+            .client
+            .list_message_move_tasks()
+            .source_arn(self.arn().await?)
+            .max_results(1)
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("reading the move tasks of '{}'", self.name), &e))?;
+        Ok(out.results().first().map(|t| MoveTask {
+            status: t.status().unwrap_or("UNKNOWN").to_owned(),
+            moved: t.approximate_number_of_messages_moved(),
+            to_move: t.approximate_number_of_messages_to_move(),
+            failure: t.failure_reason().map(str::to_owned),
+        }))
+    }
+
     /// The queue's approximate message counts.
     pub async fn depth(&self) -> Result<Depth> {
         let out = self
@@ -446,6 +495,19 @@ impl Queue {
             delayed: get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
         })
     }
+}
+
+/// A message move task (a DLQ redrive), as ListMessageMoveTasks reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveTask {
+    /// RUNNING, COMPLETED, CANCELLING, CANCELLED or FAILED.
+    pub status: String,
+    /// Approximate messages moved so far.
+    pub moved: i64,
+    /// Messages to move, counted when the task started (once SQS has counted them).
+    pub to_move: Option<i64>,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
 }
 
 /// A queue's approximate message counts (SQS's own, eventually consistent).

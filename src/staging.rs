@@ -90,15 +90,22 @@ impl Run {
         Ok(())
     }
 
-    /// Adds messages PostgreSQL refused to stage to the run's counters.
-    async fn record_refused(&self, db: impl sqlx::PgExecutor<'_>, refused: u64) -> Result<()> {
-        sqlx::query("select loader.record_refused($1, $2, $3)")
+    /// Records messages PostgreSQL refused to stage in the ledger (`loader.refusals`) and the
+    /// run's counters.
+    async fn record_refusals(
+        &self,
+        db: impl sqlx::PgExecutor<'_>,
+        refusals: &[Refusal],
+    ) -> Result<()> {
+        sqlx::query("select loader.record_refusals($1, $2, $3, $4, $5)")
             .bind(self.id)
             .bind(&self.token)
-            .bind(refused as i64)
+            .bind(refusals.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
+            .bind(refusals.iter().map(|r| r.sqlstate.as_str()).collect::<Vec<_>>())
+            .bind(refusals.iter().map(|r| r.constraint.as_deref()).collect::<Vec<_>>())
             .execute(db)
             .await
-            .context("counting refused messages")?;
+            .context("recording refused messages")?;
         Ok(())
     }
 
@@ -194,13 +201,36 @@ async fn insert(
     Ok(staged as u64)
 }
 
+/// A message PostgreSQL refused to stage, and why, without values: the SQLSTATE and the
+/// constraint (or table) the error named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub message_id: String,
+    pub sqlstate: String,
+    pub constraint: Option<String>,
+}
+
+impl Refusal {
+    fn new(message_id: &str, e: &anyhow::Error) -> Self {
+        let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
+        Self {
+            message_id: message_id.to_owned(),
+            sqlstate: db.and_then(|d| d.code()).map_or_else(|| "?".to_owned(), |c| c.into_owned()),
+            constraint: db.and_then(|d| d.constraint().or(d.table())).map(str::to_owned),
+        }
+    }
+}
+
 /// Stages `messages` like [`stage`]. If the database refuses the statement because of its
 /// rows (`refuses_rows`), stages them one at a time and returns the ids of those it still
 /// refuses (one per copy), so the caller can leave just those on the queue. They are not staged;
-/// the run counts them in `loader.ingest_runs.refused`, apart from `received`.
+/// each is recorded in `loader.refusals` (id, SQLSTATE, constraint) and counted in
+/// `loader.ingest_runs.refused`, apart from `received`.
 ///
-/// When it refuses every one of several messages, the fault is not in the messages (a broken
-/// trigger, a rule that fits nothing): that is returned as the batch's error instead.
+/// When it refuses every one of several messages and some are on their first delivery, the
+/// fault is not in the messages (a broken trigger, a rule that fits nothing): that is returned
+/// as the batch's error instead, and nothing is recorded. Several redelivered messages all
+/// refused are recorded: poison messages come back together once the rest has been staged.
 pub async fn stage_isolating(
     conn: &mut PgConnection,
     run: &Run,
@@ -224,17 +254,21 @@ pub async fn stage_isolating(
             Err(e) if !refuses_rows(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "message refused; left on the queue");
-                refused.push(message.message_id.clone());
+                refused.push(Refusal::new(&message.message_id, &e));
             }
         }
     }
-    if messages.len() > 1 && refused.len() == messages.len() {
+    // Every one of several refused, some of them on their first delivery: a systematic fault.
+    // Redelivered messages refused together are the usual poison messages on their way to
+    // the DLQ (the first delivery let the others through), so those are recorded instead.
+    let fresh = messages.iter().any(|m| m.receive_count.is_none_or(|n| n <= 1));
+    if messages.len() > 1 && refused.len() == messages.len() && fresh {
         return Err(batch_error.context("PostgreSQL refuses every message, one by one too"));
     }
     if !refused.is_empty() {
-        run.record_refused(&mut *conn, refused.len() as u64).await?;
+        run.record_refusals(&mut *conn, &refused).await?;
     }
-    Ok((total, refused))
+    Ok((total, refused.into_iter().map(|r| r.message_id).collect()))
 }
 
 /// True when Postgres refused the rows themselves: a data exception (class 22), an integrity

@@ -3,6 +3,7 @@
 //! test makes its own database and queue ([`support`]), so they run in parallel.
 
 mod cli;
+mod dlq;
 mod faults;
 mod ingest;
 #[cfg(feature = "lambda")]

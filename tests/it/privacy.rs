@@ -367,7 +367,9 @@ async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
     let id = other.id;
     for forged in [
         format!("select loader.record_deletes({id}, '{my_token}', 1000, 0)"),
-        format!("select loader.record_refused({id}, '{my_token}', 1000)"),
+        format!(
+            "select loader.record_refusals({id}, '{my_token}', array['f1'], array['23514'], array[null])"
+        ),
         format!("select loader.finish_run({id}, '{my_token}')"),
         format!(
             "select loader.stage({id}, '{my_token}', array['f4'], array['{{}}'], array[true],
@@ -446,7 +448,7 @@ async fn each_role_has_exactly_the_documented_privileges() {
         [
             "execute loader.finish_run(bigint,text)",
             "execute loader.record_deletes(bigint,text,bigint,bigint)",
-            "execute loader.record_refused(bigint,text,bigint)",
+            "execute loader.record_refusals(bigint,text,text[],text[],text[])",
             "execute loader.register_run(text,text,text)",
             "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],bigint)",
             "usage schema loader",
@@ -463,6 +465,7 @@ async fn each_role_has_exactly_the_documented_privileges() {
             "select loader.login_rejects",
             "select loader.mask_key_info",
             "select loader.pipeline_status",
+            "select loader.refusals",
             "select loader.transform_queue",
             "select loader.transform_state",
             "select public.user_logins",

@@ -109,9 +109,42 @@ pub enum Command {
     Status,
     /// Retention: replace raw bodies staged more than N days ago (with an outcome) by JSON null
     Purge(PurgeArgs),
+    /// The dead-letter queue: list it with the reason for each message, move it back
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// The DLQ's messages by id, sent time and receive count, with the reason PostgreSQL
+    /// refused each (never bodies). Receives them and makes them visible again at once: each
+    /// listing adds one to their receive counts in the DLQ
+    List {
+        #[command(flatten)]
+        dlq: DlqArgs,
+        /// One JSON array instead of the table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move every DLQ message back to the queue (SQS StartMessageMoveTask), once the cause of
+    /// the refusals is fixed, and wait until SQS has moved them
+    Redrive {
+        #[command(flatten)]
+        dlq: DlqArgs,
+        /// Start the move and exit; `loader dlq redrive` again shows how far it got
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// The dead-letter queue (default: the one the queue's redrive policy names)
+    #[arg(long, env = "LOADER_DLQ")]
+    pub dlq: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,8 +13,8 @@ use loader::sqs::Queue;
 use loader::{bench, db, keys, metrics, rebuild, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
-    BenchCommand, Cli, Command, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs, RunArgs,
-    SendArgs, TransformArgs,
+    BenchCommand, Cli, Command, DlqCommand, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs,
+    RunArgs, SendArgs, TransformArgs,
 };
 
 /// Exit codes users and schedulers can branch on.
@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
         Command::Purge(args) => purge(&settings, &args).await,
+        Command::Dlq(command) => dlq(&settings, &command).await,
         Command::Bench(command) => bench(&settings, &command).await,
     }
 }
@@ -301,6 +302,40 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
         );
         Ok(ExitCode::from(exit::INTERRUPTED))
     }
+}
+
+async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<ExitCode> {
+    let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
+    match command {
+        DlqCommand::List { dlq, json } => {
+            let pool = db::connect(settings.database_url()?, 1).await?;
+            let dlq = loader::dlq::resolve(&queue, dlq.dlq.as_deref()).await?;
+            let listed = loader::dlq::list(&dlq, &pool).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                print!("{}", loader::dlq::render(dlq.name(), &listed));
+            }
+        }
+        DlqCommand::Redrive { dlq, no_wait } => {
+            let dlq = loader::dlq::resolve(&queue, dlq.dlq.as_deref()).await?;
+            let poll = Duration::from_secs(1);
+            let task = loader::dlq::redrive(&queue, &dlq, !no_wait, poll, |t| {
+                let of = t.to_move.map_or_else(String::new, |n| format!(" of {n}"));
+                eprintln!("{}: {}{of} moved", t.status.to_lowercase(), t.moved);
+            })
+            .await?;
+            let of = task.to_move.map_or_else(String::new, |n| format!(" of {n}"));
+            println!(
+                "moving {} back to {}: {}, {}{of} moved",
+                dlq.name(),
+                queue.name(),
+                task.status.to_lowercase(),
+                task.moved
+            );
+        }
+    }
+    Ok(ExitCode::from(exit::OK))
 }
 
 async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
