@@ -11,7 +11,7 @@
 --
 -- In bounded, committed batches: a first purge of 10^9 rows is never one transaction (its
 -- locks, its WAL burst, its bloat), a kill loses at most the batch in progress, and rerunning
--- continues where it stopped (the purged rows have left the partial index it walks).
+-- continues where it stopped (the purged rows no longer match the partial index's predicate).
 -- Owner only. Each batch locks loader.maintenance_lock, so none runs during a rebuild or
 -- rotation's transaction.
 
@@ -34,13 +34,18 @@ begin
     -- A rebuild recomputes from the bodies: none is purged while one copies.
     perform loader._no_rebuild_copying('purge');
     -- raw_logins_unpurged_staged_at (V10): an index range over the bodies still held that are
-    -- old enough; pending rows in it are passed over, and stay.
+    -- old enough; pending rows in it are passed over, and stay. The pending check is a probe
+    -- per candidate row (a subplan), never a join: written as a plain NOT EXISTS, the planner
+    -- hashed the whole work list for every batch whenever its statistics still counted a
+    -- drained backlog (10^7 rows, before autovacuum's next analyze): 9 s per batch instead of
+    -- 0.13 s at 10^7 rows (README "Transform at scale").
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = now()
      where r.id = any (array(
                select c.id from loader.raw_logins c
                 where c.purged_at is null and c.staged_at < cutoff
-                  and not exists (select from loader.transform_queue q where q.raw_id = c.id)
+                  and not (select exists (select from loader.transform_queue q
+                                           where q.raw_id = c.id))
                 order by c.staged_at
                 limit max_rows
                   for update skip locked));
