@@ -4,6 +4,10 @@
 #   scripts/postgres.sh          reuse $DATABASE_URL (or the local server on 127.0.0.1:5432)
 #                                when it answers; else start a private cluster under target/
 #   scripts/postgres.sh stop     stop the private cluster this script started
+#   scripts/postgres.sh cron     start (or reuse) a second private cluster with pg_cron loaded
+#                                (Debian's postgresql-15-cron, installed when missing), for
+#                                `loader schedule` and its test; prints LOADER_CRON_DATABASE_URL
+#   scripts/postgres.sh cron-stop
 #
 # Prints `export DATABASE_URL=...` on stdout; progress goes to stderr. The URL must name a role
 # that may create databases and roles: the tests give each test its own database.
@@ -46,7 +50,10 @@ as_owner() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# start_private [DIR PORT EXTRA_POSTGRES_OPTIONS]: initdb (once) and start a cluster.
 start_private() {
+    local PG_DIR="${1:-$PG_DIR}" port="${2:-$LOADER_PG_PORT}" extra="${3:-}"
+    local PG_DATA="$PG_DIR/data" PG_SOCK="$PG_DIR"
     ensure_installed
     local bin
     bin="$(pg_bin)" || die "initdb not found even after installing PostgreSQL"
@@ -60,9 +67,9 @@ start_private() {
             --locale=C.UTF-8 >"$PG_DIR/initdb.log" 2>&1 ||
             die "initdb failed; see $PG_DIR/initdb.log"
     fi
-    log "starting the private cluster on 127.0.0.1:$LOADER_PG_PORT"
+    log "starting the private cluster on 127.0.0.1:$port"
     as_owner "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_SOCK/postgres.log" -w -t 60 start \
-        -o "-p $LOADER_PG_PORT -k $PG_SOCK -c listen_addresses=127.0.0.1 -c fsync=off" >&2 ||
+        -o "-p $port -k $PG_SOCK -c listen_addresses=127.0.0.1 -c fsync=off $extra" >&2 ||
         die "PostgreSQL did not start; see $PG_SOCK/postgres.log"
 }
 
@@ -85,12 +92,45 @@ start() {
 }
 
 stop() {
-    [ -f "$PG_DATA/postmaster.pid" ] || { log "no private cluster running"; return 0; }
-    as_owner "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast stop >&2
+    local data="${1:-$PG_DATA}"
+    [ -f "$data/postmaster.pid" ] || { log "no private cluster running"; return 0; }
+    as_owner "$(pg_bin)/pg_ctl" -D "$data" -m fast stop >&2
+}
+
+# The pg_cron cluster: pg_cron in shared_preload_libraries, its jobs kept in (and run against)
+# the database loader_cron, so loader's schedule can run there with no loader process.
+CRON_DIR="${PG_DIR%/pg}/pg-cron"
+[ "$PG_DIR" = "${PG_DIR%/pg}" ] && CRON_DIR="$PG_DIR-cron"
+CRON_PORT="${LOADER_PG_CRON_PORT:-55433}"
+CRON_URL="postgres://postgres@127.0.0.1:$CRON_PORT/loader_cron"
+
+cron() {
+    ensure_installed
+    local bin version
+    bin="$(pg_bin)"
+    version="$("$bin/postgres" --version | sed -E 's/.* ([0-9]+)\..*/\1/')"
+    if ! [ -f "$("$bin/pg_config" --sharedir 2>/dev/null || echo "/usr/share/postgresql/$version")/extension/pg_cron.control" ] &&
+        ! [ -f "/usr/share/postgresql/$version/extension/pg_cron.control" ]; then
+        [ "$(id -u)" = 0 ] || die "pg_cron is not installed: apt-get install postgresql-$version-cron"
+        log "installing pg_cron from Debian packages (postgresql-$version-cron)"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "postgresql-$version-cron" >&2
+    fi
+    if ! answers "${CRON_URL%/*}/postgres"; then
+        start_private "$CRON_DIR" "$CRON_PORT" \
+            "-c shared_preload_libraries=pg_cron -c cron.database_name=loader_cron"
+    fi
+    psql "${CRON_URL%/*}/postgres" -XAtqc "select 1 from pg_database where datname = 'loader_cron'" |
+        grep -q 1 || psql "${CRON_URL%/*}/postgres" -Xq -c "create database loader_cron" >&2
+    psql "$CRON_URL" -Xq -c "create extension if not exists pg_cron" >&2
+    log "PostgreSQL with pg_cron answering at $CRON_URL"
+    echo "export LOADER_CRON_DATABASE_URL='$CRON_URL'"
 }
 
 case "${1:-start}" in
 start) start ;;
 stop) stop ;;
-*) die "usage: $0 [start|stop]" ;;
+cron) cron ;;
+cron-stop) stop "$CRON_DIR/data" ;;
+*) die "usage: $0 [start|stop|cron|cron-stop]" ;;
 esac

@@ -129,6 +129,17 @@ async fn migrate_once(pool: &PgPool) -> Result<MigrateReport> {
             .with_context(|| format!("applying sql/{name}"))?;
         sql_files.push((*name).to_owned());
     }
+    sqlx::query(
+        "insert into loader.sql_applied (sql_md5, loader_version) values (md5($1), $2)
+         on conflict (singleton) do update
+            set sql_md5 = excluded.sql_md5, loader_version = excluded.loader_version,
+                applied_at = now()",
+    )
+    .bind(all_sql())
+    .bind(env!("CARGO_PKG_VERSION"))
+    .execute(&mut *tx)
+    .await
+    .context("recording the sql/ files applied")?;
     tx.commit().await.context("committing the migration")?;
     Ok(MigrateReport { applied, sql_files })
 }
@@ -145,6 +156,54 @@ async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
     );
     sqlx::raw_sql(&sql).execute(&mut *conn).await.context("creating schema loader")?;
     Ok(())
+}
+
+/// Every sql/ file this binary carries, concatenated in order (what `loader.sql_applied`
+/// fingerprints).
+fn all_sql() -> String {
+    SQL_FILES.iter().map(|(_, sql)| *sql).collect()
+}
+
+/// How the database's schema compares with this binary's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaState {
+    /// The newest migration applied (None: never migrated).
+    pub applied: Option<i64>,
+    /// The newest migration this binary carries.
+    pub latest: i64,
+    /// True when the sql/ files the last migrate applied are this binary's.
+    pub sql_current: bool,
+}
+
+/// Reads [`SchemaState`] (the owner can; other roles cannot read the history).
+pub async fn schema_state(pool: &PgPool) -> Result<SchemaState> {
+    let latest = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0);
+    let migrated: bool =
+        sqlx::query_scalar(&format!("select to_regclass('{HISTORY_TABLE}') is not null"))
+            .fetch_one(pool)
+            .await?;
+    if !migrated {
+        return Ok(SchemaState { applied: None, latest, sql_current: false });
+    }
+    let applied: Option<i64> =
+        sqlx::query_scalar(&format!("select max(version)::bigint from {HISTORY_TABLE}"))
+            .fetch_one(pool)
+            .await
+            .context("reading the migration history")?;
+    let sql_current: bool = sqlx::query_scalar(
+        "select coalesce((select sql_md5 = md5($1) from loader.sql_applied
+                           where to_regclass('loader.sql_applied') is not null), false)",
+    )
+    .bind(all_sql())
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false);
+    Ok(SchemaState { applied, latest, sql_current })
 }
 
 /// A concurrent `create ... if not exists` lost the race: 23505 on the catalog's unique index,

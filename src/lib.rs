@@ -39,6 +39,7 @@ pub mod counts;
 pub mod db;
 pub mod display;
 pub mod dlq;
+pub mod doctor;
 pub mod ingest;
 pub mod keys;
 #[cfg(feature = "lambda")]
@@ -51,6 +52,7 @@ pub mod reconcile;
 pub mod retention;
 pub mod retry;
 pub mod run;
+pub mod schedule;
 pub mod send;
 pub mod shutdown;
 pub mod sqs;

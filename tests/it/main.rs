@@ -4,6 +4,7 @@
 
 mod cli;
 mod dlq;
+mod doctor;
 mod faults;
 mod ingest;
 #[cfg(feature = "lambda")]
@@ -14,5 +15,6 @@ mod rebuild;
 mod reconcile;
 mod retention;
 mod run;
+mod schedule;
 mod support;
 mod transform;

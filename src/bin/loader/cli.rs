@@ -112,9 +112,53 @@ pub enum Command {
     /// The dead-letter queue: list it with the reason for each message, move it back
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Is this deployment set up right? One line per problem, with its fix; exit 0 when none
+    Doctor(DoctorArgs),
+    /// The SQL side on pg_cron: transform, purge and history pruning as database jobs
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// One JSON array of findings instead of lines
+    #[arg(long)]
+    pub json: bool,
+    /// The Lambda function's timeout in seconds, when the Lambda handler consumes the queue
+    /// (its visibility timeout must be at least six times it)
+    #[arg(long, env = "LOADER_LAMBDA_TIMEOUT")]
+    pub lambda_timeout: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Install (or replace) loader's pg_cron jobs in this database, run as the current role
+    Install {
+        /// pg_cron schedule of `call loader.transform()`: cron syntax, or `N seconds` on
+        /// pg_cron 1.5 and later
+        #[arg(long, default_value = "* * * * *")]
+        transform_every: String,
+        /// Also purge, daily, the bodies staged more than this many days ago
+        #[arg(long)]
+        purge_older_than_days: Option<u32>,
+        /// pg_cron schedule of the purge
+        #[arg(long, default_value = "30 3 * * *")]
+        purge_at: String,
+        /// Days of pg_cron run history (cron.job_run_details) to keep
+        #[arg(long, default_value_t = 7)]
+        keep_history_days: u32,
+    },
+    /// loader's pg_cron jobs and how their last run went
+    List {
+        /// JSON instead of lines
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove loader's pg_cron jobs
+    Remove,
 }
 
 #[derive(Debug, Subcommand)]

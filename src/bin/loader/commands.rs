@@ -13,8 +13,8 @@ use loader::sqs::Queue;
 use loader::{bench, db, keys, metrics, rebuild, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
-    BenchCommand, Cli, Command, DlqCommand, IngestArgs, KeysCommand, PurgeArgs, ReconcileArgs,
-    RunArgs, SendArgs, TransformArgs,
+    BenchCommand, Cli, Command, DlqCommand, DoctorArgs, IngestArgs, KeysCommand, PurgeArgs,
+    ReconcileArgs, RunArgs, ScheduleCommand, SendArgs, TransformArgs,
 };
 
 /// Exit codes users and schedulers can branch on.
@@ -26,7 +26,7 @@ pub mod exit {
     /// Bad command line (clap's own code).
     #[expect(dead_code, reason = "clap exits with it itself; named for the table of codes")]
     pub const USAGE: u8 = 2;
-    /// `loader reconcile` found a broken invariant.
+    /// `loader reconcile` found a broken invariant, or `loader doctor` a problem.
     pub const GAP: u8 = 3;
     /// `loader purge` stopped by SIGINT/SIGTERM before it finished; running it again continues.
     pub const INTERRUPTED: u8 = 4;
@@ -52,6 +52,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status => status(&settings).await,
         Command::Purge(args) => purge(&settings, &args).await,
         Command::Dlq(command) => dlq(&settings, &command).await,
+        Command::Schedule(command) => schedule(&settings, &command).await,
+        Command::Doctor(args) => doctor(&settings, &args).await,
         Command::Bench(command) => bench(&settings, &command).await,
     }
 }
@@ -302,6 +304,71 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
         );
         Ok(ExitCode::from(exit::INTERRUPTED))
     }
+}
+
+async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
+    use loader::doctor::{self, Finding};
+    let options = doctor::Options { lambda_timeout: args.lambda_timeout.map(Duration::from_secs) };
+    let url = settings.database_url()?;
+    let wants_tls = ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
+        .iter()
+        .any(|mode| url.expose().contains(mode));
+    let mut findings = match db::connect(url, 1).await {
+        Ok(pool) => doctor::database(&pool, wants_tls).await,
+        Err(e) => vec![Finding {
+            check: "database",
+            ok: false,
+            problem: Some(format!("{e:#}")),
+            fix: Some("check DATABASE_URL and that PostgreSQL is up".into()),
+        }],
+    };
+    let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await;
+    findings.extend(doctor::queue(queue, &options).await);
+    let problems = findings.iter().filter(|f| !f.ok).count();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&findings)?);
+    } else {
+        for f in &findings {
+            match (&f.problem, &f.fix) {
+                (Some(problem), Some(fix)) => println!("FAIL  {}: {problem}. Fix: {fix}", f.check),
+                _ => println!("ok    {}", f.check),
+            }
+        }
+        println!("{problems} problem(s)");
+    }
+    Ok(ExitCode::from(if problems == 0 { exit::OK } else { exit::GAP }))
+}
+
+async fn schedule(settings: &Settings, command: &ScheduleCommand) -> Result<ExitCode> {
+    use loader::schedule;
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    match command {
+        ScheduleCommand::Install {
+            transform_every,
+            purge_older_than_days,
+            purge_at,
+            keep_history_days,
+        } => {
+            let plan = schedule::Plan {
+                transform_every: transform_every.clone(),
+                purge: purge_older_than_days.map(|days| (purge_at.clone(), days)),
+                keep_history_days: *keep_history_days,
+            };
+            print!("{}", schedule::render(&schedule::install(&pool, &plan).await?));
+        }
+        ScheduleCommand::List { json } => {
+            let jobs = schedule::list(&pool).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                print!("{}", schedule::render(&jobs));
+            }
+        }
+        ScheduleCommand::Remove => {
+            println!("removed {} loader jobs from pg_cron", schedule::remove(&pool).await?);
+        }
+    }
+    Ok(ExitCode::from(exit::OK))
 }
 
 async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<ExitCode> {

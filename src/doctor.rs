@@ -1,0 +1,336 @@
+//! `loader doctor`: is this deployment set up right? One finding per check, each problem with
+//! its fix. Run as the owner role (it reads the migration history and the key table).
+//!
+//! Side effects, kept to what a check needs: the receive check calls ReceiveMessage with a
+//! visibility timeout of 0 (a message it happens to get stays visible, but SQS counts one more
+//! receive for it), and the delete check deletes nothing (it sends a receipt handle that cannot
+//! exist and reads whether SQS refused the call or the handle).
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::db;
+use crate::sqs::Queue;
+
+/// The shortest queue visibility timeout loader is set up for: the keeper extends held
+/// messages when half of it has passed, and a flush (linger, staging, commit) must fit well
+/// inside that half even when PostgreSQL is slow.
+pub const MIN_VISIBILITY: Duration = Duration::from_secs(10);
+
+/// AWS's advice for a queue a Lambda function consumes: a visibility timeout of at least six
+/// times the function's timeout.
+pub const LAMBDA_VISIBILITY_FACTOR: u32 = 6;
+
+/// The privileges README "Roles" documents, exactly (`privileges_of` lists them the same way).
+pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
+    ("public", &[]),
+    (
+        "loader_ingest",
+        &[
+            "execute loader.finish_run(bigint,text)",
+            "execute loader.record_deletes(bigint,text,bigint,bigint)",
+            "execute loader.record_refusals(bigint,text,text[],text[],text[])",
+            "execute loader.register_run(text,text,text)",
+            "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],bigint)",
+            "usage schema loader",
+        ],
+    ),
+    (
+        "loader_analyst",
+        &[
+            "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
+            "execute loader.transform_batch(integer,boolean)",
+            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused)",
+            "select loader.login_rejects",
+            "select loader.mask_key_info",
+            "select loader.pipeline_status",
+            "select loader.refusals",
+            "select loader.transform_queue",
+            "select loader.transform_state",
+            "select public.user_logins",
+            "usage schema loader",
+        ],
+    ),
+];
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub check: &'static str,
+    pub ok: bool,
+    /// What is wrong (None when ok).
+    pub problem: Option<String>,
+    /// How to fix it (None when ok).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(check: &'static str) -> Self {
+        Self { check, ok: true, problem: None, fix: None }
+    }
+
+    fn problem(check: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self { check, ok: false, problem: Some(problem.into()), fix: Some(fix.into()) }
+    }
+
+    fn from(check: &'static str, problem: Option<(String, String)>) -> Self {
+        match problem {
+            None => Self::ok(check),
+            Some((problem, fix)) => Self::problem(check, problem, fix),
+        }
+    }
+}
+
+/// What to check besides the database.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The Lambda function's timeout, when the Lambda handler consumes the queue.
+    pub lambda_timeout: Option<Duration>,
+}
+
+/// Every database check, on a pool connected with the deployment's URL; `wants_tls` when the
+/// URL's sslmode asks for TLS.
+pub async fn database(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let tls: Result<bool> = sqlx::query_scalar(
+        "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(Into::into);
+    findings.push(match tls {
+        Err(e) => {
+            return vec![Finding::problem(
+                "database",
+                format!("{e:#}"),
+                "check DATABASE_URL and that PostgreSQL is up",
+            )];
+        }
+        Ok(false) if wants_tls => Finding::problem(
+            "database",
+            "the URL asks for TLS (sslmode) but the connection is not encrypted",
+            "turn on ssl in postgresql.conf, or fix sslmode in DATABASE_URL",
+        ),
+        Ok(_) => Finding::ok("database"),
+    });
+
+    findings.push(Finding::from(
+        "migrations",
+        match db::schema_state(pool).await {
+            Err(e) => Some((
+                format!("cannot read the migration history: {e:#}"),
+                "run doctor as the owner role".into(),
+            )),
+            Ok(s) if s.applied.is_none() => {
+                Some(("the database was never migrated".into(), "run `loader migrate`".into()))
+            }
+            Ok(s) if s.applied != Some(s.latest) => Some((
+                format!(
+                    "migrations applied up to V{}, this loader carries V{}",
+                    s.applied.unwrap_or(0),
+                    s.latest
+                ),
+                "run `loader migrate` with this loader (or deploy the loader that migrated)".into(),
+            )),
+            Ok(s) if !s.sql_current => Some((
+                "the SQL functions in the database are not this loader's sql/ files".into(),
+                "run `loader migrate` with this loader".into(),
+            )),
+            Ok(_) => None,
+        },
+    ));
+
+    let pgcrypto: Result<Option<String>, _> = sqlx::query_scalar(
+        "select extnamespace::regnamespace::text from pg_extension where extname = 'pgcrypto'",
+    )
+    .fetch_optional(pool)
+    .await;
+    findings.push(Finding::from("pgcrypto", match pgcrypto {
+        Ok(Some(schema)) if schema == "public" => None,
+        Ok(Some(schema)) => Some((
+            format!("pgcrypto is in schema {schema}, loader calls it in public"),
+            "alter extension pgcrypto set schema public".into(),
+        )),
+        Ok(None) => Some(("pgcrypto is not installed".into(), "create extension pgcrypto with schema public (loader migrate does, as a role that may)".into())),
+        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
+    }));
+
+    let keys: Result<i64, _> =
+        sqlx::query_scalar("select count(*) from loader.mask_keys where retired_at is null")
+            .fetch_one(pool)
+            .await;
+    findings.push(Finding::from(
+        "active key",
+        match keys {
+            Ok(1) => None,
+            Ok(0) => Some((
+                "no active masking key: the transform cannot run".into(),
+                "run `loader migrate` (it creates one) or `loader keys rotate`".into(),
+            )),
+            Ok(n) => Some((
+                format!("{n} active masking keys"),
+                "retire all but one (`loader keys list`, then `loader keys rotate`)".into(),
+            )),
+            Err(e) => Some((
+                format!("cannot read loader.mask_keys: {e:#}"),
+                "run doctor as the owner role, after `loader migrate`".into(),
+            )),
+        },
+    ));
+
+    for (role, documented) in DOCUMENTED_PRIVILEGES {
+        let check = match *role {
+            "public" => "privileges of PUBLIC",
+            "loader_ingest" => "privileges of loader_ingest",
+            _ => "privileges of loader_analyst",
+        };
+        findings.push(Finding::from(check, match privileges_of(pool, role).await {
+            Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
+            Ok(actual) => {
+                let extra: Vec<&String> = actual.iter().filter(|p| !documented.contains(&p.as_str())).collect();
+                let missing: Vec<&&str> = documented.iter().filter(|p| !actual.iter().any(|a| a == *p)).collect();
+                (!extra.is_empty() || !missing.is_empty()).then(|| (
+                    format!("{role} differs from README \"Roles\": extra {extra:?}, missing {missing:?}"),
+                    "revoke what was granted by hand, then run `loader migrate` (it re-grants exactly)".into(),
+                ))
+            }
+        }));
+    }
+
+    // Analyst logins: members of loader_analyst that can log in to this database need both
+    // timeouts, set on the role (in any database or this one) or on this database for everyone.
+    // (A cluster shared by several deployments: revoke CONNECT from PUBLIC and grant it per
+    // role, and each deployment's doctor looks at its own analysts.)
+    let loose: Result<Vec<String>, _> = sqlx::query_scalar(
+        "select r.rolname from pg_roles r
+          where r.rolcanlogin and not r.rolsuper
+            and pg_has_role(r.oid, 'loader_analyst', 'member')
+            and has_database_privilege(r.oid, current_database(), 'connect')
+            and exists (select from unnest(array['statement_timeout', 'idle_in_transaction_session_timeout']) s(name)
+                         where not exists (
+                             select from pg_db_role_setting d, unnest(d.setconfig) c
+                              where d.setdatabase in (0, (select oid from pg_database where datname = current_database()))
+                                and d.setrole in (0, r.oid)
+                                and split_part(c, '=', 1) = s.name
+                                and split_part(c, '=', 2) not in ('0', '')))
+          order by 1",
+    )
+    .fetch_all(pool)
+    .await;
+    findings.push(Finding::from("analyst timeouts", match loose {
+        Ok(roles) if roles.is_empty() => None,
+        Ok(roles) => Some((
+            format!("analyst logins without statement_timeout and idle_in_transaction_session_timeout: {}", roles.join(", ")),
+            "alter role NAME set statement_timeout = '5min'; alter role NAME set idle_in_transaction_session_timeout = '1min'".into(),
+        )),
+        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
+    }));
+    findings
+}
+
+/// The privileges `role` has in schemas loader and public, one line each, sorted: functions it
+/// may execute (extension functions excluded), table and column privileges, schema usage or
+/// create. The form [`DOCUMENTED_PRIVILEGES`] uses.
+pub async fn privileges_of(pool: &PgPool, role: &str) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "with rels as (
+             select c.oid, c.relname, n.nspname
+               from pg_class c join pg_namespace n on n.oid = c.relnamespace
+              where n.nspname in ('loader', 'public') and c.relkind in ('r', 'v', 'm', 'p', 'S')
+         ), privs(p) as (values ('select'), ('insert'), ('update'), ('delete'), ('truncate'),
+                                ('references'), ('trigger'))
+         select 'execute ' || p.oid::regprocedure::text
+           from pg_proc p
+          where p.pronamespace in ('loader'::regnamespace, 'public'::regnamespace)
+            and not exists (select from pg_depend d
+                             where d.classid = 'pg_proc'::regclass and d.objid = p.oid
+                               and d.deptype = 'e')
+            and has_function_privilege($1, p.oid, 'execute')
+         union all
+         select v.p || ' ' || r.nspname || '.' || r.relname
+           from rels r cross join privs v
+          where has_table_privilege($1, r.oid, v.p)
+         union all
+         select v.p || ' ' || r.nspname || '.' || r.relname || '('
+                || string_agg(a.attname, ', ' order by a.attnum) || ')'
+           from rels r cross join (values ('select'), ('insert'), ('update')) v(p)
+           join pg_attribute a on a.attrelid = r.oid and a.attnum > 0 and not a.attisdropped
+          where not has_table_privilege($1, r.oid, v.p)
+            and has_column_privilege($1, r.oid, a.attname, v.p)
+          group by v.p, r.nspname, r.relname
+         union all
+         select 'usage schema ' || n.nspname from pg_namespace n
+          where n.nspname = 'loader' and has_schema_privilege($1, n.oid, 'usage')
+         union all
+         select 'create schema ' || n.nspname from pg_namespace n
+          where n.nspname in ('loader', 'public') and has_schema_privilege($1, n.oid, 'create')
+         order by 1",
+    )
+    .bind(role)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The queue checks: it exists, has a DLQ by redrive policy, a long enough visibility timeout,
+/// and the credentials may receive and delete.
+pub async fn queue(queue: Result<Queue>, options: &Options) -> Vec<Finding> {
+    let queue = match queue {
+        Ok(q) => q,
+        Err(e) => {
+            return vec![Finding::problem(
+                "queue",
+                format!("{e:#}"),
+                "create the queue (deploy/template.yaml does), or fix SQS_QUEUE, the region and the endpoint",
+            )];
+        }
+    };
+    let mut findings = vec![Finding::ok("queue")];
+    findings.push(Finding::from("dead-letter queue", match queue.dead_letter_queue().await {
+        Ok(Some(_)) => None,
+        Ok(None) => Some((
+            format!("'{}' has no redrive policy: a message PostgreSQL refuses is retried forever", queue.name()),
+            "set a RedrivePolicy with a deadLetterTargetArn and maxReceiveCount (deploy/template.yaml has one)".into(),
+        )),
+        Err(e) => Some((format!("{e:#}"), "check that the DLQ named by the redrive policy exists".into())),
+    }));
+    let needed = match options.lambda_timeout {
+        Some(t) => (t * LAMBDA_VISIBILITY_FACTOR).max(MIN_VISIBILITY),
+        None => MIN_VISIBILITY,
+    };
+    findings.push(Finding::from(
+        "visibility timeout",
+        match queue.visibility_timeout().await {
+            Ok(v) if v >= needed => None,
+            Ok(v) => Some((
+                format!(
+                    "VisibilityTimeout is {} s; loader needs at least {} s{}",
+                    v.as_secs(),
+                    needed.as_secs(),
+                    if options.lambda_timeout.is_some() { " (6x the Lambda timeout)" } else { "" }
+                ),
+                format!("set the queue's VisibilityTimeout to {} s or more", needed.as_secs()),
+            )),
+            Err(e) => Some((format!("{e:#}"), "allow sqs:GetQueueAttributes".into())),
+        },
+    ));
+    findings.push(Finding::from(
+        "receive permission",
+        queue
+            .can_receive()
+            .await
+            .err()
+            .map(|e| (format!("{e:#}"), "allow sqs:ReceiveMessage on the queue".to_owned())),
+    ));
+    findings.push(Finding::from(
+        "delete permission",
+        queue
+            .can_delete()
+            .await
+            .err()
+            .map(|e| (format!("{e:#}"), "allow sqs:DeleteMessage on the queue".to_owned())),
+    ));
+    findings
+}

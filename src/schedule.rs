@@ -1,0 +1,164 @@
+//! The SQL side on pg_cron (`loader schedule`): where PostgreSQL can schedule its own work (RDS,
+//! most managed PostgreSQL, Debian's `postgresql-15-cron`), the incremental transform, the
+//! daily purge and the pruning of pg_cron's own history run as pg_cron jobs, with no loader
+//! process. Ingest still needs a process (or the Lambda handler): SQS does not push into
+//! PostgreSQL.
+//!
+//! The jobs run in this database as the role that installs them (the owner: the purge is
+//! owner-only), through pg_cron's libpq connection to `cron.host`, so that role must be able to
+//! log in there (a `.pgpass`, or `cron.use_background_workers = on`). pg_cron keeps its jobs in
+//! the one database named by `cron.database_name`; this command must run there.
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+/// Every job this command installs is named with this prefix.
+pub const PREFIX: &str = "loader-";
+
+/// What to schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// pg_cron schedule of `call loader.transform()`: cron syntax (`* * * * *`, every minute)
+    /// or, on pg_cron 1.5 and later, `N seconds`.
+    pub transform_every: String,
+    /// `(schedule, days)`: `call loader.purge_staged('days days')` on that schedule.
+    pub purge: Option<(String, u32)>,
+    /// pg_cron's run history (`cron.job_run_details`) older than this many days is deleted
+    /// daily.
+    pub keep_history_days: u32,
+}
+
+/// One scheduled job, with its latest run.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Job {
+    pub name: String,
+    pub schedule: String,
+    pub command: String,
+    pub username: String,
+    pub active: bool,
+    pub last_status: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_start: Option<OffsetDateTime>,
+}
+
+/// Fails with the setup to do when pg_cron is not usable from this database.
+async fn require_pg_cron(pool: &PgPool) -> Result<()> {
+    let (installed, cron_database, here): (bool, Option<String>, String) = sqlx::query_as(
+        "select exists (select from pg_extension where extname = 'pg_cron'),
+                current_setting('cron.database_name', true), current_database()",
+    )
+    .fetch_one(pool)
+    .await
+    .context("checking for pg_cron")?;
+    if !installed {
+        bail!(
+            "pg_cron is not installed in database {here}: add pg_cron to shared_preload_libraries, \
+             set cron.database_name = '{here}', restart, then `create extension pg_cron` \
+             (README \"Operating it: pg_cron\"){}",
+            cron_database.map_or_else(String::new, |d| format!("; pg_cron keeps its jobs in {d}"))
+        );
+    }
+    Ok(())
+}
+
+/// Installs (or replaces) loader's jobs; returns them.
+pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
+    require_pg_cron(pool).await?;
+    let mut jobs = vec![(
+        format!("{PREFIX}transform"),
+        plan.transform_every.clone(),
+        "call loader.transform()".to_owned(),
+    )];
+    if let Some((schedule, days)) = &plan.purge {
+        jobs.push((
+            format!("{PREFIX}purge"),
+            schedule.clone(),
+            format!("call loader.purge_staged(interval '{days} days')"),
+        ));
+    }
+    jobs.push((
+        format!("{PREFIX}prune-cron-history"),
+        "0 4 * * *".to_owned(),
+        format!(
+            "delete from cron.job_run_details where end_time < now() - interval '{} days'",
+            plan.keep_history_days
+        ),
+    ));
+    let mut tx = pool.begin().await?;
+    remove_in(&mut tx).await?;
+    for (name, schedule, command) in &jobs {
+        sqlx::query(
+            "select cron.schedule_in_database($1, $2, $3, current_database(), current_user, true)",
+        )
+        .bind(name)
+        .bind(schedule)
+        .bind(command)
+        .execute(&mut *tx)
+        .await
+        .with_context(|| format!("scheduling {name} ('{schedule}')"))?;
+    }
+    tx.commit().await?;
+    list(pool).await
+}
+
+/// loader's jobs and their latest runs.
+pub async fn list(pool: &PgPool) -> Result<Vec<Job>> {
+    require_pg_cron(pool).await?;
+    sqlx::query_as(
+        "select j.jobname as name, j.schedule, j.command, j.username, j.active,
+                d.status as last_status, d.start_time as last_start
+           from cron.job j
+           left join lateral (select r.status, r.start_time from cron.job_run_details r
+                               where r.jobid = j.jobid order by r.start_time desc limit 1) d on true
+          where j.jobname like $1 || '%'
+          order by j.jobname",
+    )
+    .bind(PREFIX)
+    .fetch_all(pool)
+    .await
+    .context("reading cron.job")
+}
+
+/// Removes loader's jobs; returns how many there were.
+pub async fn remove(pool: &PgPool) -> Result<u64> {
+    require_pg_cron(pool).await?;
+    let mut tx = pool.begin().await?;
+    let n = remove_in(&mut tx).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+async fn remove_in(tx: &mut sqlx::PgConnection) -> Result<u64> {
+    let removed: Vec<bool> = sqlx::query_scalar(
+        "select cron.unschedule(jobid) from cron.job where jobname like $1 || '%'",
+    )
+    .bind(PREFIX)
+    .fetch_all(&mut *tx)
+    .await
+    .context("removing loader's pg_cron jobs")?;
+    Ok(removed.len() as u64)
+}
+
+/// The human listing.
+pub fn render(jobs: &[Job]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for j in jobs {
+        let last = match (&j.last_status, j.last_start) {
+            (Some(status), start) => format!("{status} at {}", crate::display::timestamp(start)),
+            _ => "not run yet".to_owned(),
+        };
+        let active = if j.active { "" } else { " (inactive)" };
+        let _ = writeln!(
+            out,
+            "{}{active}: '{}' as {}: {}; last run: {last}",
+            j.name, j.schedule, j.username, j.command
+        );
+    }
+    if jobs.is_empty() {
+        out.push_str("no loader jobs in pg_cron\n");
+    }
+    out
+}

@@ -1,0 +1,122 @@
+//! `loader doctor`: a deployment set up as documented passes; each thing broken on purpose is
+//! reported by its own check, with a fix, and exit 3.
+
+use std::collections::BTreeSet;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use serde_json::Value;
+
+use crate::support::{TestEnv, loader};
+
+/// The checks that fail, by name (and the exit code).
+fn failing(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeSet<String>) {
+    let mut args = vec!["doctor", "--json"];
+    args.extend_from_slice(extra);
+    let out = loader(url, queue, &args);
+    let findings: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    for f in &findings {
+        if f["ok"] == false {
+            assert!(f["fix"].as_str().is_some_and(|s| !s.is_empty()), "a fix for {f}");
+        }
+    }
+    let names = findings
+        .iter()
+        .filter(|f| f["ok"] == false)
+        .map(|f| f["check"].as_str().unwrap().to_owned())
+        .collect();
+    (out.status.code(), names)
+}
+
+async fn sql(pool: &sqlx::PgPool, sql: &str) {
+    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn set_queue_attribute(env: &TestEnv, name: QueueAttributeName, value: &str) {
+    let q = &env.queue.queue;
+    q.client()
+        .set_queue_attributes()
+        .queue_url(q.url())
+        .attributes(name, value)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose() {
+    let env = TestEnv::new(30).await;
+    let _dlq = env.queue.attach_dead_letter_queue(5).await;
+    let (db, queue) = (&env.db, env.queue.name.as_str());
+    // This deployment's analysts are the roles granted CONNECT here (other tests' are not).
+    sql(&db.admin, &format!("revoke connect on database {} from public", db.name)).await;
+    let healthy = (Some(0), BTreeSet::new());
+    let expect = |check: &str| (Some(3), BTreeSet::from([check.to_owned()]));
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
+    // An analyst login without timeouts, then with them.
+    let analyst = crate::support::unique_name("analyst");
+    let login = format!(
+        "create role {analyst} login in role loader_analyst;
+         grant connect on database {} to {analyst}",
+        db.name
+    );
+    sql(&db.admin, &login).await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("analyst timeouts"));
+    let timeouts = format!(
+        "alter role {analyst} set statement_timeout = '5min';
+         alter role {analyst} in database {} set idle_in_transaction_session_timeout = '1min'",
+        db.name
+    );
+    sql(&db.admin, &timeouts).await;
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
+    // A grant beyond the documented ones.
+    sql(&db.pool, "grant select on loader.raw_logins to loader_analyst").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("privileges of loader_analyst"));
+    sql(&db.pool, "revoke select on loader.raw_logins from loader_analyst").await;
+
+    // No active key.
+    sql(&db.pool, "update loader.mask_keys set retired_at = now() where retired_at is null").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("active key"));
+    sql(&db.pool, "update loader.mask_keys set retired_at = null where id = (select max(id) from loader.mask_keys)").await;
+
+    // Functions that are not this binary's, then a migration missing.
+    sql(&db.pool, "update loader.sql_applied set sql_md5 = 'edited by hand'").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("migrations"));
+    crate::support::loader_ok(&db.url, queue, &["migrate"]);
+    sql(&db.pool, "create table saved as select * from loader.refinery_schema_history
+                    where version = (select max(version) from loader.refinery_schema_history);
+                   delete from loader.refinery_schema_history where version = (select version from saved)").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("migrations"));
+    sql(
+        &db.pool,
+        "insert into loader.refinery_schema_history select * from saved; drop table saved",
+    )
+    .await;
+
+    // pgcrypto moved out of public.
+    sql(&db.admin, "create schema moved; alter extension pgcrypto set schema moved").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("pgcrypto"));
+    sql(&db.admin, "alter extension pgcrypto set schema public; drop schema moved").await;
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
+    // The queue: a visibility timeout too short (for loader, then for a 60 s Lambda), no DLQ,
+    // or no queue at all.
+    set_queue_attribute(&env, QueueAttributeName::VisibilityTimeout, "5").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("visibility timeout"));
+    set_queue_attribute(&env, QueueAttributeName::VisibilityTimeout, "300").await;
+    assert_eq!(failing(&db.url, queue, &["--lambda-timeout", "60"]), expect("visibility timeout"));
+    assert_eq!(failing(&db.url, queue, &["--lambda-timeout", "50"]), healthy);
+    set_queue_attribute(&env, QueueAttributeName::RedrivePolicy, "").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("dead-letter queue"));
+    assert_eq!(failing(&db.url, "no-such-queue", &[]), expect("queue"));
+
+    // TLS asked for, from a server without it (the private pg_cron cluster runs without
+    // ssl): the database check says so, the queue checks still run.
+    let plain = crate::support::required_env("LOADER_CRON_DATABASE_URL");
+    let (code, failed) = failing(&format!("{plain}?sslmode=require"), queue, &[]);
+    assert_eq!(code, Some(3));
+    assert!(failed.contains("database") && failed.contains("dead-letter queue"), "{failed:?}");
+    sql(&db.admin, &format!("drop owned by {analyst}; drop role {analyst}")).await;
+}

@@ -1,0 +1,96 @@
+//! `loader schedule` on a real pg_cron: the private cluster `scripts/postgres.sh cron` starts
+//! (pg_cron in shared_preload_libraries, jobs in database loader_cron). Staged rows get loaded
+//! by the database itself, with no loader process running.
+
+use std::time::Duration;
+
+use crate::support::{loader, loader_ok, required_env, unique_name};
+
+#[tokio::test]
+async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
+    let url = required_env("LOADER_CRON_DATABASE_URL");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    loader_ok(&url, "unused", &["migrate"]);
+    // One test at a time owns this database's schedule: the others wait for the lock.
+    let mut lock = pool.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock(7263)").execute(&mut *lock).await.unwrap();
+
+    let prefix = unique_name("cron");
+    sqlx::raw_sql(&format!(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         select '{prefix}-' || g,
+                jsonb_build_object('user_id', 'u' || g, 'device_id', 'd' || g, 'ip', '10.1.2.' || g),
+                true, 'cron'
+           from generate_series(1, 30) g;
+         insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         values ('{prefix}-bad', '{{\"no\": \"user\"}}', true, 'cron')"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let installed = loader_ok(
+        &url,
+        "unused",
+        &["schedule", "install", "--purge-older-than-days", "30", "--keep-history-days", "3"],
+    );
+    for expected in [
+        "loader-transform: '* * * * *' as postgres: call loader.transform()",
+        "loader-purge: '30 3 * * *' as postgres: call loader.purge_staged(interval '30 days')",
+        "loader-prune-cron-history: '0 4 * * *'",
+        "interval '3 days'",
+    ] {
+        assert!(installed.contains(expected), "{expected}: {installed}");
+    }
+    // Installing again replaces, never duplicates.
+    loader_ok(&url, "unused", &["schedule", "install"]);
+    let jobs: Vec<String> =
+        sqlx::query_scalar("select jobname from cron.job where jobname like 'loader-%' order by 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, ["loader-prune-cron-history", "loader-transform"]);
+
+    // pg_cron runs the transform at the next minute: every row gets its outcome.
+    let like = format!("{prefix}-%");
+    let mut outcomes = 0;
+    for _ in 0..150 {
+        outcomes = sqlx::query_scalar::<_, i64>(
+            "select (select count(*) from public.user_logins where message_id like $1)
+                  + (select count(*) from loader.login_rejects where message_id like $1)",
+        )
+        .bind(&like)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if outcomes == 31 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(outcomes, 31, "pg_cron loaded 30 and rejected 1 within 150 s");
+    let listed = loader_ok(&url, "unused", &["schedule", "list"]);
+    assert!(
+        listed.contains("loader-transform") && listed.contains("last run: succeeded"),
+        "{listed}"
+    );
+
+    assert_eq!(
+        loader_ok(&url, "unused", &["schedule", "remove"]).trim(),
+        "removed 2 loader jobs from pg_cron"
+    );
+    assert!(loader_ok(&url, "unused", &["schedule", "list"]).contains("no loader jobs"));
+    sqlx::query("select pg_advisory_unlock(7263)").execute(&mut *lock).await.unwrap();
+}
+
+#[tokio::test]
+async fn schedule_explains_the_setup_where_pg_cron_is_missing() {
+    let db = crate::support::TestDb::migrated().await;
+    let out = loader(&db.url, "unused", &["schedule", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pg_cron is not installed") && stderr.contains("shared_preload_libraries"),
+        "{stderr}"
+    );
+}
