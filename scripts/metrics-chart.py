@@ -82,13 +82,12 @@ def panel(x0, y0, w, h, title, xs, series, unit):
     xmax = max(xs) or 1
     px = lambda x: x0 + left + (w - left - right) * x / xmax
     py = lambda y: y0 + top + (h - top - bottom) * (1 - y / ymax)
-    out = [f'<text x="{x0 + left}" y="{y0 + 16}" font-weight="bold">{title}</text>']
+    out = [f'<text x="{x0 + left}" y="{y0 + 16}"><tspan font-weight="bold">{title}</tspan> ({unit})</text>']
     for i in range(5):
         y = ymax * i / 4
         out.append(f'<line x1="{x0 + left}" x2="{x0 + w - right}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{x0 + left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">{y:,.0f}</text>')
     out.append(f'<text x="{x0 + w - right}" y="{py(0) + 14:.1f}" text-anchor="end">{xmax:.0f} s</text>')
-    out.append(f'<text x="{x0 + 12}" y="{y0 + top - 6}">{unit}</text>')
     for n, (label, values) in enumerate(series):
         colour = COLOURS[n % len(COLOURS)]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, values) if y is not None)
