@@ -15,6 +15,13 @@ LOADER_LOCALSTACK_ADDR="${LOADER_LOCALSTACK_ADDR:-127.0.0.1:4566}"
 
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# as_root COMMAND...: run it as root (directly, or through passwordless sudo, as on CI runners);
+# fails when neither is possible.
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"
+    else return 1; fi
+}
 
 # start_daemon NAME STATE_DIR HEALTH_FN SECONDS COMMAND...: run COMMAND detached in its own
 # session from STATE_DIR (log: STATE_DIR/NAME.log, pid: STATE_DIR/pid), then wait up to SECONDS

@@ -109,12 +109,11 @@ cron() {
     local bin version
     bin="$(pg_bin)"
     version="$("$bin/postgres" --version | sed -E 's/.* ([0-9]+)\..*/\1/')"
-    if ! [ -f "$("$bin/pg_config" --sharedir 2>/dev/null || echo "/usr/share/postgresql/$version")/extension/pg_cron.control" ] &&
-        ! [ -f "/usr/share/postgresql/$version/extension/pg_cron.control" ]; then
-        [ "$(id -u)" = 0 ] || die "pg_cron is not installed: apt-get install postgresql-$version-cron"
-        log "installing pg_cron from Debian packages (postgresql-$version-cron)"
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "postgresql-$version-cron" >&2
+    if ! [ -f "/usr/share/postgresql/$version/extension/pg_cron.control" ]; then
+        log "installing pg_cron from the distribution's packages (postgresql-$version-cron)"
+        { as_root apt-get update -qq >&2 &&
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "postgresql-$version-cron" >&2; } ||
+            die "pg_cron is not installed: apt-get install postgresql-$version-cron"
     fi
     if ! answers "${CRON_URL%/*}/postgres"; then
         start_private "$CRON_DIR" "$CRON_PORT" \

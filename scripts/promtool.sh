@@ -16,8 +16,7 @@ if ! [ -x "$dir/usr/bin/promtool" ]; then
     log "unpacking promtool from Debian's prometheus package into $dir (once)"
     rm -rf "$dir" && mkdir -p "$dir/deb"
     if ! (cd "$dir/deb" && apt-get download prometheus >&2 2>/dev/null); then
-        [ "$(id -u)" = 0 ] || die "promtool is missing: apt-get install prometheus"
-        apt-get update -qq >&2
+        as_root apt-get update -qq >&2 || die "promtool is missing: apt-get install prometheus"
         (cd "$dir/deb" && apt-get download prometheus >&2)
     fi
     dpkg-deb -x "$dir"/deb/prometheus_*.deb "$dir"
