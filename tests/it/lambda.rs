@@ -103,6 +103,13 @@ async fn a_record_the_database_refuses_is_the_only_failure_reported() {
             .await
             .unwrap();
     assert_eq!((received, staged, refused), (99, 99, 1), "the refused record is counted apart");
+    // And recorded in the ledger, as `loader ingest` records it, for `loader dlq list`.
+    let ledger: (String, String, Option<String>) =
+        sqlx::query_as("select message_id, sqlstate, constraint_name from loader.refusals")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ledger, ("fixture-7".into(), "23514".into(), Some("test_refuses_one".into())));
 }
 
 #[tokio::test]
