@@ -22,10 +22,15 @@
 //!   - [`rebuild`]: online rebuild and key rotation (parallel copy, then one swap);
 //!   - [`retention`]: purging old raw bodies in committed batches;
 //!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap), and `status`;
+//!     where each refused message is now, with [`dlq`];
+//!   - [`dlq`]: the dead-letter queue listed with the recorded refusals, and redriven;
+//!   - [`doctor`]: whether a deployment is set up right, one finding per check;
+//!   - [`schedule`]: the transform and the purge as pg_cron jobs;
 //!   - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres);
 //!   - [`send`]: publishing fixture files or synthetic events.
 //! - **adapters**: [`db`] (the pool and `loader migrate`), [`sqs`] (receive, delete, send,
-//!   attributes), [`metrics`] (the Prometheus names, `--metrics-addr`).
+//!   attributes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
+//!   `--metrics-addr`, the queue's gauges read through [`sqs`]).
 //! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
 //!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
 //!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at
