@@ -23,8 +23,9 @@ PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
 loader migrate >/dev/null
 loader send --generate 1 --seed 0 >/dev/null   # creates the queue
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-loader run --metrics-addr "127.0.0.1:$port" --queue-metrics-interval 1 --transform-interval 1 \
-    >/dev/null &
+# The binary itself, not the function: $! must be its pid for the kill below.
+target/release/loader run --metrics-addr "127.0.0.1:$port" --queue-metrics-interval 1 \
+    --transform-interval 1 >/dev/null &
 run=$!
 python3 scripts/metrics-chart.py "127.0.0.1:$port" "$seconds" docs/metrics.svg &
 chart=$!
