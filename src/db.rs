@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::DatabaseUrl;
+use crate::retry::sqlstate;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -210,11 +211,6 @@ pub async fn schema_state(pool: &PgPool) -> Result<SchemaState> {
 /// or 42P06/42P07 (duplicate schema or table).
 fn is_duplicate(e: &sqlx::Error) -> bool {
     matches!(sqlstate(e).as_deref(), Some("23505" | "42P06" | "42P07"))
-}
-
-/// The SQLSTATE of an error the server sent (None for I/O, pool or decoding errors).
-pub fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
-    e.as_database_error()?.code()
 }
 
 /// refinery's async driver traits over one sqlx connection (inside migrate's transaction).

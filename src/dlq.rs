@@ -7,7 +7,7 @@
 //! one trace a listing leaves is that every listed message's ApproximateReceiveCount in the DLQ
 //! goes up by one, which matters only if the DLQ itself had a redrive policy (it should not).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -91,7 +91,7 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
     released.context("making the listed messages visible again")?;
 
     let ids: Vec<&str> = listed.iter().map(|l| l.message_id.as_str()).collect();
-    let refusals: Vec<(String, Refusal)> =
+    let mut refusals: HashMap<String, Refusal> =
         sqlx::query_as::<_, (String, String, Option<String>, OffsetDateTime, i64, i64)>(
             "select distinct on (message_id) message_id, sqlstate, constraint_name, refused_at,
                 ingest_run_id, count(*) over (partition by message_id)
@@ -107,10 +107,8 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
             (id, Refusal { sqlstate, constraint_name, refused_at, ingest_run_id, times })
         })
         .collect();
-    for (id, refusal) in refusals {
-        if let Some(l) = listed.iter_mut().find(|l| l.message_id == id) {
-            l.refusal = Some(refusal);
-        }
+    for l in &mut listed {
+        l.refusal = refusals.remove(&l.message_id);
     }
     listed.sort_by(|a, b| a.sent_at.cmp(&b.sent_at).then_with(|| a.message_id.cmp(&b.message_id)));
     Ok(listed)
@@ -118,7 +116,7 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
 
 /// Moves every message of `dlq` back to `queue` with SQS's own message move task
 /// (StartMessageMoveTask): SQS moves them, none is lost or doubled by loader. With `wait`, polls
-/// the task every `poll` until it ends, calling `progress(moved, to_move)` on each poll, and
+/// the task every `poll` until it ends, calling `progress` with the task on each poll, and
 /// fails unless it COMPLETED.
 pub async fn redrive(
     queue: &Queue,
@@ -127,9 +125,11 @@ pub async fn redrive(
     poll: Duration,
     mut progress: impl FnMut(&MoveTask),
 ) -> Result<MoveTask> {
-    dlq.start_move_to(queue).await?;
+    let source = dlq.arn().await?;
+    dlq.start_move(&source, &queue.arn().await?).await?;
     loop {
-        let task = dlq.latest_move().await?.context("the move task started but is not listed")?;
+        let task =
+            dlq.latest_move(&source).await?.context("the move task started but is not listed")?;
         progress(&task);
         match task.status.as_str() {
             "RUNNING" | "CANCELLING" if wait => tokio::time::sleep(poll).await,
@@ -146,7 +146,7 @@ pub async fn redrive(
     }
 }
 
-/// The human listing: one line per message, then how many have no recorded refusal.
+/// The human listing: a count, then one line per message with its latest recorded refusal.
 pub fn render(dlq: &str, listed: &[Listed]) -> String {
     use std::fmt::Write;
     let mut out = format!("dead-letter queue {dlq}: {} messages\n", listed.len());

@@ -12,6 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::config::DatabaseUrl;
 use crate::db;
 use crate::sqs::Queue;
 
@@ -59,7 +60,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    pub check: &'static str,
+    pub check: String,
     pub ok: bool,
     /// What is wrong (None when ok).
     pub problem: Option<String>,
@@ -68,21 +69,34 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn ok(check: &'static str) -> Self {
-        Self { check, ok: true, problem: None, fix: None }
+    fn ok(check: impl Into<String>) -> Self {
+        Self { check: check.into(), ok: true, problem: None, fix: None }
     }
 
-    fn problem(check: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { check, ok: false, problem: Some(problem.into()), fix: Some(fix.into()) }
+    fn problem(
+        check: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self {
+            check: check.into(),
+            ok: false,
+            problem: Some(problem.into()),
+            fix: Some(fix.into()),
+        }
     }
 
-    fn from(check: &'static str, problem: Option<(String, String)>) -> Self {
+    fn from(check: impl Into<String>, problem: Option<(String, String)>) -> Self {
         match problem {
             None => Self::ok(check),
             Some((problem, fix)) => Self::problem(check, problem, fix),
         }
     }
 }
+
+/// The check that the database answers, and its fix when it does not.
+const DATABASE: &str = "database";
+const DATABASE_FIX: &str = "check DATABASE_URL and that PostgreSQL is up";
 
 /// What to check besides the database.
 #[derive(Debug, Clone, Default)]
@@ -91,9 +105,21 @@ pub struct Options {
     pub lambda_timeout: Option<Duration>,
 }
 
-/// Every database check, on a pool connected with the deployment's URL; `wants_tls` when the
-/// URL's sslmode asks for TLS.
-pub async fn database(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
+/// Every database check, connecting with the deployment's URL (one finding when it cannot).
+pub async fn database(url: &DatabaseUrl) -> Vec<Finding> {
+    match db::connect(url, 1).await {
+        Ok(pool) => {
+            let wants_tls = ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
+                .iter()
+                .any(|mode| url.expose().contains(mode));
+            database_checks(&pool, wants_tls).await
+        }
+        Err(e) => vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)],
+    }
+}
+
+/// The database checks on a connected pool; `wants_tls` when the URL's sslmode asks for TLS.
+async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     let mut findings = Vec::new();
     let tls: Result<bool> = sqlx::query_scalar(
         "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
@@ -103,18 +129,14 @@ pub async fn database(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     .map_err(Into::into);
     findings.push(match tls {
         Err(e) => {
-            return vec![Finding::problem(
-                "database",
-                format!("{e:#}"),
-                "check DATABASE_URL and that PostgreSQL is up",
-            )];
+            return vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)];
         }
         Ok(false) if wants_tls => Finding::problem(
-            "database",
+            DATABASE,
             "the URL asks for TLS (sslmode) but the connection is not encrypted",
             "turn on ssl in postgresql.conf, or fix sslmode in DATABASE_URL",
         ),
-        Ok(_) => Finding::ok("database"),
+        Ok(_) => Finding::ok(DATABASE),
     });
 
     findings.push(Finding::from(
@@ -182,11 +204,7 @@ pub async fn database(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     ));
 
     for (role, documented) in DOCUMENTED_PRIVILEGES {
-        let check = match *role {
-            "public" => "privileges of PUBLIC",
-            "loader_ingest" => "privileges of loader_ingest",
-            _ => "privileges of loader_analyst",
-        };
+        let check = format!("privileges of {}", if *role == "public" { "PUBLIC" } else { role });
         findings.push(Finding::from(check, match privileges_of(pool, role).await {
             Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
             Ok(actual) => {

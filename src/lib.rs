@@ -11,7 +11,8 @@
 //! - **binaries** (`src/bin/`): `loader` (clap, dispatch, printing, exit codes) and
 //!   `loader-lambda` (feature `lambda`).
 //! - **compositions** of the work below:
-//!   - [`run`], `loader run`: ingest and transform together, graceful shutdown;
+//!   - [`run`], `loader run`: ingest and transform together, graceful shutdown; the queue's
+//!     gauges for `--metrics-addr`;
 //!   - `lambda` (feature `lambda`): the AWS Lambda handler: SQS events staged with
 //!     [`staging`], schedules running [`transform`];
 //!   - [`bench`](mod@bench): the queue's ceiling, and staging alone with [`send`]'s generator.
@@ -30,7 +31,7 @@
 //!   - [`send`]: publishing fixture files or synthetic events.
 //! - **adapters**: [`db`] (the pool and `loader migrate`), [`sqs`] (receive, delete, send,
 //!   attributes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
-//!   `--metrics-addr`, the queue's gauges read through [`sqs`]).
+//!   `--metrics-addr`; [`run::watch_queue`] feeds it the queue's counts).
 //! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
 //!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
 //!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at

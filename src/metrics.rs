@@ -40,7 +40,6 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::counts::{Totals, TransformReport};
-use crate::sqs::Queue;
 
 /// How often process metrics are sampled.
 const PROCESS_PERIOD: Duration = Duration::from_secs(5);
@@ -197,45 +196,20 @@ pub fn oldest_pending(age: Duration) {
     gauge!("loader_oldest_pending_age_seconds").set(age.as_secs_f64());
 }
 
-/// Publishes the queue's approximate counts, and its dead-letter queue's visible count, every
-/// `period`, until the task is dropped. A failed read is logged and the gauges keep their last
-/// values (a scrape shows the last known state; `loader_receive_errors_total` shows the outage).
-pub async fn watch_queue(queue: Queue, period: Duration) {
-    let name = queue.name().to_owned();
-    loop {
-        match queue.depth().await {
-            Ok(depth) => {
-                for (state, n) in [
-                    ("visible", depth.visible),
-                    ("in_flight", depth.in_flight),
-                    ("delayed", depth.delayed),
-                ] {
-                    gauge!("loader_queue_messages", "queue" => name.clone(), "state" => state)
-                        .set(n as f64);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(queue = %name, error = format!("{e:#}"), "reading the queue's counts")
-            }
-        }
-        // Looked up each time: a redrive policy added or changed while loader runs shows up.
-        match queue.dead_letter_queue().await {
-            Ok(Some(dlq)) => match dlq.depth().await {
-                Ok(depth) => gauge!(
-                    "loader_dead_letter_messages",
-                    "queue" => name.clone(),
-                    "dead_letter_queue" => dlq.name().to_owned()
-                )
-                .set(depth.visible as f64),
-                Err(e) => {
-                    tracing::warn!(queue = %dlq.name(), error = format!("{e:#}"), "reading the DLQ's counts")
-                }
-            },
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(queue = %name, error = format!("{e:#}"), "reading the redrive policy")
-            }
-        }
-        tokio::time::sleep(period).await;
+/// SQS's approximate counts of `queue`: ready, received and not deleted, delayed.
+pub fn queue_messages(queue: &str, visible: u64, in_flight: u64, delayed: u64) {
+    for (state, n) in [("visible", visible), ("in_flight", in_flight), ("delayed", delayed)] {
+        gauge!("loader_queue_messages", "queue" => queue.to_owned(), "state" => state)
+            .set(n as f64);
     }
+}
+
+/// The visible messages in `dead_letter_queue`, the DLQ of `queue`.
+pub fn dead_letter_messages(queue: &str, dead_letter_queue: &str, visible: u64) {
+    gauge!(
+        "loader_dead_letter_messages",
+        "queue" => queue.to_owned(),
+        "dead_letter_queue" => dead_letter_queue.to_owned()
+    )
+    .set(visible as f64);
 }

@@ -10,9 +10,9 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
-use crate::db;
 use crate::keys;
 use crate::progress::Progress;
+use crate::retry::sqlstate;
 use crate::transform::{self, Plan};
 
 /// What to rebuild with.
@@ -175,5 +175,5 @@ pub async fn swap(pool: &PgPool) -> Result<Duration> {
 }
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
-    db::sqlstate(e).is_some_and(|c| c == "55P03")
+    sqlstate(e).is_some_and(|c| c == "55P03")
 }

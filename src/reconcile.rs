@@ -269,18 +269,24 @@ pub async fn reconcile(
         checks.push(Check { name, description, ok: violations == 0, violations, offenders });
     }
 
-    let refusals = refusal_account(pool, queue, since_seconds).await?;
+    // The dead-letter queue, resolved once for the refusals' account and the queue counts.
+    let dlq = match queue {
+        Some(q) => q.dead_letter_queue().await?,
+        None => None,
+    };
+    let refusals = refusal_account(pool, dlq.as_ref(), since_seconds).await?;
     let queue = match queue {
-        Some(q) => Some(queue_counts(q).await?),
+        Some(q) => Some(queue_counts(q, dlq.as_ref()).await?),
         None => None,
     };
     Ok(Report { stages, recent_runs, queue, refusals, checks })
 }
 
-/// [`RefusalAccount`]: staged later, in the dead-letter queue, or still on the queue, by id.
+/// [`RefusalAccount`]: staged later, in the dead-letter queue (`dlq`, when the queue has one
+/// and reconcile reads the queue), or still on the queue, by id.
 async fn refusal_account(
     pool: &PgPool,
-    queue: Option<&Queue>,
+    dlq: Option<&Queue>,
     since_seconds: Option<f64>,
 ) -> Result<RefusalAccount> {
     let (refused_messages, staged_later, not_staged): (i64, i64, Vec<String>) =
@@ -300,16 +306,12 @@ async fn refusal_account(
         .await
         .context("accounting for refused messages")?;
     let mut account = RefusalAccount { refused_messages, staged_later, ..Default::default() };
-    let dlq = match queue {
-        Some(q) if !not_staged.is_empty() => q.dead_letter_queue().await?,
-        _ => None,
-    };
     let in_dlq: std::collections::HashSet<String> = match dlq {
-        Some(dlq) => {
+        Some(dlq) if !not_staged.is_empty() => {
             account.dead_letter_queue_listed = true;
-            crate::dlq::list(&dlq, pool).await?.into_iter().map(|l| l.message_id).collect()
+            crate::dlq::list(dlq, pool).await?.into_iter().map(|l| l.message_id).collect()
         }
-        None => Default::default(),
+        _ => Default::default(),
     };
     let (dead, alive): (Vec<String>, Vec<String>) =
         not_staged.into_iter().partition(|id| in_dlq.contains(id));
@@ -327,9 +329,9 @@ fn with_params(rest: &str) -> String {
     format!("with {PARAMS}{rest}")
 }
 
-async fn queue_counts(queue: &Queue) -> Result<QueueCounts> {
+async fn queue_counts(queue: &Queue, dlq: Option<&Queue>) -> Result<QueueCounts> {
     let depth = queue.depth().await?;
-    let dead_letter = match queue.dead_letter_queue().await? {
+    let dead_letter = match dlq {
         Some(dlq) => Some(DeadLetterCounts {
             name: dlq.name().to_owned(),
             visible: dlq.depth().await?.visible,

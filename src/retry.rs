@@ -19,11 +19,16 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The SQLSTATE of an error the server sent (None for I/O, pool or decoding errors).
+pub fn sqlstate(e: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    e.as_database_error()?.code()
+}
+
 fn sqlx_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
         sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+        sqlx::Error::Database(_) => sqlstate(e).is_some_and(|code| {
             // 08: connection exception; 57P01-57P03: shutting down or starting up;
             // 40001, 40P01: serialization failure, deadlock; 53: out of resources.
             code.starts_with("08")

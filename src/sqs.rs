@@ -480,14 +480,14 @@ impl Queue {
             .with_context(|| format!("'{}' has no QueueArn attribute", self.name))
     }
 
-    /// Starts moving every message of this queue (a dead-letter queue) to `destination`
-    /// (StartMessageMoveTask); SQS does the moving. Returns the task's handle.
-    pub async fn start_move_to(&self, destination: &Queue) -> Result<String> {
-        let (source, destination_arn) = (self.arn().await?, destination.arn().await?);
+    /// Starts moving every message of this queue (a dead-letter queue, whose ARN is
+    /// `source_arn`) to the queue `destination_arn` (StartMessageMoveTask); SQS does the moving.
+    /// Returns the task's handle.
+    pub async fn start_move(&self, source_arn: &str, destination_arn: &str) -> Result<String> {
         let out = self
             .client
             .start_message_move_task()
-            .source_arn(source)
+            .source_arn(source_arn)
             .destination_arn(destination_arn)
             .send()
             .await
@@ -495,12 +495,13 @@ impl Queue {
         Ok(out.task_handle().unwrap_or_default().to_owned())
     }
 
-    /// The most recent message move task out of this queue, if any (ListMessageMoveTasks).
-    pub async fn latest_move(&self) -> Result<Option<MoveTask>> {
+    /// The most recent message move task out of this queue (whose ARN is `source_arn`), if
+    /// any (ListMessageMoveTasks).
+    pub async fn latest_move(&self, source_arn: &str) -> Result<Option<MoveTask>> {
         let out = self
             .client
             .list_message_move_tasks()
-            .source_arn(self.arn().await?)
+            .source_arn(source_arn)
             .max_results(1)
             .send()
             .await
@@ -547,6 +548,17 @@ pub struct MoveTask {
     pub to_move: Option<i64>,
     /// Why it failed, when it did.
     pub failure: Option<String>,
+}
+
+/// `completed, 2 of 2 moved` (the count to move once SQS has counted it).
+impl std::fmt::Display for MoveTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, {}", self.status.to_lowercase(), self.moved)?;
+        if let Some(n) = self.to_move {
+            write!(f, " of {n}")?;
+        }
+        write!(f, " moved")
+    }
 }
 
 /// A queue's approximate message counts (SQS's own, eventually consistent).

@@ -13,7 +13,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
-use crate::db;
+use crate::retry::sqlstate;
 
 /// What staging needs to know about one message.
 #[derive(Debug, Clone)]
@@ -212,7 +212,7 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(message_id: &str, e: &anyhow::Error) -> Self {
-        let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
+        let db = database_error(e);
         Self {
             message_id: message_id.to_owned(),
             sqlstate: db.and_then(|d| d.code()).map_or_else(|| "?".to_owned(), |c| c.into_owned()),
@@ -283,8 +283,7 @@ fn refuses_rows(e: &anyhow::Error) -> bool {
 /// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
 /// the row, and so personal data): the SQLSTATE and the constraint or table it names.
 fn refusal(e: &anyhow::Error) -> String {
-    let db = e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error());
-    match db {
+    match database_error(e) {
         Some(db) => format!(
             "SQLSTATE {} on {}",
             db.code().as_deref().unwrap_or("?"),
@@ -294,9 +293,14 @@ fn refusal(e: &anyhow::Error) -> String {
     }
 }
 
+/// The first error PostgreSQL itself sent in `e`'s chain, if any.
+fn database_error(e: &anyhow::Error) -> Option<&dyn sqlx::error::DatabaseError> {
+    e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error())
+}
+
 /// SQLSTATE class 22: Postgres refused a value (here: a body the `jsonb` cast could not take).
 fn is_data_exception(e: &sqlx::Error) -> bool {
-    db::sqlstate(e).is_some_and(|c| c.starts_with("22"))
+    sqlstate(e).is_some_and(|c| c.starts_with("22"))
 }
 
 /// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.

@@ -11,8 +11,8 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
-use crate::db;
 use crate::metrics;
+use crate::retry::sqlstate;
 
 /// How often a transform whose batch was refused at COMMIT because a key rotation retired its
 /// key (SQLSTATE 40001) is run again. The rerun masks with the new key; batches committed
@@ -111,7 +111,7 @@ async fn one_session(pool: &PgPool, batch_size: i32) -> Result<SessionRow> {
 
 /// SQLSTATE 40001 from `loader._confirm_batch_key`: the batch's key was retired before COMMIT.
 fn is_key_rotated(e: &sqlx::Error) -> bool {
-    db::sqlstate(e).is_some_and(|c| c == "40001")
+    sqlstate(e).is_some_and(|c| c == "40001")
 }
 
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);

@@ -80,7 +80,7 @@ async fn ingest(
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
-        tokio::spawn(metrics::watch_queue(queue.clone(), period));
+        tokio::spawn(run::watch_queue(queue.clone(), period));
     }
     let progress = if mode == Mode::Drain {
         Progress::on_terminal("messages staged and deleted")
@@ -204,7 +204,7 @@ async fn run_pipeline(
     let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
-        tokio::spawn(metrics::watch_queue(queue.clone(), period));
+        tokio::spawn(run::watch_queue(queue.clone(), period));
     }
     let progress =
         if args.once { Progress::on_terminal("messages staged and deleted") } else { None };
@@ -307,21 +307,9 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
 }
 
 async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
-    use loader::doctor::{self, Finding};
+    use loader::doctor;
     let options = doctor::Options { lambda_timeout: args.lambda_timeout.map(Duration::from_secs) };
-    let url = settings.database_url()?;
-    let wants_tls = ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
-        .iter()
-        .any(|mode| url.expose().contains(mode));
-    let mut findings = match db::connect(url, 1).await {
-        Ok(pool) => doctor::database(&pool, wants_tls).await,
-        Err(e) => vec![Finding {
-            check: "database",
-            ok: false,
-            problem: Some(format!("{e:#}")),
-            fix: Some("check DATABASE_URL and that PostgreSQL is up".into()),
-        }],
-    };
+    let mut findings = doctor::database(settings.database_url()?).await;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await;
     findings.extend(doctor::queue(queue, &options).await);
     let problems = findings.iter().filter(|f| !f.ok).count();
@@ -387,19 +375,9 @@ async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<ExitCode> {
         DlqCommand::Redrive { dlq, no_wait } => {
             let dlq = loader::dlq::resolve(&queue, dlq.dlq.as_deref()).await?;
             let poll = Duration::from_secs(1);
-            let task = loader::dlq::redrive(&queue, &dlq, !no_wait, poll, |t| {
-                let of = t.to_move.map_or_else(String::new, |n| format!(" of {n}"));
-                eprintln!("{}: {}{of} moved", t.status.to_lowercase(), t.moved);
-            })
-            .await?;
-            let of = task.to_move.map_or_else(String::new, |n| format!(" of {n}"));
-            println!(
-                "moving {} back to {}: {}, {}{of} moved",
-                dlq.name(),
-                queue.name(),
-                task.status.to_lowercase(),
-                task.moved
-            );
+            let task =
+                loader::dlq::redrive(&queue, &dlq, !no_wait, poll, |t| eprintln!("{t}")).await?;
+            println!("moving {} back to {}: {task}", dlq.name(), queue.name());
         }
     }
     Ok(ExitCode::from(exit::OK))
