@@ -6,7 +6,10 @@
 #   scripts/postgres.sh stop     stop the private cluster this script started
 #   scripts/postgres.sh cron     start (or reuse) a second private cluster with pg_cron loaded
 #                                (Debian's postgresql-15-cron, installed when missing), for
-#                                `loader schedule` and its test; prints LOADER_CRON_DATABASE_URL
+#                                `loader schedule` and its test, set up as pg_cron's docs say for
+#                                a role that is not a superuser (loader_cron_owner owns database
+#                                loader_cron and has usage on schema cron); prints
+#                                LOADER_CRON_DATABASE_URL (the superuser's, for the DBA's part)
 #   scripts/postgres.sh cron-stop
 #
 # Prints `export DATABASE_URL=...` on stdout; progress goes to stderr. The URL must name a role
@@ -119,9 +122,19 @@ cron() {
         start_private "$CRON_DIR" "$CRON_PORT" \
             "-c shared_preload_libraries=pg_cron -c cron.database_name=loader_cron"
     fi
-    psql "${CRON_URL%/*}/postgres" -XAtqc "select 1 from pg_database where datname = 'loader_cron'" |
-        grep -q 1 || psql "${CRON_URL%/*}/postgres" -Xq -c "create database loader_cron" >&2
-    psql "$CRON_URL" -Xq -c "create extension if not exists pg_cron" >&2
+    # The DBA's part, once: the owner (no superuser, no createrole), the loader roles, and the
+    # extension with usage on its schema.
+    psql "${CRON_URL%/*}/postgres" -Xq -v ON_ERROR_STOP=1 >&2 <<'SQL'
+select 'create role loader_cron_owner login nosuperuser nocreaterole nocreatedb'
+ where not exists (select from pg_roles where rolname = 'loader_cron_owner') \gexec
+select 'create role loader_ingest nologin' where not exists (select from pg_roles where rolname = 'loader_ingest') \gexec
+select 'create role loader_analyst nologin' where not exists (select from pg_roles where rolname = 'loader_analyst') \gexec
+select 'create database loader_cron owner loader_cron_owner'
+ where not exists (select from pg_database where datname = 'loader_cron') \gexec
+alter database loader_cron owner to loader_cron_owner;
+SQL
+    psql "$CRON_URL" -Xq -v ON_ERROR_STOP=1 -c "create extension if not exists pg_cron" \
+        -c "grant usage on schema cron to loader_cron_owner" >&2
     log "PostgreSQL with pg_cron answering at $CRON_URL"
     echo "export LOADER_CRON_DATABASE_URL='$CRON_URL'"
 }

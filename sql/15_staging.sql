@@ -1,68 +1,180 @@
 -- The ingest role's only write path: register a run, stage messages into it, record its
--- deletes, refusals and end. Security definer, so loader_ingest needs no privilege on the
--- tables: it cannot set a server-owned column (id, staged_at, purged_at, queue, ingest_run_id)
--- or touch another run. Every call names its run by id and the token register_run returned,
--- which only the registering process knows (analysts cannot read ingest_runs.token).
+-- deletes and end. Security definer, so loader_ingest needs no privilege on the tables: it
+-- cannot set a server-owned column (id, staged_at, purged_at, ingest_run_id, registered_by) or
+-- touch another run. Every call names its run by id and the token register_run returned, which
+-- only the registering process knows (analysts cannot read ingest_runs.token).
+--
+-- What the server checks and what it takes on trust: the queue name a run is registered for
+-- is the ingest process's claim (the server cannot see SQS), recorded beside the login that
+-- made it (registered_by = session_user); counts can only grow, never past what the run
+-- received; a refusal is recorded only by stage() itself, for a message handed to it in that
+-- run, so the ingest role cannot write one for a message it did not stage.
 --
 -- Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/15_staging.sql (applied by `loader migrate`).
 --
 --   select * from loader.register_run('login-queue', 'drain', '0.1.0');   -- run_id, run_token
---   select loader.stage(run_id, run_token, ids, bodies, is_json, sent_at, receive_counts, received);
+--   select * from loader.stage(run_id, run_token, ids, bodies, is_json, sent_at, receive_counts,
+--                              copies);                                   -- staged, refused_ids
+
+-- Replaced: stage() took the received count and the client recorded refusals itself.
+drop function if exists loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint);
+drop function if exists loader.record_refusals(bigint, text, text[], text[], text[]);
+drop function if exists loader.record_refused(bigint, text, bigint);
 
 -- register_run: a new open run for `queue`; returns its id and its token.
 create or replace function loader.register_run(
     queue text, mode text, loader_version text, out run_id bigint, out run_token text)
 language sql security definer set search_path = pg_catalog, pg_temp as $$
-    insert into loader.ingest_runs (queue, mode, loader_version)
-    values (queue, mode, loader_version)
+    insert into loader.ingest_runs (queue, mode, loader_version, started_at, registered_by)
+    values (queue, mode, loader_version, clock_timestamp(), session_user)
     returning id, token
 $$;
 comment on function loader.register_run(text, text, text) is
     'Register an ingest run; returns (run_id, run_token) for the calls that stage into it';
 
--- stage: one batch of messages (column arrays, one entry per distinct message_id) into
--- loader.raw_logins, idempotent on message_id, with the run's counters in the same statement
--- (received counts every copy handed in, so received - staged = duplicates). A body is stored
--- as jsonb when `is_json`, else as a JSON string of its exact text. Returns the rows newly
--- staged. Refuses (42501) a run that is unknown, finished, or not the caller's (_check_run).
-create or replace function loader.stage(
-    run_id bigint, run_token text, message_ids text[], bodies text[], is_json boolean[],
-    sent_at timestamptz[], receive_counts integer[], received bigint)
-returns bigint
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-#variable_conflict use_variable
-declare
-    staged bigint;
-begin
-    if received < cardinality(message_ids) then
-        raise exception 'received (%) is less than the % distinct messages handed in',
-            received, cardinality(message_ids) using errcode = 'invalid_parameter_value';
-    end if;
-    perform loader._check_run(run_id, run_token);
+-- _insert_staged: the set-based insert of stage(), one entry per distinct message_id; returns
+-- the rows newly staged. A body is stored as jsonb when `is_json`, else as a JSON string of its
+-- exact text. Private (owner only): stage() calls it after checking the run.
+create or replace function loader._insert_staged(
+    run_id bigint, stamp timestamptz, message_ids text[], bodies text[], is_json boolean[],
+    sent_at timestamptz[], receive_counts integer[]) returns bigint
+language sql volatile as $$
     with inserted as (
         insert into loader.raw_logins
-            (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
+            (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id,
+             staged_at)
         select m.message_id,
                case when m.is_json then m.body::jsonb else to_jsonb(m.body) end,
                m.is_json, m.sent_at, m.receive_count,
-               (select r.queue from loader.ingest_runs r where r.id = run_id), run_id
+               (select r.queue from loader.ingest_runs r where r.id = run_id), run_id, stamp
           from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
                    as m(message_id, body, is_json, sent_at, receive_count)
         on conflict (message_id) do nothing
         returning 1
-    ), counted as (
-        update loader.ingest_runs r
-           set received = r.received + received,
-               staged = r.staged + (select count(*) from inserted),
-               duplicates = r.duplicates + received - (select count(*) from inserted)
-         where r.id = run_id
     )
-    select count(*) into staged from inserted;
-    return staged;
+    select count(*) from inserted
+$$;
+comment on function loader._insert_staged(bigint, timestamptz, text[], text[], boolean[], timestamptz[], integer[]) is
+    'Private: the set-based insert of loader.stage';
+
+-- stage: one batch of messages (column arrays, one entry per distinct message_id; `copies`
+-- says how many copies of each the caller received) into loader.raw_logins, idempotent on
+-- message_id, with the run's counters in the same transaction. Returns how many rows were new
+-- and the ids PostgreSQL refused (leave those on the queue).
+--
+-- Nothing a producer sends makes it raise, and no error it catches reaches the caller or the
+-- server log (a caught error is never reported): when the one statement fails on its rows
+-- (class 22 or 23, or a trigger's raise), each message is staged on its own. A body jsonb
+-- refuses though the client judged it JSON (say a number beyond numeric's range) is then
+-- kept as text; a message whose row is still refused (a constraint, a trigger) is recorded in
+-- loader.refusals (SQLSTATE and constraint or table, never the message or detail, which can
+-- quote the row) and counted apart from received. When every one of several messages is
+-- refused and some are on their first delivery, the fault is the table's (a broken trigger, a
+-- rule that fits nothing), not the messages': it raises instead, naming the code, and nothing
+-- is recorded. Redelivered messages refused together are the usual poison messages on their way
+-- to the DLQ, and are recorded. Refuses (42501) a run that is unknown, finished, or not the
+-- caller's (_check_run). staged_at is the time of this call, not of the caller's transaction
+-- start, so a transaction held open cannot back-date it.
+create or replace function loader.stage(
+    run_id bigint, run_token text, message_ids text[], bodies text[], is_json boolean[],
+    sent_at timestamptz[], receive_counts integer[], copies integer[],
+    out staged bigint, out refused_ids text[])
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_variable
+declare
+    stamp timestamptz := clock_timestamp();
+    n integer := cardinality(message_ids);
+    received bigint;
+    refused_copies bigint := 0;
+    one bigint;
+    code text;
+    named text;
+    first_code text;
+    first_named text;
+begin
+    if cardinality(bodies) is distinct from n or cardinality(is_json) is distinct from n
+       or cardinality(sent_at) is distinct from n or cardinality(receive_counts) is distinct from n
+       or cardinality(copies) is distinct from n then
+        raise exception 'stage: the column arrays must have one entry per message'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if exists (select from unnest(copies) c where c is null or c < 1) then
+        raise exception 'stage: every message has at least one copy'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if n <> (select count(distinct m) from unnest(message_ids) m) then
+        raise exception 'stage: message ids must be distinct (count copies in `copies`)'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    perform loader._check_run(run_id, run_token);
+    refused_ids := '{}';
+    begin
+        staged := loader._insert_staged(run_id, stamp, message_ids, bodies, is_json, sent_at,
+                                        receive_counts);
+    exception when data_exception or integrity_constraint_violation or raise_exception then
+        staged := 0;
+        for i in 1 .. n loop
+            code := null;
+            begin
+                one := loader._insert_staged(run_id, stamp, message_ids[i:i], bodies[i:i],
+                                             is_json[i:i], sent_at[i:i], receive_counts[i:i]);
+            exception
+                when data_exception then
+                    if is_json[i] then
+                        -- jsonb refused the body: keep it as the text it is.
+                        begin
+                            one := loader._insert_staged(run_id, stamp, message_ids[i:i],
+                                       bodies[i:i], array[false], sent_at[i:i],
+                                       receive_counts[i:i]);
+                        exception when data_exception or integrity_constraint_violation
+                                       or raise_exception then
+                            get stacked diagnostics code = returned_sqlstate,
+                                named = constraint_name;
+                            if named = '' then
+                                get stacked diagnostics named = table_name;
+                            end if;
+                        end;
+                    else
+                        get stacked diagnostics code = returned_sqlstate, named = constraint_name;
+                        if named = '' then
+                            get stacked diagnostics named = table_name;
+                        end if;
+                    end if;
+                when integrity_constraint_violation or raise_exception then
+                    get stacked diagnostics code = returned_sqlstate, named = constraint_name;
+                    if named = '' then
+                        get stacked diagnostics named = table_name;
+                    end if;
+            end;
+            if code is null then
+                staged := staged + one;
+            else
+                first_code := coalesce(first_code, code);
+                first_named := coalesce(first_named, nullif(named, ''));
+                refused_ids := refused_ids || message_ids[i];
+                refused_copies := refused_copies + copies[i];
+                insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
+                values (message_ids[i], left(code, 5), left(nullif(named, ''), 63), run_id);
+            end if;
+        end loop;
+        if n > 1 and cardinality(refused_ids) = n
+           and exists (select from unnest(receive_counts) c where c is null or c <= 1) then
+            raise exception 'PostgreSQL refuses every message of this batch, one by one too (SQLSTATE %, %): a fault of the table or a trigger, not of the messages',
+                first_code, coalesce(first_named, 'no constraint named')
+                using errcode = first_code;
+        end if;
+    end;
+    received := (select sum(c) from unnest(copies) c) - refused_copies;
+    update loader.ingest_runs r
+       set received = r.received + received,
+           staged = r.staged + staged,
+           duplicates = r.duplicates + received - staged,
+           refused = r.refused + refused_copies
+     where r.id = run_id;
 end
 $$;
-comment on function loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint) is
-    'Stage a batch of SQS messages into the caller''s run; returns how many were new';
+comment on function loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], integer[]) is
+    'Stage a batch of SQS messages into the caller''s run; returns (staged, refused_ids)';
 
 -- _check_run: private check that run_id is open and run_token is its token (locks the run row,
 -- which the caller updates next anyway).
@@ -78,45 +190,30 @@ begin
 end
 $$;
 
--- record_deletes: add a flush's deletes and delete failures to the caller's run.
+-- record_deletes: add a flush's deletes and delete failures to the caller's run. Neither may be
+-- negative, and a run cannot delete more copies than it received.
 create or replace function loader.record_deletes(
     run_id bigint, run_token text, deleted bigint, delete_failures bigint) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_variable
 begin
     perform loader._check_run(run_id, run_token);
+    if deleted is null or delete_failures is null or deleted < 0 or delete_failures < 0 then
+        raise exception 'record_deletes: counts are never negative (got %, %)', deleted, delete_failures
+            using errcode = 'invalid_parameter_value';
+    end if;
     update loader.ingest_runs r
        set deleted = r.deleted + deleted, delete_failures = r.delete_failures + delete_failures
-     where r.id = run_id;
+     where r.id = run_id
+       and r.deleted + deleted + r.delete_failures + delete_failures <= r.received;
+    if not found then
+        raise exception 'record_deletes: run % would have deleted more messages than it received', run_id
+            using errcode = 'invalid_parameter_value';
+    end if;
 end
 $$;
 comment on function loader.record_deletes(bigint, text, bigint, bigint) is
     'Add deleted messages and delete failures to the caller''s ingest run';
-
--- record_refusals: the messages PostgreSQL refused to stage (left on the queue), into the ledger
--- loader.refusals and the run's refused counter, in one statement. Codes only, never values.
-drop function if exists loader.record_refused(bigint, text, bigint);
-create or replace function loader.record_refusals(
-    run_id bigint, run_token text, message_ids text[], sqlstates text[], constraint_names text[])
-returns void
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-#variable_conflict use_variable
-begin
-    perform loader._check_run(run_id, run_token);
-    if cardinality(message_ids) is distinct from cardinality(sqlstates)
-       or cardinality(message_ids) is distinct from cardinality(constraint_names) then
-        raise exception 'record_refusals: the three arrays must have one entry per message'
-            using errcode = 'invalid_parameter_value';
-    end if;
-    insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
-    select m, left(s, 5), left(c, 63), run_id
-      from unnest(message_ids, sqlstates, constraint_names) as u (m, s, c);
-    update loader.ingest_runs r set refused = r.refused + cardinality(message_ids)
-     where r.id = run_id;
-end
-$$;
-comment on function loader.record_refusals(bigint, text, text[], text[], text[]) is
-    'Record messages PostgreSQL refused (left on the queue) in loader.refusals and the caller''s run';
 
 -- finish_run: mark the caller's run finished; later calls with its token are refused.
 create or replace function loader.finish_run(run_id bigint, run_token text) returns void
@@ -124,7 +221,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_variable
 begin
     perform loader._check_run(run_id, run_token);
-    update loader.ingest_runs r set finished_at = now() where r.id = run_id;
+    update loader.ingest_runs r set finished_at = clock_timestamp() where r.id = run_id;
 end
 $$;
 comment on function loader.finish_run(bigint, text) is 'Mark the caller''s ingest run finished';

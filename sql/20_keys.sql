@@ -10,12 +10,6 @@ insert into loader.mask_keys (key, source)
 select public.gen_random_bytes(32), 'generated'
  where not exists (select from loader.mask_keys where retired_at is null);
 
--- Key ids and dates, never the key bytes. Analysts may read it (to interpret mask_key_id).
-create or replace view loader.mask_key_info as
-select id, created_at, retired_at, source, retired_at is null as active
-  from loader.mask_keys;
-comment on view loader.mask_key_info is 'Masking keys without their bytes: id, dates, source, active';
-
 -- _activate_key: retire the active key and make `new_key` active. Returns the new key's id, or
 -- the current id when `new_key` already is the active key (installing twice is a no-op).
 create or replace function loader._activate_key(new_key bytea, new_source text) returns integer

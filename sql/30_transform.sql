@@ -12,8 +12,8 @@
 --   transforms run side by side without loading a row twice or waiting on each other, and rows
 --   staged by a concurrent ingest are picked up once committed. Rows claimed by a transaction
 --   that stays open simply wait for it; every other row flows.
--- - A batch takes no table or advisory lock, and updates one of eight progress slots only when
---   one is free (SKIP LOCKED): there is no row that every batch must update.
+-- - A batch takes no table or advisory lock and updates no row another batch needs: its
+--   progress is a row of its own in loader.transform_log.
 -- - A batch leaves a ticket naming the key it masked with (loader.batch_keys). At COMMIT a
 --   deferred check confirms that key is still active, holding it FOR SHARE for the instant of
 --   the commit; when a rotation retired it meanwhile, the batch fails with 40001 and its rows
@@ -308,14 +308,25 @@ begin
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
     end if;
 
-    -- Fewer rows than asked for: the work list was drained as of this batch's start. Recorded
-    -- in a free progress slot; when all eight are held by open transactions, skipped.
-    update loader.transform_progress p
-       set batches = p.batches + 1,
-           last_drained_at = case when cardinality(claimed) < max_rows
-                                  then greatest(p.last_drained_at, now()) else p.last_drained_at end
-     where p.slot = (select s.slot from loader.transform_progress s
-                      order by s.slot limit 1 for update skip locked);
+    -- Progress, for reconcile and status: one insert-only row per batch (loader.transform_log),
+    -- never a row that batches share, so a transaction held open holds nothing another batch
+    -- needs. Fewer rows than asked for: the work list was drained as of this batch's start.
+    insert into loader.transform_log (at, drained) values (now(), cardinality(claimed) < max_rows);
+    -- A drained batch folds rows over a minute old into one per kind (their count and latest
+    -- time), passing over rows another fold holds: the log stays small and nothing waits.
+    if cardinality(claimed) < max_rows then
+        with folded as (
+            delete from loader.transform_log l
+             where l.ctid = any (array(
+                       select o.ctid from loader.transform_log o
+                        where o.at < now() - interval '1 minute'
+                        limit 1000
+                          for update skip locked))
+            returning l.at, l.drained, l.batches
+        )
+        insert into loader.transform_log (at, drained, batches)
+        select max(f.at), f.drained, sum(f.batches)::bigint from folded f group by f.drained;
+    end if;
     if count_pending then
         select count(*) into pending from loader.transform_queue;
     end if;
@@ -429,17 +440,3 @@ end
 $$;
 comment on function loader.rebuild() is
     'Recompute every outcome from raw_logins with the active key, atomically (purged rows keep theirs)';
-
--- pipeline_status: one row, the numbers `loader status` and the pending-age gauge show, for
--- analysts in psql too (a view: it reads raw_logins as its owner, and shows no value of it).
-create or replace view loader.pipeline_status as
-select (select count(*) from loader.transform_queue) as pending,
-       p.oldest_pending_staged_at,
-       coalesce(extract(epoch from now() - p.oldest_pending_staged_at), 0)::float8
-           as oldest_pending_age_seconds,
-       (select s.last_drained_at from loader.transform_state s) as last_drained_at,
-       (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id
-  from (select min(r.staged_at) as oldest_pending_staged_at
-          from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id) as p;
-comment on view loader.pipeline_status is
-    'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id';

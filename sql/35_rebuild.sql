@@ -8,6 +8,7 @@
 --   select loader.rebuild_copy_range();                   -- repeat (in any number of sessions)
 --                                                         -- until it returns NULL
 --   select * from loader.rebuild_swap();                  -- needs a moment with no reader
+--   select loader.rebuild_drop_retired();                 -- drop the tables the swap retired
 --   select loader.rebuild_abandon();                      -- or give up, dropping the copies
 --
 -- How it stays consistent without stopping anything:
@@ -25,31 +26,89 @@
 --   one copying, and its rows return to the work list.
 -- - The swap takes ACCESS EXCLUSIVE on the four tables (waiting for open batches and readers,
 --   bounded by the caller's lock_timeout), makes a rotation's key active, carries grants,
---   comments and index names over, renames, and drops the old tables: no bloat is left.
--- While a rebuild is copying, rotate_key(), rebuild() and purge refuse to start.
+--   comments and index names over, and renames: the live tables move to schema loader_rebuild
+--   as <name>_retired_<rebuild id>, stripped of every privilege, and the copies take their
+--   place. rebuild_drop_retired drops them afterwards, with the temporary objects of other
+--   sessions that depend on them: so such an object (a temporary view, a temporary table with
+--   a column of the table's row type, which any role that can connect may create) delays only
+--   that drop, never the swap, and needs no privilege of its owner's to go.
+-- - The copies live in schema loader_rebuild, which no other role may use: nobody can name
+--   them, so nobody can make anything depend on them.
+-- While a rebuild is copying, rotate_key() and rebuild() refuse to start; purge goes on, passing
+-- over the ranges not yet copied.
 
--- What a swap could not carry over: objects of other people's that name the live tables by
--- identity (views, rules, triggers, policies, publications, foreign keys, inheritance). NULL
--- when there is none.
-create or replace function loader._rebuild_blockers() returns text
+comment on schema loader_rebuild is
+    'loader: the online rebuild''s copies and the tables swaps retired (owner only; see sql/35_rebuild.sql)';
+
+-- _permanent_dependents: what depends on `rel` (a table) or its row type and is neither part of
+-- the table nor temporary (a temporary object lives only as long as its session, and a drop
+-- with CASCADE may take it): views, rules, triggers, policies, publications, foreign keys,
+-- inheritance, columns, functions and types of the row type. NULL when there is none.
+create or replace function loader._permanent_dependents(rel regclass) returns text
 language sql stable as $$
-    select string_agg(what, '; ')
+    select string_agg(what, '; ' order by what)
       from (select format('%s depends on %s', pg_describe_object(d.classid, d.objid, d.objsubid),
-                          d.refobjid::regclass) as what
+                          rel) as what
               from pg_catalog.pg_depend d
-             where d.refobjid in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)
+             where d.refobjid in (rel::oid, (select c.reltype from pg_catalog.pg_class c where c.oid = rel))
+               and d.refclassid in ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_type'::regclass)
                and d.deptype = 'n'
-               and d.classid in ('pg_catalog.pg_rewrite'::regclass, 'pg_catalog.pg_trigger'::regclass,
-                                 'pg_catalog.pg_policy'::regclass, 'pg_catalog.pg_constraint'::regclass,
-                                 'pg_catalog.pg_publication_rel'::regclass)
+               -- The table's own parts: its constraints and defaults.
                and not (d.classid = 'pg_catalog.pg_constraint'::regclass
                         and exists (select from pg_catalog.pg_constraint c
-                                     where c.oid = d.objid and c.conrelid = d.refobjid))
+                                     where c.oid = d.objid and c.conrelid = rel))
+               and not (d.classid = 'pg_catalog.pg_attrdef'::regclass
+                        and exists (select from pg_catalog.pg_attrdef a
+                                     where a.oid = d.objid and a.adrelid = rel))
+               and not exists (select from pg_catalog.pg_namespace n
+                                where n.oid = case d.classid
+                                    when 'pg_catalog.pg_rewrite'::regclass then
+                                        (select c.relnamespace from pg_catalog.pg_rewrite w
+                                           join pg_catalog.pg_class c on c.oid = w.ev_class
+                                          where w.oid = d.objid)
+                                    when 'pg_catalog.pg_class'::regclass then
+                                        (select c.relnamespace from pg_catalog.pg_class c where c.oid = d.objid)
+                                    when 'pg_catalog.pg_type'::regclass then
+                                        (select t.typnamespace from pg_catalog.pg_type t where t.oid = d.objid)
+                                    when 'pg_catalog.pg_proc'::regclass then
+                                        (select p.pronamespace from pg_catalog.pg_proc p where p.oid = d.objid)
+                                    when 'pg_catalog.pg_attrdef'::regclass then
+                                        (select c.relnamespace from pg_catalog.pg_attrdef a
+                                           join pg_catalog.pg_class c on c.oid = a.adrelid
+                                          where a.oid = d.objid)
+                                    when 'pg_catalog.pg_constraint'::regclass then
+                                        (select coalesce(c.connamespace, 0) from pg_catalog.pg_constraint c
+                                          where c.oid = d.objid)
+                                    when 'pg_catalog.pg_trigger'::regclass then
+                                        (select c.relnamespace from pg_catalog.pg_trigger t
+                                           join pg_catalog.pg_class c on c.oid = t.tgrelid
+                                          where t.oid = d.objid)
+                                end
+                                  and (n.oid = pg_catalog.pg_my_temp_schema()
+                                       or pg_catalog.pg_is_other_temp_schema(n.oid)))
             union all
             select format('%s inherits from %s', i.inhrelid::regclass, i.inhparent::regclass)
               from pg_catalog.pg_inherits i
-             where i.inhparent in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)) b
+             where i.inhparent = rel
+            union all
+            select format('%s is in publication %s', rel, p.pubname)
+              from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication p on p.oid = r.prpubid
+             where r.prrelid = rel) b
 $$;
+comment on function loader._permanent_dependents(regclass) is
+    'Private: the permanent objects of others that depend on a table or its row type, or NULL';
+
+-- _rebuild_blockers: what a swap could not carry over: permanent objects that name the live
+-- tables by identity (see _permanent_dependents). Temporary ones do not block: they follow the
+-- retired tables and go with them. NULL when there is none.
+drop function if exists loader._rebuild_blockers();
+create or replace function loader._rebuild_blockers() returns text
+language sql stable as $$
+    select nullif(concat_ws('; ', loader._permanent_dependents('public.user_logins'),
+                            loader._permanent_dependents('loader.login_rejects')), '')
+$$;
+comment on function loader._rebuild_blockers() is
+    'Private: permanent objects a swap could not carry over (views, foreign keys, ...), or NULL';
 
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
 -- key), or returns the one already copying when it is the same request (resumed = true);
@@ -102,9 +161,9 @@ begin
             return query select null::bigint, null::integer, true, 0::bigint, 0::bigint, false, 0::bigint;
             return;
         end if;
-        drop table if exists loader.user_logins_next, loader.login_rejects_next;
-        create table loader.user_logins_next (like public.user_logins including all);
-        create table loader.login_rejects_next (like loader.login_rejects including all);
+        drop table if exists loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next;
+        create table loader_rebuild.user_logins_next (like public.user_logins including all);
+        create table loader_rebuild.login_rejects_next (like loader.login_rejects including all);
         select coalesce(max(r.id), 0) into top from loader.raw_logins r;
         insert into loader.rebuilds (key_id, new_key, new_key_source, upto)
         values (case when rotate then nextval(pg_get_serial_sequence('loader.mask_keys', 'id'))::integer
@@ -118,7 +177,7 @@ begin
           from generate_series(1::bigint, top, range_rows) g;
         -- Rows from before loader (no message_id): nothing to recompute, carried as they are
         -- (the unique index on message_id finds them).
-        insert into loader.user_logins_next select * from public.user_logins u where u.message_id is null;
+        insert into loader_rebuild.user_logins_next select * from public.user_logins u where u.message_id is null;
     end if;
     return query
     select running.id, running.key_id, running.new_key is not null,
@@ -141,7 +200,7 @@ begin
     with outcome as (
         select * from loader._outcome_rows(ids, true)
     ), loads as (
-        insert into loader.user_logins_next
+        insert into loader_rebuild.user_logins_next
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
              message_id, ip_network, app_version_text, mask_key_id)
         select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
@@ -152,7 +211,7 @@ begin
         on conflict (message_id) do nothing
         returning 1
     ), rejects as (
-        insert into loader.login_rejects_next (message_id, reason, detail)
+        insert into loader_rebuild.login_rejects_next (message_id, reason, detail)
         select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
         on conflict (message_id) do nothing
         returning 1
@@ -194,12 +253,12 @@ begin
                   order by r.id);
     select * into outcome from loader._outcomes_next(ids);
     -- Purged rows keep their outcome as it is.
-    insert into loader.user_logins_next
+    insert into loader_rebuild.user_logins_next
     select u.* from loader.raw_logins r join public.user_logins u on u.message_id = r.message_id
      where r.id between range.lo and range.hi and r.purged_at is not null
     on conflict (message_id) do nothing;
     get diagnostics kept = row_count;
-    insert into loader.login_rejects_next
+    insert into loader_rebuild.login_rejects_next
     select j.* from loader.raw_logins r join loader.login_rejects j on j.message_id = r.message_id
      where r.id between range.lo and range.hi and r.purged_at is not null
     on conflict (message_id) do nothing;
@@ -213,17 +272,21 @@ comment on function loader.rebuild_copy_range() is
 -- rebuild_swap: once every range is copied, swaps the copies in, in one transaction: waits for
 -- ACCESS EXCLUSIVE on the four tables (bounded by the caller's lock_timeout: a reader or an
 -- open transform batch delays it, and a failed attempt changes nothing), activates a
--- rotation's key, carries grants, the table comments and index names over, and drops the old
--- tables.
+-- rotation's key, carries grants, the table comments and index names over, and moves the live
+-- tables to loader_rebuild as <name>_retired_<rebuild id>, every privilege on them revoked.
+-- Refuses when a permanent object of someone else's has come to depend on a live table since
+-- the start (it would follow the retired table): drop it, and swap again.
 create or replace function loader.rebuild_swap() returns table (rebuild_id bigint, key_id integer)
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     running loader.rebuilds;
     left_to_copy bigint;
+    blockers text;
     pair record;
     grant_item record;
     ix record;
+    suffix text;
 begin
     select * into running from loader.rebuilds b where b.state = 'copying' for update;
     if running.id is null then
@@ -235,15 +298,22 @@ begin
         raise exception 'rebuild %: % ranges are not copied yet', running.id, left_to_copy
             using errcode = 'object_not_in_prerequisite_state';
     end if;
-    lock table public.user_logins, loader.login_rejects, loader.user_logins_next,
-               loader.login_rejects_next in access exclusive mode;
+    lock table public.user_logins, loader.login_rejects, loader_rebuild.user_logins_next,
+               loader_rebuild.login_rejects_next in access exclusive mode;
+    blockers := loader._rebuild_blockers();
+    if blockers is not null then
+        raise exception 'rebuild %: the tables cannot be swapped: %', running.id, blockers
+            using errcode = 'dependent_objects_still_exist',
+                  hint = 'drop or move those objects, then swap again (the copies are kept)';
+    end if;
     if running.new_key is not null then
         update loader.mask_keys k set retired_at = clock_timestamp() where k.retired_at is null;
         insert into loader.mask_keys (id, key, source) overriding system value
         values (running.key_id, running.new_key, running.new_key_source);
     end if;
-    for pair in select * from (values ('public.user_logins'::regclass, 'loader.user_logins_next'::regclass),
-                                      ('loader.login_rejects'::regclass, 'loader.login_rejects_next'::regclass)) p(live, copy)
+    suffix := '_r' || running.id;
+    for pair in select * from (values ('public.user_logins'::regclass, 'loader_rebuild.user_logins_next'::regclass),
+                                      ('loader.login_rejects'::regclass, 'loader_rebuild.login_rejects_next'::regclass)) p(live, copy)
     loop
         -- Grants (PUBLIC is grantee 0), and the table's own comment.
         for grant_item in select a.privilege_type, a.grantee
@@ -253,10 +323,13 @@ begin
             execute format('grant %s on %s to %s', grant_item.privilege_type, pair.copy,
                            case when grant_item.grantee = 0 then 'public'
                                 else quote_ident(grant_item.grantee::regrole::text) end);
+            execute format('revoke %s on %s from %s', grant_item.privilege_type, pair.live,
+                           case when grant_item.grantee = 0 then 'public'
+                                else quote_ident(grant_item.grantee::regrole::text) end);
         end loop;
         execute format('comment on table %s is %L', pair.copy, obj_description(pair.live, 'pg_class'));
         -- Index names: each index of the copy takes the name of the live index with the same
-        -- definition, once the live table is gone.
+        -- definition; the live one takes a suffix naming this rebuild.
         for ix in select n.indexrelid::regclass as copy_index, l.indexrelid::regclass::text as live_name
                     from pg_catalog.pg_index n join pg_catalog.pg_index l
                       on l.indrelid = pair.live and n.indrelid = pair.copy
@@ -264,17 +337,18 @@ begin
                      and regexp_replace(pg_get_indexdef(l.indexrelid), '^.* USING ', '')
                        = regexp_replace(pg_get_indexdef(n.indexrelid), '^.* USING ', '')
         loop
-            execute format('alter index %s rename to %s', ix.live_name, quote_ident(split_part(ix.live_name, '.', 2) || '_old'));
+            execute format('alter index %s rename to %s', ix.live_name, quote_ident(split_part(ix.live_name, '.', 2) || suffix));
             execute format('alter index %s rename to %s', ix.copy_index, quote_ident(split_part(ix.live_name, '.', 2)));
         end loop;
     end loop;
-    alter table public.user_logins rename to user_logins_old;
-    alter table public.user_logins_old set schema loader;
-    alter table loader.user_logins_next set schema public;
+    execute format('alter table public.user_logins rename to %I', 'user_logins_retired' || suffix);
+    execute format('alter table public.%I set schema loader_rebuild', 'user_logins_retired' || suffix);
+    alter table loader_rebuild.user_logins_next set schema public;
     alter table public.user_logins_next rename to user_logins;
-    alter table loader.login_rejects rename to login_rejects_old;
+    execute format('alter table loader.login_rejects rename to %I', 'login_rejects_retired' || suffix);
+    execute format('alter table loader.%I set schema loader_rebuild', 'login_rejects_retired' || suffix);
+    alter table loader_rebuild.login_rejects_next set schema loader;
     alter table loader.login_rejects_next rename to login_rejects;
-    drop table loader.user_logins_old, loader.login_rejects_old;
     update loader.rebuilds b set state = 'swapped', finished_at = clock_timestamp(), new_key = null
      where b.id = running.id;
     delete from loader.rebuild_ranges g where g.rebuild_id = running.id;
@@ -284,6 +358,37 @@ $$;
 comment on function loader.rebuild_swap() is
     'Swap a fully copied online rebuild in, in one short transaction (activates a rotation''s key)';
 
+-- rebuild_drop_retired: drops the tables swaps retired (schema loader_rebuild, *_retired_r*),
+-- with the temporary objects of other sessions that depend on them (CASCADE: their views, the
+-- columns of their temporary tables of the row type). Each drop waits for the locks it needs,
+-- as long as the caller's lock_timeout allows (`loader` ends sessions that hold it up, see
+-- docs/security.md). Returns how many it dropped.
+create or replace function loader.rebuild_drop_retired() returns integer
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    retired regclass;
+    dropped integer := 0;
+begin
+    for retired in select c.oid::regclass from pg_catalog.pg_class c
+                    where c.relnamespace = 'loader_rebuild'::regnamespace and c.relkind = 'r'
+                      and c.relname ~ '_retired_r[0-9]+$'
+                    order by c.relname
+    loop
+        -- Nobody but the owner can reach loader_rebuild, and the swap refused permanent
+        -- dependents; should one have come anyway, it is named, not dropped.
+        if loader._permanent_dependents(retired) is not null then
+            raise exception 'cannot drop %: %', retired, loader._permanent_dependents(retired)
+                using errcode = 'dependent_objects_still_exist';
+        end if;
+        execute format('drop table %s cascade', retired);
+        dropped := dropped + 1;
+    end loop;
+    return dropped;
+end
+$$;
+comment on function loader.rebuild_drop_retired() is
+    'Drop the tables online rebuilds retired, with others'' temporary objects on them; returns how many';
+
 -- rebuild_abandon: gives up the copying rebuild: drops the copies and forgets a new key.
 create or replace function loader.rebuild_abandon() returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -292,7 +397,7 @@ declare
 begin
     update loader.rebuilds b set state = 'abandoned', finished_at = clock_timestamp(), new_key = null
      where b.state = 'copying' returning b.id into running;
-    drop table if exists loader.user_logins_next, loader.login_rejects_next;
+    drop table if exists loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next;
     delete from loader.rebuild_ranges g where g.rebuild_id = running;
     return running;
 end
@@ -300,8 +405,8 @@ $$;
 comment on function loader.rebuild_abandon() is
     'Abandon the copying online rebuild: drop its copies, forget its key; returns its id';
 
--- _no_rebuild_copying: raises when an online rebuild is copying (rotate_key, rebuild and purge
--- would change what it copies).
+-- _no_rebuild_copying: raises when an online rebuild is copying (rotate_key and rebuild would
+-- change what it copies).
 create or replace function loader._no_rebuild_copying(what text) returns void
 language plpgsql as $$
 declare

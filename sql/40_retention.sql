@@ -13,7 +13,9 @@
 -- locks, its WAL burst, its bloat), a kill loses at most the batch in progress, and rerunning
 -- continues where it stopped (the purged rows no longer match the partial index's predicate).
 -- Owner only. Each batch locks loader.maintenance_lock, so none runs during a rebuild or
--- rotation's transaction.
+-- rotation's transaction. While an online rebuild copies, a batch passes over the rows of the
+-- ranges it has not copied yet (it recomputes them from their bodies) and purges the rest, so a
+-- rebuild never holds retention up.
 
 -- The single UPDATE it replaces (PostgreSQL cannot turn a function into a procedure).
 drop function if exists loader.purge_staged(interval);
@@ -25,14 +27,17 @@ returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     purged bigint;
+    copying bigint;
 begin
     if cutoff is null or cutoff > now() then
         raise exception 'purge_staged_batch: the cutoff must be a time in the past, not %', cutoff
             using errcode = 'invalid_parameter_value';
     end if;
     lock table loader.maintenance_lock in exclusive mode;
-    -- A rebuild recomputes from the bodies: none is purged while one copies.
-    perform loader._no_rebuild_copying('purge');
+    -- A copying online rebuild recomputes the rows of its ranges not yet copied from their
+    -- bodies: those stay until their range is done (a range commits with its done flag, so
+    -- this sees it copied only once it is).
+    select b.id into copying from loader.rebuilds b where b.state = 'copying';
     -- raw_logins_unpurged_staged_at (V10): an index range over the bodies still held that are
     -- old enough; pending rows in it are passed over, and stay. The pending check is a probe
     -- per candidate row (a subplan), never a join: written as a plain NOT EXISTS, the planner
@@ -46,6 +51,10 @@ begin
                 where c.purged_at is null and c.staged_at < cutoff
                   and not (select exists (select from loader.transform_queue q
                                            where q.raw_id = c.id))
+                  and (copying is null
+                       or not (select exists (select from loader.rebuild_ranges g
+                                               where g.rebuild_id = copying and not g.done
+                                                 and c.id between g.lo and g.hi)))
                 order by c.staged_at
                 limit max_rows
                   for update skip locked));

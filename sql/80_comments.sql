@@ -32,7 +32,10 @@ comment on column public.user_logins.app_version is
     'major*10000 + minor*100 + patch for 1-3 dot-separated numbers of 0-99 ("2.3.0" = 20300); NULL otherwise (see app_version_text)';
 comment on column public.user_logins.create_date is
     'UTC date of the SQS SentTimestamp (of staging when missing), never of the transform';
-comment on column public.user_logins.loaded_at is 'When the transform wrote the row';
+comment on column public.user_logins.loaded_at is
+    'Start of the transaction that wrote the row (not commit order: copy downstream by loaded_xid)';
+comment on column public.user_logins.loaded_xid is
+    'Id of the transaction that wrote the row: with the snapshot''s xmin, a commit-ordered cursor for downstream copies (NULL for rows from before V14)';
 
 -- Staging and runs.
 comment on column loader.raw_logins.id is 'Identity, in staging order (the work list refers to it)';
@@ -47,7 +50,8 @@ comment on column loader.raw_logins.staged_at is 'When it was staged (set by the
 comment on column loader.ingest_runs.id is 'Run id, as `loader ingest` prints it';
 comment on column loader.ingest_runs.started_at is 'When the run was registered';
 comment on column loader.ingest_runs.finished_at is 'When it ended; NULL while running, after a crash, and for Lambda runs';
-comment on column loader.ingest_runs.queue is 'Queue it drained';
+comment on column loader.ingest_runs.queue is 'Queue it drained, as the ingest process claimed (see registered_by)';
+comment on column loader.ingest_runs.registered_by is 'The login (session_user) that registered the run';
 comment on column loader.ingest_runs.mode is 'drain, follow or lambda';
 comment on column loader.ingest_runs.received is 'Messages that reached staging, every copy counted (= staged + duplicates)';
 comment on column loader.ingest_runs.staged is 'Messages newly staged by this run';
@@ -63,11 +67,11 @@ comment on column loader.login_rejects.reason is
 comment on column loader.login_rejects.detail is 'Human detail naming fields and sizes, never values';
 comment on column loader.login_rejects.rejected_at is 'When the transform rejected it';
 comment on column loader.transform_queue.raw_id is 'loader.raw_logins.id of a staged row without an outcome';
-comment on table loader.transform_progress is
-    'Eight slots of transform progress, each batch updating a free one (no hot row); read loader.transform_state';
-comment on column loader.transform_progress.slot is 'Slot number, 0-7';
-comment on column loader.transform_progress.last_drained_at is 'Latest drained batch recorded in this slot';
-comment on column loader.transform_progress.batches is 'Batches recorded in this slot';
+comment on table loader.transform_log is
+    'Transform progress: a row per batch (insert-only, old rows folded together); read loader.transform_state';
+comment on column loader.transform_log.at is 'Start of the batch''s transaction (the latest one, for folded rows)';
+comment on column loader.transform_log.drained is 'The batch took fewer rows than it asked for: the work list was drained';
+comment on column loader.transform_log.batches is 'Batches this row stands for';
 comment on view loader.transform_state is 'When the transform last drained its work list, and how many batches ran';
 comment on column loader.transform_state.last_drained_at is
     'Start of the last batch that found less work than it could take: every row committed before it was claimed';

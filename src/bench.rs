@@ -114,7 +114,7 @@ pub async fn staging(
     let mut staged = 0;
     for chunk in messages.chunks(flush.max(1)) {
         staged += match method {
-            StagingMethod::Unnest => staging::stage(&mut conn, &run, chunk).await?.staged,
+            StagingMethod::Unnest => staging::stage(&mut conn, &run, chunk).await?.outcome.staged,
             StagingMethod::Copy => stage_by_copy(&mut conn, run.id, chunk).await?,
         };
     }

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::DatabaseUrl;
+use crate::evict;
 use crate::retry::sqlstate;
 
 mod embedded {
@@ -33,10 +34,17 @@ const HISTORY_TABLE: &str = "loader.refinery_schema_history";
 /// advisory lock key, and so could stall migrations; locking a table needs privileges on it.
 const MIGRATE_LOCK_TABLE: &str = "loader.migrate_lock";
 
-/// How long `loader migrate` waits for a lock (another migrate, or a DDL statement waiting on
-/// a long-running reader) before failing with a clear error instead of queueing every reader
-/// behind it.
+/// How long `loader migrate` waits for a lock before failing with a clear error: another
+/// migrate (owner work, waited for), or a session of a lesser role, which [`evict`] ends after
+/// the grace period long before this.
 const MIGRATE_LOCK_TIMEOUT: &str = "60s";
+
+/// The sql/ files applied by every migrate, changed or not: the comments (a dropped and
+/// recreated function loses its own) and the privileges, which converge to that file every time
+/// (a grant made by hand goes; a replaced function gets its pinned settings back). Neither
+/// waits on a reader: GRANT, REVOKE, COMMENT and ALTER FUNCTION take no lock that a SELECT or
+/// a running function holds.
+const EVERY_TIME: &[&str] = &["80_comments.sql", "90_privileges.sql"];
 
 /// Opens a small pool. Fails within seconds, with one clear line, when the database is
 /// unreachable or the URL is wrong: one connection is opened up front so its own error (refused,
@@ -77,32 +85,55 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct MigrateReport {
     /// Names of the migrations applied by this run (empty when already up to date).
     pub applied: Vec<String>,
-    /// Names of the `sql/` files (re)applied.
+    /// Names of the `sql/` files that changed since the last migrate (all of them after a
+    /// migration), and so were applied; empty when none did. The comments and privileges are
+    /// applied every time ([`EVERY_TIME`]).
     pub sql_files: Vec<String>,
+    /// Sessions of other roles ended because they held up the migration ([`evict`]).
+    pub evicted: Vec<evict::Evicted>,
 }
 
-/// Applies pending migrations, then every `sql/` file (create-or-replace, grants last), all in
-/// ONE transaction under [`MIGRATE_LOCK_TABLE`]. One transaction is part of the security model:
-/// a function is never visible to other sessions before its privileges are locked down, so no
-/// role can call a private function, or wire one into a trigger of its own, while a migrate
-/// runs. Idempotent.
+/// Applies pending migrations, then the `sql/` files that changed (create-or-replace, grants
+/// last), all in ONE transaction under [`MIGRATE_LOCK_TABLE`]. One transaction is part of the
+/// security model: a function is never visible to other sessions before its privileges are
+/// locked down, so no role can call a private function, or wire one into a trigger of its own,
+/// while a migrate runs. Idempotent; a migrate with nothing to change replaces nothing, so it
+/// takes no lock that a reader holds. A session of another role that holds up a lock it needs
+/// for longer than `evict_after` is ended ([`evict`]).
 ///
 /// Roles and the schema's first objects are created `if not exists`: two first migrates at once
 /// (of one database, or of two sharing the cluster-wide roles) may both create one; the loser
 /// fails on the catalog's unique index and is tried once more.
-pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
-    match migrate_once(pool).await {
+pub async fn migrate_evicting(pool: &PgPool, evict_after: Duration) -> Result<MigrateReport> {
+    match migrate_once(pool, evict_after).await {
         Err(e) if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(is_duplicate)) => {
-            migrate_once(pool).await
+            migrate_once(pool, evict_after).await
         }
         result => result,
     }
 }
 
-async fn migrate_once(pool: &PgPool) -> Result<MigrateReport> {
+/// [`migrate_evicting`] with the default grace period ([`evict::DEFAULT_AFTER`]).
+pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
+    migrate_evicting(pool, evict::DEFAULT_AFTER).await
+}
+
+async fn migrate_once(pool: &PgPool, evict_after: Duration) -> Result<MigrateReport> {
     let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
     bootstrap(&mut conn).await?;
     let mut tx = conn.begin().await?;
+    let watch = evict::Watch::start(pool, "loader migrate", evict_after);
+    watch.follow(evict::backend_pid(&mut tx).await?);
+    let migrated = migrate_in(&mut tx).await;
+    let evicted = watch.stop().await;
+    let (applied, sql_files) = migrated?;
+    tx.commit().await.context("committing the migration")?;
+    Ok(MigrateReport { applied, sql_files, evicted })
+}
+
+/// The migration's work inside its transaction: pending migrations, then the changed sql/
+/// files; returns the names of both.
+async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)> {
     sqlx::raw_sql(&format!(
         "set local lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
          lock table {MIGRATE_LOCK_TABLE} in exclusive mode"
@@ -117,32 +148,65 @@ async fn migrate_once(pool: &PgPool) -> Result<MigrateReport> {
     // this transaction that is a savepoint.
     let report = runner
         .set_grouped(true)
-        .run_async(&mut Migrator(&mut tx))
+        .run_async(&mut Migrator(&mut *tx))
         .await
         .context("applying migrations")?;
-    let applied = report.applied_migrations().iter().map(ToString::to_string).collect();
+    let applied: Vec<String> =
+        report.applied_migrations().iter().map(ToString::to_string).collect();
 
-    let mut sql_files = Vec::new();
+    // The sql/ files that differ from what the last migrate applied (all of them after a
+    // migration: V14, which records them, is one).
+    let names: Vec<&str> = SQL_FILES.iter().map(|(name, _)| *name).collect();
+    let texts: Vec<&str> = SQL_FILES.iter().map(|(_, sql)| *sql).collect();
+    let changed: Vec<String> = sqlx::query_scalar(
+        "select f.name from unnest($1::text[], $2::text[]) f (name, sql)
+          where $3
+             or not exists (select from loader.sql_files s
+                             where s.name = f.name and s.md5 = md5(f.sql))",
+    )
+    .bind(&names)
+    .bind(&texts)
+    .bind(!applied.is_empty())
+    .fetch_all(&mut *tx)
+    .await
+    .context("comparing the sql/ files with those applied")?;
     for (name, sql) in SQL_FILES {
+        if !(changed.iter().any(|c| c == name) || EVERY_TIME.contains(name)) {
+            continue;
+        }
         sqlx::raw_sql(sql)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("applying sql/{name}"))?;
-        sql_files.push((*name).to_owned());
+        sqlx::query(
+            "insert into loader.sql_files (name, md5) values ($1, md5($2))
+             on conflict (name) do update set md5 = excluded.md5, applied_at = now()",
+        )
+        .bind(name)
+        .bind(sql)
+        .execute(&mut *tx)
+        .await
+        .context("recording the sql/ file applied")?;
     }
-    sqlx::query(
-        "insert into loader.sql_applied (sql_md5, loader_version) values (md5($1), $2)
-         on conflict (singleton) do update
-            set sql_md5 = excluded.sql_md5, loader_version = excluded.loader_version,
-                applied_at = now()",
-    )
-    .bind(all_sql())
-    .bind(env!("CARGO_PKG_VERSION"))
-    .execute(&mut *tx)
-    .await
-    .context("recording the sql/ files applied")?;
-    tx.commit().await.context("committing the migration")?;
-    Ok(MigrateReport { applied, sql_files })
+    if !changed.is_empty() {
+        sqlx::query("delete from loader.sql_files where name <> all ($1)")
+            .bind(&names)
+            .execute(&mut *tx)
+            .await
+            .context("forgetting sql/ files this loader no longer has")?;
+        sqlx::query(
+            "insert into loader.sql_applied (sql_md5, loader_version) values (md5($1), $2)
+             on conflict (singleton) do update
+                set sql_md5 = excluded.sql_md5, loader_version = excluded.loader_version,
+                    applied_at = now()",
+        )
+        .bind(all_sql())
+        .bind(env!("CARGO_PKG_VERSION"))
+        .execute(&mut *tx)
+        .await
+        .context("recording the sql/ files applied")?;
+    }
+    Ok((applied, changed))
 }
 
 /// Creates schema `loader` (refinery's history table lives there) and the migrate lock table,
@@ -196,11 +260,15 @@ pub async fn schema_state(pool: &PgPool) -> Result<SchemaState> {
             .fetch_one(pool)
             .await
             .context("reading the migration history")?;
+    // Every sql/ file this binary carries, as the last migrate applied it.
     let sql_current: bool = sqlx::query_scalar(
-        "select coalesce((select sql_md5 = md5($1) from loader.sql_applied
-                           where to_regclass('loader.sql_applied') is not null), false)",
+        "select coalesce(bool_and(exists (select from loader.sql_files s
+                                           where s.name = f.name and s.md5 = md5(f.sql))), false)
+           from unnest($1::text[], $2::text[]) f (name, sql)
+          where to_regclass('loader.sql_files') is not null",
     )
-    .bind(all_sql())
+    .bind(SQL_FILES.iter().map(|(name, _)| *name).collect::<Vec<_>>())
+    .bind(SQL_FILES.iter().map(|(_, sql)| *sql).collect::<Vec<_>>())
     .fetch_one(pool)
     .await
     .unwrap_or(false);

@@ -25,7 +25,7 @@ pub const MIN_VISIBILITY: Duration = Duration::from_secs(10);
 /// times the function's timeout.
 pub const LAMBDA_VISIBILITY_FACTOR: u32 = 6;
 
-/// The privileges README "Roles" documents, exactly (`privileges_of` lists them the same way).
+/// The privileges docs/security.md "Roles" documents, exactly (`privileges_of` lists them the same way).
 pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
     ("public", &[]),
     (
@@ -33,9 +33,8 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         &[
             "execute loader.finish_run(bigint,text)",
             "execute loader.record_deletes(bigint,text,bigint,bigint)",
-            "execute loader.record_refusals(bigint,text,text[],text[],text[])",
             "execute loader.register_run(text,text,text)",
-            "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],bigint)",
+            "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],integer[])",
             "usage schema loader",
         ],
     ),
@@ -44,7 +43,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         &[
             "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
             "execute loader.transform_batch(integer,boolean)",
-            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused)",
+            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by)",
             "select loader.login_rejects",
             "select loader.mask_key_info",
             "select loader.pipeline_status",
@@ -218,31 +217,61 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         }));
     }
 
-    // Analyst logins: members of loader_analyst that can log in to this database need both
-    // timeouts, set on the role (in any database or this one) or on this database for everyone.
-    // (A cluster shared by several deployments: revoke CONNECT from PUBLIC and grant it per
-    // role, and each deployment's doctor looks at its own analysts.)
-    let loose: Result<Vec<String>, _> = sqlx::query_scalar(
-        "select r.rolname from pg_roles r
-          where r.rolcanlogin and not r.rolsuper
-            and pg_has_role(r.oid, 'loader_analyst', 'member')
-            and has_database_privilege(r.oid, current_database(), 'connect')
-            and exists (select from unnest(array['statement_timeout', 'idle_in_transaction_session_timeout']) s(name)
-                         where not exists (
-                             select from pg_db_role_setting d, unnest(d.setconfig) c
-                              where d.setdatabase in (0, (select oid from pg_database where datname = current_database()))
-                                and d.setrole in (0, r.oid)
-                                and split_part(c, '=', 1) = s.name
-                                and split_part(c, '=', 2) not in ('0', '')))
+    findings.push(Finding::from("owner may end sessions", match sqlx::query_scalar::<_, bool>(
+        "select pg_has_role(current_user, 'pg_signal_backend', 'member')
+                or (select rolsuper from pg_roles where rolname = current_user)",
+    )
+    .fetch_one(pool)
+    .await
+    {
+        Ok(true) => None,
+        Ok(false) => Some((
+            "the owner role may not end other roles' sessions: one that holds a lock open can hold up migrate, a rotation's swap or the drop of the tables it retired until their lock_timeout".into(),
+            "grant pg_signal_backend to the owner role (as a superuser, or rds_superuser on RDS)".into(),
+        )),
+        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
+    }));
+
+    // The settings definer functions pin (loader._settings_policy): every setting a lesser
+    // role may change must be decided, and every definer function must pin what is pinned.
+    let settings: Result<Vec<String>, _> = sqlx::query_scalar(
+        "select format('%s is not classified', s.name) from pg_settings s
+          where (s.context = 'user'
+                 or has_parameter_privilege('loader_analyst', s.name, 'set')
+                 or has_parameter_privilege('loader_ingest', s.name, 'set'))
+            and not exists (select from loader._settings_policy() p where lower(s.name) like lower(p.name))
+         union all
+         select format('%s does not pin %s', p.oid::regprocedure, pin.name)
+           from pg_proc p cross join loader._settings_policy() pin
+          where p.pronamespace = 'loader'::regnamespace and p.prosecdef and pin.pin is not null
+            and exists (select from pg_settings s where lower(s.name) = lower(pin.name))
+            and not exists (select from unnest(p.proconfig) c
+                             where lower(split_part(c, '=', 1)) = lower(pin.name))
           order by 1",
     )
     .fetch_all(pool)
     .await;
-    findings.push(Finding::from("analyst timeouts", match loose {
-        Ok(roles) if roles.is_empty() => None,
-        Ok(roles) => Some((
-            format!("analyst logins without statement_timeout and idle_in_transaction_session_timeout: {}", roles.join(", ")),
-            "alter role NAME set statement_timeout = '5min'; alter role NAME set idle_in_transaction_session_timeout = '1min'".into(),
+    findings.push(Finding::from("pinned settings", match settings {
+        Ok(gaps) if gaps.is_empty() => None,
+        Ok(gaps) => Some((
+            format!("security-definer functions and the settings callers may change: {}", gaps.join("; ")),
+            "a setting of this server that loader does not know: add it to loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then `loader migrate`; a missing pin: run `loader migrate`".into(),
+        )),
+        Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
+    }));
+
+    let retired: Result<Vec<String>, _> = sqlx::query_scalar(
+        "select c.relname::text from pg_class c
+          where c.relnamespace = to_regnamespace('loader_rebuild') and c.relname ~ '_retired_r[0-9]+$'
+          order by 1",
+    )
+    .fetch_all(pool)
+    .await;
+    findings.push(Finding::from("retired tables", match retired {
+        Ok(tables) if tables.is_empty() => None,
+        Ok(tables) => Some((
+            format!("tables an online rebuild retired are still there (a drop was held up): {}", tables.join(", ")),
+            "select loader.rebuild_drop_retired() as the owner (or run the next rotation, which drops them)".into(),
         )),
         Err(e) => Some((format!("{e:#}"), "check the connection".into())),
     }));

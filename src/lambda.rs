@@ -6,11 +6,11 @@
 //! (`ReportBatchItemFailures`). The event source mapping deletes the others; the function never
 //! calls SQS itself.
 //!
-//! - A batch the database refuses because of its rows (a constraint, a data exception, an error
-//!   raised by a trigger) is staged again one record at a time, and only the refused records
-//!   are reported ([`staging::stage_isolating`], as in `loader ingest`). Any other error (an
-//!   outage, a missing schema, a permission, or every record refused) fails the invocation:
-//!   every record returns to the queue, and reaches the DLQ after `maxReceiveCount` tries.
+//! - Records the database refuses because of their rows (a constraint, an error raised by a
+//!   trigger) are staged apart by `loader.stage`, recorded in `loader.refusals`, and reported
+//!   (as in `loader ingest`). Any other error (an outage, a missing schema, a permission, or
+//!   every record refused) fails the invocation: every record returns to the queue, and
+//!   reaches the DLQ after `maxReceiveCount` tries.
 //! - Each execution environment registers one `loader.ingest_runs` row per queue (mode
 //!   `lambda`) the first time it stages, and adds to its counters from then on. Such a run never
 //!   finishes (Lambda freezes and retires environments without notice), and its `deleted`
@@ -103,9 +103,9 @@ impl Handler {
         let mut totals = StageOutcome::default();
         for (queue, messages) in &by_queue {
             let run = self.run(&mut conn, queue).await?;
-            let (outcome, refused) = staging::stage_isolating(&mut conn, &run, messages).await?;
-            totals += outcome;
-            failed.extend(refused);
+            let staged = staging::stage(&mut conn, &run, messages).await?;
+            totals += staged.outcome;
+            failed.extend(staged.refused);
         }
         drop(conn);
         tracing::info!(

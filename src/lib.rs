@@ -29,7 +29,8 @@
 //!   - [`schedule`]: the transform and the purge as pg_cron jobs;
 //!   - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres);
 //!   - [`send`]: publishing fixture files or synthetic events.
-//! - **adapters**: [`db`] (the pool and `loader migrate`), [`sqs`] (receive, delete, send,
+//! - **adapters**: [`db`] (the pool and `loader migrate`), [`evict`] (owner work ends the
+//!   sessions of lesser roles that hold it up), [`sqs`] (receive, delete, send,
 //!   attributes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
 //!   `--metrics-addr`; [`run::watch_queue`] feeds it the queue's counts).
 //! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
@@ -46,6 +47,7 @@ pub mod db;
 pub mod display;
 pub mod dlq;
 pub mod doctor;
+pub mod evict;
 pub mod ingest;
 pub mod keys;
 #[cfg(feature = "lambda")]

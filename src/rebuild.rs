@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
+use crate::evict;
 use crate::keys;
 use crate::progress::Progress;
 use crate::retry::sqlstate;
@@ -47,6 +48,9 @@ pub struct Finished {
     pub copied: i64,
     /// How long the swap waited for readers and open batches to let go of the tables.
     pub swap_waited: Duration,
+    /// Sessions of other roles ended because they held up the start, the swap or the drop of
+    /// the retired tables ([`evict`]).
+    pub evicted: Vec<evict::Evicted>,
     /// The transform of what was pending at the end.
     pub transform: TransformReport,
 }
@@ -59,14 +63,20 @@ const SWAP_ATTEMPTS: u32 = 90;
 
 /// Starts a rebuild (or resumes the one copying), calls `on_start` (to say what it will do
 /// and the disk it needs, before the long part), copies with `plan.workers` sessions, swaps,
-/// and transforms what is pending. `None` when a rotation's key is already the active one.
+/// drops the retired tables, and transforms what is pending. `None` when a rotation's key is
+/// already the active one. A session of another role that holds up the start, the swap or the
+/// drop for longer than `evict_after` is ended ([`evict`]).
 pub async fn run(
     pool: &PgPool,
     kind: &Kind,
     plan: Plan,
+    evict_after: Duration,
     on_start: impl FnOnce(&Started),
 ) -> Result<Option<Finished>> {
-    let Some(started) = start(pool, kind).await? else { return Ok(None) };
+    let mut evicted = Vec::new();
+    let Some(started) = start(pool, kind, evict_after, &mut evicted).await? else {
+        return Ok(None);
+    };
     on_start(&started);
     let progress = Progress::on_terminal("ranges copied");
     if let Some(p) = &progress {
@@ -76,31 +86,69 @@ pub async fn run(
     if let Some(p) = &progress {
         p.finish();
     }
-    let swap_waited = swap(pool).await?;
+    let swap_waited = swap(pool, evict_after, &mut evicted).await?;
+    drop_retired(pool, evict_after, &mut evicted).await?;
     sqlx::raw_sql("analyze public.user_logins; analyze loader.login_rejects")
         .execute(pool)
         .await
         .context("analysing the swapped tables")?;
     let transform = transform::transform(pool, plan).await?;
-    Ok(Some(Finished { started, copied, swap_waited, transform }))
+    Ok(Some(Finished { started, copied, swap_waited, evicted, transform }))
 }
 
-/// `loader.rebuild_start`, the new key (if given) sent as COPY data, never as a parameter.
-pub async fn start(pool: &PgPool, kind: &Kind) -> Result<Option<Started>> {
+/// `loader.rebuild_start`, the new key (if given) sent as COPY data, never as a parameter. It
+/// waits for the batches committing at that moment (the key row they hold): a session that
+/// holds one for longer than `evict_after` is ended.
+pub async fn start(
+    pool: &PgPool,
+    kind: &Kind,
+    evict_after: Duration,
+    evicted: &mut Vec<evict::Evicted>,
+) -> Result<Option<Started>> {
     let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
-    let (key, rotate) = match kind {
-        Kind::Rebuild => ("null", false),
-        Kind::Rotate(key) => (keys::key_expression(&mut tx, key.as_deref()).await?, true),
-    };
-    let started: Option<Started> = sqlx::query_as(&format!(
-        "select rebuild_id, key_id, rotation, ranges, ranges_done, resumed, copy_bytes
-           from loader.rebuild_start({key}, {rotate}) where rebuild_id is not null"
-    ))
-    .fetch_optional(&mut *tx)
-    .await
-    .context("starting the online rebuild (only the owner role may)")?;
-    tx.commit().await.context("committing the rebuild's start")?;
-    Ok(started)
+    let watch = evict::Watch::start(pool, "rebuild start", evict_after);
+    watch.follow(evict::backend_pid(&mut tx).await?);
+    let started = async {
+        let (key, rotate) = match kind {
+            Kind::Rebuild => ("null", false),
+            Kind::Rotate(key) => (keys::key_expression(&mut tx, key.as_deref()).await?, true),
+        };
+        let started: Option<Started> = sqlx::query_as(&format!(
+            "select rebuild_id, key_id, rotation, ranges, ranges_done, resumed, copy_bytes
+               from loader.rebuild_start({key}, {rotate}) where rebuild_id is not null"
+        ))
+        .fetch_optional(&mut *tx)
+        .await
+        .context("starting the online rebuild (only the owner role may)")?;
+        tx.commit().await.context("committing the rebuild's start")?;
+        anyhow::Ok(started)
+    }
+    .await;
+    evicted.extend(watch.stop().await);
+    started
+}
+
+/// `loader.rebuild_drop_retired`: the tables swaps retired, with the temporary objects other
+/// sessions made on them; a session whose lock holds a drop up past `evict_after` is ended.
+pub async fn drop_retired(
+    pool: &PgPool,
+    evict_after: Duration,
+    evicted: &mut Vec<evict::Evicted>,
+) -> Result<i32> {
+    let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+    let watch = evict::Watch::start(pool, "dropping retired tables", evict_after);
+    watch.follow(evict::backend_pid(&mut tx).await?);
+    let dropped = async {
+        let dropped: i32 = sqlx::query_scalar("select loader.rebuild_drop_retired()")
+            .fetch_one(&mut *tx)
+            .await
+            .context("dropping the tables the swap retired")?;
+        tx.commit().await.context("committing the drop of the retired tables")?;
+        anyhow::Ok(dropped)
+    }
+    .await;
+    evicted.extend(watch.stop().await);
+    dropped
 }
 
 /// Copies every range left, `workers` sessions at once; returns the rows they wrote.
@@ -135,43 +183,56 @@ pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) ->
     Ok(copied)
 }
 
-/// `loader.rebuild_swap`, each attempt bounded by [`SWAP_LOCK_TIMEOUT`]; between attempts the
-/// sessions holding the tables are logged (pids, never queries). Returns how long it waited.
-pub async fn swap(pool: &PgPool) -> Result<Duration> {
+/// `loader.rebuild_swap`, each attempt bounded by [`SWAP_LOCK_TIMEOUT`] (while an attempt
+/// waits, new readers of the tables queue behind it); between attempts the sessions holding the
+/// tables are logged (pids, never queries), and one that has held the swap up for
+/// `evict_after` across attempts is ended. Returns how long it waited.
+pub async fn swap(
+    pool: &PgPool,
+    evict_after: Duration,
+    evicted: &mut Vec<evict::Evicted>,
+) -> Result<Duration> {
     let started = Instant::now();
-    for attempt in 1..=SWAP_ATTEMPTS {
-        let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
-        sqlx::raw_sql(&format!("set local lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
-            .execute(&mut *tx)
-            .await?;
-        match sqlx::query("select * from loader.rebuild_swap()").execute(&mut *tx).await {
-            Ok(_) => {
-                tx.commit().await.context("committing the swap")?;
-                return Ok(started.elapsed());
+    let watch = evict::Watch::start(pool, "rebuild swap", evict_after);
+    let swapped = async {
+        for attempt in 1..=SWAP_ATTEMPTS {
+            let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+            watch.follow(evict::backend_pid(&mut tx).await?);
+            sqlx::raw_sql(&format!("set local lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
+                .execute(&mut *tx)
+                .await?;
+            match sqlx::query("select * from loader.rebuild_swap()").execute(&mut *tx).await {
+                Ok(_) => {
+                    tx.commit().await.context("committing the swap")?;
+                    return Ok(started.elapsed());
+                }
+                Err(e) if is_lock_timeout(&e) => {
+                    drop(tx);
+                    let holders: Vec<i32> = sqlx::query_scalar(
+                        "select distinct l.pid from pg_locks l
+                          where l.granted and l.pid <> pg_backend_pid()
+                            and l.relation in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)",
+                    )
+                    .fetch_all(pool)
+                    .await
+                    .unwrap_or_default();
+                    tracing::warn!(
+                        attempt,
+                        ?holders,
+                        "the swap waits for sessions using user_logins or login_rejects"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e).context("swapping the rebuilt tables in"),
             }
-            Err(e) if is_lock_timeout(&e) => {
-                drop(tx);
-                let holders: Vec<i32> = sqlx::query_scalar(
-                    "select distinct l.pid from pg_locks l
-                      where l.granted and l.pid <> pg_backend_pid()
-                        and l.relation in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)",
-                )
-                .fetch_all(pool)
-                .await
-                .unwrap_or_default();
-                tracing::warn!(
-                    attempt,
-                    ?holders,
-                    "the swap waits for sessions using user_logins or login_rejects"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(e).context("swapping the rebuilt tables in"),
         }
+        anyhow::bail!(
+            "the swap found the tables in use {SWAP_ATTEMPTS} times in a row; the copies are kept: run the same command again to swap"
+        )
     }
-    anyhow::bail!(
-        "the swap found the tables in use {SWAP_ATTEMPTS} times in a row; the copies are kept: run the same command again to swap"
-    )
+    .await;
+    evicted.extend(watch.stop().await);
+    swapped
 }
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {

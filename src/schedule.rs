@@ -7,7 +7,10 @@
 //! The jobs run in this database as the role that installs them (the owner: the purge is
 //! owner-only), through pg_cron's libpq connection to `cron.host`, so that role must be able to
 //! log in there (a `.pgpass`, or `cron.use_background_workers = on`). pg_cron keeps its jobs in
-//! the one database named by `cron.database_name`; this command must run there.
+//! the one database named by `cron.database_name`; this command must run there. It needs no
+//! superuser: pg_cron lets any role with `usage on schema cron` schedule jobs that run as
+//! itself (`cron.schedule`), and the jobs are read through `cron.job`, whose row security
+//! shows each role its own.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -45,9 +48,12 @@ pub struct Job {
 
 /// Fails with the setup to do when pg_cron is not usable from this database.
 async fn require_pg_cron(pool: &PgPool) -> Result<()> {
+    // pg_settings, not current_setting(): cron.database_name is readable only with
+    // pg_read_all_settings, which the owner need not have (then the hint goes without it).
     let (installed, cron_database, here): (bool, Option<String>, String) = sqlx::query_as(
         "select exists (select from pg_extension where extname = 'pg_cron'),
-                current_setting('cron.database_name', true), current_database()",
+                (select setting from pg_settings where name = 'cron.database_name'),
+                current_database()",
     )
     .fetch_one(pool)
     .await
@@ -90,7 +96,10 @@ pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
     remove_in(&mut tx).await?;
     for (name, schedule, command) in &jobs {
         sqlx::query(
-            "select cron.schedule_in_database($1, $2, $3, current_database(), current_user, true)",
+            // cron.schedule: as the caller, in cron.database_name, which is this database (pg_cron
+            // is installed only there). Not schedule_in_database, which pg_cron 1.4 leaves to
+            // the DBA to grant, and which needs a superuser to name a user.
+            "select cron.schedule($1, $2, $3)",
         )
         .bind(name)
         .bind(schedule)

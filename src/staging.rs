@@ -4,7 +4,9 @@
 //!
 //! Nothing a producer can send fails a batch: a body that is not JSON that `jsonb` can store
 //! (invalid JSON, `\u0000` escapes, lone surrogates) is kept as a JSON string holding the exact
-//! raw text, with `body_is_json = false`.
+//! raw text, with `body_is_json = false`; what the JSON check here misses, `loader.stage` catches
+//! itself. A message whose row PostgreSQL still refuses (a constraint, a trigger) is recorded in
+//! `loader.refusals` by `loader.stage` and left on the queue, so SQS moves it to the DLQ.
 
 use std::collections::HashSet;
 
@@ -12,8 +14,6 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use sqlx::PgConnection;
 use time::OffsetDateTime;
-
-use crate::retry::sqlstate;
 
 /// What staging needs to know about one message.
 #[derive(Debug, Clone)]
@@ -90,25 +90,6 @@ impl Run {
         Ok(())
     }
 
-    /// Records messages PostgreSQL refused to stage in the ledger (`loader.refusals`) and the
-    /// run's counters.
-    async fn record_refusals(
-        &self,
-        db: impl sqlx::PgExecutor<'_>,
-        refusals: &[Refusal],
-    ) -> Result<()> {
-        sqlx::query("select loader.record_refusals($1, $2, $3, $4, $5)")
-            .bind(self.id)
-            .bind(&self.token)
-            .bind(refusals.iter().map(|r| r.message_id.as_str()).collect::<Vec<_>>())
-            .bind(refusals.iter().map(|r| r.sqlstate.as_str()).collect::<Vec<_>>())
-            .bind(refusals.iter().map(|r| r.constraint.as_deref()).collect::<Vec<_>>())
-            .execute(db)
-            .await
-            .context("recording refused messages")?;
-        Ok(())
-    }
-
     /// Marks the run finished.
     pub async fn finish(&self, db: impl sqlx::PgExecutor<'_>) -> Result<()> {
         sqlx::query("select loader.finish_run($1, $2)")
@@ -121,186 +102,87 @@ impl Run {
     }
 }
 
-/// Stages a batch in one statement (`loader.stage`) that also adds its counts to the run's
-/// row, so the counters commit exactly when the rows do. The rows get the run's queue.
-pub async fn stage(
-    conn: &mut PgConnection,
-    run: &Run,
-    messages: &[RawMessage],
-) -> Result<StageOutcome> {
-    let mut batch = Batch::new(messages);
-    let received = messages.len() as u64;
-    let staged = match insert(conn, run, received, &batch).await {
-        Ok(n) => n,
-        // A data exception means Postgres refused a body the JSON check accepted (say a number
-        // beyond numeric's range). Ask Postgres about each body, then stage again.
-        Err(e) if is_data_exception(&e) => {
-            batch.recheck_with_postgres(conn).await?;
-            insert(conn, run, received, &batch).await.context("staging batch")?
-        }
-        Err(e) => return Err(e).context("staging batch"),
-    };
-    Ok(StageOutcome { received, staged, duplicates: received - staged })
+/// What [`stage`] did with one batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub outcome: StageOutcome,
+    /// MessageIds PostgreSQL refused (recorded in `loader.refusals`): not staged, and not to be
+    /// deleted, so SQS redelivers them and, past the redrive policy's maxReceiveCount, moves
+    /// them to the DLQ. Every copy of such an id is refused.
+    pub refused: HashSet<String>,
 }
 
-/// Column arrays for the UNNEST insert, one entry per distinct MessageId.
+/// Stages a batch with one call of `loader.stage`, which also adds its counts to the run's row,
+/// so the counters commit exactly when the rows do. The rows get the run's queue.
+///
+/// When PostgreSQL refuses some rows, `loader.stage` stages the others one by one and records
+/// the refused ones; when it refuses every one of several messages and some are on their first
+/// delivery (a broken trigger, not poison messages), the call fails and records nothing.
+pub async fn stage(conn: &mut PgConnection, run: &Run, messages: &[RawMessage]) -> Result<Staged> {
+    let batch = Batch::new(messages);
+    let (staged, refused): (i64, Vec<String>) = sqlx::query_as(
+        "select staged, refused_ids from loader.stage($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(run.id)
+    .bind(&run.token)
+    .bind(&batch.ids)
+    .bind(&batch.bodies)
+    .bind(&batch.is_json)
+    .bind(&batch.sent_at)
+    .bind(&batch.receive_count)
+    .bind(&batch.copies)
+    .fetch_one(conn)
+    .await
+    .context("staging batch")?;
+    let refused: HashSet<String> = refused.into_iter().collect();
+    for message_id in &refused {
+        tracing::warn!(%message_id, "message refused by PostgreSQL (loader.refusals says why); left on the queue");
+    }
+    let refused_copies = messages.iter().filter(|m| refused.contains(&m.message_id)).count();
+    let received = (messages.len() - refused_copies) as u64;
+    let staged = staged as u64;
+    Ok(Staged {
+        outcome: StageOutcome { received, staged, duplicates: received - staged },
+        refused,
+    })
+}
+
+/// Column arrays for `loader.stage`, one entry per distinct MessageId.
 struct Batch {
     ids: Vec<String>,
     bodies: Vec<String>,
     is_json: Vec<bool>,
     sent_at: Vec<Option<OffsetDateTime>>,
     receive_count: Vec<Option<i32>>,
+    /// How many copies of each id the batch holds (a redelivery inside one flush).
+    copies: Vec<i32>,
 }
 
 impl Batch {
     fn new(messages: &[RawMessage]) -> Self {
         // Postgres cannot insert one key twice in a statement; the first copy wins.
-        let mut seen = HashSet::with_capacity(messages.len());
-        let distinct: Vec<&RawMessage> =
-            messages.iter().filter(|m| seen.insert(m.message_id.as_str())).collect();
+        let mut index = std::collections::HashMap::with_capacity(messages.len());
+        let mut distinct: Vec<&RawMessage> = Vec::with_capacity(messages.len());
+        let mut copies: Vec<i32> = Vec::with_capacity(messages.len());
+        for m in messages {
+            match index.get(m.message_id.as_str()) {
+                Some(&i) => copies[i] += 1,
+                None => {
+                    index.insert(m.message_id.as_str(), distinct.len());
+                    distinct.push(m);
+                    copies.push(1);
+                }
+            }
+        }
         Self {
             ids: distinct.iter().map(|m| m.message_id.clone()).collect(),
             bodies: distinct.iter().map(|m| m.body.clone()).collect(),
             is_json: distinct.iter().map(|m| is_storable_json(&m.body)).collect(),
             sent_at: distinct.iter().map(|m| m.sent_at).collect(),
             receive_count: distinct.iter().map(|m| m.receive_count).collect(),
+            copies,
         }
     }
-
-    async fn recheck_with_postgres(&mut self, conn: &mut PgConnection) -> Result<()> {
-        for (body, is_json) in self.bodies.iter().zip(self.is_json.iter_mut()) {
-            if *is_json {
-                *is_json = sqlx::query("select $1::text::jsonb")
-                    .bind(body)
-                    .execute(&mut *conn)
-                    .await
-                    .is_ok();
-            }
-        }
-        Ok(())
-    }
-}
-
-async fn insert(
-    conn: &mut PgConnection,
-    run: &Run,
-    received: u64,
-    b: &Batch,
-) -> Result<u64, sqlx::Error> {
-    let staged: i64 = sqlx::query_scalar("select loader.stage($1, $2, $3, $4, $5, $6, $7, $8)")
-        .bind(run.id)
-        .bind(&run.token)
-        .bind(&b.ids)
-        .bind(&b.bodies)
-        .bind(&b.is_json)
-        .bind(&b.sent_at)
-        .bind(&b.receive_count)
-        .bind(received as i64)
-        .fetch_one(conn)
-        .await?;
-    Ok(staged as u64)
-}
-
-/// A message PostgreSQL refused to stage, and why, without values: the SQLSTATE and the
-/// constraint (or table) the error named.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub message_id: String,
-    pub sqlstate: String,
-    pub constraint: Option<String>,
-}
-
-impl Refusal {
-    fn new(message_id: &str, e: &anyhow::Error) -> Self {
-        let db = database_error(e);
-        Self {
-            message_id: message_id.to_owned(),
-            sqlstate: db.and_then(|d| d.code()).map_or_else(|| "?".to_owned(), |c| c.into_owned()),
-            constraint: db.and_then(|d| d.constraint().or(d.table())).map(str::to_owned),
-        }
-    }
-}
-
-/// Stages `messages` like [`stage`]. If the database refuses the statement because of its
-/// rows (`refuses_rows`), stages them one at a time and returns the ids of those it still
-/// refuses (one per copy), so the caller can leave just those on the queue. They are not staged;
-/// each is recorded in `loader.refusals` (id, SQLSTATE, constraint) and counted in
-/// `loader.ingest_runs.refused`, apart from `received`.
-///
-/// When it refuses every one of several messages and some are on their first delivery, the
-/// fault is not in the messages (a broken trigger, a rule that fits nothing): that is returned
-/// as the batch's error instead, and nothing is recorded. Several redelivered messages all
-/// refused are recorded: poison messages come back together once the rest has been staged.
-pub async fn stage_isolating(
-    conn: &mut PgConnection,
-    run: &Run,
-    messages: &[RawMessage],
-) -> Result<(StageOutcome, Vec<String>)> {
-    let batch_error = match stage(conn, run, messages).await {
-        Ok(outcome) => return Ok((outcome, Vec::new())),
-        Err(e) if !refuses_rows(&e) => return Err(e),
-        Err(e) => e,
-    };
-    tracing::warn!(
-        reason = refusal(&batch_error),
-        records = messages.len(),
-        "batch refused; staging its records one at a time"
-    );
-    let mut total = StageOutcome::default();
-    let mut refused = Vec::new();
-    for message in messages {
-        match stage(conn, run, std::slice::from_ref(message)).await {
-            Ok(outcome) => total += outcome,
-            Err(e) if !refuses_rows(&e) => return Err(e),
-            Err(e) => {
-                tracing::warn!(message_id = %message.message_id, reason = refusal(&e), "message refused; left on the queue");
-                refused.push(Refusal::new(&message.message_id, &e));
-            }
-        }
-    }
-    // Every one of several refused, some of them on their first delivery: a systematic fault.
-    // Redelivered messages refused together are the usual poison messages on their way to
-    // the DLQ (the first delivery let the others through), so those are recorded instead.
-    let fresh = messages.iter().any(|m| m.receive_count.is_none_or(|n| n <= 1));
-    if messages.len() > 1 && refused.len() == messages.len() && fresh {
-        return Err(batch_error.context("PostgreSQL refuses every message, one by one too"));
-    }
-    if !refused.is_empty() {
-        run.record_refusals(&mut *conn, &refused).await?;
-    }
-    Ok((total, refused.into_iter().map(|r| r.message_id).collect()))
-}
-
-/// True when Postgres refused the rows themselves: a data exception (class 22), an integrity
-/// constraint (class 23) or an error raised by a trigger (P0001). Anything else (an outage, a
-/// missing table, a permission) would refuse every record alike, so it fails the invocation.
-fn refuses_rows(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error()?.code())
-        .any(|code| code.starts_with("22") || code.starts_with("23") || code == "P0001")
-}
-
-/// Why Postgres refused a statement, without the values (a constraint's DETAIL line can quote
-/// the row, and so personal data): the SQLSTATE and the constraint or table it names.
-fn refusal(e: &anyhow::Error) -> String {
-    match database_error(e) {
-        Some(db) => format!(
-            "SQLSTATE {} on {}",
-            db.code().as_deref().unwrap_or("?"),
-            db.constraint().or(db.table()).unwrap_or("the statement")
-        ),
-        None => format!("{e:#}"),
-    }
-}
-
-/// The first error PostgreSQL itself sent in `e`'s chain, if any.
-fn database_error(e: &anyhow::Error) -> Option<&dyn sqlx::error::DatabaseError> {
-    e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()?.as_database_error())
-}
-
-/// SQLSTATE class 22: Postgres refused a value (here: a body the `jsonb` cast could not take).
-fn is_data_exception(e: &sqlx::Error) -> bool {
-    sqlstate(e).is_some_and(|c| c.starts_with("22"))
 }
 
 /// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.
@@ -356,6 +238,7 @@ mod tests {
         assert_eq!(b.ids, ["a", "b"]);
         assert_eq!(b.bodies, ["1", "x"]);
         assert_eq!(b.is_json, [true, false]);
+        assert_eq!(b.copies, [2, 1]);
     }
 
     #[test]

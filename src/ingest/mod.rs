@@ -4,7 +4,6 @@
 //! point loses nothing: undeleted messages come back after their visibility timeout and the
 //! `message_id` unique key turns the second staging into a counted duplicate.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,10 +71,8 @@ impl From<&Received> for RawMessage {
 const FLUSHES_DELETING: usize = 4;
 
 /// A committed batch, not yet deleted.
-struct Staged {
-    outcome: staging::StageOutcome,
-    /// Ids PostgreSQL refused: neither staged nor to be deleted.
-    refused: HashSet<String>,
+struct Committed {
+    staged: staging::Staged,
     took: Duration,
 }
 
@@ -199,7 +196,7 @@ impl Ingestor {
         size = batch.len(),
         message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
     ))]
-    async fn stage(&self, batch: &[Received]) -> Result<Staged> {
+    async fn stage(&self, batch: &[Received]) -> Result<Committed> {
         let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
         let (raw, pool, run) = (&raw, &self.pool, &self.run);
         let started = std::time::Instant::now();
@@ -207,20 +204,20 @@ impl Ingestor {
         // commit with its rows, so a failed attempt leaves no trace.
         let staging = self.retrying(&self.postgres_health, || async move {
             let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-            staging::stage_isolating(&mut conn, run, raw).await
+            staging::stage(&mut conn, run, raw).await
         });
-        let (outcome, refused) = staging.await?;
+        let staged = staging.await?;
         self.held.release(batch);
         let took = started.elapsed();
         tracing::debug!(
-            staged = outcome.staged,
-            duplicates = outcome.duplicates,
+            staged = staged.outcome.staged,
+            duplicates = staged.outcome.duplicates,
             "batch committed"
         );
         if let Some(notify) = &self.on_commit {
             notify.notify_one();
         }
-        Ok(Staged { outcome, refused: refused.into_iter().collect(), took })
+        Ok(Committed { staged, took })
     }
 
     /// Deletes every message of a committed batch (new and duplicate alike: both are now
@@ -230,7 +227,8 @@ impl Ingestor {
         size = batch.len(),
         message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
     ))]
-    async fn delete_staged(&self, batch: &[Received], staged: Staged) -> Result<Totals> {
+    async fn delete_staged(&self, batch: &[Received], committed: Committed) -> Result<Totals> {
+        let staged = &committed.staged;
         let (pool, run, queue) = (&self.pool, &self.run, &self.queue);
 
         // Copies of one message (a redelivery inside one flush) are deleted once, with the most
@@ -262,7 +260,7 @@ impl Ingestor {
             delete_failures: failed_copies,
             refused: refused_copies,
         };
-        metrics::batch(&totals, staged.took);
+        metrics::batch(&totals, committed.took);
         Ok(totals)
     }
 

@@ -48,27 +48,20 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     let env = TestEnv::new(30).await;
     let _dlq = env.queue.attach_dead_letter_queue(5).await;
     let (db, queue) = (&env.db, env.queue.name.as_str());
-    // This deployment's analysts are the roles granted CONNECT here (other tests' are not).
-    sql(&db.admin, &format!("revoke connect on database {} from public", db.name)).await;
     let healthy = (Some(0), BTreeSet::new());
     let expect = |check: &str| (Some(3), BTreeSet::from([check.to_owned()]));
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
-    // An analyst login without timeouts, then with them.
-    let analyst = crate::support::unique_name("analyst");
-    let login = format!(
-        "create role {analyst} login in role loader_analyst;
-         grant connect on database {} to {analyst}",
-        db.name
-    );
-    sql(&db.admin, &login).await;
-    assert_eq!(failing(&db.url, queue, &[]), expect("analyst timeouts"));
-    let timeouts = format!(
-        "alter role {analyst} set statement_timeout = '5min';
-         alter role {analyst} in database {} set idle_in_transaction_session_timeout = '1min'",
-        db.name
-    );
-    sql(&db.admin, &timeouts).await;
+    // A definer function that lost its pinned settings; any migrate pins them again.
+    sql(&db.pool, "alter function loader.transform_batch(integer, boolean) reset all").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("pinned settings"));
+    crate::support::loader_ok(&db.url, queue, &["migrate"]);
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
+    // A table a swap retired, left behind.
+    sql(&db.pool, "create table loader_rebuild.user_logins_retired_r99 ()").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("retired tables"));
+    sql(&db.pool, "select loader.rebuild_drop_retired()").await;
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
     // A grant beyond the documented ones.
@@ -82,7 +75,11 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     sql(&db.pool, "update loader.mask_keys set retired_at = null where id = (select max(id) from loader.mask_keys)").await;
 
     // Functions that are not this binary's, then a migration missing.
-    sql(&db.pool, "update loader.sql_applied set sql_md5 = 'edited by hand'").await;
+    sql(
+        &db.pool,
+        "update loader.sql_files set md5 = 'edited by hand' where name = '30_transform.sql'",
+    )
+    .await;
     assert_eq!(failing(&db.url, queue, &[]), expect("migrations"));
     crate::support::loader_ok(&db.url, queue, &["migrate"]);
     sql(&db.pool, "create table saved as select * from loader.refinery_schema_history
@@ -118,5 +115,26 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     let (code, failed) = failing(&format!("{plain}?sslmode=require"), queue, &[]);
     assert_eq!(code, Some(3));
     assert!(failed.contains("database") && failed.contains("dead-letter queue"), "{failed:?}");
-    sql(&db.admin, &format!("drop owned by {analyst}; drop role {analyst}")).await;
+}
+
+/// The owner needs `pg_signal_backend` to end sessions that hold its work up; an owner without
+/// it is named.
+#[tokio::test]
+async fn doctor_names_an_owner_that_cannot_end_sessions() {
+    let owner = "loader_test_owner_unsignalled";
+    let admin = sqlx::PgPool::connect(&crate::support::required_env("DATABASE_URL")).await.unwrap();
+    sql(
+        &admin,
+        &format!(
+            "do $$ begin
+                 if not exists (select from pg_roles where rolname = '{owner}') then
+                     create role {owner} login nosuperuser nocreaterole nocreatedb; end if;
+             exception when duplicate_object then null; end $$"
+        ),
+    )
+    .await;
+    let db = crate::support::TestDb::empty_owned_by(owner).await;
+    loader::db::migrate(&db.pool).await.unwrap();
+    let (_, failed) = failing(&db.url, "no-such-queue", &[]);
+    assert!(failed.contains("owner may end sessions"), "{failed:?}");
 }

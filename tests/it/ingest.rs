@@ -94,7 +94,7 @@ async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
     let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
     let mut conn = db.pool.acquire().await.unwrap();
     let staged = staging::stage(&mut conn, ingestor.staging_run(), &raw).await.unwrap();
-    assert_eq!(staged.staged, batch.len() as u64);
+    assert_eq!(staged.outcome.staged, batch.len() as u64);
     drop(ingestor);
 
     // Nothing was deleted: all 30 are still on the queue once the visibility timeout passes.
@@ -200,9 +200,9 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
     };
     let mut conn = db.pool.acquire().await.unwrap();
 
-    let first = staging::stage(&mut conn, &run, &[m("a"), m("b"), m("a")]).await.unwrap();
+    let first = staging::stage(&mut conn, &run, &[m("a"), m("b"), m("a")]).await.unwrap().outcome;
     assert_eq!((first.received, first.staged, first.duplicates), (3, 2, 1));
-    let again = staging::stage(&mut conn, &run, &[m("b"), m("c")]).await.unwrap();
+    let again = staging::stage(&mut conn, &run, &[m("b"), m("c")]).await.unwrap().outcome;
     assert_eq!((again.received, again.staged, again.duplicates), (2, 1, 1));
 
     assert_eq!(db.staged().await, 3);

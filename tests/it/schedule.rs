@@ -1,19 +1,51 @@
 //! `loader schedule` on a real pg_cron: the private cluster `scripts/postgres.sh cron` starts
-//! (pg_cron in shared_preload_libraries, jobs in database loader_cron). Staged rows get loaded
-//! by the database itself, with no loader process running.
+//! (pg_cron in shared_preload_libraries, jobs in database loader_cron), set up as pg_cron's own
+//! documentation says for an owner that is not a superuser: `loader_cron_owner` owns the
+//! database and has `usage on schema cron`, nothing more. Staged rows get loaded by the
+//! database itself, with no loader process running.
 
 use std::time::Duration;
 
-use crate::support::{loader, loader_ok, required_env, unique_name};
+use crate::support::{loader, loader_ok, required_env, unique_name, url_as};
+
+/// The owner role `scripts/postgres.sh cron` creates in the pg_cron cluster.
+const CRON_OWNER: &str = "loader_cron_owner";
 
 #[tokio::test]
 async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
-    let url = required_env("LOADER_CRON_DATABASE_URL");
+    let admin_url = required_env("LOADER_CRON_DATABASE_URL");
+    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
+    // One test at a time owns this database's schedule: the others wait for the lock.
+    let mut lock = admin.acquire().await.unwrap();
+    sqlx::query("select pg_advisory_lock(7263)").execute(&mut *lock).await.unwrap();
+    let owner_is_superuser: bool =
+        sqlx::query_scalar("select rolsuper from pg_roles where rolname = $1")
+            .bind(CRON_OWNER)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert!(!owner_is_superuser, "the test must run as an owner that is not a superuser");
+    // A schema left by a migrate of another role (an older run of this test) is not the
+    // owner's to migrate: start it afresh.
+    sqlx::raw_sql(&format!(
+        "do $$ begin
+             if exists (select from pg_namespace where nspname = 'loader'
+                         and nspowner <> '{CRON_OWNER}'::regrole) then
+                 drop schema loader cascade;
+                 drop schema if exists loader_rebuild cascade;
+             end if;
+             if exists (select from pg_class where oid = to_regclass('public.user_logins')
+                         and relowner <> '{CRON_OWNER}'::regrole) then
+                 drop table public.user_logins;
+             end if;
+         end $$"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let url = url_as(&admin_url, CRON_OWNER);
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     loader_ok(&url, "unused", &["migrate"]);
-    // One test at a time owns this database's schedule: the others wait for the lock.
-    let mut lock = pool.acquire().await.unwrap();
-    sqlx::query("select pg_advisory_lock(7263)").execute(&mut *lock).await.unwrap();
 
     let prefix = unique_name("cron");
     sqlx::raw_sql(&format!(
@@ -35,8 +67,8 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
         &["schedule", "install", "--purge-older-than-days", "30", "--keep-history-days", "3"],
     );
     for expected in [
-        "loader-transform: '* * * * *' as postgres: call loader.transform()",
-        "loader-purge: '30 3 * * *' as postgres: call loader.purge_staged(interval '30 days')",
+        "loader-transform: '* * * * *' as loader_cron_owner: call loader.transform()",
+        "loader-purge: '30 3 * * *' as loader_cron_owner: call loader.purge_staged(interval '30 days')",
         "loader-prune-cron-history: '0 4 * * *'",
         "interval '3 days'",
     ] {
@@ -46,7 +78,7 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
     loader_ok(&url, "unused", &["schedule", "install"]);
     let jobs: Vec<String> =
         sqlx::query_scalar("select jobname from cron.job where jobname like 'loader-%' order by 1")
-            .fetch_all(&pool)
+            .fetch_all(&admin)
             .await
             .unwrap();
     assert_eq!(jobs, ["loader-prune-cron-history", "loader-transform"]);

@@ -620,51 +620,16 @@ async fn every_object_an_analyst_may_meet_has_a_comment() {
 /// a deliberate change rewrites the file with LOADER_BLESS=1 and shows up in review.
 #[tokio::test]
 async fn outcomes_match_the_golden_file_byte_for_byte() {
-    const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden-outcomes.txt");
-    const HOSTILE: &str = include_str!("../fixtures/golden-hostile.sql");
     let db = TestDb::migrated().await;
-    sqlx::query("select loader._activate_key(decode(repeat('ab', 32), 'hex'), 'installed')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    stage(&db, &fixture_messages(), SENT).await;
-    sqlx::raw_sql(HOSTILE).execute(&db.pool).await.unwrap();
+    crate::support::stage_golden_inputs(&db).await;
     let (loaded, rejected, pending) = call_transform(&db.pool).await;
     assert_eq!(pending, 0);
-
-    let rows: Vec<String> = sqlx::query_scalar(
-        // quote_nullable: NULL and '' stay apart.
-        "select concat_ws(' | ', 'L', message_id, quote_nullable(user_id),
-                          quote_nullable(device_type), quote_nullable(masked_ip),
-                          quote_nullable(masked_device_id), quote_nullable(locale),
-                          quote_nullable(app_version), quote_nullable(create_date),
-                          quote_nullable(ip_network), quote_nullable(app_version_text),
-                          quote_nullable(mask_key_id))
-           from public.user_logins
-         union all
-         select concat_ws(' | ', 'R', message_id, quote_nullable(reason), quote_nullable(detail))
-           from loader.login_rejects
-         order by 1",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let rows = crate::support::outcome_rows(&db).await;
     assert_eq!(rows.len() as i64, loaded + rejected);
-    let got = rows.join("\n") + "\n";
     if std::env::var_os("LOADER_BLESS").is_some() {
-        std::fs::write(GOLDEN, &got).unwrap();
+        std::fs::write(crate::support::GOLDEN, crate::support::golden_text(&rows)).unwrap();
     }
-    let golden = std::fs::read_to_string(GOLDEN).expect("tests/fixtures/golden-outcomes.txt");
-    if got != golden {
-        let first = got.lines().zip(golden.lines()).find(|(g, w)| g != w);
-        panic!(
-            "outcomes differ from the golden file ({} lines vs {}); first difference:\n got: {:?}\nwant: {:?}",
-            got.lines().count(),
-            golden.lines().count(),
-            first.map(|f| f.0),
-            first.map(|f| f.1)
-        );
-    }
+    crate::support::assert_golden(&rows);
 }
 
 #[tokio::test]

@@ -51,6 +51,13 @@ pub struct GlobalArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_metrics_interval: u64,
 
+    /// Owner work (migrate; a rebuild's or rotation's start, swap and drop of the old tables)
+    /// ends a session of another role that has held it up this long: cancelled, then
+    /// terminated (needs pg_signal_backend; docs/security.md)
+    #[arg(long, env = "LOADER_EVICT_AFTER", global = true,
+          default_value_t = humantime::Duration::from(loader::evict::DEFAULT_AFTER))]
+    pub evict_after: humantime::Duration,
+
     /// Log format: pretty (default on a terminal) or json (default otherwise)
     #[arg(long, env = "LOADER_LOG_FORMAT", global = true,
           value_parser = named::<LogFormat>(LogFormat::NAMES))]

@@ -41,12 +41,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(addr) = cli.global.metrics_addr {
         metrics::install(addr)?;
     }
+    let evict_after = Duration::from(cli.global.evict_after);
     match cli.command {
-        Command::Migrate => migrate(&settings).await,
+        Command::Migrate => migrate(&settings, evict_after).await,
         Command::Ingest(args) => ingest(&settings, &args, queue_metrics).await,
         Command::Send(args) => send(&settings, &args).await,
-        Command::Transform(args) => transform(&settings, &args).await,
-        Command::Keys(command) => keys(&settings, &command).await,
+        Command::Transform(args) => transform(&settings, &args, evict_after).await,
+        Command::Keys(command) => keys(&settings, &command, evict_after).await,
         Command::Run(args) => run_pipeline(&settings, &args, queue_metrics).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
@@ -58,16 +59,29 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn migrate(settings: &Settings) -> Result<ExitCode> {
+async fn migrate(settings: &Settings, evict_after: Duration) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
-    let report = db::migrate(&pool).await?;
+    let report = db::migrate_evicting(&pool, evict_after).await?;
     if report.applied.is_empty() {
         println!("migrations: up to date");
     } else {
         println!("migrations: applied {}", report.applied.join(", "));
     }
-    println!("sql functions: applied {} file(s)", report.sql_files.len());
+    if report.sql_files.is_empty() {
+        println!("sql functions: up to date");
+    } else {
+        println!("sql functions: applied {}", report.sql_files.join(", "));
+    }
+    print_evicted(&report.evicted);
     Ok(ExitCode::from(exit::OK))
+}
+
+/// One line per session owner work ended (the log has the details).
+fn print_evicted(evicted: &[loader::evict::Evicted]) {
+    for e in evicted {
+        let how = if e.terminated { "terminated" } else { "cancelled" };
+        println!("{how} session {} of role {}: it held up the work", e.pid, e.role);
+    }
 }
 
 async fn ingest(
@@ -112,11 +126,15 @@ async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(exit::OK))
 }
 
-async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode> {
+async fn transform(
+    settings: &Settings,
+    args: &TransformArgs,
+    evict_after: Duration,
+) -> Result<ExitCode> {
     let plan = args.plan.plan();
     let pool = db::connect(settings.database_url()?, plan.workers as u32).await?;
     if args.rebuild {
-        rebuild(&pool, &rebuild::Kind::Rebuild, plan).await?;
+        rebuild(&pool, &rebuild::Kind::Rebuild, plan, evict_after).await?;
     } else if args.watch {
         transform::watch(&pool, plan, args.interval, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
@@ -130,7 +148,11 @@ async fn transform(settings: &Settings, args: &TransformArgs) -> Result<ExitCode
     Ok(ExitCode::from(exit::OK))
 }
 
-async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
+async fn keys(
+    settings: &Settings,
+    command: &KeysCommand,
+    evict_after: Duration,
+) -> Result<ExitCode> {
     match command {
         KeysCommand::List => {
             let pool = db::connect(settings.database_url()?, 1).await?;
@@ -152,15 +174,20 @@ async fn keys(settings: &Settings, command: &KeysCommand) -> Result<ExitCode> {
                 _ => None,
             };
             let pool = db::connect(settings.database_url()?, args.plan().workers as u32).await?;
-            rebuild(&pool, &rebuild::Kind::Rotate(given), args.plan()).await?;
+            rebuild(&pool, &rebuild::Kind::Rotate(given), args.plan(), evict_after).await?;
         }
     }
     Ok(ExitCode::from(exit::OK))
 }
 
 /// An online rebuild or rotation, saying up front what it will do and the disk it needs.
-async fn rebuild(pool: &sqlx::PgPool, kind: &rebuild::Kind, plan: transform::Plan) -> Result<()> {
-    let finished = rebuild::run(pool, kind, plan, |s| {
+async fn rebuild(
+    pool: &sqlx::PgPool,
+    kind: &rebuild::Kind,
+    plan: transform::Plan,
+    evict_after: Duration,
+) -> Result<()> {
+    let finished = rebuild::run(pool, kind, plan, evict_after, |s| {
         let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
         let resumed = if s.resumed { ", resumed" } else { "" };
         eprintln!(
@@ -175,14 +202,17 @@ async fn rebuild(pool: &sqlx::PgPool, kind: &rebuild::Kind, plan: transform::Pla
     })
     .await?;
     match finished {
-        Some(f) => println!(
-            "rebuild {}: key {} active; copied {} rows; swap waited {:.1} s; transform: {}",
-            f.started.rebuild_id,
-            f.started.key_id,
-            f.copied,
-            f.swap_waited.as_secs_f64(),
-            f.transform
-        ),
+        Some(f) => {
+            println!(
+                "rebuild {}: key {} active; copied {} rows; swap waited {:.1} s; transform: {}",
+                f.started.rebuild_id,
+                f.started.key_id,
+                f.copied,
+                f.swap_waited.as_secs_f64(),
+                f.transform
+            );
+            print_evicted(&f.evicted);
+        }
         None => println!("that key is already active; nothing to rebuild"),
     }
     Ok(())

@@ -10,7 +10,7 @@ use super::{required_env, unique_name};
 
 /// The role that owns every test database and runs `loader migrate` in it: a LOGIN role that
 /// is not a superuser and may not create roles (the two loader roles are created beforehand,
-/// as a DBA would), as README "Security model" recommends for production.
+/// as a DBA would), as docs/security.md recommends for production.
 pub const OWNER: &str = "loader_test_owner";
 
 /// A database of this test's own, owned by [`OWNER`]; dropped (with its connections) when the
@@ -30,11 +30,17 @@ pub struct TestDb {
 impl TestDb {
     /// A new, empty database.
     pub async fn empty() -> Self {
+        Self::empty_owned_by(OWNER).await
+    }
+
+    /// A new, empty database owned by `owner`, a LOGIN role the caller created (not a
+    /// superuser either); `pool` and `url` log in as it.
+    pub async fn empty_owned_by(owner: &str) -> Self {
         let server_admin_url = required_env("DATABASE_URL");
         let name = unique_name("loader_test");
         let admin = PgPool::connect(&server_admin_url).await.expect("connecting with DATABASE_URL");
         create_loader_roles(&admin).await;
-        sqlx::raw_sql(&format!("create database {name} owner {OWNER}"))
+        sqlx::raw_sql(&format!("create database {name} owner {owner}"))
             .execute(&admin)
             .await
             .expect("creating the test database");
@@ -43,7 +49,7 @@ impl TestDb {
             Some((server, _db)) => format!("{server}/{name}"),
             None => panic!("DATABASE_URL has no database path"),
         };
-        let url = url_as(&admin_url, OWNER);
+        let url = url_as(&admin_url, owner);
         let pool =
             PgPool::connect(&url).await.expect("connecting to the test database as its owner");
         let admin = sqlx::postgres::PgPoolOptions::new()
@@ -110,7 +116,9 @@ pub fn url_as(url: &str, role: &str) -> String {
 }
 
 /// Creates the two NOLOGIN roles and the [`OWNER`] login when missing, as a DBA would before
-/// the first migrate (roles are cluster-wide; tests running at once may race to create them).
+/// the first migrate (roles are cluster-wide; tests running at once may race to create them),
+/// and lets the owner end the sessions that hold its work up (`pg_signal_backend`, README "The
+/// owner role").
 pub async fn create_loader_roles(admin: &PgPool) {
     let sql = "do $$ begin
         if not exists (select from pg_roles where rolname = 'loader_ingest') then
@@ -119,6 +127,8 @@ pub async fn create_loader_roles(admin: &PgPool) {
             create role loader_analyst nologin; end if;
         if not exists (select from pg_roles where rolname = 'loader_test_owner') then
             create role loader_test_owner login nosuperuser nocreaterole nocreatedb; end if;
+        if not pg_has_role('loader_test_owner', 'pg_signal_backend', 'member') then
+            grant pg_signal_backend to loader_test_owner; end if;
     exception when unique_violation or duplicate_object then null; end $$";
     sqlx::raw_sql(sql).execute(admin).await.expect("creating the loader roles");
 }

@@ -118,6 +118,69 @@ pub fn fixture_messages() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The golden outputs of the transform (`tests/fixtures/golden-outcomes.txt`) for the inputs of
+/// [`stage_golden_inputs`].
+pub const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/golden-outcomes.txt");
+
+/// Stages the golden test's inputs: the fixture (sent on 2020-02-29, 23:59:59 UTC) and the
+/// hostile bodies of `tests/fixtures/golden-hostile.sql`, under a fixed key (32 bytes of 0xab),
+/// as the owner.
+pub async fn stage_golden_inputs(db: &TestDb) {
+    let sent_at = time::macros::datetime!(2020-02-29 23:59:59 UTC);
+    sqlx::query("select loader._activate_key(decode(repeat('ab', 32), 'hex'), 'installed')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    stage(db, &fixture_messages(), sent_at).await;
+    sqlx::raw_sql(include_str!("../../fixtures/golden-hostile.sql"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+/// Every outcome the transform wrote, one row each (every column it writes), sorted: the rows
+/// of the golden file (a value may hold a newline, so a row is not always one line).
+pub async fn outcome_rows(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        // quote_nullable: NULL and '' stay apart.
+        "select concat_ws(' | ', 'L', message_id, quote_nullable(user_id),
+                          quote_nullable(device_type), quote_nullable(masked_ip),
+                          quote_nullable(masked_device_id), quote_nullable(locale),
+                          quote_nullable(app_version), quote_nullable(create_date),
+                          quote_nullable(ip_network), quote_nullable(app_version_text),
+                          quote_nullable(mask_key_id))
+           from public.user_logins
+         union all
+         select concat_ws(' | ', 'R', message_id, quote_nullable(reason), quote_nullable(detail))
+           from loader.login_rejects
+         order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The golden file's text for these rows.
+pub fn golden_text(rows: &[String]) -> String {
+    rows.join("\n") + "\n"
+}
+
+/// Panics, naming the first differing line, when `rows` are not the golden file's.
+pub fn assert_golden(rows: &[String]) {
+    let got = golden_text(rows);
+    let golden = std::fs::read_to_string(GOLDEN).expect("tests/fixtures/golden-outcomes.txt");
+    if got != golden {
+        let first = got.lines().zip(golden.lines()).find(|(g, w)| g != w);
+        panic!(
+            "outcomes differ from the golden file ({} lines vs {}); first difference:\n got: {:?}\nwant: {:?}",
+            got.lines().count(),
+            golden.lines().count(),
+            first.map(|f| f.0),
+            first.map(|f| f.1)
+        );
+    }
+}
+
 /// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.
 pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i64 {
     let mut last = -1;

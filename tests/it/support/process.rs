@@ -106,3 +106,26 @@ pub fn wait_ok(running: Running) -> String {
     assert!(status.success(), "exit {status:?}: {stderr}");
     format!("{}{stderr}", String::from_utf8_lossy(&stdout))
 }
+
+/// [`wait_ok`] within `within`, waiting without blocking the test's runtime; kills the process
+/// and panics, naming `what`, when it takes longer (a liveness check).
+pub async fn wait_ok_within(running: Running, within: std::time::Duration, what: &str) -> String {
+    let Running { mut child, stdout, stderr } = running;
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap();
+            panic!("{what} took over {within:?}:\n{}", String::from_utf8_lossy(&stderr));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(status.success(), "{what}: exit {status:?}: {stderr}");
+    format!("{}{stderr}", String::from_utf8_lossy(&stdout))
+}

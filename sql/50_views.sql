@@ -1,0 +1,24 @@
+-- The views of schema loader, apart from the functions: `loader migrate` reapplies a sql/ file
+-- only when it changed, and replacing a view takes a lock that waits for every reader of it
+-- (an analyst idling in a transaction that read it), so a change to the transform never
+-- touches them. Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/50_views.sql
+
+-- Key ids and dates, never the key bytes. Analysts may read it (to interpret mask_key_id).
+create or replace view loader.mask_key_info as
+select id, created_at, retired_at, source, retired_at is null as active
+  from loader.mask_keys;
+comment on view loader.mask_key_info is 'Masking keys without their bytes: id, dates, source, active';
+
+-- pipeline_status: one row, the numbers `loader status` and the pending-age gauge show, for
+-- analysts in psql too (a view: it reads raw_logins as its owner, and shows no value of it).
+create or replace view loader.pipeline_status as
+select (select count(*) from loader.transform_queue) as pending,
+       p.oldest_pending_staged_at,
+       coalesce(extract(epoch from now() - p.oldest_pending_staged_at), 0)::float8
+           as oldest_pending_age_seconds,
+       (select s.last_drained_at from loader.transform_state s) as last_drained_at,
+       (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id
+  from (select min(r.staged_at) as oldest_pending_staged_at
+          from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id) as p;
+comment on view loader.pipeline_status is
+    'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id';

@@ -1,0 +1,229 @@
+//! Owner work that no lesser role can hold up for long. While an owner operation runs on one
+//! session (`loader migrate`, the start and swap of an online rebuild, dropping the tables a
+//! swap retired), a [`Watch`] looks from a second session at `pg_blocking_pids` of it. A
+//! session that has blocked it for the grace period (`--evict-after`) is cancelled
+//! (`pg_cancel_backend`: ends a statement, say a trigger sleeping at COMMIT), and terminated
+//! (`pg_terminate_backend`: ends a transaction left idle, and the temporary objects of its
+//! session) when it still blocks a second later. Each is logged with its pid, role and how long
+//! it blocked, never its query.
+//!
+//! Sessions doing the owner's own maintenance (they hold `loader.migrate_lock` or
+//! `loader.maintenance_lock`, tables only the owner may lock) are waited for, never ended. Ending
+//! another role's session needs the owner to have `pg_signal_backend`; a superuser's session
+//! cannot be ended at all: without either, the wait is bounded by the work's own
+//! `lock_timeout`, and the log says what to grant. This is how pg_repack and pg-osc's
+//! `--kill-backends` treat sessions that hold a table they must swap.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection, PgPool};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long a session may block owner work before loader ends it.
+pub const DEFAULT_AFTER: Duration = Duration::from_secs(10);
+
+/// How often the watcher looks at the blocked session.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How long after a cancel a session that still blocks is terminated.
+const TERMINATE_AFTER_CANCEL: Duration = Duration::from_secs(1);
+
+/// A blocker not seen for this long is forgotten (the swap retries with pauses between).
+const FORGET_AFTER: Duration = Duration::from_secs(5);
+
+/// A session the watcher ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evicted {
+    pub pid: i32,
+    pub role: String,
+    /// Terminated (its whole session ended), else only its statement was cancelled.
+    pub terminated: bool,
+}
+
+/// Watches the session doing owner work; ends what blocks it. Stops when dropped.
+pub struct Watch {
+    target: Option<watch::Sender<Option<i32>>>,
+    task: Option<JoinHandle<Vec<Evicted>>>,
+}
+
+impl Watch {
+    /// Starts watching (no session yet: see [`Watch::follow`]) on a connection of its own, made
+    /// with `pool`'s options; `work` names the work in log lines. A watcher that cannot connect
+    /// logs it and watches nothing: the work goes on, bounded by its own `lock_timeout`.
+    pub fn start(pool: &PgPool, work: &'static str, after: Duration) -> Self {
+        let (target, rx) = watch::channel(None);
+        let options = pool.connect_options();
+        let task = tokio::spawn(async move {
+            match PgConnection::connect_with(&options).await {
+                Ok(conn) => watching(conn, rx, work, after).await,
+                Err(e) => {
+                    tracing::warn!(work, error = %e, "cannot watch for sessions blocking owner work");
+                    Vec::new()
+                }
+            }
+        });
+        Self { target: Some(target), task: Some(task) }
+    }
+
+    /// The session (backend pid) doing the work from now on.
+    pub fn follow(&self, pid: i32) {
+        if let Some(target) = &self.target {
+            target.send_replace(Some(pid));
+        }
+    }
+
+    /// Stops watching; returns the sessions it ended.
+    pub async fn stop(mut self) -> Vec<Evicted> {
+        drop(self.target.take());
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The backend pid of `conn`'s session (inside the work's transaction: behind a pooler in
+/// transaction mode a session is the server's only for that long).
+pub async fn backend_pid(conn: &mut PgConnection) -> sqlx::Result<i32> {
+    sqlx::query_scalar("select pg_backend_pid()").fetch_one(conn).await
+}
+
+/// What the watcher remembers of one blocker.
+struct Blocker {
+    first_seen: Instant,
+    last_seen: Instant,
+    cancelled: Option<Instant>,
+    terminated: bool,
+    /// Ending it was refused (no pg_signal_backend, or a superuser): said once.
+    refused: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct Seen {
+    pid: i32,
+    role: String,
+    backend_start: Option<OffsetDateTime>,
+    owner_work: bool,
+}
+
+async fn watching(
+    mut conn: PgConnection,
+    mut rx: watch::Receiver<Option<i32>>,
+    work: &'static str,
+    after: Duration,
+) -> Vec<Evicted> {
+    let mut blockers: HashMap<(i32, Option<OffsetDateTime>), Blocker> = HashMap::new();
+    let mut evicted = Vec::new();
+    loop {
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return evicted },
+            () = tokio::time::sleep(POLL) => {}
+        }
+        let Some(pid) = *rx.borrow_and_update() else { continue };
+        let seen: Vec<Seen> = match sqlx::query_as(
+            "select a.pid, coalesce(a.usename::text, '?') as role, a.backend_start,
+                    exists (select from pg_catalog.pg_locks l
+                             where l.pid = a.pid and l.granted and l.locktype = 'relation'
+                               and l.relation in (to_regclass('loader.migrate_lock'),
+                                                  to_regclass('loader.maintenance_lock')))
+                        as owner_work
+               from pg_catalog.pg_stat_activity a
+              where a.pid = any (pg_catalog.pg_blocking_pids($1)) and a.pid <> pg_backend_pid()",
+        )
+        .bind(pid)
+        .fetch_all(&mut conn)
+        .await
+        {
+            Ok(seen) => seen,
+            Err(e) => {
+                tracing::debug!(work, error = %e, "reading the sessions blocking owner work");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        for s in seen {
+            let b = blockers.entry((s.pid, s.backend_start)).or_insert(Blocker {
+                first_seen: now,
+                last_seen: now,
+                cancelled: None,
+                terminated: false,
+                refused: false,
+            });
+            b.last_seen = now;
+            let blocked_for = now - b.first_seen;
+            if s.owner_work || b.terminated || b.refused || blocked_for < after {
+                continue;
+            }
+            let terminate = match b.cancelled {
+                None => false,
+                Some(at) if now - at >= TERMINATE_AFTER_CANCEL => true,
+                Some(_) => continue,
+            };
+            let call = if terminate {
+                "select pg_terminate_backend($1)"
+            } else {
+                "select pg_cancel_backend($1)"
+            };
+            match sqlx::query_scalar::<_, bool>(call).bind(s.pid).fetch_one(&mut conn).await {
+                Ok(signalled) => {
+                    if terminate {
+                        b.terminated = true;
+                    } else {
+                        b.cancelled = Some(now);
+                    }
+                    if signalled {
+                        tracing::warn!(
+                            work,
+                            pid = s.pid,
+                            role = %s.role,
+                            blocked_for_s = blocked_for.as_secs_f64(),
+                            action = if terminate { "terminated" } else { "cancelled" },
+                            "ended a session that held up owner work"
+                        );
+                        evicted.push(Evicted { pid: s.pid, role: s.role, terminated: terminate });
+                    }
+                }
+                Err(e) => {
+                    b.refused = true;
+                    tracing::warn!(
+                        work,
+                        pid = s.pid,
+                        role = %s.role,
+                        error = %e,
+                        "a session holds up owner work and cannot be ended: grant pg_signal_backend to the owner role (a superuser's session can never be ended)"
+                    );
+                }
+            }
+        }
+        blockers.retain(|_, b| now - b.last_seen < FORGET_AFTER);
+    }
+}
+
+/// Runs `run` on `conn` while a [`Watch`] ends what blocks it. The pid is read first, in the
+/// transaction `conn` is in (the caller begins one), so a pooler cannot move the work to
+/// another server session under the watch.
+pub async fn watched<T>(
+    pool: &PgPool,
+    conn: &mut PgConnection,
+    work: &'static str,
+    after: Duration,
+    run: impl AsyncFnOnce(&mut PgConnection) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let watch = Watch::start(pool, work, after);
+    watch.follow(backend_pid(conn).await?);
+    let result = run(conn).await;
+    watch.stop().await;
+    result
+}
