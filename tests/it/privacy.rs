@@ -651,19 +651,20 @@ async fn every_user_settable_setting_is_pinned_or_classified_and_no_body_has_a_b
     assert_eq!(backslashes, Vec::<String>::new(), "functions whose meaning a caller could change");
 }
 
-/// A session of `role` left open on its own connection, for the availability tests: `sql` has
-/// run in it (perhaps leaving a transaction open).
-async fn session(role: &TestRole, sql: &str) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
-    let mut conn = role.pool.acquire().await.unwrap();
-    sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+/// A session of `role` left open on a connection of its own (not from the role's pool), for
+/// the availability tests: `sql` has run in it (perhaps leaving a transaction open).
+async fn session(role: &TestRole, sql: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&role.url).await.unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     conn
 }
 
-/// Runs `loader ARGS` against `db`, asserts it exits 0 within 20 s (a liveness check: these
+/// Runs `loader ARGS` against `db`, asserts it exits 0 within 30 s (a liveness check: these
 /// take a few seconds when nothing stalls them), and returns its stdout and stderr.
 async fn loader_within(db: &TestDb, args: &[&str], what: &str) -> String {
     let running = crate::support::spawn_loader(&db.url, "unused", args);
-    crate::support::wait_ok_within(running, std::time::Duration::from_secs(20), what).await
+    crate::support::wait_ok_within(running, std::time::Duration::from_secs(30), what).await
 }
 
 /// Whether the server still has a session of `role` (as the superuser sees it).
@@ -770,7 +771,7 @@ async fn temporary_objects_of_lesser_roles_stop_no_rotation_rebuild_or_purge() {
     let columns: i64 = sqlx::query_scalar(
         "select count(*) from pg_attribute where attrelid = 'pg_temp.t'::regclass and attnum > 0 and not attisdropped",
     )
-    .fetch_one(&mut *_column)
+    .fetch_one(&mut _column)
     .await
     .unwrap();
     assert_eq!(columns, 0, "its column of the old table's row type was dropped with that table");
@@ -810,7 +811,7 @@ async fn an_idle_reader_delays_no_migrate_beyond_the_grace_period() {
     assert!(took < std::time::Duration::from_secs(15), "the transform waited {took:?}");
     let out = crate::support::wait_ok(migrate);
     assert!(out.contains("50_views.sql") && out.contains(&analyst.name), "{out}");
-    let err = sqlx::raw_sql("select 1").execute(&mut *idle).await.unwrap_err();
+    let err = sqlx::raw_sql("select 1").execute(&mut idle).await.unwrap_err();
     assert!(!err.to_string().is_empty(), "the idle session was ended");
     assert_eq!(db.pending().await, 0);
 }
@@ -841,7 +842,7 @@ async fn a_commit_held_open_by_an_analysts_trigger_delays_rotation_only_briefly(
         "begin; insert into pg_temp.slow values (0);
          select * from loader.transform_batch(10); commit",
     )
-    .execute(&mut *sleeper);
+    .execute(&mut sleeper);
     let rotate = async {
         // Until its COMMIT sleeps in the trigger, after the key check.
         for _ in 0..100 {
@@ -1116,4 +1117,102 @@ async fn the_ingest_role_can_record_only_what_its_own_staging_saw() {
         .unwrap();
     assert_eq!((queue.as_str(), by.as_deref()), ("login-queue", Some(ingest.name.as_str())));
     assert_eq!((received, staged, refused), (11, 11, 1));
+}
+
+/// Round two, "what must hold afterwards": with every hostile session above open at once (a
+/// stranger's temporary table of the row type, an analyst's temporary view, an analyst idling
+/// after reading pipeline_status with its idle timeout off, eight idling after
+/// transform_batch(0), one holding a batch, one whose COMMIT sleeps in its own deferred trigger
+/// after the key check), the transform of new rows finishes in seconds, a rotation and a
+/// rebuild start and finish, the purge runs, a migrate that must replace the views succeeds,
+/// and transform_state moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_session_at_once_stops_nothing() {
+    let db = TestDb::migrated().await;
+    loaded(&db, 300).await;
+    let stranger = TestRole::new(&db, "").await;
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+    let mut hostile = vec![
+        session(&stranger, "create temp table t (x public.user_logins)").await,
+        session(&analyst, "create temp view v as select * from public.user_logins").await,
+        session(
+            &analyst,
+            "set idle_in_transaction_session_timeout = 0; begin; select pending from loader.pipeline_status",
+        )
+        .await,
+    ];
+    for _ in 0..8 {
+        hostile.push(session(&analyst, "begin; select * from loader.transform_batch(0)").await);
+    }
+    let new: Vec<(String, String)> =
+        fixture_messages().into_iter().map(|(id, body)| (format!("new-{id}"), body)).collect();
+    stage(&db, &new[..20], SENT).await;
+    hostile.push(session(&analyst, "begin; select * from loader.transform_batch(10)").await);
+    let sleeper = Command::new("psql")
+        .args([analyst.url.as_str(), "-X", "-q"])
+        .arg("-c")
+        .arg(
+            "create temp table slow (x int);
+             create function pg_temp.again() returns trigger language plpgsql as $$
+             begin
+                 if new.x < 4 then insert into pg_temp.slow values (new.x + 1);
+                 else perform pg_sleep(120); end if;
+                 return null;
+             end $$;
+             create constraint trigger later after insert on pg_temp.slow
+                 deferrable initially deferred for each row execute function pg_temp.again();
+             begin; insert into pg_temp.slow values (0); select * from loader.transform_batch(5); commit;",
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        let sleeping: bool = sqlx::query_scalar(
+            "select exists (select from pg_stat_activity where usename = $1 and wait_event = 'PgSleep')",
+        )
+        .bind(&analyst.name)
+        .fetch_one(&db.admin)
+        .await
+        .unwrap();
+        if sleeping {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // New logins: the transform loads every row nobody holds, in seconds.
+    let before: time::OffsetDateTime =
+        sqlx::query_scalar("select now()").fetch_one(&db.pool).await.unwrap();
+    stage(&db, &new[20..], SENT).await;
+    let started = std::time::Instant::now();
+    loader_within(&db, &["transform"], "the transform").await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(10), "the transform took {took:?}");
+    assert!(db.pending().await <= 15, "only the held batches' rows wait: {}", db.pending().await);
+    let drained: Option<time::OffsetDateTime> =
+        sqlx::query_scalar("select last_drained_at from loader.transform_state")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(drained.is_some_and(|d| d >= before), "transform_state moved: {drained:?}");
+
+    let evict = ["--evict-after", "2s"];
+    loader_within(&db, &[&evict[..], &["keys", "rotate"]].concat(), "the rotation").await;
+    loader_within(&db, &[&evict[..], &["transform", "--rebuild"]].concat(), "the rebuild").await;
+    loader_within(&db, &["purge", "--older-than-days", "0"], "the purge").await;
+    sqlx::raw_sql("update loader.sql_files set md5 = 'changed' where name = '50_views.sql'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    loader_within(&db, &[&evict[..], &["migrate"]].concat(), "the migrate").await;
+
+    // The sessions that held anything were ended; what they held is loaded now.
+    let _ = sleeper.wait_with_output();
+    drop(hostile);
+    loader_within(&db, &["transform"], "the last transform").await;
+    assert_eq!(db.pending().await, 0);
+    assert!(all_on_the_active_key(&db).await, "every row on the rotation's key");
+    assert_eq!(db.loaded().await + db.rejected().await, 400);
+    loader_within(&db, &["reconcile", "--skip-queue"], "reconcile").await;
 }
