@@ -91,7 +91,58 @@ language sql immutable parallel safe as $$
            end
 $$;
 
+-- Envelopes. A login may arrive wrapped: SNS (raw message delivery off, SNS's default) delivers
+-- a notification whose Message is the login as a JSON string; an EventBridge rule delivers an
+-- event whose detail is the login. Staging keeps the envelope; the transform unwraps it. An
+-- envelope is recognised by its whole shape, never by one key, so a login that happens to carry
+-- a "Message" or "detail" field stays a login. Nothing of the envelope reaches user_logins (SNS
+-- MessageAttributes may carry anything): only the login's fields are read. Unwrapping is always
+-- on: recognised by shape, it can only turn what would be a user_id_missing reject into the
+-- login it carries. create_date stays the SQS SentTimestamp's day for a wrapped login too (set
+-- by SQS, not by the producer, as EventBridge's "time" can be).
+
+-- _envelope: 'sns', 'eventbridge', or NULL (not a recognised envelope).
+create or replace function loader._envelope(body jsonb) returns text
+language sql immutable parallel safe as $$
+    select case
+        when jsonb_typeof(body) <> 'object' then null
+        when body ->> 'Type' = 'Notification'
+             and jsonb_typeof(body -> 'Message') = 'string'
+             and jsonb_typeof(body -> 'MessageId') = 'string'
+             and jsonb_typeof(body -> 'TopicArn') = 'string'
+             and jsonb_typeof(body -> 'Timestamp') = 'string'
+             and body ?& array['SignatureVersion', 'Signature', 'SigningCertURL', 'UnsubscribeURL']
+            then 'sns'
+        when jsonb_typeof(body -> 'detail-type') = 'string'
+             and jsonb_typeof(body -> 'source') = 'string'
+             and jsonb_typeof(body -> 'id') = 'string'
+             and jsonb_typeof(body -> 'time') = 'string'
+             and jsonb_typeof(body -> 'resources') = 'array'
+             and body ?& array['version', 'account', 'region', 'detail']
+            then 'eventbridge'
+    end
+$$;
+comment on function loader._envelope(jsonb) is
+    'Private: sns or eventbridge when the body has that envelope''s whole shape, else NULL';
+
+-- _json_object: the text as a JSON object, or NULL when it is not one (not JSON, not an object,
+-- or JSON jsonb cannot store). An exception block (a subtransaction): only an SNS Message pays
+-- for it, and no error quotes the text. Parallel unsafe because of the exception block.
+create or replace function loader._json_object(t text) returns jsonb
+language plpgsql immutable strict parallel unsafe as $$
+declare
+    parsed jsonb;
+begin
+    parsed := t::jsonb;
+    return case when jsonb_typeof(parsed) = 'object' then parsed end;
+exception when data_exception then
+    return null;
+end
+$$;
+comment on function loader._json_object(text) is 'Private: the text as a JSON object, or NULL (exception block)';
+
 -- Validation. Reason codes, the first failing check wins:
+--   sns_message_not_object, eventbridge_detail_not_object (an envelope without a login),
 --   body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty,
 --   value_too_long.
 -- Unknown extra keys are ignored, so producers may add fields. Details name fields and sizes,
@@ -163,5 +214,7 @@ language sql immutable parallel safe as $$
         when 'user_id_missing' then 'user_id is missing or null'
         when 'user_id_empty' then 'user_id is empty'
         when 'value_too_long' then loader._too_long(body)
+        when 'sns_message_not_object' then 'the SNS notification''s Message is not a JSON object'
+        when 'eventbridge_detail_not_object' then 'the EventBridge event''s detail is not a JSON object'
     end
 $$;

@@ -107,21 +107,41 @@ language sql stable as $$
                        case when c.ip_plain then c.ip::inet else loader._inet_other(c.ip) end
                    end as parsed
               from (select f.*,
-                           loader._reason(f.body, f.body_is_json, f.user_id, f.device_type, f.ip,
-                                          f.locale, f.device_id, f.app_version) as reason,
+                           -- A wrapped login whose wrapping holds no JSON object has a reason
+                           -- of its own; every other check is the login's.
+                           case when f.envelope is not null and f.body is null
+                                then f.envelope || case f.envelope when 'sns' then '_message_not_object'
+                                                                  else '_detail_not_object' end
+                                else loader._reason(f.body, f.body_is_json, f.user_id, f.device_type,
+                                                    f.ip, f.locale, f.device_id, f.app_version)
+                           end as reason,
                            loader._ipv4_plain(f.ip) as ip_plain
-                      from (select r.message_id, r.body, r.body_is_json,
-                                   r.body ->> 'user_id' as user_id,
-                                   r.body ->> 'device_type' as device_type,
-                                   btrim(r.body ->> 'ip') as ip,
-                                   r.body ->> 'locale' as locale,
-                                   r.body ->> 'device_id' as device_id,
-                                   r.body ->> 'app_version' as app_version,
-                                   -- The UTC day it was sent, not the day of the transform:
-                                   -- reruns must not move it.
-                                   (coalesce(r.sent_at, r.staged_at) at time zone 'UTC')::date
-                                       as create_date
-                              from staged r
+                      -- From here on "body" is the login: the staged body, or the one an SNS
+                      -- notification or an EventBridge event carries (NULL when it carries
+                      -- none). Nothing else of an envelope is read.
+                      from (select l.message_id, l.login as body, l.body_is_json, l.envelope,
+                                   l.login ->> 'user_id' as user_id,
+                                   l.login ->> 'device_type' as device_type,
+                                   btrim(l.login ->> 'ip') as ip,
+                                   l.login ->> 'locale' as locale,
+                                   l.login ->> 'device_id' as device_id,
+                                   l.login ->> 'app_version' as app_version,
+                                   l.create_date
+                              from (select r.message_id, r.body_is_json, e.envelope,
+                                           case e.envelope
+                                               when 'sns' then loader._json_object(r.body ->> 'Message')
+                                               when 'eventbridge' then
+                                                   case when jsonb_typeof(r.body -> 'detail') = 'object'
+                                                        then r.body -> 'detail' end
+                                               else r.body
+                                           end as login,
+                                           -- The UTC day SQS received it (wrapped or not), not
+                                           -- the day of the transform: reruns must not move it.
+                                           (coalesce(r.sent_at, r.staged_at) at time zone 'UTC')::date
+                                               as create_date
+                                      from staged r
+                                      cross join lateral (select loader._envelope(r.body) as envelope) e
+                                    offset 0) l
                             offset 0) f
                     offset 0) c
             offset 0) j
