@@ -215,13 +215,19 @@ $$;
 comment on function loader.record_deletes(bigint, text, bigint, bigint) is
     'Add deleted messages and delete failures to the caller''s ingest run';
 
--- finish_run: mark the caller's run finished; later calls with its token are refused.
-create or replace function loader.finish_run(run_id bigint, run_token text) returns void
+-- finish_run: mark the caller's run finished, and whether it stopped on an error (its deleted
+-- counter may then be short: V15); later calls with its token are refused.
+drop function if exists loader.finish_run(bigint, text);
+create or replace function loader.finish_run(
+    run_id bigint, run_token text, stopped_on_error boolean default false) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_variable
 begin
     perform loader._check_run(run_id, run_token);
-    update loader.ingest_runs r set finished_at = clock_timestamp() where r.id = run_id;
+    update loader.ingest_runs r
+       set finished_at = clock_timestamp(), stopped_on_error = coalesce(stopped_on_error, false)
+     where r.id = run_id;
 end
 $$;
-comment on function loader.finish_run(bigint, text) is 'Mark the caller''s ingest run finished';
+comment on function loader.finish_run(bigint, text, boolean) is
+    'Mark the caller''s ingest run finished (and whether it stopped on an error)';

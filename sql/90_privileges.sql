@@ -22,7 +22,7 @@ grant usage on schema loader to loader_ingest, loader_analyst;
 grant execute on function loader.register_run(text, text, text),
     loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], integer[]),
     loader.record_deletes(bigint, text, bigint, bigint),
-    loader.finish_run(bigint, text) to loader_ingest;
+    loader.finish_run(bigint, text, boolean) to loader_ingest;
 
 -- loader_analyst: reads the masked table, reject reasons and the bookkeeping (not the runs'
 -- tokens), and runs the incremental transform. Never raw_logins, never the key table, never a
@@ -31,7 +31,7 @@ grant select on public.user_logins to loader_analyst;
 grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
     loader.mask_key_info, loader.pipeline_status, loader.refusals to loader_analyst;
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
-              delete_failures, loader_version, refused, registered_by)
+              delete_failures, loader_version, refused, registered_by, stopped_on_error)
     on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_analyst;

@@ -136,6 +136,7 @@ async fn stage_by_copy(
         "create temp table if not exists bench_copy (message_id text, body text, is_json bool,
              sent_at timestamptz, receive_count int) on commit delete rows",
     )
+    .persistent(false)
     .execute(&mut *tx)
     .await?;
     let mut csv = String::with_capacity(messages.len() * 320);
@@ -173,6 +174,7 @@ async fn stage_by_copy(
          select count(*) from inserted",
     )
     .bind(run_id)
+    .persistent(false)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

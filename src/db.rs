@@ -68,14 +68,40 @@ pub fn pool(url: &DatabaseUrl, max_connections: u32) -> Result<PgPool> {
         .connect_lazy_with(options(url)?))
 }
 
-/// Connection options: the URL, named `loader` in `pg_stat_activity`. sqlx's slow-statement
-/// warning is lowered to debug: `call loader.transform()` on a backlog, a rebuild or a purge
-/// run for seconds by design, and their durations are in the metrics and the summary lines.
+/// Connection options: the URL, named `loader` in `pg_stat_activity`, and nothing that would
+/// outlive a transaction, so a pooler in transaction mode (PgBouncer, RDS Proxy) may hand each
+/// transaction to another server session: no statement cache (sqlx would keep named prepared
+/// statements on the server session, and a second client of that session would collide with
+/// `sqlx_s_1`), and no `extra_float_digits` startup parameter, which PgBouncer refuses (loader
+/// reads no float as text). Every statement that binds parameters runs inside a transaction
+/// ([`transaction`]): sqlx parses it and binds it in two exchanges, which a transaction keeps on
+/// one server session. sqlx's slow-statement warning is lowered to debug: `call
+/// loader.transform()` on a backlog, a rebuild or a purge run for seconds by design, and their
+/// durations are in the metrics and the summary lines.
 fn options(url: &DatabaseUrl) -> Result<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url.expose())
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
         .application_name("loader")
+        .statement_cache_capacity(0)
+        .extra_float_digits(None)
         .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)))
+}
+
+/// Runs `work` in a transaction of its own and commits it: how every statement that binds
+/// parameters reaches the database outside a transaction the caller began (see [`options`]:
+/// behind a pooler in transaction mode, the parse and the bind of a statement must reach one
+/// server session).
+pub async fn transaction<T, E>(
+    pool: &PgPool,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<sqlx::Error>,
+{
+    let mut tx = pool.begin().await?;
+    let value = work(&mut tx).await?;
+    tx.commit().await?;
+    Ok(value)
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,6 +193,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
     .bind(&names)
     .bind(&texts)
     .bind(!applied.is_empty())
+    .persistent(false)
     .fetch_all(&mut *tx)
     .await
     .context("comparing the sql/ files with those applied")?;
@@ -184,6 +211,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
         )
         .bind(name)
         .bind(sql)
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .context("recording the sql/ file applied")?;
@@ -191,6 +219,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
     if !changed.is_empty() {
         sqlx::query("delete from loader.sql_files where name <> all ($1)")
             .bind(&names)
+            .persistent(false)
             .execute(&mut *tx)
             .await
             .context("forgetting sql/ files this loader no longer has")?;
@@ -202,6 +231,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
         )
         .bind(all_sql())
         .bind(env!("CARGO_PKG_VERSION"))
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .context("recording the sql/ files applied")?;
@@ -248,16 +278,20 @@ pub async fn schema_state(pool: &PgPool) -> Result<SchemaState> {
         .map(|m| i64::from(m.version()))
         .max()
         .unwrap_or(0);
+    // One read-only transaction (see `options`), rolled back at the end.
+    let mut tx = pool.begin().await?;
     let migrated: bool =
         sqlx::query_scalar(&format!("select to_regclass('{HISTORY_TABLE}') is not null"))
-            .fetch_one(pool)
+            .persistent(false)
+            .fetch_one(&mut *tx)
             .await?;
     if !migrated {
         return Ok(SchemaState { applied: None, latest, sql_current: false });
     }
     let applied: Option<i64> =
         sqlx::query_scalar(&format!("select max(version)::bigint from {HISTORY_TABLE}"))
-            .fetch_one(pool)
+            .persistent(false)
+            .fetch_one(&mut *tx)
             .await
             .context("reading the migration history")?;
     // Every sql/ file this binary carries, as the last migrate applied it.
@@ -269,9 +303,11 @@ pub async fn schema_state(pool: &PgPool) -> Result<SchemaState> {
     )
     .bind(SQL_FILES.iter().map(|(name, _)| *name).collect::<Vec<_>>())
     .bind(SQL_FILES.iter().map(|(_, sql)| *sql).collect::<Vec<_>>())
-    .fetch_one(pool)
+    .persistent(false)
+    .fetch_one(&mut *tx)
     .await
     .unwrap_or(false);
+    tx.rollback().await?;
     Ok(SchemaState { applied, latest, sql_current })
 }
 
@@ -308,7 +344,7 @@ impl AsyncTransaction for Migrator<'_> {
 
 impl AsyncQuery<Vec<Migration>> for Migrator<'_> {
     async fn query(&mut self, query: &str) -> Result<Vec<Migration>, Self::Error> {
-        let rows = sqlx::query(query).fetch_all(&mut *self.0).await?;
+        let rows = sqlx::query(query).persistent(false).fetch_all(&mut *self.0).await?;
         rows.iter()
             .map(|row| {
                 let decode = |e: Box<dyn std::error::Error + Send + Sync>| sqlx::Error::Decode(e);

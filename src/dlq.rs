@@ -91,7 +91,7 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
     released.context("making the listed messages visible again")?;
 
     let ids: Vec<&str> = listed.iter().map(|l| l.message_id.as_str()).collect();
-    let mut refusals: HashMap<String, Refusal> =
+    let mut refusals: HashMap<String, Refusal> = crate::db::transaction(pool, async |tx| {
         sqlx::query_as::<_, (String, String, Option<String>, OffsetDateTime, i64, i64)>(
             "select distinct on (message_id) message_id, sqlstate, constraint_name, refused_at,
                 ingest_run_id, count(*) over (partition by message_id)
@@ -99,14 +99,17 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
           order by message_id, refused_at desc, id desc",
         )
         .bind(&ids)
-        .fetch_all(pool)
+        .persistent(false)
+        .fetch_all(tx)
         .await
-        .context("reading loader.refusals (has `loader migrate` run?)")?
-        .into_iter()
-        .map(|(id, sqlstate, constraint_name, refused_at, ingest_run_id, times)| {
-            (id, Refusal { sqlstate, constraint_name, refused_at, ingest_run_id, times })
-        })
-        .collect();
+    })
+    .await
+    .context("reading loader.refusals (has `loader migrate` run?)")?
+    .into_iter()
+    .map(|(id, sqlstate, constraint_name, refused_at, ingest_run_id, times)| {
+        (id, Refusal { sqlstate, constraint_name, refused_at, ingest_run_id, times })
+    })
+    .collect();
     for l in &mut listed {
         l.refusal = refusals.remove(&l.message_id);
     }

@@ -31,7 +31,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
     (
         "loader_ingest",
         &[
-            "execute loader.finish_run(bigint,text)",
+            "execute loader.finish_run(bigint,text,boolean)",
             "execute loader.record_deletes(bigint,text,bigint,bigint)",
             "execute loader.register_run(text,text,text)",
             "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],integer[])",
@@ -43,7 +43,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         &[
             "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
             "execute loader.transform_batch(integer,boolean)",
-            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by)",
+            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by, stopped_on_error)",
             "select loader.login_rejects",
             "select loader.mask_key_info",
             "select loader.pipeline_status",
@@ -120,10 +120,14 @@ pub async fn database(url: &DatabaseUrl) -> Vec<Finding> {
 /// The database checks on a connected pool; `wants_tls` when the URL's sslmode asks for TLS.
 async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     let mut findings = Vec::new();
-    let tls: Result<bool> = sqlx::query_scalar(
-        "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
-    )
-    .fetch_one(pool)
+    let tls: Result<bool> = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(
+            "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
+        )
+        .persistent(false)
+        .fetch_one(tx)
+        .await
+    })
     .await
     .map_err(Into::into);
     findings.push(match tls {
@@ -164,10 +168,14 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         },
     ));
 
-    let pgcrypto: Result<Option<String>, _> = sqlx::query_scalar(
-        "select extnamespace::regnamespace::text from pg_extension where extname = 'pgcrypto'",
-    )
-    .fetch_optional(pool)
+    let pgcrypto: Result<Option<String>, _> = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(
+            "select extnamespace::regnamespace::text from pg_extension where extname = 'pgcrypto'",
+        )
+        .persistent(false)
+        .fetch_optional(tx)
+        .await
+    })
     .await;
     findings.push(Finding::from("pgcrypto", match pgcrypto {
         Ok(Some(schema)) if schema == "public" => None,
@@ -179,10 +187,13 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         Err(e) => Some((format!("{e:#}"), "check the connection".into())),
     }));
 
-    let keys: Result<i64, _> =
+    let keys: Result<i64, _> = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select count(*) from loader.mask_keys where retired_at is null")
-            .fetch_one(pool)
-            .await;
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await;
     findings.push(Finding::from(
         "active key",
         match keys {
@@ -217,11 +228,11 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         }));
     }
 
-    findings.push(Finding::from("owner may end sessions", match sqlx::query_scalar::<_, bool>(
+    findings.push(Finding::from("owner may end sessions", match crate::db::transaction(pool, async |tx| sqlx::query_scalar::<_, bool>(
         "select pg_has_role(current_user, 'pg_signal_backend', 'member')
                 or (select rolsuper from pg_roles where rolname = current_user)",
     )
-    .fetch_one(pool)
+    .persistent(false).fetch_one(tx).await)
     .await
     {
         Ok(true) => None,
@@ -234,7 +245,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
 
     // The settings definer functions pin (loader._settings_policy): every setting a lesser
     // role may change must be decided, and every definer function must pin what is pinned.
-    let settings: Result<Vec<String>, _> = sqlx::query_scalar(
+    let settings: Result<Vec<String>, _> = crate::db::transaction(pool, async |tx| sqlx::query_scalar(
         "select format('%s is not classified', s.name) from pg_settings s
           where (s.context = 'user'
                  or has_parameter_privilege('loader_analyst', s.name, 'set')
@@ -249,7 +260,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
                              where lower(split_part(c, '=', 1)) = lower(pin.name))
           order by 1",
     )
-    .fetch_all(pool)
+    .persistent(false).fetch_all(tx).await)
     .await;
     findings.push(Finding::from("pinned settings", match settings {
         Ok(gaps) if gaps.is_empty() => None,
@@ -260,12 +271,12 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
     }));
 
-    let retired: Result<Vec<String>, _> = sqlx::query_scalar(
+    let retired: Result<Vec<String>, _> = crate::db::transaction(pool, async |tx| sqlx::query_scalar(
         "select c.relname::text from pg_class c
           where c.relnamespace = to_regnamespace('loader_rebuild') and c.relname ~ '_retired_r[0-9]+$'
           order by 1",
     )
-    .fetch_all(pool)
+    .persistent(false).fetch_all(tx).await)
     .await;
     findings.push(Finding::from("retired tables", match retired {
         Ok(tables) if tables.is_empty() => None,
@@ -282,8 +293,9 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
 /// may execute (extension functions excluded), table and column privileges, schema usage or
 /// create. The form [`DOCUMENTED_PRIVILEGES`] uses.
 pub async fn privileges_of(pool: &PgPool, role: &str) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "with rels as (
+    Ok(crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(
+            "with rels as (
              select c.oid, c.relname, n.nspname
                from pg_class c join pg_namespace n on n.oid = c.relnamespace
               where n.nspname in ('loader', 'public') and c.relkind in ('r', 'v', 'm', 'p', 'S')
@@ -315,9 +327,12 @@ pub async fn privileges_of(pool: &PgPool, role: &str) -> Result<Vec<String>> {
          select 'create schema ' || n.nspname from pg_namespace n
           where n.nspname in ('loader', 'public') and has_schema_privilege($1, n.oid, 'create')
          order by 1",
-    )
-    .bind(role)
-    .fetch_all(pool)
+        )
+        .bind(role)
+        .persistent(false)
+        .fetch_all(tx)
+        .await
+    })
     .await?)
 }
 

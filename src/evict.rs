@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, Executor, FromRow, PgConnection, PgPool, Row};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -97,7 +97,7 @@ impl Drop for Watch {
 /// The backend pid of `conn`'s session (inside the work's transaction: behind a pooler in
 /// transaction mode a session is the server's only for that long).
 pub async fn backend_pid(conn: &mut PgConnection) -> sqlx::Result<i32> {
-    sqlx::query_scalar("select pg_backend_pid()").fetch_one(conn).await
+    sqlx::query_scalar("select pg_backend_pid()").persistent(false).fetch_one(conn).await
 }
 
 /// What the watcher remembers of one blocker.
@@ -132,7 +132,9 @@ async fn watching(
             () = tokio::time::sleep(POLL) => {}
         }
         let Some(pid) = *rx.borrow_and_update() else { continue };
-        let seen: Vec<Seen> = match sqlx::query_as(
+        // The simple query protocol, the pid written in: one exchange, so a pooler in
+        // transaction mode cannot split it (crate::db::transaction).
+        let sql = format!(
             "select a.pid, coalesce(a.usename::text, '?') as role, a.backend_start,
                     exists (select from pg_catalog.pg_locks l
                              where l.pid = a.pid and l.granted and l.locktype = 'relation'
@@ -140,12 +142,13 @@ async fn watching(
                                                   to_regclass('loader.maintenance_lock')))
                         as owner_work
                from pg_catalog.pg_stat_activity a
-              where a.pid = any (pg_catalog.pg_blocking_pids($1)) and a.pid <> pg_backend_pid()",
-        )
-        .bind(pid)
-        .fetch_all(&mut conn)
-        .await
-        {
+              where a.pid = any (pg_catalog.pg_blocking_pids({pid})) and a.pid <> pg_backend_pid()"
+        );
+        let seen = conn
+            .fetch_all(sql.as_str())
+            .await
+            .and_then(|rows| rows.iter().map(Seen::from_row).collect::<sqlx::Result<Vec<Seen>>>());
+        let seen = match seen {
             Ok(seen) => seen,
             Err(e) => {
                 tracing::debug!(work, error = %e, "reading the sessions blocking owner work");
@@ -171,12 +174,13 @@ async fn watching(
                 Some(at) if now - at >= TERMINATE_AFTER_CANCEL => true,
                 Some(_) => continue,
             };
-            let call = if terminate {
-                "select pg_terminate_backend($1)"
-            } else {
-                "select pg_cancel_backend($1)"
-            };
-            match sqlx::query_scalar::<_, bool>(call).bind(s.pid).fetch_one(&mut conn).await {
+            let call = if terminate { "pg_terminate_backend" } else { "pg_cancel_backend" };
+            let sql = format!("select {call}({}) as signalled", s.pid);
+            let signal = conn
+                .fetch_one(sql.as_str())
+                .await
+                .and_then(|row| row.try_get::<bool, _>("signalled"));
+            match signal {
                 Ok(signalled) => {
                     if terminate {
                         b.terminated = true;

@@ -19,10 +19,13 @@ pub struct KeyInfo {
 }
 
 pub async fn list(pool: &PgPool) -> Result<Vec<KeyInfo>> {
-    sqlx::query_as(
-        "select id, created_at, retired_at, source, active from loader.mask_key_info order by id",
-    )
-    .fetch_all(pool)
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select id, created_at, retired_at, source, active from loader.mask_key_info order by id",
+        )
+        .persistent(false).fetch_all(tx)
+        .await
+    })
     .await
     .context("listing keys (this needs the owner role, or loader_analyst)")
 }

@@ -117,6 +117,7 @@ pub async fn start(
             "select rebuild_id, key_id, rotation, ranges, ranges_done, resumed, copy_bytes
                from loader.rebuild_start({key}, {rotate}) where rebuild_id is not null"
         ))
+        .persistent(false)
         .fetch_optional(&mut *tx)
         .await
         .context("starting the online rebuild (only the owner role may)")?;
@@ -140,6 +141,7 @@ pub async fn drop_retired(
     watch.follow(evict::backend_pid(&mut tx).await?);
     let dropped = async {
         let dropped: i32 = sqlx::query_scalar("select loader.rebuild_drop_retired()")
+            .persistent(false)
             .fetch_one(&mut *tx)
             .await
             .context("dropping the tables the swap retired")?;
@@ -158,11 +160,15 @@ pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) ->
     for _ in 0..workers.max(1) {
         let (pool, done) = (pool.clone(), done.clone());
         sessions.spawn(async move {
-            while let Some(rows) =
+            // Each range in a transaction of its own, committed.
+            while let Some(rows) = crate::db::transaction(&pool, async |tx| {
                 sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
-                    .fetch_one(&pool)
+                    .persistent(false)
+                    .fetch_one(tx)
                     .await
-                    .context("copying a range of the online rebuild")?
+            })
+            .await
+            .context("copying a range of the online rebuild")?
             {
                 let _ = done.send(rows);
             }
@@ -201,19 +207,22 @@ pub async fn swap(
             sqlx::raw_sql(&format!("set local lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
                 .execute(&mut *tx)
                 .await?;
-            match sqlx::query("select * from loader.rebuild_swap()").execute(&mut *tx).await {
+            match sqlx::query("select * from loader.rebuild_swap()").persistent(false).execute(&mut *tx).await {
                 Ok(_) => {
                     tx.commit().await.context("committing the swap")?;
                     return Ok(started.elapsed());
                 }
                 Err(e) if is_lock_timeout(&e) => {
                     drop(tx);
-                    let holders: Vec<i32> = sqlx::query_scalar(
-                        "select distinct l.pid from pg_locks l
-                          where l.granted and l.pid <> pg_backend_pid()
-                            and l.relation in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)",
-                    )
-                    .fetch_all(pool)
+                    let holders: Vec<i32> = crate::db::transaction(pool, async |tx| {
+                        sqlx::query_scalar(
+                            "select distinct l.pid from pg_locks l
+                              where l.granted and l.pid <> pg_backend_pid()
+                                and l.relation in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)",
+                        )
+                        .persistent(false).fetch_all(tx)
+                        .await
+                    })
                     .await
                     .unwrap_or_default();
                     tracing::warn!(

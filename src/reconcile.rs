@@ -50,17 +50,26 @@ pub struct Status {
 
 /// Reads [`Status`].
 pub async fn status(pool: &PgPool) -> Result<Status> {
-    let (pending, oldest_pending, last_drained_at, active_key_id) = sqlx::query_as(
-        "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
+    let (pending, oldest_pending, last_drained_at, active_key_id) =
+        crate::db::transaction(pool, async |tx| {
+            sqlx::query_as(
+                "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
            from loader.pipeline_status",
-    )
-    .fetch_one(pool)
-    .await
-    .context("reading status (has `loader migrate` run?)")?;
-    let last_run = sqlx::query_as(&format!(
-        "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
-    ))
-    .fetch_optional(pool)
+            )
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+        })
+        .await
+        .context("reading status (has `loader migrate` run?)")?;
+    let last_run = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(&format!(
+            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
+        ))
+        .persistent(false)
+        .fetch_optional(tx)
+        .await
+    })
     .await
     .context("reading the last ingest run")?;
     Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
@@ -77,6 +86,9 @@ pub struct StageCounts {
     pub pending: i64,
     pub runs: i64,
     pub unfinished_runs: i64,
+    /// Runs that stopped on an error (their deleted counter may be short; not held to
+    /// `run_deletes_match`).
+    pub stopped_runs: i64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_drained_at: Option<OffsetDateTime>,
     /// With `--since`: the start of the window the counts and checks cover (None: everything).
@@ -200,9 +212,12 @@ const CHECKS: &[(&str, &str, &str)] = &[
     (
         "run_deletes_match",
         "per finished ingest run: deleted + delete failures = staged + duplicates",
+        // A run that stopped on an error may have deleted a flush it could not record (V15):
+        // held, like an unfinished one, only to received = staged + duplicates.
         "select id::text from loader.ingest_runs
           where started_at >= {since}
-            and (finished_at is not null and deleted + delete_failures <> staged + duplicates
+            and (finished_at is not null and not stopped_on_error
+                 and deleted + delete_failures <> staged + duplicates
                  or received <> staged + duplicates)",
     ),
     (
@@ -226,7 +241,7 @@ pub async fn reconcile(
     since: Option<Duration>,
 ) -> Result<Report> {
     let since_seconds = since.map(|d| d.as_secs_f64());
-    let stages: StageCounts = sqlx::query_as(&with_params(
+    let stages: StageCounts = crate::db::transaction(pool, async |tx| sqlx::query_as(&with_params(
         " select (select count(*) from loader.raw_logins where staged_at >= {since}) as staged,
                 (select count(*) from loader.raw_logins
                   where purged_at is not null and staged_at >= {since}) as purged,
@@ -237,19 +252,25 @@ pub async fn reconcile(
                 (select count(*) from loader.ingest_runs where started_at >= {since}) as runs,
                 (select count(*) from loader.ingest_runs
                   where finished_at is null and started_at >= {since}) as unfinished_runs,
+                (select count(*) from loader.ingest_runs
+                  where stopped_on_error and started_at >= {since}) as stopped_runs,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start",
     ))
     .bind(grace_seconds)
     .bind(since_seconds)
-    .fetch_one(pool)
+    .persistent(false).fetch_one(tx).await)
     .await
     .context("counting stages (has `loader migrate` run?)")?;
 
-    let recent_runs = sqlx::query_as(&format!(
-        "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 10"
-    ))
-    .fetch_all(pool)
+    let recent_runs = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(&format!(
+            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 10"
+        ))
+        .persistent(false)
+        .fetch_all(tx)
+        .await
+    })
     .await?;
 
     let mut checks = Vec::with_capacity(CHECKS.len());
@@ -260,12 +281,16 @@ pub async fn reconcile(
                     coalesce((select array_agg(o) from (select * from offenders limit {MAX_IDS}) o(o)),
                              '{{}}')"
         ));
-        let (violations, offenders) = sqlx::query_as::<_, (i64, Vec<String>)>(&counted)
-            .bind(grace_seconds)
-            .bind(since_seconds)
-            .fetch_one(pool)
-            .await
-            .with_context(|| format!("checking {name}"))?;
+        let (violations, offenders) = crate::db::transaction(pool, async |tx| {
+            sqlx::query_as::<_, (i64, Vec<String>)>(&counted)
+                .bind(grace_seconds)
+                .bind(since_seconds)
+                .persistent(false)
+                .fetch_one(tx)
+                .await
+        })
+        .await
+        .with_context(|| format!("checking {name}"))?;
         checks.push(Check { name, description, ok: violations == 0, violations, offenders });
     }
 
@@ -290,7 +315,7 @@ async fn refusal_account(
     since_seconds: Option<f64>,
 ) -> Result<RefusalAccount> {
     let (refused_messages, staged_later, not_staged): (i64, i64, Vec<String>) =
-        sqlx::query_as(&with_params(
+        crate::db::transaction(pool, async |tx| sqlx::query_as(&with_params(
             ", refused as (select distinct message_id from loader.refusals
                              where refused_at >= {since})
              select (select count(*) from refused),
@@ -302,7 +327,7 @@ async fn refusal_account(
         ))
         .bind(0.0)
         .bind(since_seconds)
-        .fetch_one(pool)
+        .persistent(false).fetch_one(tx).await)
         .await
         .context("accounting for refused messages")?;
     let mut account = RefusalAccount { refused_messages, staged_later, ..Default::default() };
@@ -390,8 +415,8 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "ingest runs: {} ({} unfinished: running or crashed)",
-        s.runs, s.unfinished_runs
+        "ingest runs: {} ({} unfinished: running or crashed; {} stopped on an error)",
+        s.runs, s.unfinished_runs, s.stopped_runs
     );
     if !report.recent_runs.is_empty() {
         let _ = writeln!(

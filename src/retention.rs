@@ -56,23 +56,32 @@ async fn purge_until(
     progress: Option<&Progress>,
     stopping: &Shutdown,
 ) -> Result<Purged> {
-    let cutoff: OffsetDateTime = sqlx::query_scalar("select now() - make_interval(days => $1)")
-        .bind(days)
-        .fetch_one(pool)
-        .await
-        .context("reading the database's clock")?;
+    let cutoff: OffsetDateTime = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar("select now() - make_interval(days => $1)")
+            .bind(days)
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await
+    .context("reading the database's clock")?;
     let mut purged = 0;
     loop {
         if stopping.has_begun() {
             return Ok(Purged { bodies: purged, finished: false });
         }
         let started = Instant::now();
-        let n: i64 = sqlx::query_scalar("select loader.purge_staged_batch($1, $2)")
-            .bind(cutoff)
-            .bind(batch)
-            .fetch_one(pool)
-            .await
-            .context("purging staged bodies (only the owner role may)")?;
+        // One committed batch: its own transaction.
+        let n: i64 = crate::db::transaction(pool, async |tx| {
+            sqlx::query_scalar("select loader.purge_staged_batch($1, $2)")
+                .bind(cutoff)
+                .bind(batch)
+                .persistent(false)
+                .fetch_one(tx)
+                .await
+        })
+        .await
+        .context("purging staged bodies (only the owner role may)")?;
         if n == 0 {
             return Ok(Purged { bodies: purged, finished: true });
         }

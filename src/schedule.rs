@@ -50,14 +50,19 @@ pub struct Job {
 async fn require_pg_cron(pool: &PgPool) -> Result<()> {
     // pg_settings, not current_setting(): cron.database_name is readable only with
     // pg_read_all_settings, which the owner need not have (then the hint goes without it).
-    let (installed, cron_database, here): (bool, Option<String>, String) = sqlx::query_as(
-        "select exists (select from pg_extension where extname = 'pg_cron'),
-                (select setting from pg_settings where name = 'cron.database_name'),
-                current_database()",
-    )
-    .fetch_one(pool)
-    .await
-    .context("checking for pg_cron")?;
+    let (installed, cron_database, here): (bool, Option<String>, String) =
+        crate::db::transaction(pool, async |tx| {
+            sqlx::query_as(
+                "select exists (select from pg_extension where extname = 'pg_cron'),
+                        (select setting from pg_settings where name = 'cron.database_name'),
+                        current_database()",
+            )
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+        })
+        .await
+        .context("checking for pg_cron")?;
     if !installed {
         bail!(
             "pg_cron is not installed in database {here}: add pg_cron to shared_preload_libraries, \
@@ -104,6 +109,7 @@ pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
         .bind(name)
         .bind(schedule)
         .bind(command)
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .with_context(|| format!("scheduling {name} ('{schedule}')"))?;
@@ -115,17 +121,21 @@ pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
 /// loader's jobs and their latest runs.
 pub async fn list(pool: &PgPool) -> Result<Vec<Job>> {
     require_pg_cron(pool).await?;
-    sqlx::query_as(
-        "select j.jobname as name, j.schedule, j.command, j.username, j.active,
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select j.jobname as name, j.schedule, j.command, j.username, j.active,
                 d.status as last_status, d.start_time as last_start
            from cron.job j
            left join lateral (select r.status, r.start_time from cron.job_run_details r
                                where r.jobid = j.jobid order by r.start_time desc limit 1) d on true
           where j.jobname like $1 || '%'
           order by j.jobname",
-    )
-    .bind(PREFIX)
-    .fetch_all(pool)
+        )
+        .bind(PREFIX)
+        .persistent(false)
+        .fetch_all(tx)
+        .await
+    })
     .await
     .context("reading cron.job")
 }
@@ -144,6 +154,7 @@ async fn remove_in(tx: &mut sqlx::PgConnection) -> Result<u64> {
         "select cron.unschedule(jobid) from cron.job where jobname like $1 || '%'",
     )
     .bind(PREFIX)
+    .persistent(false)
     .fetch_all(&mut *tx)
     .await
     .context("removing loader's pg_cron jobs")?;

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{Acquire, PgConnection, Postgres};
 use time::OffsetDateTime;
 
 /// What staging needs to know about one message.
@@ -60,44 +60,63 @@ impl std::fmt::Debug for Run {
 
 impl Run {
     /// Registers a new open run for `queue` (`mode`: drain, follow or lambda).
-    pub async fn register(db: impl sqlx::PgExecutor<'_>, queue: &str, mode: &str) -> Result<Self> {
+    pub async fn register(
+        db: impl Acquire<'_, Database = Postgres>,
+        queue: &str,
+        mode: &str,
+    ) -> Result<Self> {
+        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
         let (id, token): (i64, String) =
             sqlx::query_as("select run_id, run_token from loader.register_run($1, $2, $3)")
                 .bind(queue)
                 .bind(mode)
                 .bind(env!("CARGO_PKG_VERSION"))
-                .fetch_one(db)
+                .persistent(false)
+                .fetch_one(&mut *tx)
                 .await
                 .context("registering the ingest run (has `loader migrate` run?)")?;
+        tx.commit().await.context("registering the ingest run")?;
         Ok(Self { id, token })
     }
 
     /// Adds a flush's deletes and delete failures to the run's counters.
     pub async fn record_deletes(
         &self,
-        db: impl sqlx::PgExecutor<'_>,
+        db: impl Acquire<'_, Database = Postgres>,
         deleted: u64,
         failures: u64,
     ) -> Result<()> {
+        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
         sqlx::query("select loader.record_deletes($1, $2, $3, $4)")
             .bind(self.id)
             .bind(&self.token)
             .bind(deleted as i64)
             .bind(failures as i64)
-            .execute(db)
+            .persistent(false)
+            .execute(&mut *tx)
             .await
             .context("recording deletes")?;
+        tx.commit().await.context("recording deletes")?;
         Ok(())
     }
 
-    /// Marks the run finished.
-    pub async fn finish(&self, db: impl sqlx::PgExecutor<'_>) -> Result<()> {
-        sqlx::query("select loader.finish_run($1, $2)")
+    /// Marks the run finished; `stopped_on_error` when it ends on an error (then its counters
+    /// may be short of what it did: a flush deleted but not yet recorded).
+    pub async fn finish(
+        &self,
+        db: impl Acquire<'_, Database = Postgres>,
+        stopped_on_error: bool,
+    ) -> Result<()> {
+        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
+        sqlx::query("select loader.finish_run($1, $2, $3)")
             .bind(self.id)
             .bind(&self.token)
-            .execute(db)
+            .bind(stopped_on_error)
+            .persistent(false)
+            .execute(&mut *tx)
             .await
             .context("closing the ingest run")?;
+        tx.commit().await.context("closing the ingest run")?;
         Ok(())
     }
 }
@@ -120,6 +139,8 @@ pub struct Staged {
 /// delivery (a broken trigger, not poison messages), the call fails and records nothing.
 pub async fn stage(conn: &mut PgConnection, run: &Run, messages: &[RawMessage]) -> Result<Staged> {
     let batch = Batch::new(messages);
+    // In a transaction of its own, like every statement behind a pooler (crate::db::options).
+    let mut tx = Acquire::begin(conn).await.context("staging batch")?;
     let (staged, refused): (i64, Vec<String>) = sqlx::query_as(
         "select staged, refused_ids from loader.stage($1, $2, $3, $4, $5, $6, $7, $8)",
     )
@@ -131,9 +152,11 @@ pub async fn stage(conn: &mut PgConnection, run: &Run, messages: &[RawMessage]) 
     .bind(&batch.sent_at)
     .bind(&batch.receive_count)
     .bind(&batch.copies)
-    .fetch_one(conn)
+    .persistent(false)
+    .fetch_one(&mut *tx)
     .await
     .context("staging batch")?;
+    tx.commit().await.context("committing the staged batch")?;
     let refused: HashSet<String> = refused.into_iter().collect();
     for message_id in &refused {
         tracing::warn!(%message_id, "message refused by PostgreSQL (loader.refusals says why); left on the queue");

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool};
 use tokio::task::JoinSet;
 
 use crate::counts::TransformReport;
@@ -93,10 +93,13 @@ struct SessionRow {
 async fn one_session(pool: &PgPool, batch_size: i32) -> Result<SessionRow> {
     let mut attempt = 0;
     loop {
-        let result = sqlx::query_as("call loader.transform(batch_size => $1)")
-            .bind(batch_size)
+        // The simple query protocol, the integer written in: a procedure that commits cannot
+        // run inside a transaction, and a statement outside one must be one exchange to pass a
+        // pooler in transaction mode (crate::db::transaction).
+        let result = sqlx::raw_sql(&format!("call loader.transform(batch_size => {batch_size})"))
             .fetch_one(pool)
-            .await;
+            .await
+            .and_then(|row| SessionRow::from_row(&row));
         match result {
             Err(e) if attempt < ROTATION_RETRIES && is_key_rotated(&e) => {
                 tracing::info!("a key rotation retired the batch's key; transforming again");
@@ -117,11 +120,14 @@ fn is_key_rotated(e: &sqlx::Error) -> bool {
 /// Age of the oldest staged row still waiting for the transform (zero when none waits);
 /// also published as the `loader_oldest_pending_age_seconds` gauge.
 async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
-    let seconds: f64 =
+    let seconds: f64 = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select oldest_pending_age_seconds from loader.pipeline_status")
-            .fetch_one(pool)
+            .persistent(false)
+            .fetch_one(tx)
             .await
-            .context("reading the oldest pending row")?;
+    })
+    .await
+    .context("reading the oldest pending row")?;
     let age = Duration::from_secs_f64(seconds.max(0.0));
     metrics::oldest_pending(age);
     Ok(age)

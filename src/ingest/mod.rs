@@ -314,7 +314,7 @@ impl Ingestor {
             progress.finish();
         }
         // Report the error that stopped the run before any error closing its bookkeeping.
-        let finished = self.finish().await;
+        let finished = self.finish(result.is_err()).await;
         let totals = result?;
         finished?;
         Ok(totals)
@@ -393,8 +393,9 @@ impl Ingestor {
         Ok(totals)
     }
 
-    /// Marks the run finished (also after an error, so the bookkeeping shows when it stopped).
-    async fn finish(&self) -> Result<()> {
-        self.run.finish(&self.pool).await
+    /// Marks the run finished, also after an error (so the bookkeeping shows when it stopped),
+    /// then marked as stopped on it: a flush may have been deleted and not yet recorded.
+    async fn finish(&self, stopped_on_error: bool) -> Result<()> {
+        self.run.finish(&self.pool, stopped_on_error).await
     }
 }

@@ -10,6 +10,7 @@ mod ingest;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod observability;
+mod pooler;
 mod privacy;
 mod rebuild;
 mod reconcile;

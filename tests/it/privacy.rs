@@ -384,7 +384,7 @@ async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
     .unwrap();
     assert_eq!(untouched, (0, 0, 0, None), "the other run is as it was");
     // A finished run takes nothing more, even from its own process.
-    mine.finish(&ingest.pool).await.unwrap();
+    mine.finish(&ingest.pool, false).await.unwrap();
     let err = loader::staging::stage(&mut conn, &mine, &messages[..1]).await.unwrap_err();
     assert!(format!("{err:#}").contains("is not open"), "{err:#}");
 }

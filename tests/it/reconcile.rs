@@ -196,3 +196,39 @@ async fn since_checks_only_the_window_and_the_full_audit_still_sees_everything()
     let out = loader(&db.url, "unused", &["reconcile", "--skip-queue", "--since", "36h"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("since"), "{out:?}");
 }
+
+/// A run whose SQS deletes succeeded but whose `record_deletes` failed (the database refused
+/// it; through a pooler that once was a prepared-statement clash) used to end finished with
+/// `deleted` short of `staged`, and reconcile exited 3 forever though nothing was lost. Such a
+/// run now ends marked as stopped on an error, which reconcile lists and does not hold to
+/// `run_deletes_match`.
+#[tokio::test]
+async fn a_run_that_stopped_after_deleting_what_it_could_not_record_is_no_gap() {
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
+    q.send(&loader::send::generate(30, 3)).await;
+    sqlx::raw_sql(
+        "create function public.test_refuse() returns trigger language plpgsql as
+             $$ begin raise exception 'recording deletes refused (test)'; end $$;
+         create trigger test_refuse_deletes before update of deleted on loader.ingest_runs
+             for each row execute function public.test_refuse()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = env.loader(&["ingest", "--wait-seconds", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(q.depth().await, (0, 0, 0), "the staged messages were deleted from the queue");
+    let run: (i64, i64, bool, bool) = sqlx::query_as(
+        "select staged, deleted, finished_at is not null, stopped_on_error from loader.ingest_runs",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(run, (30, 0, true, true), "finished, marked, its deletes unrecorded");
+
+    env.loader_ok(&["transform"]);
+    let (code, report) = reconcile(db, &q.name, &[]);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["stages"]["stopped_runs"], 1, "{report:#}");
+}
