@@ -15,7 +15,7 @@ eval "$(bash scripts/postgres.sh cron)"
 eval "$(bash scripts/pgbouncer.sh)"
 eval "$(bash scripts/cargo-lambda.sh)"
 export AWS_ENDPOINT_URL AWS_REGION DATABASE_URL CARGO_LAMBDA PROMTOOL LOADER_CRON_DATABASE_URL \
-    LOADER_PGBOUNCER_TRANSACTION_URL LOADER_PGBOUNCER_SESSION_URL
+    LOADER_PGBOUNCER_TRANSACTION_URL LOADER_PGBOUNCER_SESSION_URL LOADER_AWS_PYTHON
 # Tests must never probe the EC2 instance metadata service (it is not on this network).
 export AWS_EC2_METADATA_DISABLED=true
 cargo test --locked --features lambda "$@"

@@ -351,6 +351,17 @@ pub async fn queue(queue: Result<Queue>, options: &Options) -> Vec<Finding> {
     };
     let mut findings = vec![Finding::ok("queue")];
     findings.push(Finding::from("dead-letter queue", match queue.dead_letter_queue().await {
+        // SQS requires a FIFO queue's DLQ to be FIFO too, and a standard queue's standard.
+        Ok(Some(dlq)) if dlq.is_fifo() != queue.is_fifo() => Some((
+            format!(
+                "'{}' is {} but its dead-letter queue '{}' is {}",
+                queue.name(),
+                if queue.is_fifo() { "a FIFO queue" } else { "a standard queue" },
+                dlq.name(),
+                if dlq.is_fifo() { "FIFO" } else { "standard" }
+            ),
+            "point the redrive policy at a dead-letter queue of the same kind (a FIFO queue's ends in .fifo)".into(),
+        )),
         Ok(Some(_)) => None,
         Ok(None) => Some((
             format!("'{}' has no redrive policy: a message PostgreSQL refuses is retried forever", queue.name()),

@@ -19,7 +19,7 @@
 //!   (`"source": "aws.events"`) or `{"action": "transform"}` (a manual invoke). Anything else is
 //!   an error, rather than a guess.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result, bail};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
@@ -30,6 +30,7 @@ use tokio::sync::Mutex;
 use crate::config::DatabaseUrl;
 use crate::counts::TransformReport;
 use crate::db;
+use crate::sqs::is_fifo_name;
 use crate::staging::{self, RawMessage, StageOutcome, parse_epoch_millis};
 use crate::transform;
 
@@ -93,19 +94,23 @@ impl Handler {
 
     /// Stages the records of an SQS event; the response lists the records that failed.
     pub async fn stage_event(&self, event: SqsEvent) -> Result<SqsBatchResponse> {
-        let mut by_queue: HashMap<String, Vec<RawMessage>> = HashMap::new();
+        // Per queue, in the event's order, with each record's message group (FIFO queues).
+        let mut by_queue: HashMap<String, (Vec<RawMessage>, Vec<Option<String>>)> = HashMap::new();
         for record in event.records {
             let queue = queue_name(&record);
-            by_queue.entry(queue).or_default().push(raw_message(record)?);
+            let group = record.attributes.get("MessageGroupId").cloned();
+            let (messages, groups) = by_queue.entry(queue).or_default();
+            messages.push(raw_message(record)?);
+            groups.push(group);
         }
         let mut conn = self.pool.acquire().await.context("connecting to PostgreSQL")?;
         let mut failed = Vec::new();
         let mut totals = StageOutcome::default();
-        for (queue, messages) in &by_queue {
+        for (queue, (messages, groups)) in &by_queue {
             let run = self.run(&mut conn, queue).await?;
             let staged = staging::stage(&mut conn, &run, messages).await?;
             totals += staged.outcome;
-            failed.extend(staged.refused);
+            failed.extend(failed_records(messages, groups, &staged.refused, is_fifo_name(queue)));
         }
         drop(conn);
         tracing::info!(
@@ -147,6 +152,31 @@ impl Handler {
         runs.insert(queue.to_owned(), run.clone());
         Ok(run)
     }
+}
+
+/// The records to report as failed, in the event's order: those PostgreSQL refused and, from a
+/// FIFO queue, every record of a message group after its first refused one, staged or not: SQS
+/// requires it of a FIFO partial batch response, so that a group's messages are redelivered in
+/// order (what AWS Powertools' `SqsFifoPartialProcessor` does with `skip_group_on_error`). The
+/// later ones already staged come back as duplicates, which staging counts and skips.
+fn failed_records(
+    messages: &[RawMessage],
+    groups: &[Option<String>],
+    refused: &HashSet<String>,
+    fifo: bool,
+) -> Vec<String> {
+    let mut failed_groups = HashSet::new();
+    let mut failed = Vec::new();
+    for (m, group) in messages.iter().zip(groups) {
+        let after_failure = fifo && group.as_ref().is_some_and(|g| failed_groups.contains(g));
+        if refused.contains(&m.message_id) || after_failure {
+            failed.push(m.message_id.clone());
+            if let (true, Some(g)) = (fifo, group) {
+                failed_groups.insert(g.clone());
+            }
+        }
+    }
+    failed
 }
 
 /// A record as staging wants it: id, body, SentTimestamp and ApproximateReceiveCount.
@@ -216,6 +246,22 @@ mod tests {
         let with = record(json!({"eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:q-1"}));
         assert_eq!(queue_name(&with), "q-1");
         assert_eq!(queue_name(&record(json!({}))), "unknown");
+    }
+
+    #[test]
+    fn after_a_refused_fifo_record_every_later_record_of_its_group_fails_too() {
+        let m = |id: &str| RawMessage {
+            message_id: id.into(),
+            body: String::new(),
+            sent_at: None,
+            receive_count: None,
+        };
+        let messages = [m("a1"), m("b1"), m("a2"), m("c1"), m("b2"), m("a3")];
+        let groups: Vec<Option<String>> =
+            ["a", "b", "a", "c", "b", "a"].iter().map(|g| Some((*g).to_owned())).collect();
+        let refused = HashSet::from(["a2".to_owned(), "c1".to_owned()]);
+        assert_eq!(failed_records(&messages, &groups, &refused, true), ["a2", "c1", "a3"]);
+        assert_eq!(failed_records(&messages, &groups, &refused, false), ["a2", "c1"]);
     }
 
     #[test]

@@ -41,6 +41,54 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::counts::{Totals, TransformReport};
 
+/// The reject reason codes of the transform (`loader._reason`, and the comment on
+/// `loader.login_rejects.reason`, which tests/it/observability.rs holds this list to):
+/// `loader_rows_rejected_total{reason}` exists for each from the start.
+pub const REJECT_REASONS: &[&str] = &[
+    "sns_message_not_object",
+    "eventbridge_detail_not_object",
+    "body_not_json",
+    "body_not_object",
+    "field_not_scalar",
+    "user_id_missing",
+    "user_id_empty",
+    "value_too_long",
+];
+
+/// What a failed ReceiveMessage call was (`loader_receive_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiveError {
+    Construction,
+    Timeout,
+    Dispatch,
+    Response,
+    Service,
+    Other,
+}
+
+impl ReceiveError {
+    pub const ALL: [ReceiveError; 6] = [
+        Self::Construction,
+        Self::Timeout,
+        Self::Dispatch,
+        Self::Response,
+        Self::Service,
+        Self::Other,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Construction => "construction",
+            Self::Timeout => "timeout",
+            Self::Dispatch => "dispatch",
+            Self::Response => "response",
+            Self::Service => "service",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// How often process metrics are sampled.
 const PROCESS_PERIOD: Duration = Duration::from_secs(5);
 
@@ -59,6 +107,15 @@ pub fn install(addr: SocketAddr) -> Result<()> {
         .with_context(|| format!("serving metrics on {addr}"))?;
     describe();
     gauge!("loader_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Every labelled counter whose label values are known is exported at 0 from the start, so
+    // a rate over it reads 0 rather than "no data" until the first event (Prometheus's
+    // instrumentation guidance).
+    for kind in ReceiveError::ALL {
+        counter!("loader_receive_errors_total", "kind" => kind.label()).absolute(0);
+    }
+    for reason in REJECT_REASONS {
+        counter!("loader_rows_rejected_total", "reason" => *reason).absolute(0);
+    }
     let process = metrics_process::Collector::default();
     process.describe();
     tokio::spawn(async move {
@@ -162,9 +219,9 @@ pub fn batch(totals: &Totals, staging: Duration) {
     histogram!("loader_staging_seconds").record(staging.as_secs_f64());
 }
 
-/// A ReceiveMessage call that failed; `kind` is a short, fixed label (no message content).
-pub fn receive_error(kind: &'static str) {
-    counter!("loader_receive_errors_total", "kind" => kind).increment(1);
+/// A ReceiveMessage call that failed.
+pub fn receive_error(kind: ReceiveError) {
+    counter!("loader_receive_errors_total", "kind" => kind.label()).increment(1);
 }
 
 /// One transform run: its counts, its rejects by reason code, and how long it took.

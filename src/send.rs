@@ -1,5 +1,11 @@
 //! `loader send`: publish a JSON array file or synthetic login events, so the tool can be tried
 //! (and benchmarked) without the preloaded reference queue.
+//!
+//! On a FIFO queue (`.fifo`) each message goes to the group of its `user_id` (one user's logins
+//! keep their order; users are delivered in parallel), or to the group `loader-send` when the
+//! body has none. Unless the queue deduplicates by content, each message gets a deduplication
+//! id of this send and its position, so every `loader send` sends every message, as it does to
+//! a standard queue.
 
 use std::path::Path;
 
@@ -7,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::sqs::{MAX_BATCH, Queue};
+use crate::sqs::{FifoEntry, MAX_BATCH, Queue};
 
 /// SendMessageBatch calls in flight at once.
 const SEND_CONCURRENCY: usize = 8;
@@ -73,17 +79,49 @@ fn random_ip(rng: &mut fastrand::Rng) -> String {
     }
 }
 
+/// The message group of a body sent to a FIFO queue: its `user_id` (a string or a number; a
+/// character SQS does not allow in a group id, anything but ASCII letters, digits and
+/// punctuation, becomes `_`), else one group for everything else.
+pub fn group_of(body: &str) -> String {
+    let user =
+        match serde_json::from_str::<Value>(body).ok().as_ref().and_then(|v| v.get("user_id")) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+    let group: String = user
+        .chars()
+        .take(128)
+        .map(|c| if c.is_ascii_alphanumeric() || c.is_ascii_punctuation() { c } else { '_' })
+        .collect();
+    if group.is_empty() { "loader-send".to_owned() } else { group }
+}
+
 /// Sends the bodies ten per call, several calls in flight. Returns how many were sent.
 pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
+    let fifo = queue.is_fifo();
+    // Deduplication ids: this send's, then the position (128 characters at most).
+    let send_id = (fifo && !queue.content_based_deduplication().await?)
+        .then(|| format!("{:016x}", fastrand::u64(..)));
     let mut in_flight = JoinSet::new();
     let mut sent = 0u64;
-    for chunk in bodies.chunks(MAX_BATCH).map(<[String]>::to_vec) {
+    for (n, chunk) in bodies.chunks(MAX_BATCH).map(<[String]>::to_vec).enumerate() {
         if in_flight.len() >= SEND_CONCURRENCY {
             sent += in_flight.join_next().await.expect("non-empty")??;
         }
         let queue = queue.clone();
+        let send_id = send_id.clone();
         in_flight.spawn(async move {
-            queue.send_batch(&chunk).await?;
+            let entries = chunk.iter().enumerate().map(|(i, body)| {
+                let entry = fifo.then(|| FifoEntry {
+                    group_id: group_of(body),
+                    deduplication_id: send_id
+                        .as_ref()
+                        .map(|id| format!("{id}-{}", n * MAX_BATCH + i)),
+                });
+                (body.as_str(), entry)
+            });
+            queue.send_batch_to_groups(entries).await?;
             Ok::<_, anyhow::Error>(chunk.len() as u64)
         });
     }
@@ -108,6 +146,17 @@ mod tests {
                 assert!(v.get(key).is_some(), "{key} missing in {body}");
             }
         }
+    }
+
+    #[test]
+    fn a_fifo_message_goes_to_its_users_group() {
+        assert_eq!(group_of(r#"{"user_id": "u-1", "ip": "10.0.0.1"}"#), "u-1");
+        assert_eq!(group_of(r#"{"user_id": 42}"#), "42");
+        for no_user in [r#"{"foo": 1}"#, r#"{"user_id": ""}"#, "not json", r#"[1]"#] {
+            assert_eq!(group_of(no_user), "loader-send", "{no_user}");
+        }
+        assert_eq!(group_of(&format!(r#"{{"user_id": "{}"}}"#, "x".repeat(300))).len(), 128);
+        assert_eq!(group_of(r#"{"user_id": "a bé"}"#), "a__");
     }
 
     #[test]

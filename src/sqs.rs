@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinSet;
 
 use crate::config::AwsSettings;
+use crate::metrics::ReceiveError;
 use crate::retry::Transient;
 use crate::staging;
 
@@ -95,6 +96,20 @@ fn aws_credentials_configured() -> bool {
         .any(|p| p.exists())
 }
 
+/// What a message sent to a FIFO queue needs besides its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FifoEntry {
+    /// MessageGroupId: SQS keeps the order of the messages of one group.
+    pub group_id: String,
+    /// MessageDeduplicationId: required unless the queue deduplicates by content.
+    pub deduplication_id: Option<String>,
+}
+
+/// True for a FIFO queue's name (`.fifo`, as SQS requires of FIFO queues and of them only).
+pub fn is_fifo_name(name: &str) -> bool {
+    name.ends_with(".fifo")
+}
+
 /// One message as received: what staging needs, plus the handle to delete it.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -152,14 +167,17 @@ impl Queue {
         Ok(Self { client, url, name: name_or_url.to_owned() })
     }
 
-    /// Resolves a queue, creating a standard queue of that name when it does not exist.
+    /// Resolves a queue, creating it when it does not exist: a FIFO queue when the name ends
+    /// in `.fifo` (as SQS requires), else a standard one.
     pub async fn open_or_create(client: Client, name_or_url: &str) -> Result<Self> {
         if is_url(name_or_url) {
             return Self::open(client, name_or_url).await;
         }
-        let out = client
-            .create_queue()
-            .queue_name(name_or_url)
+        let mut create = client.create_queue().queue_name(name_or_url);
+        if is_fifo_name(name_or_url) {
+            create = create.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        let out = create
             .send()
             .await
             .map_err(|e| sdk_error(format!("creating queue '{name_or_url}'"), &e))?;
@@ -169,6 +187,31 @@ impl Queue {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A FIFO queue (its name ends in `.fifo`: SQS requires that of FIFO queues only).
+    pub fn is_fifo(&self) -> bool {
+        is_fifo_name(&self.name)
+    }
+
+    /// Whether SQS deduplicates this FIFO queue's messages by a hash of their bodies
+    /// (ContentBasedDeduplication); false for a standard queue.
+    pub async fn content_based_deduplication(&self) -> Result<bool> {
+        if !self.is_fifo() {
+            return Ok(false);
+        }
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ContentBasedDeduplication)
+            .send()
+            .await
+            .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
+        Ok(out
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ContentBasedDeduplication))
+            .is_some_and(|v| v == "true"))
     }
 
     pub fn name(&self) -> &str {
@@ -313,13 +356,30 @@ impl Queue {
 
     /// Sends up to ten bodies in one SendMessageBatch call; any refused entry is an error.
     pub async fn send_batch(&self, bodies: &[String]) -> Result<()> {
-        let entries = bodies
-            .iter()
+        self.send_batch_to_groups(bodies.iter().map(|b| (b.as_str(), None))).await
+    }
+
+    /// SendMessageBatch of `(body, fifo)` entries: on a FIFO queue each names its message
+    /// group and, unless the queue deduplicates by content, its deduplication id.
+    pub async fn send_batch_to_groups<'a>(
+        &self,
+        entries: impl Iterator<Item = (&'a str, Option<FifoEntry>)>,
+    ) -> Result<()> {
+        let entries = entries
             .enumerate()
-            .map(|(i, b)| {
-                SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(b).build()
+            .map(|(i, (body, fifo))| {
+                let entry =
+                    SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(body);
+                match fifo {
+                    Some(f) => entry
+                        .message_group_id(f.group_id)
+                        .set_message_deduplication_id(f.deduplication_id),
+                    None => entry,
+                }
+                .build()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let sent = entries.len();
         let out = self
             .client
             .send_message_batch()
@@ -330,10 +390,9 @@ impl Queue {
             .map_err(|e| sdk_error(format!("sending to '{}'", self.name), &e))?;
         if let Some(f) = out.failed().first() {
             bail!(
-                "sending to '{}': {} of {} entries refused, first: {} {}",
+                "sending to '{}': {} of {sent} entries refused, first: {} {}",
                 self.name,
                 out.failed().len(),
-                bodies.len(),
                 f.code(),
                 f.message().unwrap_or_default()
             );
@@ -630,14 +689,14 @@ where
 }
 
 /// A short, fixed label for an SDK error (a metrics label: never message content).
-fn error_kind<E, R>(e: &SdkError<E, R>) -> &'static str {
+fn error_kind<E, R>(e: &SdkError<E, R>) -> ReceiveError {
     match e {
-        SdkError::ConstructionFailure(_) => "construction",
-        SdkError::TimeoutError(_) => "timeout",
-        SdkError::DispatchFailure(_) => "dispatch",
-        SdkError::ResponseError(_) => "response",
-        SdkError::ServiceError(_) => "service",
-        _ => "other",
+        SdkError::ConstructionFailure(_) => ReceiveError::Construction,
+        SdkError::TimeoutError(_) => ReceiveError::Timeout,
+        SdkError::DispatchFailure(_) => ReceiveError::Dispatch,
+        SdkError::ResponseError(_) => ReceiveError::Response,
+        SdkError::ServiceError(_) => ReceiveError::Service,
+        _ => ReceiveError::Other,
     }
 }
 

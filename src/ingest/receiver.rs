@@ -85,13 +85,13 @@ impl Receiver {
                     Err(_) => return Ok(()),
                 },
             };
-            let batch = match received {
-                Ok(batch) => {
+            let batch = match after_receive(received, last) {
+                After::Batch(batch) => {
                     sqs_health.lock().expect("health lock").ok();
                     batch
                 }
                 // SQS unreachable or throttling: fewer receivers, wait (or stop), poll again.
-                Err(e) if retry::is_transient(&e) && !last => {
+                After::Backoff(e) => {
                     concurrency.observe(Signal::Throttled);
                     let wait = sqs_health.lock().expect("health lock").failed(&e);
                     tokio::select! {
@@ -99,7 +99,8 @@ impl Receiver {
                         _ = shutdown.begun() => return Ok(()),
                     }
                 }
-                Err(e) => return Err(e),
+                After::Stop => return Ok(()),
+                After::Fail(e) => return Err(e),
             };
             if batch.is_empty() {
                 concurrency.observe(Signal::Empty);
@@ -123,5 +124,45 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+}
+
+/// What a receiver does after a ReceiveMessage call returned.
+#[derive(Debug)]
+enum After {
+    Batch(Vec<Received>),
+    /// A transient failure: back off and poll again.
+    Backoff(anyhow::Error),
+    /// Stop receiving, cleanly.
+    Stop,
+    /// A permanent failure: the run stops with it.
+    Fail(anyhow::Error),
+}
+
+/// Decides [`After`]; `last` when the call was in flight as shutdown began. Such a call that
+/// failed on an outage received nothing, so nothing is lost and the run stops cleanly (it used
+/// to fail the run, exit 1 on SIGTERM, when an SQS outage overlapped the shutdown).
+fn after_receive(received: Result<Vec<Received>>, last: bool) -> After {
+    match received {
+        Ok(batch) => After::Batch(batch),
+        Err(e) if retry::is_transient(&e) && last => After::Stop,
+        Err(e) if retry::is_transient(&e) => After::Backoff(e),
+        Err(e) => After::Fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_at_shutdown_stops_the_receiver_cleanly() {
+        let outage = || Err(anyhow::Error::new(retry::Transient("connection refused".into())));
+        assert!(matches!(after_receive(outage(), true), After::Stop));
+        assert!(matches!(after_receive(outage(), false), After::Backoff(_)));
+        let permanent = || Err(anyhow::anyhow!("the queue does not exist"));
+        assert!(matches!(after_receive(permanent(), true), After::Fail(_)));
+        assert!(matches!(after_receive(permanent(), false), After::Fail(_)));
+        assert!(matches!(after_receive(Ok(vec![]), true), After::Batch(b) if b.is_empty()));
     }
 }

@@ -229,3 +229,36 @@ async fn an_error_that_is_not_about_the_rows_fails_the_whole_invocation() {
         .unwrap();
     assert_eq!(received, 0, "the run was registered, nothing was staged");
 }
+
+/// From a FIFO queue, a refused record fails every later record of its message group too
+/// (SQS's rule for FIFO partial batch responses, so the group is redelivered in order); other
+/// groups' records are staged and not reported.
+#[tokio::test]
+async fn from_a_fifo_queue_a_refused_record_fails_the_rest_of_its_group() {
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql(
+        "alter table loader.raw_logins add constraint test_refuses_one check (message_id <> 'g-a-2')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let handler = Handler::new(db.pool.clone(), false);
+    let messages: Vec<(String, String)> = ["a-1", "b-1", "a-2", "b-2", "a-3", "c-1", "a-4"]
+        .iter()
+        .map(|id| (format!("g-{id}"), format!(r#"{{"user_id": "{id}"}}"#)))
+        .collect();
+    let mut event = sqs_event(&messages);
+    for record in event["Records"].as_array_mut().unwrap() {
+        let id = record["messageId"].as_str().unwrap().to_owned();
+        record["eventSourceARN"] = json!("arn:aws:sqs:eu-west-1:123456789012:login-queue.fifo");
+        record["attributes"]["MessageGroupId"] = json!(&id[2..3]);
+    }
+    let response = handler.handle(event).await.unwrap();
+    assert_eq!(failures(&response), ["g-a-2", "g-a-3", "g-a-4"]);
+    let staged: Vec<String> =
+        sqlx::query_scalar("select message_id from loader.raw_logins order by message_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(staged, ["g-a-1", "g-a-3", "g-a-4", "g-b-1", "g-b-2", "g-c-1"]);
+}

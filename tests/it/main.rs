@@ -5,7 +5,9 @@
 mod cli;
 mod dlq;
 mod doctor;
+mod envelopes;
 mod faults;
+mod fifo;
 mod ingest;
 #[cfg(feature = "lambda")]
 mod lambda;

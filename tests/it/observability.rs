@@ -53,6 +53,25 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
         &["run", "--wait-seconds", "1", "--metrics-addr", &addr],
     );
 
+    // Before any event, every labelled counter whose labels are known reads 0, not "absent".
+    let mut first = None;
+    for _ in 0..50 {
+        first = scrape_text(&addr);
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.expect("the metrics endpoint answers");
+    for kind in loader::metrics::ReceiveError::ALL {
+        let line = format!("loader_receive_errors_total{{kind=\"{}\"}} 0", kind.label());
+        assert!(first.contains(&line), "{line} missing:\n{first}");
+    }
+    for reason in loader::metrics::REJECT_REASONS {
+        let line = format!("loader_rows_rejected_total{{reason=\"{reason}\"}} 0");
+        assert!(first.contains(&line), "{line} missing:\n{first}");
+    }
+
     q.send(&loader::send::generate(40, 1)).await;
     crate::support::wait_for_count(db, "select count(*) from public.user_logins", 40).await;
     assert_eq!(scrape_until(&addr, "loader_messages_staged_total", 40.0).await, Some(40.0));
@@ -277,4 +296,24 @@ async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_das
             assert!(scraped.contains(name), "the dashboard queries {name}, not in the scrape");
         }
     }
+}
+
+/// `loader::metrics::REJECT_REASONS` is the list the database documents on
+/// `loader.login_rejects.reason`, in the same order.
+#[tokio::test]
+async fn the_reject_reasons_exported_at_zero_are_the_transforms() {
+    let db = crate::support::TestDb::migrated().await;
+    let comment: String = sqlx::query_scalar(
+        "select col_description('loader.login_rejects'::regclass,
+                                (select attnum from pg_attribute
+                                  where attrelid = 'loader.login_rejects'::regclass and attname = 'reason'))",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let documented: Vec<&str> = comment
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|w| w.contains('_'))
+        .collect();
+    assert_eq!(documented, loader::metrics::REJECT_REASONS);
 }

@@ -25,15 +25,29 @@ impl TestQueue {
     /// A standard queue with the given visibility timeout (seconds): short ones let tests see
     /// redelivery quickly. LocalStack's timers tick in whole seconds.
     pub async fn new(visibility_timeout: u32) -> Self {
-        let name = unique_name("loader-test").replace('_', "-");
+        Self::create(visibility_timeout, false).await
+    }
+
+    /// A FIFO queue (`.fifo`, no content-based deduplication).
+    pub async fn new_fifo(visibility_timeout: u32) -> Self {
+        Self::create(visibility_timeout, true).await
+    }
+
+    async fn create(visibility_timeout: u32, fifo: bool) -> Self {
+        let mut name = unique_name("loader-test").replace('_', "-");
+        let mut attributes = HashMap::from([(
+            QueueAttributeName::VisibilityTimeout,
+            visibility_timeout.to_string(),
+        )]);
+        if fifo {
+            name.push_str(".fifo");
+            attributes.insert(QueueAttributeName::FifoQueue, "true".into());
+        }
         let client = sqs::client(&aws_settings()).await;
         client
             .create_queue()
             .queue_name(&name)
-            .set_attributes(Some(HashMap::from([(
-                QueueAttributeName::VisibilityTimeout,
-                visibility_timeout.to_string(),
-            )])))
+            .set_attributes(Some(attributes))
             .send()
             .await
             .expect("creating the test queue");
@@ -47,10 +61,15 @@ impl TestQueue {
         (d.visible, d.in_flight, d.delayed)
     }
 
-    /// A new queue of its own made this queue's dead-letter queue (RedrivePolicy, after
-    /// `max_receives`); returned so the test keeps it alive.
+    /// A new queue of its own, of the same kind (FIFO or standard), made this queue's
+    /// dead-letter queue (RedrivePolicy, after `max_receives`); returned so the test keeps it
+    /// alive.
     pub async fn attach_dead_letter_queue(&self, max_receives: u32) -> TestQueue {
-        let dlq = TestQueue::new(30).await;
+        self.attach(TestQueue::create(30, self.queue.is_fifo()).await, max_receives).await
+    }
+
+    /// `dlq` made this queue's dead-letter queue.
+    pub async fn attach(&self, dlq: TestQueue, max_receives: u32) -> TestQueue {
         let client = self.queue.client();
         let attrs = client
             .get_queue_attributes()
