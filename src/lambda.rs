@@ -108,9 +108,16 @@ impl Handler {
         let mut totals = StageOutcome::default();
         for (queue, (messages, groups)) in &by_queue {
             let run = self.run(&mut conn, queue).await?;
-            let staged = staging::stage(&mut conn, &run, messages).await?;
-            totals += staged.outcome;
-            failed.extend(failed_records(messages, groups, &staged.refused, is_fifo_name(queue)));
+            // Statements of a bounded size: up to 10,000 records of up to 1 MiB can come in
+            // one event (a batching window), and one statement of their sum would be encoded
+            // in memory whole.
+            let mut refused = HashSet::new();
+            for chunk in staging::by_bytes(messages, STATEMENT_BYTES) {
+                let staged = staging::stage(&mut conn, &run, chunk).await?;
+                totals += staged.outcome;
+                refused.extend(staged.refused);
+            }
+            failed.extend(failed_records(messages, groups, &refused, is_fifo_name(queue)));
         }
         drop(conn);
         tracing::info!(
@@ -153,6 +160,10 @@ impl Handler {
         Ok(run)
     }
 }
+
+/// The most body bytes one staging statement of the handler carries: `loader ingest`'s flush
+/// size with the default memory budget.
+const STATEMENT_BYTES: usize = crate::ingest::DEFAULT_MEMORY_BUDGET / 8;
 
 /// The records to report as failed, in the event's order: those PostgreSQL refused and, from a
 /// FIFO queue, every record of a message group after its first refused one, staged or not: SQS

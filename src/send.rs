@@ -97,7 +97,30 @@ pub fn group_of(body: &str) -> String {
     if group.is_empty() { "loader-send".to_owned() } else { group }
 }
 
-/// Sends the bodies ten per call, several calls in flight. Returns how many were sent.
+/// SQS refuses a SendMessageBatch whose bodies add up to more than this (as it refuses a
+/// single message above it).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The bodies cut into SendMessageBatch calls: at most ten each, and at most
+/// [`MAX_BATCH_BYTES`] of bodies (a body of that size goes alone), in order.
+pub fn batches(bodies: &[String]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, body) in bodies.iter().enumerate() {
+        if i > start && (i - start == MAX_BATCH || bytes + body.len() > MAX_BATCH_BYTES) {
+            ranges.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += body.len();
+    }
+    if start < bodies.len() {
+        ranges.push(start..bodies.len());
+    }
+    ranges
+}
+
+/// Sends the bodies up to ten per call (fewer when large: [`batches`]), several calls in
+/// flight. Returns how many were sent.
 pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
     let fifo = queue.is_fifo();
     // Deduplication ids: this send's, then the position (128 characters at most).
@@ -105,19 +128,19 @@ pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
         .then(|| format!("{:016x}", fastrand::u64(..)));
     let mut in_flight = JoinSet::new();
     let mut sent = 0u64;
-    for (n, chunk) in bodies.chunks(MAX_BATCH).map(<[String]>::to_vec).enumerate() {
+    for range in batches(&bodies) {
         if in_flight.len() >= SEND_CONCURRENCY {
             sent += in_flight.join_next().await.expect("non-empty")??;
         }
+        let first = range.start;
+        let chunk = bodies[range].to_vec();
         let queue = queue.clone();
         let send_id = send_id.clone();
         in_flight.spawn(async move {
             let entries = chunk.iter().enumerate().map(|(i, body)| {
                 let entry = fifo.then(|| FifoEntry {
                     group_id: group_of(body),
-                    deduplication_id: send_id
-                        .as_ref()
-                        .map(|id| format!("{id}-{}", n * MAX_BATCH + i)),
+                    deduplication_id: send_id.as_ref().map(|id| format!("{id}-{}", first + i)),
                 });
                 (body.as_str(), entry)
             });
@@ -149,6 +172,17 @@ mod tests {
     }
 
     #[test]
+    fn batches_hold_ten_bodies_or_a_mebibyte_at_most() {
+        let small = vec!["x".repeat(100); 25];
+        assert_eq!(batches(&small), [0..10, 10..20, 20..25]);
+        let large = vec!["x".repeat(400 * 1024); 5];
+        assert_eq!(batches(&large), [0..2, 2..4, 4..5], "two of 400 KiB fit, three do not");
+        let mixed = vec!["x".repeat(MAX_BATCH_BYTES), "y".into(), "z".into()];
+        assert_eq!(batches(&mixed), [0..1, 1..3], "a 1 MiB body goes alone");
+        assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
     fn a_fifo_message_goes_to_its_users_group() {
         assert_eq!(group_of(r#"{"user_id": "u-1", "ip": "10.0.0.1"}"#), "u-1");
         assert_eq!(group_of(r#"{"user_id": 42}"#), "42");
@@ -156,7 +190,7 @@ mod tests {
             assert_eq!(group_of(no_user), "loader-send", "{no_user}");
         }
         assert_eq!(group_of(&format!(r#"{{"user_id": "{}"}}"#, "x".repeat(300))).len(), 128);
-        assert_eq!(group_of(r#"{"user_id": "a bé"}"#), "a__");
+        assert_eq!(group_of(r#"{"user_id": "a b\u00e9"}"#), "a_b_");
     }
 
     #[test]

@@ -170,10 +170,30 @@ pub async fn stage(conn: &mut PgConnection, run: &Run, messages: &[RawMessage]) 
     })
 }
 
-/// Column arrays for `loader.stage`, one entry per distinct MessageId.
-struct Batch {
-    ids: Vec<String>,
-    bodies: Vec<String>,
+/// `messages` cut into runs whose bodies add up to at most `max_bytes` (a larger message goes
+/// alone), in order: one staging statement each, so a batch of large messages is never one
+/// statement of their sum.
+pub fn by_bytes(messages: &[RawMessage], max_bytes: usize) -> Vec<&[RawMessage]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in messages.iter().enumerate() {
+        if i > start && bytes + m.body.len() > max_bytes {
+            chunks.push(&messages[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += m.body.len();
+    }
+    if start < messages.len() {
+        chunks.push(&messages[start..]);
+    }
+    chunks
+}
+
+/// Column arrays for `loader.stage`, one entry per distinct MessageId; ids and bodies borrowed
+/// (a flush of large messages is not copied before it is encoded).
+struct Batch<'a> {
+    ids: Vec<&'a str>,
+    bodies: Vec<&'a str>,
     is_json: Vec<bool>,
     sent_at: Vec<Option<OffsetDateTime>>,
     receive_count: Vec<Option<i32>>,
@@ -181,8 +201,8 @@ struct Batch {
     copies: Vec<i32>,
 }
 
-impl Batch {
-    fn new(messages: &[RawMessage]) -> Self {
+impl<'a> Batch<'a> {
+    fn new(messages: &'a [RawMessage]) -> Self {
         // Postgres cannot insert one key twice in a statement; the first copy wins.
         let mut index = std::collections::HashMap::with_capacity(messages.len());
         let mut distinct: Vec<&RawMessage> = Vec::with_capacity(messages.len());
@@ -198,8 +218,8 @@ impl Batch {
             }
         }
         Self {
-            ids: distinct.iter().map(|m| m.message_id.clone()).collect(),
-            bodies: distinct.iter().map(|m| m.body.clone()).collect(),
+            ids: distinct.iter().map(|m| m.message_id.as_str()).collect(),
+            bodies: distinct.iter().map(|m| m.body.as_str()).collect(),
             is_json: distinct.iter().map(|m| is_storable_json(&m.body)).collect(),
             sent_at: distinct.iter().map(|m| m.sent_at).collect(),
             receive_count: distinct.iter().map(|m| m.receive_count).collect(),
@@ -257,11 +277,26 @@ mod tests {
             sent_at: None,
             receive_count: None,
         };
-        let b = Batch::new(&[m("a", "1"), m("b", "x"), m("a", "2")]);
+        let messages = [m("a", "1"), m("b", "x"), m("a", "2")];
+        let b = Batch::new(&messages);
         assert_eq!(b.ids, ["a", "b"]);
         assert_eq!(b.bodies, ["1", "x"]);
         assert_eq!(b.is_json, [true, false]);
         assert_eq!(b.copies, [2, 1]);
+    }
+
+    #[test]
+    fn large_batches_are_staged_in_statements_of_a_bounded_size() {
+        let m = |bytes: usize| RawMessage {
+            message_id: bytes.to_string(),
+            body: "x".repeat(bytes),
+            sent_at: None,
+            receive_count: None,
+        };
+        let messages = [m(400), m(400), m(400), m(1000), m(10)];
+        let sizes: Vec<usize> = by_bytes(&messages, 900).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [2, 1, 1, 1], "800, 400, 1000 alone, 10");
+        assert!(by_bytes(&[], 900).is_empty());
     }
 
     #[test]

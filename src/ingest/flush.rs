@@ -23,7 +23,21 @@ pub struct Flow {
     pub flush_messages: usize,
     /// ...or this long after the first of them arrived, whichever comes first.
     pub linger: Duration,
+    /// Bytes of message bodies a run may hold received and not yet staged
+    /// ([`super::budget`]); a flush also closes once it holds an eighth of it.
+    pub memory_budget: usize,
 }
+
+impl Flow {
+    /// A flush closes once its bodies add up to this many bytes.
+    pub fn flush_bytes(&self) -> usize {
+        self.memory_budget.max(super::budget::MIN_BYTES) / 8
+    }
+}
+
+/// The default memory budget: 64 MiB of bodies (about 64 messages of 1 MiB, or 200,000 of
+/// 300 bytes), flushes of 8 MiB at most.
+pub const DEFAULT_MEMORY_BUDGET: usize = 64 * 1024 * 1024;
 
 impl Default for Flow {
     /// Adaptive from four receivers up to 32 (at 20 ms a call, 32 receivers can hand out
@@ -36,23 +50,30 @@ impl Default for Flow {
             max_receivers: 32,
             flush_messages: 500,
             linger: Duration::from_millis(50),
+            memory_budget: DEFAULT_MEMORY_BUDGET,
         }
     }
 }
 
-/// Adds batches from `inbox` to `flush` until it holds `flow.flush_messages` messages,
-/// `flow.linger` has passed since this call, or every sender is gone (shutdown or the end of a
-/// drain: what was gathered is flushed, never dropped).
+/// Adds batches from `inbox` to `flush` until it holds `flow.flush_messages` messages or
+/// [`Flow::flush_bytes`] (each message weighing `bytes`), `flow.linger` has passed since this
+/// call, or every sender is gone (shutdown or the end of a drain: what was gathered is
+/// flushed, never dropped).
 pub(super) async fn gather<T>(
     mut flush: Vec<T>,
     inbox: &mut mpsc::Receiver<Vec<T>>,
     flow: &Flow,
+    bytes: impl Fn(&T) -> usize,
 ) -> Vec<T> {
     let deadline = tokio::time::Instant::now() + flow.linger;
-    while flush.len() < flow.flush_messages {
+    let mut held: usize = flush.iter().map(&bytes).sum();
+    while flush.len() < flow.flush_messages && held < flow.flush_bytes() {
         tokio::select! {
             batch = inbox.recv() => match batch {
-                Some(batch) => flush.extend(batch),
+                Some(batch) => {
+                    held += batch.iter().map(&bytes).sum::<usize>();
+                    flush.extend(batch);
+                }
                 None => break,
             },
             _ = tokio::time::sleep_until(deadline) => break,
@@ -117,10 +138,20 @@ mod tests {
     async fn a_flush_closes_as_soon_as_it_reaches_its_size() {
         let (_tx, mut rx) = inbox(4, 10);
         let started = tokio::time::Instant::now();
-        let flush = gather(vec![], &mut rx, &flow(25)).await;
+        let flush = gather(vec![], &mut rx, &flow(25), |_| 1).await;
         assert_eq!(flush.len(), 30, "three batches of ten reach 25");
         assert_eq!(started.elapsed(), Duration::ZERO, "no linger once full");
         assert_eq!(rx.try_recv().unwrap().len(), 10, "the fourth batch waits for the next flush");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_closes_as_soon_as_its_bytes_reach_an_eighth_of_the_budget() {
+        let (_tx, mut rx) = inbox(4, 10);
+        let flow = Flow { memory_budget: super::super::budget::MIN_BYTES, ..flow(500) };
+        // Each message weighs 100 KiB: 20 MiB / 8 = 2.5 MiB, reached by the third batch.
+        let flush = gather(vec![], &mut rx, &flow, |_| 100 * 1024).await;
+        assert_eq!(flush.len(), 30, "2.5 MiB in batches of 1000 KiB: three");
+        assert_eq!(rx.try_recv().unwrap().len(), 10);
     }
 
     #[tokio::test(start_paused = true)]
@@ -133,7 +164,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             tx.send(vec![8; 5]).await.unwrap();
         });
-        let flush = gather(vec![], &mut rx, &flow(500)).await;
+        let flush = gather(vec![], &mut rx, &flow(500), |_| 1).await;
         assert_eq!(flush.len(), 15, "the batch within the linger joins; the later one does not");
         assert_eq!(started.elapsed(), Duration::from_millis(50));
         late.await.unwrap();
@@ -145,7 +176,7 @@ mod tests {
         let (tx, mut rx) = inbox(2, 10);
         drop(tx);
         let started = tokio::time::Instant::now();
-        let flush = gather(vec![1, 2], &mut rx, &flow(500)).await;
+        let flush = gather(vec![1, 2], &mut rx, &flow(500), |_| 1).await;
         assert_eq!(flush.len(), 22, "the first batch and both buffered ones, nothing dropped");
         assert_eq!(started.elapsed(), Duration::ZERO, "no linger once every sender is gone");
     }

@@ -13,13 +13,15 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
+mod budget;
 pub mod concurrency;
 mod flush;
 mod invisible;
 mod receiver;
 
+pub use budget::MIN_BYTES as MIN_MEMORY_BUDGET;
 use concurrency::Controller;
-pub use flush::Flow;
+pub use flush::{DEFAULT_MEMORY_BUDGET, Flow};
 use flush::{gather, latest_copies};
 use invisible::Held;
 use receiver::Receiver;
@@ -61,6 +63,17 @@ impl From<&Received> for RawMessage {
             sent_at: m.sent_at,
             receive_count: m.receive_count,
         }
+    }
+}
+
+/// What staging needs of a received message, its body moved out (no copy): what stays behind
+/// is what the deletes need, the id and the receipt handle.
+fn take_raw(m: &mut Received) -> RawMessage {
+    RawMessage {
+        message_id: m.message_id.clone(),
+        body: std::mem::take(&mut m.body),
+        sent_at: m.sent_at,
+        receive_count: m.receive_count,
     }
 }
 
@@ -167,9 +180,10 @@ impl Ingestor {
     /// delete with the next one's staging.
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
         self.hold(batch);
+        let mut batch = batch.to_vec();
         self.keeping_invisible(async {
-            let staged = self.stage(batch).await?;
-            self.delete_staged(batch, staged).await
+            let staged = self.stage(&mut batch).await?;
+            self.delete_staged(&batch, staged).await
         })
         .await
     }
@@ -196,9 +210,11 @@ impl Ingestor {
         size = batch.len(),
         message_ids = ?batch.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(),
     ))]
-    async fn stage(&self, batch: &[Received]) -> Result<Committed> {
-        let raw: Vec<RawMessage> = batch.iter().map(RawMessage::from).collect();
-        let (raw, pool, run) = (&raw, &self.pool, &self.run);
+    async fn stage(&self, batch: &mut [Received]) -> Result<Committed> {
+        // The bodies move into the staging call and are dropped with it: a flush being
+        // deleted holds ids and receipt handles only.
+        let bodies: Vec<RawMessage> = batch.iter_mut().map(take_raw).collect();
+        let (raw, pool, run) = (&bodies, &self.pool, &self.run);
         let started = std::time::Instant::now();
         // Retried while PostgreSQL is unreachable: staging is idempotent, and its counters
         // commit with its rows, so a failed attempt leaves no trace.
@@ -207,6 +223,7 @@ impl Ingestor {
             staging::stage(&mut conn, run, raw).await
         });
         let staged = staging.await?;
+        drop(bodies);
         self.held.release(batch);
         let took = started.elapsed();
         tracing::debug!(
@@ -327,6 +344,7 @@ impl Ingestor {
         // writer stages, instead of stalling on a full channel.
         let capacity = self.flow.flush_messages.div_ceil(MAX_BATCH) + self.concurrency.max();
         let (batches, mut inbox) = mpsc::channel::<Vec<Received>>(capacity);
+        let budget = budget::Budget::new(self.flow.memory_budget);
         let mut receivers = JoinSet::new();
         for index in 0..self.concurrency.max() {
             let receiver = Receiver {
@@ -341,6 +359,7 @@ impl Ingestor {
                 shutdown: self.shutdown.listen(),
                 sqs_health: self.sqs_health.clone(),
                 postgres_health: self.postgres_health.clone(),
+                budget: budget.clone(),
             };
             receivers.spawn(receiver.run());
         }
@@ -367,12 +386,14 @@ impl Ingestor {
             };
             // None: every receiver has finished and the channel is empty.
             let Some(first) = first else { break };
-            let flush = gather(first, &mut inbox, &self.flow).await;
+            let mut flush = gather(first, &mut inbox, &self.flow, |m| m.body.len()).await;
             while deleting.len() >= FLUSHES_DELETING {
                 let done = deleting.join_next().await.expect("a delete task is running");
                 totals += done.context("a delete task panicked")??;
             }
-            let staged = self.stage(&flush).await?;
+            let cost = budget::batch_cost(&flush);
+            let staged = self.stage(&mut flush).await?;
+            budget.give(cost);
             if let Some(progress) = &self.progress {
                 let left = if progress.depth_due() {
                     self.queue.depth().await.ok().map(|d| d.visible + d.in_flight)

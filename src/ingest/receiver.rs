@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use tokio::sync::mpsc;
 
+use super::budget::{self, Budget};
 use super::concurrency::{Shared, Signal};
 use super::invisible::Held;
 use super::{Mode, SHUTDOWN_GRACE};
@@ -44,6 +45,8 @@ pub(super) struct Receiver {
     pub sqs_health: Arc<Mutex<Health>>,
     /// PostgreSQL's health, as the writer sees it: while it is failing, nothing is received.
     pub postgres_health: Arc<Mutex<Health>>,
+    /// The run's memory budget: a receive waits until what it may bring fits.
+    pub budget: Budget,
 }
 
 impl Receiver {
@@ -61,7 +64,9 @@ impl Receiver {
             mut shutdown,
             sqs_health,
             postgres_health,
+            budget,
         } = self;
+        let mut last_cost = None;
         while !shutdown.has_begun() {
             // Out of the controller's target: wait for room, or for the drain to end.
             if index >= concurrency.target() {
@@ -76,22 +81,43 @@ impl Receiver {
                     _ = shutdown.begun() => return Ok(()),
                 }
             }
+            // Room in the budget for what this receive is expected to bring.
+            let expected = budget::estimate(last_cost);
+            tokio::select! {
+                () = budget.take(expected) => {}
+                _ = shutdown.begun() => return Ok(()),
+            }
             let receive = queue.receive(wait_seconds);
             tokio::pin!(receive);
             let (received, last) = tokio::select! {
                 batch = &mut receive => (batch, false),
                 _ = shutdown.begun() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
                     Ok(batch) => (batch, true),
-                    Err(_) => return Ok(()),
+                    Err(_) => {
+                        budget.give(expected);
+                        return Ok(());
+                    }
                 },
             };
             let batch = match after_receive(received, last) {
                 After::Batch(batch) => {
                     sqs_health.lock().expect("health lock").ok();
+                    // Settle the reservation on what came (what the writer gives back once
+                    // it has staged the batch); a batch larger than expected waits for room.
+                    let cost = budget::batch_cost(&batch);
+                    if cost > expected {
+                        budget.take(cost - expected).await;
+                    } else {
+                        budget.give(expected - cost);
+                    }
+                    if !batch.is_empty() {
+                        last_cost = Some(cost);
+                    }
                     batch
                 }
                 // SQS unreachable or throttling: fewer receivers, wait (or stop), poll again.
                 After::Backoff(e) => {
+                    budget.give(expected);
                     concurrency.observe(Signal::Throttled);
                     let wait = sqs_health.lock().expect("health lock").failed(&e);
                     tokio::select! {
@@ -99,7 +125,10 @@ impl Receiver {
                         _ = shutdown.begun() => return Ok(()),
                     }
                 }
-                After::Stop => return Ok(()),
+                After::Stop => {
+                    budget.give(expected);
+                    return Ok(());
+                }
                 After::Fail(e) => return Err(e),
             };
             if batch.is_empty() {

@@ -54,8 +54,8 @@ async fn a_fifo_queue_with_a_fifo_dlq_works_end_to_end() {
     assert!(moved.contains("1 of 1 moved"), "{moved}");
     assert_eq!(dlq.depth().await, (0, 0, 0), "the move task emptied the FIFO DLQ");
     // LocalStack moves the message with its deduplication id, and the FIFO source queue drops
-    // it as a duplicate inside its 5-minute window (AWS gives a redriven message a new id,
-    // docs/operating.md "FIFO queues"): nothing arrives to stage here.
+    // it as a duplicate inside its 5-minute window (AWS gives a redriven message a new id:
+    // docs/deploying.md "FIFO queues"): nothing arrives to stage here.
     env.loader_ok(&["run", "--once", "--wait-seconds", "1"]);
     assert!(db.staged().await >= 200);
     env.loader_ok(&["reconcile"]);

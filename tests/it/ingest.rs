@@ -384,3 +384,37 @@ async fn at_sqs_latency_receivers_grow_with_a_backlog_and_fall_back_when_it_is_g
     assert_eq!(distinct.await, 3_000, "exactly once");
     assert_eq!(env.queue.depth().await, (0, 0, 0));
 }
+
+/// Messages of 1 MiB (SQS's limit since 2025) stage whole with a budget of 20 MiB: receives
+/// wait for room, flushes close by bytes, nothing is lost or cut (scripts/bench-memory.sh
+/// measures the memory this bounds).
+#[tokio::test]
+async fn one_mebibyte_messages_stage_whole_within_a_small_memory_budget() {
+    let env = TestEnv::new(60).await;
+    let q = &env.queue.queue;
+    q.client()
+        .set_queue_attributes()
+        .queue_url(q.url())
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::MaximumMessageSize, "1048576")
+        .send()
+        .await
+        .unwrap();
+    let note = "n".repeat(1_000_000);
+    let bodies: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"user_id": format!("big-{i}"), "ip": "10.0.0.1", "note": note})
+                .to_string()
+        })
+        .collect();
+    env.queue.send(&bodies).await;
+    let out = env.loader_ok(&["ingest", "--wait-seconds", "1", "--memory-budget-mb", "20"]);
+    assert!(out.contains("staged 24 new"), "{out}");
+    let whole = env
+        .db
+        .count("select count(*) from loader.raw_logins where length(body ->> 'note') = 1000000")
+        .await;
+    assert_eq!(whole, 24, "every body staged whole");
+    env.loader_ok(&["transform"]);
+    assert_eq!(env.db.loaded().await, 24);
+    assert_eq!(env.queue.depth().await, (0, 0, 0));
+}

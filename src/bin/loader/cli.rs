@@ -371,6 +371,14 @@ pub struct FlowArgs {
     /// ...or this many milliseconds after the first of them arrived
     #[arg(long, env = "LOADER_LINGER_MS", default_value_t = 50)]
     pub linger_ms: u64,
+
+    /// MiB of message bodies held received and not yet staged, at most (receives wait for
+    /// room; a flush also closes at an eighth of it). At least 20: a batch of ten 1 MiB
+    /// messages, twice
+    #[arg(long, env = "LOADER_MEMORY_BUDGET_MB",
+          default_value_t = (loader::ingest::DEFAULT_MEMORY_BUDGET >> 20) as u32,
+          value_parser = clap::value_parser!(u32).range(((loader::ingest::MIN_MEMORY_BUDGET >> 20) as i64)..))]
+    pub memory_budget_mb: u32,
 }
 
 impl FlowArgs {
@@ -381,6 +389,7 @@ impl FlowArgs {
             max_receivers: usize::from(self.max_receivers),
             flush_messages: self.flush_messages as usize,
             linger: std::time::Duration::from_millis(self.linger_ms),
+            memory_budget: (self.memory_budget_mb as usize) << 20,
         }
     }
 }
