@@ -141,7 +141,38 @@ end
 $$;
 comment on function loader._json_object(text) is 'Private: the text as a JSON object, or NULL (exception block)';
 
+-- _unwrap: the login a body carries, given its _envelope (NULL when the envelope carries none);
+-- the body itself when it has no envelope. The one definition of what the transform, an
+-- erasure and a reveal read as the login.
+create or replace function loader._unwrap(body jsonb, envelope text) returns jsonb
+language sql immutable parallel unsafe as $$
+    select case envelope
+        when 'sns' then loader._json_object(body ->> 'Message')
+        when 'eventbridge' then case when jsonb_typeof(body -> 'detail') = 'object' then body -> 'detail' end
+        else body
+    end
+$$;
+comment on function loader._unwrap(jsonb, text) is
+    'Private: the login a body carries (through its SNS or EventBridge envelope), or NULL';
+
+-- _user_hash: the erasure ledger's keyed hash of a user id (HMAC-SHA256 of its UTF-8 bytes under
+-- loader.erasure_key, which the caller joins in, so the key is a column of a scan, never a
+-- value). Private: granted, it would be a dictionary oracle for user ids.
+create or replace function loader._user_hash(user_id text, key bytea) returns bytea
+language sql stable parallel safe as $$
+    select public.hmac(convert_to(user_id, 'UTF8'), key, 'sha256')
+$$;
+comment on function loader._user_hash(text, bytea) is 'Private: the erasure ledger''s HMAC of a user id';
+
+-- _login: _unwrap with the body's own envelope.
+create or replace function loader._login(body jsonb) returns jsonb
+language sql immutable parallel unsafe as $$
+    select loader._unwrap(body, loader._envelope(body))
+$$;
+comment on function loader._login(jsonb) is 'Private: the login a staged body carries, or NULL';
+
 -- Validation. Reason codes, the first failing check wins:
+--   erased (sent before its user asked to be erased: sql/42_erasure.sql),
 --   sns_message_not_object, eventbridge_detail_not_object (an envelope without a login),
 --   body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty,
 --   value_too_long.
@@ -215,6 +246,7 @@ language sql immutable parallel safe as $$
         when 'user_id_empty' then 'user_id is empty'
         when 'value_too_long' then loader._too_long(body)
         when 'sns_message_not_object' then 'the SNS notification''s Message is not a JSON object'
+        when 'erased' then 'sent before its user asked to be erased; its body was not kept'
         when 'eventbridge_detail_not_object' then 'the EventBridge event''s detail is not a JSON object'
     end
 $$;

@@ -109,7 +109,8 @@ language sql stable as $$
               from (select f.*,
                            -- A wrapped login whose wrapping holds no JSON object has a reason
                            -- of its own; every other check is the login's.
-                           case when f.envelope is not null and f.body is null
+                           case when f.erased then 'erased'
+                                when f.envelope is not null and f.body is null
                                 then f.envelope || case f.envelope when 'sns' then '_message_not_object'
                                                                   else '_detail_not_object' end
                                 else loader._reason(f.body, f.body_is_json, f.user_id, f.device_type,
@@ -120,6 +121,13 @@ language sql stable as $$
                       -- notification or an EventBridge event carries (NULL when it carries
                       -- none). Nothing else of an envelope is read.
                       from (select l.message_id, l.login as body, l.body_is_json, l.envelope,
+                                   -- Sent before its user asked to be erased (sql/42_erasure.sql):
+                                   -- only a message sent before the latest erasure pays for the
+                                   -- keyed hash of its user id.
+                                   coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e), false)
+                                   and exists (select from loader.erased_users e, loader.erasure_key x
+                                                where e.user_hash = loader._user_hash(l.login ->> 'user_id', x.key)
+                                                  and e.erased_at > l.sent) as erased,
                                    l.login ->> 'user_id' as user_id,
                                    l.login ->> 'device_type' as device_type,
                                    btrim(l.login ->> 'ip') as ip,
@@ -128,13 +136,8 @@ language sql stable as $$
                                    l.login ->> 'app_version' as app_version,
                                    l.create_date
                               from (select r.message_id, r.body_is_json, e.envelope,
-                                           case e.envelope
-                                               when 'sns' then loader._json_object(r.body ->> 'Message')
-                                               when 'eventbridge' then
-                                                   case when jsonb_typeof(r.body -> 'detail') = 'object'
-                                                        then r.body -> 'detail' end
-                                               else r.body
-                                           end as login,
+                                           loader._unwrap(r.body, e.envelope) as login,
+                                           coalesce(r.sent_at, r.staged_at) as sent,
                                            -- The UTC day SQS received it (wrapped or not), not
                                            -- the day of the transform: reruns must not move it.
                                            (coalesce(r.sent_at, r.staged_at) at time zone 'UTC')::date
@@ -181,8 +184,14 @@ language sql volatile set jit = off as $$
     ), ticket as (
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
+    ), erased as (
+        -- A message suppressed as sent before its user's erasure keeps no body.
+        update loader.raw_logins r
+           set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
+          from outcome o
+         where o.reason = 'erased' and r.message_id = o.message_id
     )
-    -- (ticket, like every data-modifying CTE, runs to completion unreferenced.)
+    -- (ticket and erased, like every data-modifying CTE, run to completion unreferenced.)
     select (select count(*) from loads), (select count(*) from rejects),
            (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
               from (select reason, count(*) as n from rejects group by reason) as j)
@@ -217,6 +226,12 @@ language sql volatile set jit = off as $$
     ), ticket as (
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
+    ), erased as (
+        -- A message suppressed as sent before its user's erasure keeps no body.
+        update loader.raw_logins r
+           set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
+          from outcome o
+         where o.reason = 'erased' and r.message_id = o.message_id
     )
     select (select count(*) from loads), (select count(*) from rejects),
            (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')

@@ -63,7 +63,7 @@ comment on column loader.ingest_runs.loader_version is 'Version of the loader th
 -- Outcomes, work list, progress.
 comment on column loader.login_rejects.message_id is 'SQS MessageId of the staged message';
 comment on column loader.login_rejects.reason is
-    'sns_message_not_object, eventbridge_detail_not_object, body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty or value_too_long';
+    'erased, sns_message_not_object, eventbridge_detail_not_object, body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty or value_too_long';
 comment on column loader.login_rejects.detail is 'Human detail naming fields and sizes, never values';
 comment on column loader.login_rejects.rejected_at is 'When the transform rejected it';
 comment on column loader.transform_queue.raw_id is 'loader.raw_logins.id of a staged row without an outcome';

@@ -11,10 +11,10 @@
 
 -- Nothing in schema loader for PUBLIC or the loader roles but what is granted below.
 revoke all on schema loader from public;
-revoke all on all tables in schema loader from public, loader_ingest, loader_analyst;
-revoke all on all sequences in schema loader from public, loader_ingest, loader_analyst;
-revoke all on all routines in schema loader from public, loader_ingest, loader_analyst;
-grant usage on schema loader to loader_ingest, loader_analyst;
+revoke all on all tables in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
+revoke all on all sequences in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
+revoke all on all routines in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
+grant usage on schema loader to loader_ingest, loader_analyst, loader_pii_reader;
 
 -- loader_ingest: registers runs, stages raw messages into its own run and records its
 -- counters, through sql/15_staging.sql only. No privilege on any table: it cannot read bodies
@@ -35,6 +35,12 @@ grant select (id, started_at, finished_at, queue, mode, received, staged, duplic
     on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_analyst;
+
+-- loader_pii_reader: the audited read of raw ip and device id (sql/44_reveal.sql), and nothing
+-- else: no table, no key, no function that hashes.
+grant execute on procedure loader.reveal(text[], text, jsonb) to loader_pii_reader;
+grant execute on function loader._reveal_log(text[], text), loader._reveal_read(bigint)
+    to loader_pii_reader;
 
 -- _settings_policy: what every security-definer function does with each setting a session may
 -- change (pg_settings context 'user', and the plpgsql.* ones): the value it pins (`pin`), or why

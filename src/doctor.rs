@@ -54,6 +54,15 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
             "usage schema loader",
         ],
     ),
+    (
+        "loader_pii_reader",
+        &[
+            "execute loader._reveal_log(text[],text)",
+            "execute loader._reveal_read(bigint)",
+            "execute loader.reveal(text[],text,jsonb)",
+            "usage schema loader",
+        ],
+    ),
 ];
 
 /// One check's result.
@@ -267,6 +276,26 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         Ok(gaps) => Some((
             format!("security-definer functions and the settings callers may change: {}", gaps.join("; ")),
             "a setting of this server that loader does not know: add it to loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then `loader migrate`; a missing pin: run `loader migrate`".into(),
+        )),
+        Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
+    }));
+
+    let guarded: Result<i64, _> = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(
+            "select count(*) from pg_trigger
+              where tgrelid = to_regclass('loader.pii_access_log') and tgenabled <> 'D'
+                and tgname in ('pii_access_log_append_only', 'pii_access_log_no_truncate')",
+        )
+        .persistent(false)
+        .fetch_one(tx)
+        .await
+    })
+    .await;
+    findings.push(Finding::from("pii access log", match guarded {
+        Ok(2) => None,
+        Ok(_) => Some((
+            "loader.pii_access_log is not append-only: its triggers are missing or disabled (someone with the owner role removed them)".into(),
+            "run `loader migrate` (it creates them again), and find out who changed the log".into(),
         )),
         Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
     }));

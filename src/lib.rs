@@ -22,6 +22,8 @@
 //!   - [`transform`]: the SQL transform of `sql/` in parallel sessions;
 //!   - [`rebuild`]: online rebuild and key rotation (parallel copy, then one swap);
 //!   - [`retention`]: purging old raw bodies in committed batches;
+//!   - [`forget`]: erasing a person on request (`loader forget`);
+//!   - [`reveal`]: the audited recovery of raw values (`loader reveal`);
 //!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap), and `status`;
 //!     where each refused message is now, with [`dlq`];
 //!   - [`dlq`]: the dead-letter queue listed with the recorded refusals, and redriven;
@@ -48,6 +50,7 @@ pub mod display;
 pub mod dlq;
 pub mod doctor;
 pub mod evict;
+pub mod forget;
 pub mod ingest;
 pub mod keys;
 #[cfg(feature = "lambda")]
@@ -59,6 +62,7 @@ pub mod rebuild;
 pub mod reconcile;
 pub mod retention;
 pub mod retry;
+pub mod reveal;
 pub mod run;
 pub mod schedule;
 pub mod send;

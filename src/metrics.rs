@@ -45,6 +45,7 @@ use crate::counts::{Totals, TransformReport};
 /// `loader.login_rejects.reason`, which tests/it/observability.rs holds this list to):
 /// `loader_rows_rejected_total{reason}` exists for each from the start.
 pub const REJECT_REASONS: &[&str] = &[
+    "erased",
     "sns_message_not_object",
     "eventbridge_detail_not_object",
     "body_not_json",

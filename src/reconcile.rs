@@ -86,6 +86,8 @@ pub struct StageCounts {
     pub pending: i64,
     pub runs: i64,
     pub unfinished_runs: i64,
+    /// Staged messages erased (`loader forget`): no outcome, by design.
+    pub erased: i64,
     /// Runs that stopped on an error (their deleted counter may be short; not held to
     /// `run_deletes_match`).
     pub stopped_runs: i64,
@@ -194,9 +196,9 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "staged_message_accounted_for",
-        "every staged message has an outcome or is pending",
+        "every staged message has an outcome or is pending (or was erased)",
         "select r.message_id from loader.raw_logins r
-          where r.staged_at >= {since}
+          where r.staged_at >= {since} and r.erased_at is null
             and not exists (select from public.user_logins u where u.message_id = r.message_id)
             and not exists (select from loader.login_rejects j where j.message_id = r.message_id)
             and not exists (select from loader.transform_queue q where q.raw_id = r.id)",
@@ -254,6 +256,8 @@ pub async fn reconcile(
                   where finished_at is null and started_at >= {since}) as unfinished_runs,
                 (select count(*) from loader.ingest_runs
                   where stopped_on_error and started_at >= {since}) as stopped_runs,
+                (select count(*) from loader.raw_logins
+                  where erased_at is not null and staged_at >= {since}) as erased,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start",
     ))
@@ -393,6 +397,9 @@ pub fn render(report: &Report) -> String {
     let _ = writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged);
     if s.purged > 0 {
         let _ = writeln!(out, "    of which bodies purged        {:>10}", s.purged);
+    }
+    if s.erased > 0 {
+        let _ = writeln!(out, "    of which erased (no outcome)  {:>10}", s.erased);
     }
     let _ = writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded);
     let _ = writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected);

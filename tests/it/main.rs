@@ -6,6 +6,7 @@ mod cli;
 mod dlq;
 mod doctor;
 mod envelopes;
+mod erasure;
 mod faults;
 mod fifo;
 mod ingest;

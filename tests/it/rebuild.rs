@@ -136,20 +136,7 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     kill_9(rotation);
-    // The server finishes (and commits) a range the killed process had in flight: wait for its
-    // sessions to end before counting.
-    for _ in 0..100 {
-        let left = db
-            .count(
-                "select count(*) from pg_stat_activity
-                  where datname = current_database() and application_name = 'loader'",
-            )
-            .await;
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::wait_for_loader_sessions_to_end(&db).await;
     let copied = db.count(done).await;
     assert!((20..200).contains(&copied), "killed half-way: {copied} of 200 ranges");
     assert_eq!(key_ids(&db).await, [old], "nothing swapped: the live table is all on the old key");

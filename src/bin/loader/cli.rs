@@ -116,6 +116,11 @@ pub enum Command {
     Status,
     /// Retention: replace raw bodies staged more than N days ago (with an outcome) by JSON null
     Purge(PurgeArgs),
+    /// Erase every trace of some user ids (a data subject's request), recorded without them
+    Forget(ForgetArgs),
+    /// The raw ip and device id of some messages, recorded in loader.pii_access_log (needs a
+    /// login granted loader_pii_reader)
+    Reveal(RevealArgs),
     /// The dead-letter queue: list it with the reason for each message, move it back
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -293,6 +298,47 @@ pub struct PurgeArgs {
     #[arg(long, env = "LOADER_PURGE_BATCH", default_value_t = loader::retention::DEFAULT_BATCH,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("users").required(true).multiple(true).args(["user_id", "from_file"]))]
+pub struct ForgetArgs {
+    /// A user id to erase (repeat for several)
+    #[arg(long = "user-id", value_name = "ID")]
+    pub user_id: Vec<String>,
+
+    /// A file of user ids to erase, one per line
+    #[arg(long, value_name = "PATH")]
+    pub from_file: Option<PathBuf>,
+
+    /// The request's reference (its ticket), kept in loader.erasures
+    #[arg(long)]
+    pub reference: String,
+
+    /// Messages erased per committed batch
+    #[arg(long, env = "LOADER_FORGET_BATCH", default_value_t = loader::forget::DEFAULT_BATCH,
+          value_parser = clap::value_parser!(i32).range(1..))]
+    pub batch_size: i32,
+
+    /// Skip the VACUUM afterwards (old row versions then keep the erased values until
+    /// autovacuum gets to them)
+    #[arg(long)]
+    pub no_vacuum: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RevealArgs {
+    /// A message id (repeat for several)
+    #[arg(long = "message-id", value_name = "ID", required = true)]
+    pub message_id: Vec<String>,
+
+    /// Why these values must be seen (kept in loader.pii_access_log)
+    #[arg(long)]
+    pub purpose: String,
+
+    /// JSON instead of the table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,8 +13,8 @@ use loader::sqs::Queue;
 use loader::{bench, db, keys, metrics, rebuild, reconcile, retention, run, send, sqs, transform};
 
 use crate::cli::{
-    BenchCommand, Cli, Command, DlqCommand, DoctorArgs, IngestArgs, KeysCommand, PurgeArgs,
-    ReconcileArgs, RunArgs, ScheduleCommand, SendArgs, TransformArgs,
+    BenchCommand, Cli, Command, DlqCommand, DoctorArgs, ForgetArgs, IngestArgs, KeysCommand,
+    PurgeArgs, ReconcileArgs, RevealArgs, RunArgs, ScheduleCommand, SendArgs, TransformArgs,
 };
 
 /// Exit codes users and schedulers can branch on.
@@ -52,6 +52,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status => status(&settings).await,
         Command::Purge(args) => purge(&settings, &args).await,
+        Command::Forget(args) => forget(&settings, &args, evict_after).await,
+        Command::Reveal(args) => reveal(&settings, &args).await,
         Command::Dlq(command) => dlq(&settings, &command).await,
         Command::Schedule(command) => schedule(&settings, &command).await,
         Command::Doctor(args) => doctor(&settings, &args).await,
@@ -73,6 +75,52 @@ async fn migrate(settings: &Settings, evict_after: Duration) -> Result<ExitCode>
         println!("sql functions: applied {}", report.sql_files.join(", "));
     }
     print_evicted(&report.evicted);
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn forget(settings: &Settings, args: &ForgetArgs, evict_after: Duration) -> Result<ExitCode> {
+    let mut ids = args.user_id.clone();
+    if let Some(path) = &args.from_file {
+        ids.extend(loader::forget::ids_from_file(path)?);
+    }
+    let pool = db::connect(settings.database_url()?, 2).await?;
+    let plan =
+        loader::forget::Plan { batch: args.batch_size, vacuum: !args.no_vacuum, evict_after };
+    let progress = Progress::on_terminal("messages erased");
+    let erased =
+        loader::forget::forget(&pool, &ids, &args.reference, &plan, progress.as_ref()).await?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let counts: Vec<String> = erased.counts.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    println!(
+        "erasure {} ({} user ids, reference {:?}): {}{}",
+        erased.erasure_id,
+        ids.len(),
+        args.reference,
+        counts.join(", "),
+        if erased.vacuumed { "; vacuumed" } else { "" }
+    );
+    Ok(ExitCode::from(exit::OK))
+}
+
+async fn reveal(settings: &Settings, args: &RevealArgs) -> Result<ExitCode> {
+    let pool = db::connect(settings.database_url()?, 1).await?;
+    let revealed = loader::reveal::reveal(&pool, &args.message_id, &args.purpose).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&revealed)?);
+    } else {
+        println!("{:<40}  {:<10}  {:<39}  device_id", "message_id", "status", "ip");
+        for r in &revealed {
+            println!(
+                "{:<40}  {:<10}  {:<39}  {}",
+                r.message_id,
+                r.status,
+                r.ip.as_deref().unwrap_or("-"),
+                r.device_id.as_deref().unwrap_or("-")
+            );
+        }
+    }
     Ok(ExitCode::from(exit::OK))
 }
 

@@ -125,6 +125,8 @@ pub async fn create_loader_roles(admin: &PgPool) {
             create role loader_ingest nologin; end if;
         if not exists (select from pg_roles where rolname = 'loader_analyst') then
             create role loader_analyst nologin; end if;
+        if not exists (select from pg_roles where rolname = 'loader_pii_reader') then
+            create role loader_pii_reader nologin; end if;
         if not exists (select from pg_roles where rolname = 'loader_test_owner') then
             create role loader_test_owner login nosuperuser nocreaterole nocreatedb; end if;
         if not pg_has_role('loader_test_owner', 'pg_signal_backend', 'member') then

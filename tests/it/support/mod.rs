@@ -181,6 +181,23 @@ pub fn assert_golden(rows: &[String]) {
     }
 }
 
+/// Waits until no session of a `loader` process is left in `db`'s database: the server
+/// finishes (and commits) what a killed process had in flight before it notices.
+pub async fn wait_for_loader_sessions_to_end(db: &TestDb) {
+    for _ in 0..100 {
+        let left = db
+            .count(
+                "select count(*) from pg_stat_activity
+                  where datname = current_database() and application_name = 'loader'",
+            )
+            .await;
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `sql` (a count) until it reaches `expected` or 30 s pass; returns the last value.
 pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i64 {
     let mut last = -1;

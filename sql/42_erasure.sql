@@ -1,0 +1,170 @@
+-- Erasure on request (GDPR article 17): every trace of some user ids that loader holds, in
+-- committed batches, resumable, recorded in loader.erasures without the ids. `loader forget`
+-- drives it (ids sent by COPY, never as statement parameters); in psql, as the owner:
+--
+--   call loader.forget(array['user-1', 'user-2'], 'DSR-2026-0042');   -- in committed batches
+--
+-- What it erases, for each message of those users (found by user_logins.user_id, and by the
+-- login inside the staged bodies still kept: pending rows and rejects): its outcome (a
+-- user_logins or login_rejects row, and its copy while an online rebuild copies), its refusals,
+-- and its body (purged; erased_at stamped). The staged row itself stays, with no personal data
+-- left in it, so a redelivery of the same MessageId (SQS keeps messages up to 14 days; a DLQ
+-- redrive; a replay) is a duplicate that stages nothing and gets no outcome. user_logins rows
+-- from before loader (no message id) are deleted. A body that is not JSON is matched when it
+-- holds the user id as a quoted string.
+--
+-- A message of an erased user sent before the erasure and staged after it (it was still on the
+-- queue) is suppressed by the transform: no body kept, a reject with reason `erased`. One sent
+-- after it is a new login, processed as any other. The ledger tells them apart without the id:
+-- loader.erased_users holds HMAC-SHA256 of each id under loader.erasure_key, a key that never
+-- leaves the owner (only the owner, who can read the raw bodies anyway, could test a guess
+-- against it; no function a lesser role may call computes it).
+--
+-- Owner only. A batch waits for a transform batch that claimed one of its rows (that batch's
+-- outcome is then erased with the rest); `loader forget` ends a session that holds it up past
+-- --evict-after.
+
+-- _forget_start: starts an erasure of `user_ids` (or resumes the unfinished one with the same
+-- reference and the same users) and returns its id. Records the users' hashes (so suppression
+-- starts now), deletes their rows from before loader, and lists the messages to erase.
+create or replace function loader._forget_start(user_ids text[], reference text) returns bigint
+language plpgsql as $$
+declare
+    erasure bigint;
+    hashes bytea[];
+    adopted bigint;
+begin
+    if reference is null or btrim(reference) = '' then
+        raise exception 'an erasure needs a reference (the request''s ticket)'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if coalesce(cardinality(user_ids), 0) = 0
+       or exists (select from unnest(user_ids) u where u is null or u = '') then
+        raise exception 'an erasure needs at least one user id, none of them empty'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    hashes := array(select distinct loader._user_hash(u, k.key)
+                      from unnest(user_ids) u, loader.erasure_key k order by 1);
+    select e.id into erasure from loader.erasures e
+     where e.finished_at is null and e.reference = _forget_start.reference
+       and array(select u.user_hash from loader.erased_users u where u.erasure_id = e.id order by 1)
+           = hashes;
+    if erasure is not null then
+        return erasure;
+    end if;
+    insert into loader.erasures (reference, requested_by, started_at, users)
+    values (reference, session_user, clock_timestamp(), cardinality(hashes))
+    returning id into erasure;
+    insert into loader.erased_users (user_hash, erasure_id, erased_at)
+    select h, erasure, clock_timestamp() from unnest(hashes) h;
+    delete from public.user_logins u where u.user_id = any (user_ids) and u.message_id is null;
+    get diagnostics adopted = row_count;
+    update loader.erasures e set counts = jsonb_build_object('user_logins_before_loader', adopted)
+     where e.id = erasure;
+    insert into loader.erasure_work (erasure_id, message_id)
+    select erasure, m.message_id
+      from (select u.message_id from public.user_logins u
+             where u.user_id = any (user_ids) and u.message_id is not null
+            union
+            select r.message_id from loader.transform_queue q
+              join loader.raw_logins r on r.id = q.raw_id
+             where loader._login(r.body) ->> 'user_id' = any (user_ids)
+            union
+            select r.message_id from loader.login_rejects j
+              join loader.raw_logins r on r.message_id = j.message_id
+             where r.purged_at is null
+               and (loader._login(r.body) ->> 'user_id' = any (user_ids)
+                    or (not r.body_is_json
+                        and exists (select from unnest(user_ids) u
+                                     where strpos(r.body #>> '{}', '"' || u || '"') > 0)))) m;
+    return erasure;
+end
+$$;
+comment on function loader._forget_start(text[], text) is
+    'Private: start (or resume) the erasure of these user ids; returns its id';
+
+-- _forget_batch: erases up to max_rows messages of the erasure's list in the caller's
+-- transaction; returns how many, 0 when none is left (the erasure is then finished).
+create or replace function loader._forget_batch(erasure bigint, max_rows integer default 1000)
+returns bigint
+language plpgsql as $$
+declare
+    ids text[];
+    n bigint;
+    erased jsonb := '{}';
+begin
+    ids := array(select w.message_id from loader.erasure_work w
+                  where w.erasure_id = erasure order by w.message_id limit max_rows
+                    for update skip locked);
+    if cardinality(ids) = 0 then
+        update loader.erasures e set finished_at = clock_timestamp()
+         where e.id = erasure and e.finished_at is null
+           and not exists (select from loader.erasure_work w where w.erasure_id = erasure);
+        return 0;
+    end if;
+    -- A pending row a transform batch has claimed: wait for that batch (its outcome is erased
+    -- below); an unclaimed one leaves the work list.
+    perform from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id
+     where r.message_id = any (ids) for update of q;
+    delete from loader.transform_queue q using loader.raw_logins r
+     where r.id = q.raw_id and r.message_id = any (ids);
+    delete from public.user_logins u where u.message_id = any (ids);
+    get diagnostics n = row_count;
+    erased := erased || jsonb_build_object('user_logins', n);
+    delete from loader.login_rejects j where j.message_id = any (ids);
+    get diagnostics n = row_count;
+    erased := erased || jsonb_build_object('login_rejects', n);
+    if to_regclass('loader_rebuild.user_logins_next') is not null then
+        execute 'with u as (delete from loader_rebuild.user_logins_next u where u.message_id = any ($1)
+                            returning 1),
+                      j as (delete from loader_rebuild.login_rejects_next j where j.message_id = any ($1)
+                            returning 1)
+                 select (select count(*) from u) + (select count(*) from j)' into n using ids;
+        erased := erased || jsonb_build_object('rebuild_copies', n);
+    end if;
+    delete from loader.refusals f where f.message_id = any (ids);
+    get diagnostics n = row_count;
+    erased := erased || jsonb_build_object('refusals', n);
+    update loader.raw_logins r
+       set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
+           erased_at = clock_timestamp()
+     where r.message_id = any (ids);
+    get diagnostics n = row_count;
+    erased := erased || jsonb_build_object('raw_logins', n);
+    delete from loader.erasure_work w where w.erasure_id = erasure and w.message_id = any (ids);
+    -- The counts so far, key by key.
+    update loader.erasures e
+       set counts = (select jsonb_object_agg(k, v)
+                       from (select c.key as k, sum(c.value::bigint) as v
+                               from (select * from jsonb_each_text(e.counts)
+                                     union all
+                                     select * from jsonb_each_text(erased)) c
+                              group by c.key) s)
+     where e.id = erasure;
+    return cardinality(ids);
+end
+$$;
+comment on function loader._forget_batch(bigint, integer) is
+    'Private: erase up to max_rows messages of an erasure; 0 when none is left';
+
+-- forget: erases every trace of `user_ids` (see the head of this file), one committed batch at
+-- a time; resumed by running it again with the same ids and reference. For psql: CALL, outside
+-- a transaction block (the ids are then part of the statement text, which statement logging
+-- may write to the server log: `loader forget` sends them by COPY instead).
+create or replace procedure loader.forget(
+    user_ids text[],
+    reference text,
+    inout erasure_id bigint default null,
+    batch_size integer default 1000)
+language plpgsql as $$
+begin
+    erasure_id := loader._forget_start(user_ids, reference);
+    commit;
+    loop
+        exit when loader._forget_batch(erasure_id, batch_size) = 0;
+        commit;
+    end loop;
+end
+$$;
+comment on procedure loader.forget(text[], text, bigint, integer) is
+    'Erase every trace of these user ids (loader forget), in committed batches; returns the erasure id';

@@ -1,0 +1,180 @@
+//! `loader forget`: a person erased from every table loader keeps, in committed batches,
+//! resumable, recorded without their id; nothing of theirs comes back with a redelivery, and a
+//! message of theirs sent before the request but staged after it is suppressed.
+
+use crate::support::{TestDb, TestEnv, fixture_messages, kill_9, loader_ok, spawn_loader, stage};
+
+use time::macros::datetime;
+
+const SENT: time::OffsetDateTime = datetime!(2024-05-01 12:00 UTC);
+
+/// How often `needle` appears in any row of any table of schemas loader, loader_rebuild and
+/// public, read as text (every column, the bodies included).
+async fn traces(db: &TestDb, needle: &str) -> Vec<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select format('%I.%I', n.nspname, c.relname) from pg_class c
+           join pg_namespace n on n.oid = c.relnamespace
+          where n.nspname in ('loader', 'loader_rebuild', 'public') and c.relkind = 'r'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut found = Vec::new();
+    for table in tables {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "select count(*) from {table} t where strpos(t::text, $1) > 0"
+        ))
+        .bind(needle)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            found.push(format!("{table}: {n}"));
+        }
+    }
+    found
+}
+
+/// The fixture's user id at `i`.
+fn user_of(messages: &[(String, String)], i: usize) -> String {
+    let v: serde_json::Value = serde_json::from_str(&messages[i].1).unwrap();
+    v["user_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_person_is_erased_from_every_table_and_nothing_of_theirs_comes_back() {
+    let db = TestDb::migrated().await;
+    let fixture = fixture_messages();
+    let person = user_of(&fixture, 5);
+    let other = user_of(&fixture, 6);
+    stage(&db, &fixture, SENT).await;
+    // Their traces everywhere: loaded rows, a reject that quotes them (a field that is not a
+    // scalar), a body that is not JSON, a row still pending, a refusal, an online rebuild's copy.
+    let extra = vec![
+        ("p-reject".to_owned(), format!(r#"{{"user_id": "{person}", "ip": ["1.2.3.4"]}}"#)),
+        ("p-text".to_owned(), format!(r#"{{"user_id": "{person}", "ip": "10.0.0.1""#)),
+    ];
+    stage(&db, &extra, SENT).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    stage(&db, &[("p-pending".to_owned(), format!(r#"{{"user_id": "{person}"}}"#))], SENT).await;
+    sqlx::raw_sql(
+        "insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
+         select 'fixture-5', '23514', 'c', min(id) from loader.ingest_runs",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "select * from loader.rebuild_start(range_rows => 1000); select loader.rebuild_copy_range()",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(!traces(&db, &person).await.is_empty());
+
+    let out =
+        loader_ok(&db.url, "unused", &["forget", "--user-id", &person, "--reference", "DSR-7"]);
+    assert!(out.contains("reference \"DSR-7\"") && out.contains("vacuumed"), "{out}");
+    assert_eq!(traces(&db, &person).await, Vec::<String>::new(), "no trace left: {out}");
+    assert!(!traces(&db, &other).await.is_empty(), "another person's rows are kept");
+    let (reference, users, finished, counts): (String, i32, bool, serde_json::Value) =
+        sqlx::query_as(
+            "select reference, users, finished_at is not null, counts from loader.erasures",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!((reference.as_str(), users, finished), ("DSR-7", 1, true));
+    assert_eq!(counts["user_logins"], 1, "{counts}");
+    assert_eq!(counts["login_rejects"], 2, "{counts}");
+    assert_eq!(counts["raw_logins"], 4, "{counts}");
+    assert_eq!(counts["refusals"], 1, "{counts}");
+    assert_eq!(counts["rebuild_copies"], 3, "{counts}");
+
+    // A redelivery of an erased message: a duplicate, no body kept, no outcome.
+    stage(&db, &[("fixture-5".to_owned(), fixture[5].1.clone())], SENT).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    assert_eq!(traces(&db, &person).await, Vec::<String>::new(), "the redelivery brought nothing");
+
+    // A message of theirs sent before the request, still on the queue then: suppressed. One
+    // sent after it: a new login, loaded.
+    let late = format!(r#"{{"user_id": "{person}", "ip": "10.9.9.9", "device_id": "late"}}"#);
+    stage(&db, &[("p-late".to_owned(), late.clone())], SENT).await;
+    stage(&db, &[("p-new".to_owned(), late)], time::OffsetDateTime::now_utc()).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    let outcomes: Vec<(String, Option<String>)> = sqlx::query_as(
+        "select r.message_id, j.reason from loader.raw_logins r
+           left join loader.login_rejects j on j.message_id = r.message_id
+          where r.message_id in ('p-late', 'p-new') order by 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected =
+        vec![("p-late".to_owned(), Some("erased".to_owned())), ("p-new".to_owned(), None)];
+    assert_eq!(outcomes, expected);
+    let late_body: serde_json::Value =
+        sqlx::query_scalar("select body from loader.raw_logins where message_id = 'p-late'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(late_body, serde_json::Value::Null, "the suppressed message kept no body");
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where message_id = 'p-new'").await,
+        1
+    );
+
+    // Reconcile accounts for every erased message; the rebuild that was copying finishes
+    // without bringing anything back.
+    sqlx::raw_sql("select loader.rebuild_abandon()").execute(&db.pool).await.unwrap();
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    loader_ok(&db.url, "unused", &["transform", "--rebuild"]);
+    let loaded_of_person: i64 =
+        sqlx::query_scalar("select count(*) from public.user_logins where user_id = $1")
+            .bind(&person)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(loaded_of_person, 1, "only the login sent after the request");
+}
+
+#[tokio::test]
+async fn an_erasure_killed_half_way_finishes_when_run_again() {
+    let env = TestEnv::new(30).await;
+    let db = &env.db;
+    sqlx::raw_sql(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, sent_at)
+         select 'k-' || g, jsonb_build_object('user_id', 'many-logins', 'ip', '10.0.' || (g % 250) || '.1'),
+                true, 'q', now() - interval '1 day'
+           from generate_series(1, 20000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    let args = ["forget", "--user-id", "many-logins", "--reference", "DSR-8", "--batch-size", "50"];
+    let running = spawn_loader(&db.url, "unused", &args);
+    for _ in 0..400 {
+        let erased =
+            db.count("select count(*) from loader.raw_logins where erased_at is not null").await;
+        if erased >= 2000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    kill_9(running);
+    crate::support::wait_for_loader_sessions_to_end(db).await;
+    let erased =
+        db.count("select count(*) from loader.raw_logins where erased_at is not null").await;
+    assert!((2000..20000).contains(&erased), "killed half-way: {erased}");
+    assert_eq!(db.count("select count(*) from loader.erasures where finished_at is null").await, 1);
+    // Whole batches only: every erased message has no outcome, every other one still has its.
+    assert_eq!(db.loaded().await, 20000 - erased);
+
+    loader_ok(&db.url, "unused", &args);
+    assert_eq!(db.count("select count(*) from loader.erasures").await, 1, "resumed, not restarted");
+    assert_eq!(db.count("select count(*) from loader.erasures where finished_at is null").await, 0);
+    assert_eq!(db.loaded().await, 0);
+    assert_eq!(traces(db, "many-logins").await, Vec::<String>::new());
+    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+}
