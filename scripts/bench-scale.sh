@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The database side at scale, one report (README "Transform at scale"):
+# The database side at scale, one report (docs/benchmarks.md):
 #
 #   scripts/bench-scale.sh [ROWS]      (default 10000000)
 #

@@ -2,7 +2,7 @@
 # Install cargo-lambda (PyPI wheel, a prebuilt binary) once into the cache and print
 # `export CARGO_LAMBDA=...`. The tests use its Lambda Runtime API emulator
 # (`cargo lambda watch --only-lambda-apis`) to run the real `loader-lambda` binary; it is also
-# what `sam build` uses to build the function (README, Deploying).
+# what `sam build` uses to build the function (docs/deploying.md).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

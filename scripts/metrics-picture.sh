@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The picture in README "Metrics" (docs/metrics.svg): `loader run --metrics-addr` under a
+# The picture in docs/operating.md "Metrics" (docs/metrics.svg): `loader run --metrics-addr` under a
 # changing load, scraped once a second and drawn with the dashboard's panels by
 # scripts/metrics-chart.py. For machines without Grafana; the numbers are real scrapes.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): check the compose file and the deployment artefacts
+# The test command (README "Quickstart", .ci/run): check the compose file and the deployment artefacts
 # offline (the Prometheus configuration and alert rules with promtool, the rules' unit tests
 # included), start or reuse PostgreSQL and LocalStack, then run every test (unit and
 # integration, the Lambda handler's included) against them. Extra arguments go to `cargo test`.

@@ -43,7 +43,7 @@ begin
     -- per candidate row (a subplan), never a join: written as a plain NOT EXISTS, the planner
     -- hashed the whole work list for every batch whenever its statistics still counted a
     -- drained backlog (10^7 rows, before autovacuum's next analyze): 9 s per batch instead of
-    -- 0.13 s at 10^7 rows (README "Transform at scale").
+    -- 0.13 s at 10^7 rows (docs/benchmarks.md "Transform at scale").
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = now()
      where r.id = any (array(

@@ -6,7 +6,7 @@
 -- tests/it/transform.rs checks that nothing is left without a comment.
 
 comment on schema loader is
-'loader: SQS login events staged raw, then masked into public.user_logins (README).
+'loader: SQS login events staged raw, then masked into public.user_logins (docs/analysts.md).
 Entry points:
   call loader.transform();                    transform everything pending (analysts)
   select * from loader.transform_batch(n);    one bounded batch, in your transaction (analysts)

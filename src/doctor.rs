@@ -25,7 +25,8 @@ pub const MIN_VISIBILITY: Duration = Duration::from_secs(10);
 /// times the function's timeout.
 pub const LAMBDA_VISIBILITY_FACTOR: u32 = 6;
 
-/// The privileges docs/security.md "Roles" documents, exactly (`privileges_of` lists them the same way).
+/// The privileges of each role, exactly: the one list docs/security.md "Roles" shows (generated
+/// by tests/it/docs.rs), `loader doctor` checks and the inventory test holds the database to (`privileges_of` lists them the same way).
 pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
     ("public", &[]),
     (
@@ -230,7 +231,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
                 let extra: Vec<&String> = actual.iter().filter(|p| !documented.contains(&p.as_str())).collect();
                 let missing: Vec<&&str> = documented.iter().filter(|p| !actual.iter().any(|a| a == *p)).collect();
                 (!extra.is_empty() || !missing.is_empty()).then(|| (
-                    format!("{role} differs from README \"Roles\": extra {extra:?}, missing {missing:?}"),
+                    format!("{role} differs from docs/security.md \"Roles\": extra {extra:?}, missing {missing:?}"),
                     "revoke what was granted by hand, then run `loader migrate` (it re-grants exactly)".into(),
                 ))
             }

@@ -40,7 +40,8 @@ const POOL_SIZE: u32 = 2;
 
 /// The transform an invocation runs: one session (each execution environment has a pool of
 /// two; Lambda's concurrency is the parallelism), committed batches as `loader transform`.
-const TRANSFORM: transform::Plan = transform::Plan { batch_size: 10_000, workers: 1 };
+const TRANSFORM: transform::Plan =
+    transform::Plan { batch_size: transform::DEFAULT_BATCH, workers: 1 };
 
 /// What one execution environment keeps between invocations.
 pub struct Handler {

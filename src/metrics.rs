@@ -3,28 +3,8 @@
 //! nothing. The exposition passes `promtool check metrics` (tests/it/observability.rs); the
 //! alert rules and the dashboard built on it are in `deploy/prometheus/` and `deploy/grafana/`.
 //!
-//! | metric | type | meaning |
-//! | --- | --- | --- |
-//! | `loader_build_info{version}` | gauge | always 1; the running version as a label |
-//! | `loader_messages_received_total` | counter | messages received from SQS |
-//! | `loader_messages_staged_total` | counter | rows newly staged |
-//! | `loader_messages_duplicate_total` | counter | received messages already staged |
-//! | `loader_messages_deleted_total` | counter | messages deleted after staging |
-//! | `loader_delete_failures_total` | counter | delete entries SQS refused |
-//! | `loader_messages_refused_total` | counter | messages PostgreSQL refused, left on the queue |
-//! | `loader_receive_errors_total{kind}` | counter | failed ReceiveMessage calls, by kind |
-//! | `loader_rows_loaded_total` | counter | rows the transform loaded into `user_logins` |
-//! | `loader_rows_rejected_total{reason}` | counter | rows the transform rejected, by reason code |
-//! | `loader_batch_size` | histogram | messages per flush (SQS batches staged in one statement) |
-//! | `loader_staging_seconds` | histogram | one flush's staging statement |
-//! | `loader_transform_seconds` | histogram | one transform run (all its sessions) |
-//! | `loader_pending_rows` | gauge | staged rows without an outcome, after the last transform |
-//! | `loader_oldest_pending_age_seconds` | gauge | age of the oldest staged row still pending |
-//! | `loader_receives_in_flight` | gauge | ReceiveMessage calls the concurrency controller allows |
-//! | `loader_deletes_in_flight` | gauge | DeleteMessageBatch calls allowed per flush being deleted |
-//! | `loader_queue_messages{queue,state}` | gauge | SQS's approximate counts: `visible`, `in_flight`, `delayed` |
-//! | `loader_dead_letter_messages{queue,dead_letter_queue}` | gauge | visible messages in the queue's DLQ |
-//! | `process_*` | various | CPU seconds, resident memory, open fds, threads (metrics-process) |
+//! [`FAMILIES`] names and describes every family; the table in docs/operating.md "Metrics" is
+//! generated from it, and tests/it/observability.rs holds both to a live scrape.
 //!
 //! Every label has a fixed, small set of values: queue names, error kinds and reason codes
 //! (`loader._reason`), never message content.
@@ -128,84 +108,211 @@ pub fn install(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// What kind of metric a family is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// The Prometheus `# TYPE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family loader exports: its name, labels, kind, base unit and HELP text.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub name: &'static str,
+    pub labels: &'static [&'static str],
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+}
+
+const fn family(
+    name: &'static str,
+    labels: &'static [&'static str],
+    kind: Kind,
+    unit: Option<Unit>,
+    help: &'static str,
+) -> Family {
+    Family { name, labels, kind, unit, help }
+}
+
+/// Every loader metric family (the `process_*` ones are [`PROCESS_FAMILIES`]).
+pub const FAMILIES: &[Family] = &[
+    family(
+        "loader_build_info",
+        &["version"],
+        Kind::Gauge,
+        None,
+        "Always 1; the loader version as a label.",
+    ),
+    family(
+        "loader_messages_received_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Messages received from SQS.",
+    ),
+    family(
+        "loader_messages_staged_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Messages newly staged in loader.raw_logins.",
+    ),
+    family(
+        "loader_messages_duplicate_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Received messages whose message id was already staged.",
+    ),
+    family(
+        "loader_messages_deleted_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Messages deleted from SQS after their staging committed.",
+    ),
+    family(
+        "loader_delete_failures_total",
+        &[],
+        Kind::Counter,
+        None,
+        "DeleteMessageBatch entries SQS refused (the message comes back and is a duplicate).",
+    ),
+    family(
+        "loader_messages_refused_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Messages PostgreSQL refused to stage, left on the queue for its redrive policy.",
+    ),
+    family(
+        "loader_receive_errors_total",
+        &["kind"],
+        Kind::Counter,
+        None,
+        "Failed ReceiveMessage calls, by kind (dispatch and timeout: SQS unreachable; service: \
+         permissions, throttling).",
+    ),
+    family(
+        "loader_rows_loaded_total",
+        &[],
+        Kind::Counter,
+        None,
+        "Staged rows the transform loaded into user_logins.",
+    ),
+    family(
+        "loader_rows_rejected_total",
+        &["reason"],
+        Kind::Counter,
+        None,
+        "Staged rows the transform rejected into loader.login_rejects, by reason code (a producer \
+         changing its format shows as a new reason).",
+    ),
+    family(
+        "loader_batch_size",
+        &[],
+        Kind::Histogram,
+        Some(Unit::Count),
+        "Messages per flush (SQS batches staged by one statement).",
+    ),
+    family(
+        "loader_staging_seconds",
+        &[],
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time of one flush's staging statement and commit.",
+    ),
+    family(
+        "loader_transform_seconds",
+        &[],
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time of one transform run (all its sessions).",
+    ),
+    family(
+        "loader_pending_rows",
+        &[],
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Staged rows without an outcome, as of the end of the last transform.",
+    ),
+    family(
+        "loader_oldest_pending_age_seconds",
+        &[],
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "Age of the oldest staged row still waiting for the transform (0 when none waits).",
+    ),
+    family(
+        "loader_receives_in_flight",
+        &[],
+        Kind::Gauge,
+        Some(Unit::Count),
+        "ReceiveMessage calls the concurrency controller allows at once (at --max-receivers for \
+         long: raise it, or SQS is slow).",
+    ),
+    family(
+        "loader_deletes_in_flight",
+        &[],
+        Kind::Gauge,
+        Some(Unit::Count),
+        "DeleteMessageBatch calls allowed at once for the flush being deleted.",
+    ),
+    family(
+        "loader_queue_messages",
+        &["queue", "state"],
+        Kind::Gauge,
+        Some(Unit::Count),
+        "SQS's approximate message counts of the queue, by state (visible, in_flight, delayed), \
+         read every --queue-metrics-interval by ingest and run.",
+    ),
+    family(
+        "loader_dead_letter_messages",
+        &["queue", "dead_letter_queue"],
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Visible messages in the dead-letter queue the queue's redrive policy names.",
+    ),
+];
+
+/// The process families [metrics-process](https://docs.rs/metrics-process) exports on Linux,
+/// sampled every 5 s and named as the Go client names them.
+pub const PROCESS_FAMILIES: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_max_fds",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+    "process_virtual_memory_bytes",
+    "process_virtual_memory_max_bytes",
+];
+
 /// HELP text and unit of every loader metric (`promtool check metrics` wants both).
 fn describe() {
-    describe_gauge!("loader_build_info", "Always 1; the loader version as a label.");
-    describe_counter!("loader_messages_received_total", "Messages received from SQS.");
-    describe_counter!(
-        "loader_messages_staged_total",
-        "Messages newly staged in loader.raw_logins."
-    );
-    describe_counter!(
-        "loader_messages_duplicate_total",
-        "Received messages whose message id was already staged."
-    );
-    describe_counter!(
-        "loader_messages_deleted_total",
-        "Messages deleted from SQS after their staging committed."
-    );
-    describe_counter!(
-        "loader_delete_failures_total",
-        "DeleteMessageBatch entries SQS refused (the message comes back and is a duplicate)."
-    );
-    describe_counter!(
-        "loader_messages_refused_total",
-        "Messages PostgreSQL refused to stage, left on the queue for its redrive policy."
-    );
-    describe_counter!("loader_receive_errors_total", "Failed ReceiveMessage calls, by kind.");
-    describe_counter!(
-        "loader_rows_loaded_total",
-        "Staged rows the transform loaded into user_logins."
-    );
-    describe_counter!(
-        "loader_rows_rejected_total",
-        "Staged rows the transform rejected into loader.login_rejects, by reason code."
-    );
-    describe_histogram!(
-        "loader_batch_size",
-        Unit::Count,
-        "Messages per flush (SQS batches staged by one statement)."
-    );
-    describe_histogram!(
-        "loader_staging_seconds",
-        Unit::Seconds,
-        "Time of one flush's staging statement and commit."
-    );
-    describe_histogram!(
-        "loader_transform_seconds",
-        Unit::Seconds,
-        "Time of one transform run (all its sessions)."
-    );
-    describe_gauge!(
-        "loader_pending_rows",
-        Unit::Count,
-        "Staged rows without an outcome, as of the end of the last transform."
-    );
-    describe_gauge!(
-        "loader_oldest_pending_age_seconds",
-        Unit::Seconds,
-        "Age of the oldest staged row still waiting for the transform (0 when none waits)."
-    );
-    describe_gauge!(
-        "loader_receives_in_flight",
-        Unit::Count,
-        "ReceiveMessage calls the concurrency controller allows at once."
-    );
-    describe_gauge!(
-        "loader_deletes_in_flight",
-        Unit::Count,
-        "DeleteMessageBatch calls allowed at once for the flush being deleted."
-    );
-    describe_gauge!(
-        "loader_queue_messages",
-        Unit::Count,
-        "SQS's approximate message counts of the queue, by state (visible, in_flight, delayed)."
-    );
-    describe_gauge!(
-        "loader_dead_letter_messages",
-        Unit::Count,
-        "Visible messages in the dead-letter queue the queue's redrive policy names."
-    );
+    for f in FAMILIES {
+        match (f.kind, f.unit) {
+            (Kind::Counter, None) => describe_counter!(f.name, f.help),
+            (Kind::Counter, Some(unit)) => describe_counter!(f.name, unit, f.help),
+            (Kind::Gauge, None) => describe_gauge!(f.name, f.help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(f.name, unit, f.help),
+            (Kind::Histogram, None) => describe_histogram!(f.name, f.help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(f.name, unit, f.help),
+        }
+    }
 }
 
 /// One flush (one or more received batches), staged and deleted.

@@ -32,7 +32,7 @@ impl Default for Schedule {
     fn default() -> Self {
         Self {
             debounce: Duration::from_millis(100),
-            interval: Duration::from_secs(5),
+            interval: transform::DEFAULT_INTERVAL,
             transform: transform::Plan::default(),
         }
     }

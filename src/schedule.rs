@@ -67,7 +67,7 @@ async fn require_pg_cron(pool: &PgPool) -> Result<()> {
         bail!(
             "pg_cron is not installed in database {here}: add pg_cron to shared_preload_libraries, \
              set cron.database_name = '{here}', restart, then `create extension pg_cron` \
-             (README \"Operating it: pg_cron\"){}",
+             (docs/operating.md \"The SQL side on pg_cron\"){}",
             cron_database.map_or_else(String::new, |d| format!("; pg_cron keeps its jobs in {d}"))
         );
     }

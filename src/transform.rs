@@ -19,6 +19,13 @@ use crate::retry::sqlstate;
 /// before the refusal stay committed.
 const ROTATION_RETRIES: usize = 3;
 
+/// Rows per committed transform batch, unless told otherwise (`--batch-size`, the Lambda
+/// handler, `loader.transform()`'s own default in SQL).
+pub const DEFAULT_BATCH: i32 = 10_000;
+
+/// Seconds between transforms of `loader transform --watch` and of `loader run`'s timer.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How the transform runs: rows per committed batch, and database sessions at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -32,7 +39,7 @@ pub struct Plan {
 impl Plan {
     /// Default workers: this machine's cores, at least 2 and at most 8. Where PostgreSQL runs
     /// on the same host that is the number of cores it has; elsewhere set `--workers` to the
-    /// database's vCPUs (measured: README "Transform at scale").
+    /// database's vCPUs (measured: docs/benchmarks.md "Transform at scale").
     pub fn default_workers() -> usize {
         std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
     }
@@ -40,7 +47,7 @@ impl Plan {
 
 impl Default for Plan {
     fn default() -> Self {
-        Self { batch_size: 10_000, workers: Self::default_workers() }
+        Self { batch_size: DEFAULT_BATCH, workers: Self::default_workers() }
     }
 }
 

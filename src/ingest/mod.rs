@@ -47,6 +47,16 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The long-poll wait of a receive unless told otherwise (`--wait-seconds`): a drain's
+    /// first empty receive ends it, so a short wait; a follower's polls are free while idle,
+    /// so SQS's longest.
+    pub const fn default_wait_seconds(self) -> i32 {
+        match self {
+            Mode::Drain => 2,
+            Mode::Follow => 20,
+        }
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Drain => "drain",

@@ -4,6 +4,7 @@
 
 mod cli;
 mod dlq;
+mod docs;
 mod doctor;
 mod envelopes;
 mod erasure;

@@ -1,6 +1,7 @@
 //! Signals people alert on and watch: Prometheus metrics, JSON logs, the progress line, and
 //! logs free of personal data at the most verbose level.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
@@ -259,6 +260,24 @@ async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_das
         "# HELP loader_messages_staged_total ",
     ] {
         assert!(text.contains(expected), "{expected} missing from the scrape:\n{text}");
+    }
+
+    // Every family in the scrape is one docs/operating.md lists (generated from FAMILIES), of
+    // the kind it says, and every listed family is in the scrape.
+    let helped: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let listed: BTreeSet<&str> = loader::metrics::FAMILIES
+        .iter()
+        .map(|f| f.name)
+        .chain(loader::metrics::PROCESS_FAMILIES.iter().copied())
+        .collect();
+    assert_eq!(helped, listed, "the scrape's families differ from the documented ones");
+    for f in loader::metrics::FAMILIES {
+        let kind = format!("# TYPE {} {}\n", f.name, f.kind.as_str());
+        assert!(text.contains(&kind), "{kind} missing from the scrape");
     }
 
     // Prometheus's own linter.

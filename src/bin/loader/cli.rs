@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use loader::bench::StagingMethod;
 use loader::config::Settings;
-use loader::ingest::Flow;
+use loader::ingest::{Flow, Mode};
 use loader::logging::LogFormat;
 use loader::transform;
 
@@ -76,12 +76,35 @@ impl GlobalArgs {
     }
 }
 
-/// A positive, finite number of seconds (fractions allowed), parsed where it is typed.
-fn positive_seconds(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!("{text:?} is not a positive number of seconds")),
+/// A positive, finite number of seconds (fractions allowed), parsed where it is typed and
+/// shown as seconds in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds(pub Duration);
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Seconds(Duration::from_secs_f64(s))),
+            _ => Err(format!("{text:?} is not a positive number of seconds")),
+        }
     }
+}
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+/// The `--wait-seconds` help, with the defaults the library takes.
+fn wait_seconds_help(drain: &str, follow: &str) -> String {
+    format!(
+        "Long-poll wait per receive, in seconds (0-20). Default: {} {drain}, {} {follow}",
+        Mode::Drain.default_wait_seconds(),
+        Mode::Follow.default_wait_seconds(),
+    )
 }
 
 /// A parser for a library enum that implements `FromStr`, offering `names` in help and
@@ -132,6 +155,28 @@ pub enum Command {
     /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print a shell completion script, e.g. `loader completions bash > ~/.local/share/bash-completion/completions/loader`
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual: the man page loader(1), or the Markdown of docs/cli.md; with --out-dir,
+    /// write loader.1 and a page per subcommand (loader-ingest.1, ...)
+    Man {
+        /// roff (for man) or markdown
+        #[arg(long, value_enum, default_value_t = ManFormat::Roff, conflicts_with = "out_dir")]
+        format: ManFormat,
+        /// Write every page into this directory, e.g. ~/.local/share/man/man1
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// What `loader man` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ManFormat {
+    Roff,
+    Markdown,
 }
 
 #[derive(Debug, Args)]
@@ -251,14 +296,14 @@ pub struct RunArgs {
     #[arg(long, env = "LOADER_ONCE")]
     pub once: bool,
 
-    /// Long-poll wait per receive, in seconds (0-20). Default: 2 with --once, else 20.
-    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20))]
+    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20),
+          help = wait_seconds_help("with --once", "else"))]
     pub wait_seconds: Option<i32>,
 
     /// Also transform every this many seconds (rows staged by other ingest processes)
-    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value = "5",
-          value_parser = positive_seconds)]
-    pub transform_interval: Duration,
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL",
+          default_value_t = Seconds(transform::DEFAULT_INTERVAL))]
+    pub transform_interval: Seconds,
 
     #[command(flatten)]
     pub transform: TransformPlanArgs,
@@ -268,7 +313,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct TransformPlanArgs {
     /// Rows per committed transform batch
-    #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = 10_000,
+    #[arg(long, env = "LOADER_TRANSFORM_BATCH", default_value_t = transform::DEFAULT_BATCH,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
 
@@ -374,9 +419,9 @@ pub struct TransformArgs {
     pub watch: bool,
 
     /// Seconds between transforms with --watch
-    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL", default_value = "5",
-          value_parser = positive_seconds)]
-    pub interval: Duration,
+    #[arg(long, env = "LOADER_TRANSFORM_INTERVAL",
+          default_value_t = Seconds(transform::DEFAULT_INTERVAL))]
+    pub interval: Seconds,
 
     #[command(flatten)]
     pub plan: TransformPlanArgs,
@@ -398,24 +443,25 @@ pub enum KeysCommand {
 /// How ingest overlaps receiving and staging (`ingest` and `run`).
 #[derive(Debug, Args)]
 pub struct FlowArgs {
-    /// ReceiveMessage calls in flight, fixed. Default: adaptive, from 4 up to --max-receivers
-    /// (grows while polls come back full, shrinks when they come back empty)
     #[arg(long, env = "LOADER_RECEIVERS",
-          value_parser = clap::value_parser!(u16).range(1..=256))]
+          value_parser = clap::value_parser!(u16).range(1..=256),
+          help = format!("ReceiveMessage calls in flight, fixed. Default: adaptive, from {} up to \
+                          --max-receivers (grows while polls come back full, shrinks when they \
+                          come back empty)", Flow::DEFAULT.receivers))]
     pub receivers: Option<u16>,
 
     /// The most ReceiveMessage calls in flight when adaptive
-    #[arg(long, env = "LOADER_MAX_RECEIVERS", default_value_t = 32,
+    #[arg(long, env = "LOADER_MAX_RECEIVERS", default_value_t = Flow::DEFAULT.max_receivers as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub max_receivers: u16,
 
     /// Stage once this many messages are buffered...
-    #[arg(long, env = "LOADER_FLUSH_MESSAGES", default_value_t = 500,
+    #[arg(long, env = "LOADER_FLUSH_MESSAGES", default_value_t = Flow::DEFAULT.flush_messages as u32,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub flush_messages: u32,
 
     /// ...or this many milliseconds after the first of them arrived
-    #[arg(long, env = "LOADER_LINGER_MS", default_value_t = 50)]
+    #[arg(long, env = "LOADER_LINGER_MS", default_value_t = Flow::DEFAULT.linger.as_millis() as u64)]
     pub linger_ms: u64,
 
     /// MiB of message bodies held received and not yet staged, at most (receives wait for
@@ -430,7 +476,7 @@ pub struct FlowArgs {
 impl FlowArgs {
     pub fn flow(&self) -> Flow {
         Flow {
-            receivers: self.receivers.map_or(4, usize::from),
+            receivers: self.receivers.map_or(Flow::DEFAULT.receivers, usize::from),
             adaptive: self.receivers.is_none(),
             max_receivers: usize::from(self.max_receivers),
             flush_messages: self.flush_messages as usize,
@@ -449,9 +495,9 @@ pub struct IngestArgs {
     #[arg(long, env = "LOADER_FOLLOW")]
     pub follow: bool,
 
-    /// Long-poll wait per receive, in seconds (0-20). Drain mode stops after one empty poll.
-    /// Default: 2 when draining, 20 with --follow.
-    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20))]
+    #[arg(long, env = "LOADER_WAIT_SECONDS", value_parser = clap::value_parser!(i32).range(0..=20),
+          help = format!("{}; a drain stops after one empty poll",
+                         wait_seconds_help("when draining", "with --follow")))]
     pub wait_seconds: Option<i32>,
 }
 

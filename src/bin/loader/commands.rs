@@ -27,13 +27,13 @@ pub mod exit {
     #[expect(dead_code, reason = "clap exits with it itself; named for the table of codes")]
     pub const USAGE: u8 = 2;
     /// `loader reconcile` found a broken invariant, or `loader doctor` a problem.
-    pub const GAP: u8 = 3;
+    pub const PROBLEMS: u8 = 3;
     /// `loader purge` stopped by SIGINT/SIGTERM before it finished; running it again continues.
     pub const INTERRUPTED: u8 = 4;
 }
 
 /// Runs the parsed command line.
-pub async fn run(cli: Cli) -> Result<ExitCode> {
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let settings = cli.global.settings();
     // How often `ingest` and `run` publish the queue's counts; None: no metrics.
     let queue_metrics =
@@ -58,6 +58,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Schedule(command) => schedule(&settings, &command).await,
         Command::Doctor(args) => doctor(&settings, &args).await,
         Command::Bench(command) => bench(&settings, &command).await,
+        Command::Completions { shell } => {
+            crate::manual::completions(shell)?;
+            Ok(ExitCode::from(exit::OK))
+        }
+        Command::Man { format, out_dir } => {
+            crate::manual::man(format, out_dir.as_deref())?;
+            Ok(ExitCode::from(exit::OK))
+        }
     }
 }
 
@@ -138,7 +146,7 @@ async fn ingest(
     queue_metrics: Option<Duration>,
 ) -> Result<ExitCode> {
     let mode = if args.follow { Mode::Follow } else { Mode::Drain };
-    let wait = args.wait_seconds.unwrap_or(if args.follow { 20 } else { 2 });
+    let wait = args.wait_seconds.unwrap_or(mode.default_wait_seconds());
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
@@ -184,7 +192,7 @@ async fn transform(
     if args.rebuild {
         rebuild(&pool, &rebuild::Kind::Rebuild, plan, evict_after).await?;
     } else if args.watch {
-        transform::watch(&pool, plan, args.interval, shutdown_signal(), |r| {
+        transform::watch(&pool, plan, args.interval.0, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
                 println!("transform: {r}");
             }
@@ -272,12 +280,12 @@ async fn run_pipeline(
     queue_metrics: Option<Duration>,
 ) -> Result<ExitCode> {
     let schedule = run::Schedule {
-        interval: args.transform_interval,
+        interval: args.transform_interval.0,
         transform: args.transform.plan(),
         ..run::Schedule::default()
     };
     let mode = if args.once { Mode::Drain } else { Mode::Follow };
-    let wait = args.wait_seconds.unwrap_or(if args.once { 2 } else { 20 });
+    let wait = args.wait_seconds.unwrap_or(mode.default_wait_seconds());
     // Staging, deleting's bookkeeping, and the transform's sessions.
     let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
@@ -315,7 +323,7 @@ async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode
     } else {
         print!("{}", reconcile::render(&report));
     }
-    Ok(ExitCode::from(if report.ok() { exit::OK } else { exit::GAP }))
+    Ok(ExitCode::from(if report.ok() { exit::OK } else { exit::PROBLEMS }))
 }
 
 async fn status(settings: &Settings) -> Result<ExitCode> {
@@ -402,7 +410,7 @@ async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
         }
         println!("{problems} problem(s)");
     }
-    Ok(ExitCode::from(if problems == 0 { exit::OK } else { exit::GAP }))
+    Ok(ExitCode::from(if problems == 0 { exit::OK } else { exit::PROBLEMS }))
 }
 
 async fn schedule(settings: &Settings, command: &ScheduleCommand) -> Result<ExitCode> {

@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod cli;
 mod commands;
+mod manual;
 
 use cli::Cli;
 use commands::exit;
@@ -23,8 +24,7 @@ fn main() -> ExitCode {
     loader::logging::init(cli.global.log_format);
 
     // One thread: loader waits on the network almost all the time, and on two cores the
-    // multi-threaded scheduler cost ~25% more CPU per message for no throughput (README,
-    // Benchmarks).
+    // multi-threaded scheduler cost ~25% more CPU per message for no throughput (docs/benchmarks.md).
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));

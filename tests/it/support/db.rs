@@ -117,7 +117,7 @@ pub fn url_as(url: &str, role: &str) -> String {
 
 /// Creates the two NOLOGIN roles and the [`OWNER`] login when missing, as a DBA would before
 /// the first migrate (roles are cluster-wide; tests running at once may race to create them),
-/// and lets the owner end the sessions that hold its work up (`pg_signal_backend`, README "The
+/// and lets the owner end the sessions that hold its work up (`pg_signal_backend`, docs/security.md "The
 /// owner role").
 pub async fn create_loader_roles(admin: &PgPool) {
     let sql = "do $$ begin

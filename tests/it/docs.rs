@@ -1,0 +1,228 @@
+//! The documentation holds the code's facts without copying them by hand: docs/cli.md, the
+//! privileges in docs/security.md and the metrics table in docs/operating.md are generated from
+//! the code, and these tests fail when a copy is stale. `LOADER_BLESS=1 cargo test docs::`
+//! rewrites them. Every relative link in the README and the guides resolves, anchors included.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn blessing() -> bool {
+    std::env::var_os("LOADER_BLESS").is_some()
+}
+
+/// `file` (relative to the repository) must hold `expected` between the markers of block
+/// `name`; with LOADER_BLESS set, it is rewritten to.
+fn generated_block(file: &str, name: &str, expected: &str) {
+    let path = root().join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let begin = format!("<!-- generated: {name} (tests/it/docs.rs) -->\n");
+    let end = format!("<!-- end of {name} -->");
+    let start =
+        text.find(&begin).unwrap_or_else(|| panic!("{file} lacks the line {begin}")) + begin.len();
+    let stop = start + text[start..].find(&end).unwrap_or_else(|| panic!("{file} lacks {end}"));
+    if blessing() {
+        std::fs::write(&path, format!("{}{expected}{}", &text[..start], &text[stop..])).unwrap();
+        return;
+    }
+    assert_eq!(
+        &text[start..stop],
+        expected,
+        "{file}'s {name} is stale: LOADER_BLESS=1 cargo test docs:: rewrites it"
+    );
+}
+
+fn loader_output(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_loader")).args(args).output().unwrap();
+    assert!(out.status.success(), "loader {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_cli_reference_is_generated_from_the_clap_definition() {
+    let expected = loader_output(&["man", "--format", "markdown"]);
+    let path = root().join("docs/cli.md");
+    if blessing() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let actual = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        actual == expected,
+        "docs/cli.md is stale: LOADER_BLESS=1 cargo test docs:: rewrites it"
+    );
+    // It documents every subcommand, and every variable the binary reads.
+    for name in ["migrate", "ingest", "transform", "run", "reconcile", "forget", "reveal", "man"] {
+        assert!(actual.contains(&format!("## `loader {name}`")), "{name} missing");
+    }
+    for env in ["DATABASE_URL", "LOADER_MEMORY_BUDGET_MB", "LOADER_TRANSFORM_BATCH"] {
+        assert!(actual.contains(&format!("`{env}`")), "{env} missing");
+    }
+}
+
+#[test]
+fn the_privileges_in_the_security_guide_are_the_ones_doctor_and_the_inventory_test_check() {
+    let mut block = String::new();
+    for (role, privileges) in loader::doctor::DOCUMENTED_PRIVILEGES {
+        let list = if privileges.is_empty() {
+            "nothing".to_owned()
+        } else {
+            privileges.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+        };
+        block.push_str(&format!("- **{role}**: {list}\n"));
+    }
+    generated_block("docs/security.md", "privileges", &block);
+}
+
+#[test]
+fn the_metrics_table_lists_every_family_by_its_full_name() {
+    let mut block =
+        String::from("| metric | type | unit | what it says |\n| --- | --- | --- | --- |\n");
+    for f in loader::metrics::FAMILIES {
+        let labels =
+            if f.labels.is_empty() { String::new() } else { format!("{{{}}}", f.labels.join(",")) };
+        let unit = f.unit.map_or("", |u| u.as_canonical_label());
+        block.push_str(&format!(
+            "| `{}{labels}` | {} | {unit} | {} |\n",
+            f.name,
+            f.kind.as_str(),
+            f.help
+        ));
+    }
+    let process: Vec<String> =
+        loader::metrics::PROCESS_FAMILIES.iter().map(|n| format!("`{n}`")).collect();
+    block.push_str(&format!(
+        "| {} | | | the process, sampled every 5 s ([metrics-process](https://docs.rs/metrics-process), named as the Go client names them) |\n",
+        process.join(", ")
+    ));
+    generated_block("docs/operating.md", "metrics", &block);
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_same_definition() {
+    let bash = loader_output(&["completions", "bash"]);
+    let dir = tempdir("man");
+    let check = Command::new("bash").arg("-n").arg(write(&dir, "loader.bash", &bash)).status();
+    assert!(check.unwrap().success(), "bash -n refused the completion script");
+    for word in ["forget", "reveal", "--memory-budget-mb", "--evict-after"] {
+        assert!(bash.contains(word), "the bash completion lacks {word}");
+    }
+    assert!(loader_output(&["completions", "zsh"]).starts_with("#compdef loader"));
+    assert!(loader_output(&["completions", "fish"]).contains("complete -c loader"));
+
+    let page = loader_output(&["man"]);
+    assert!(page.starts_with(".ie \\n(.g .ds Aq") || page.contains(".TH loader 1"), "{page}");
+    loader_output(&["man", "--out-dir", dir.to_str().unwrap()]);
+    for file in ["loader.1", "loader-ingest.1", "loader-keys-rotate.1", "loader-schedule-install.1"]
+    {
+        let path = dir.join(file);
+        assert!(path.exists(), "{file} not written");
+        // groff renders it, warnings as errors.
+        let out = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(&path).output();
+        let out = out.expect("groff (man-db's dependency)");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ingest = std::fs::read_to_string(dir.join("loader-ingest.1")).unwrap();
+    assert!(ingest.contains("LOADER_MEMORY_BUDGET_MB"), "the ingest page lacks its variables");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loader-docs-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    let mut fenced = false;
+    let mut out = BTreeSet::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            out.insert(anchor(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+/// The targets of the inline links `[text](target)` outside code.
+fn links(markdown: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            let Some(end) = after.find(')') else { break };
+            out.push(after[..end].to_owned());
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
+#[test]
+fn every_relative_link_in_the_readme_and_the_guides_resolves() {
+    let mut files = vec![root().join("README.md"), root().join("migrations/README.md")];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for link in links(&text) {
+            if link.contains("://") || link.starts_with("mailto:") {
+                continue;
+            }
+            let (target, fragment) = link.split_once('#').unwrap_or((&link, ""));
+            let path =
+                if target.is_empty() { file.clone() } else { file.parent().unwrap().join(target) };
+            assert!(path.exists(), "{}: link {link} points at nothing", file.display());
+            if !fragment.is_empty() {
+                let heads = anchors(&std::fs::read_to_string(&path).unwrap());
+                assert!(
+                    heads.contains(fragment),
+                    "{}: no heading #{fragment} in {target}",
+                    file.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 30, "only {checked} links checked");
+}
