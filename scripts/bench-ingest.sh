@@ -4,7 +4,7 @@
 #   scripts/bench-ingest.sh [MESSAGES]               LocalStack (default 100000 messages)
 #   scripts/bench-ingest.sh --fauxqs [MESSAGES]      fauxqs, a faster emulator (npm, Node 22)
 #   scripts/bench-ingest.sh [--fauxqs] --latency-ms N [--receivers R] [MESSAGES]
-#       (a) and (b) talk to the emulator through `loader bench proxy`, which adds N ms to every
+#       (a) and (b) talk to the emulator through examples/latency-proxy, which adds N ms to every
 #       call's round trip (real SQS answers in 10-30 ms; the emulators in well under 1 ms), and
 #       (b') is `loader ingest --receivers 4`, the fixed concurrency of earlier versions.
 #       --receivers R fixes (b) at R receive loops (default: adaptive, up to 32); (a) uses R,
@@ -44,7 +44,7 @@ eval "$(bash scripts/postgres.sh)"
 admin_url="$DATABASE_URL"
 export DATABASE_URL="${admin_url%/*}/loader_bench_ingest" AWS_ENDPOINT_URL AWS_REGION="${AWS_REGION:-us-east-1}"
 export RUST_LOG=warn
-cargo build --release --locked --quiet
+cargo build --release --locked --quiet --bins --example latency-proxy
 loader() { target/release/loader "$@"; }
 PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
     -c 'drop database if exists loader_bench_ingest' -c 'create database loader_bench_ingest'
@@ -60,7 +60,7 @@ if [ "$latency_ms" -gt 0 ]; then
     target="${target%%/*}"
     # The binary itself in the background (not the `loader` function: $! would then name a
     # subshell), with no inherited stdout, so `kill` ends it and `$(...)` callers do not wait.
-    target/release/loader bench proxy --listen "127.0.0.1:$proxy_port" --target "$target" \
+    target/release/examples/latency-proxy --listen "127.0.0.1:$proxy_port" --target "$target" \
         --latency-ms "$latency_ms" >/dev/null 2>&1 &
     proxy_pid=$!
     timed_endpoint="http://127.0.0.1:$proxy_port"

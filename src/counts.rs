@@ -1,8 +1,11 @@
 //! What the work reports: ingest totals and transform reports, with how they print and sum.
-//! A leaf: the work modules fill them in, and `metrics`, `run` and the binaries read them.
+//! A leaf: the work modules fill them in, and `metrics`, `pipeline` and the binaries read them.
 
 use std::fmt;
 use std::ops::AddAssign;
+
+use serde::Serialize;
+use time::OffsetDateTime;
 
 /// Counters for one flush, and summed over a run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -90,3 +93,24 @@ mod tests {
         assert!(t.to_string().ends_with("; 3 refused by PostgreSQL, left on the queue"), "{t}");
     }
 }
+
+/// Counters of one ingest run, as recorded in `loader.ingest_runs`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunCounts {
+    pub id: i64,
+    pub mode: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub received: i64,
+    pub staged: i64,
+    pub duplicates: i64,
+    pub deleted: i64,
+    pub delete_failures: i64,
+    /// Messages PostgreSQL refused and left on the queue (not part of `received`).
+    pub refused: i64,
+}
+
+/// The columns of [`RunCounts`], for `select {RUN_COLUMNS} from loader.ingest_runs`.
+pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";

@@ -127,140 +127,192 @@ pub async fn database(url: &DatabaseUrl) -> Vec<Finding> {
     }
 }
 
+/// A check's problem and its fix; None when the check passes.
+type Problem = Option<(String, String)>;
+
+fn problem(what: impl Into<String>, fix: impl Into<String>) -> Problem {
+    Some((what.into(), fix.into()))
+}
+
 /// The database checks on a connected pool; `wants_tls` when the URL's sslmode asks for TLS.
+/// When the first query fails, that is the only finding.
 async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
-    let mut findings = Vec::new();
-    let tls: Result<bool> = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar(
-            "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
-        )
-        .persistent(false)
-        .fetch_one(tx)
-        .await
+    let mut findings = match connection(pool, wants_tls).await {
+        Ok(problem) => vec![Finding::from(DATABASE, problem)],
+        Err(e) => return vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)],
+    };
+    findings.push(Finding::from("migrations", migrations(pool).await));
+    findings.push(Finding::from("pgcrypto", pgcrypto(pool).await));
+    findings.push(Finding::from("active key", active_key(pool).await));
+    for (role, documented) in DOCUMENTED_PRIVILEGES {
+        let check = format!("privileges of {}", if *role == "public" { "PUBLIC" } else { role });
+        findings.push(Finding::from(check, privileges(pool, role, documented).await));
+    }
+    findings.push(Finding::from("owner may end sessions", owner_may_end_sessions(pool).await));
+    findings.push(Finding::from("pinned settings", pinned_settings(pool).await));
+    findings.push(Finding::from("pii access log", pii_access_log(pool).await));
+    findings.push(Finding::from("retired tables", retired_tables(pool).await));
+    findings
+}
+
+/// One value of a query without parameters, in a transaction of its own.
+async fn scalar<T>(pool: &PgPool, sql: &'static str) -> Result<T, sqlx::Error>
+where
+    T: Send + Unpin + for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(sql).persistent(false).fetch_one(tx).await
     })
     .await
-    .map_err(Into::into);
-    findings.push(match tls {
-        Err(e) => {
-            return vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)];
-        }
-        Ok(false) if wants_tls => Finding::problem(
-            DATABASE,
+}
+
+/// Every value of a one-column query without parameters.
+async fn scalars<T>(pool: &PgPool, sql: &'static str) -> Result<Vec<T>, sqlx::Error>
+where
+    T: Send + Unpin + for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(sql).persistent(false).fetch_all(tx).await
+    })
+    .await
+}
+
+/// The database answers, encrypted when the URL asks for it.
+async fn connection(pool: &PgPool, wants_tls: bool) -> Result<Problem, sqlx::Error> {
+    let tls: bool = scalar(
+        pool,
+        "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
+    )
+    .await?;
+    Ok(match tls {
+        false if wants_tls => problem(
             "the URL asks for TLS (sslmode) but the connection is not encrypted",
             "turn on ssl in postgresql.conf, or fix sslmode in DATABASE_URL",
         ),
-        Ok(_) => Finding::ok(DATABASE),
-    });
-
-    findings.push(Finding::from(
-        "migrations",
-        match db::schema_state(pool).await {
-            Err(e) => Some((
-                format!("cannot read the migration history: {e:#}"),
-                "run doctor as the owner role".into(),
-            )),
-            Ok(s) if s.applied.is_none() => {
-                Some(("the database was never migrated".into(), "run `loader migrate`".into()))
-            }
-            Ok(s) if s.applied != Some(s.latest) => Some((
-                format!(
-                    "migrations applied up to V{}, this loader carries V{}",
-                    s.applied.unwrap_or(0),
-                    s.latest
-                ),
-                "run `loader migrate` with this loader (or deploy the loader that migrated)".into(),
-            )),
-            Ok(s) if !s.sql_current => Some((
-                "the SQL functions in the database are not this loader's sql/ files".into(),
-                "run `loader migrate` with this loader".into(),
-            )),
-            Ok(_) => None,
-        },
-    ));
-
-    let pgcrypto: Result<Option<String>, _> = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar(
-            "select extnamespace::regnamespace::text from pg_extension where extname = 'pgcrypto'",
-        )
-        .persistent(false)
-        .fetch_optional(tx)
-        .await
+        _ => None,
     })
-    .await;
-    findings.push(Finding::from("pgcrypto", match pgcrypto {
-        Ok(Some(schema)) if schema == "public" => None,
-        Ok(Some(schema)) => Some((
-            format!("pgcrypto is in schema {schema}, loader calls it in public"),
-            "alter extension pgcrypto set schema public".into(),
-        )),
-        Ok(None) => Some(("pgcrypto is not installed".into(), "create extension pgcrypto with schema public (loader migrate does, as a role that may)".into())),
-        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
-    }));
+}
 
-    let keys: Result<i64, _> = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar("select count(*) from loader.mask_keys where retired_at is null")
-            .persistent(false)
-            .fetch_one(tx)
-            .await
-    })
-    .await;
-    findings.push(Finding::from(
-        "active key",
-        match keys {
-            Ok(1) => None,
-            Ok(0) => Some((
-                "no active masking key: the transform cannot run".into(),
-                "run `loader migrate` (it creates one) or `loader keys rotate`".into(),
-            )),
-            Ok(n) => Some((
-                format!("{n} active masking keys"),
-                "retire all but one (`loader keys list`, then `loader keys rotate`)".into(),
-            )),
-            Err(e) => Some((
-                format!("cannot read loader.mask_keys: {e:#}"),
-                "run doctor as the owner role, after `loader migrate`".into(),
-            )),
-        },
-    ));
-
-    for (role, documented) in DOCUMENTED_PRIVILEGES {
-        let check = format!("privileges of {}", if *role == "public" { "PUBLIC" } else { role });
-        findings.push(Finding::from(check, match privileges_of(pool, role).await {
-            Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
-            Ok(actual) => {
-                let extra: Vec<&String> = actual.iter().filter(|p| !documented.contains(&p.as_str())).collect();
-                let missing: Vec<&&str> = documented.iter().filter(|p| !actual.iter().any(|a| a == *p)).collect();
-                (!extra.is_empty() || !missing.is_empty()).then(|| (
-                    format!("{role} differs from docs/security.md \"Roles\": extra {extra:?}, missing {missing:?}"),
-                    "revoke what was granted by hand, then run `loader migrate` (it re-grants exactly)".into(),
-                ))
-            }
-        }));
+/// Migrated with this loader's migrations and `sql/` files.
+async fn migrations(pool: &PgPool) -> Problem {
+    match db::schema_state(pool).await {
+        Err(e) => problem(
+            format!("cannot read the migration history: {e:#}"),
+            "run doctor as the owner role",
+        ),
+        Ok(s) if s.applied.is_none() => {
+            problem("the database was never migrated", "run `loader migrate`")
+        }
+        Ok(s) if s.applied != Some(s.latest) => problem(
+            format!(
+                "migrations applied up to V{}, this loader carries V{}",
+                s.applied.unwrap_or(0),
+                s.latest
+            ),
+            "run `loader migrate` with this loader (or deploy the loader that migrated)",
+        ),
+        Ok(s) if !s.sql_current => problem(
+            "the SQL functions in the database are not this loader's sql/ files",
+            "run `loader migrate` with this loader",
+        ),
+        Ok(_) => None,
     }
+}
 
-    findings.push(Finding::from("owner may end sessions", match crate::db::transaction(pool, async |tx| sqlx::query_scalar::<_, bool>(
+/// pgcrypto installed in schema public, where the SQL functions call it.
+async fn pgcrypto(pool: &PgPool) -> Problem {
+    let schema: Result<Option<String>, _> = scalar(
+        pool,
+        "select (select extnamespace::regnamespace::text from pg_extension
+                  where extname = 'pgcrypto')",
+    )
+    .await;
+    match schema {
+        Ok(Some(schema)) if schema == "public" => None,
+        Ok(Some(schema)) => problem(
+            format!("pgcrypto is in schema {schema}, loader calls it in public"),
+            "alter extension pgcrypto set schema public",
+        ),
+        Ok(None) => problem(
+            "pgcrypto is not installed",
+            "create extension pgcrypto with schema public (loader migrate does, as a role that may)",
+        ),
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
+}
+
+/// Exactly one active masking key.
+async fn active_key(pool: &PgPool) -> Problem {
+    match scalar::<i64>(pool, "select count(*) from loader.mask_keys where retired_at is null")
+        .await
+    {
+        Ok(1) => None,
+        Ok(0) => problem(
+            "no active masking key: the transform cannot run",
+            "run `loader migrate` (it creates one) or `loader keys rotate`",
+        ),
+        Ok(n) => problem(
+            format!("{n} active masking keys"),
+            "retire all but one (`loader keys list`, then `loader keys rotate`)",
+        ),
+        Err(e) => problem(
+            format!("cannot read loader.mask_keys: {e:#}"),
+            "run doctor as the owner role, after `loader migrate`",
+        ),
+    }
+}
+
+/// `role` has exactly the `documented` privileges.
+async fn privileges(pool: &PgPool, role: &str, documented: &[&str]) -> Problem {
+    let actual = match privileges_of(pool, role).await {
+        Ok(actual) => actual,
+        Err(e) => return problem(format!("{e:#}"), "run `loader migrate`"),
+    };
+    let extra: Vec<&String> = actual.iter().filter(|p| !documented.contains(&p.as_str())).collect();
+    let missing: Vec<&&str> =
+        documented.iter().filter(|p| !actual.iter().any(|a| a == *p)).collect();
+    if extra.is_empty() && missing.is_empty() {
+        return None;
+    }
+    problem(
+        format!(
+            "{role} differs from docs/security.md \"Roles\": extra {extra:?}, missing {missing:?}"
+        ),
+        "revoke what was granted by hand, then run `loader migrate` (it re-grants exactly)",
+    )
+}
+
+/// The owner may end the sessions that hold its work up ([`crate::evict`]).
+async fn owner_may_end_sessions(pool: &PgPool) -> Problem {
+    let may: Result<bool, _> = scalar(
+        pool,
         "select pg_has_role(current_user, 'pg_signal_backend', 'member')
                 or (select rolsuper from pg_roles where rolname = current_user)",
     )
-    .persistent(false).fetch_one(tx).await)
-    .await
-    {
+    .await;
+    match may {
         Ok(true) => None,
-        Ok(false) => Some((
-            "the owner role may not end other roles' sessions: one that holds a lock open can hold up migrate, a rotation's swap or the drop of the tables it retired until their lock_timeout".into(),
-            "grant pg_signal_backend to the owner role (as a superuser, or rds_superuser on RDS)".into(),
-        )),
-        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
-    }));
+        Ok(false) => problem(
+            "the owner role may not end other roles' sessions: one that holds a lock open can \
+             hold up migrate, a rotation's swap or the drop of the tables it retired until their \
+             lock_timeout",
+            "grant pg_signal_backend to the owner role (as a superuser, or rds_superuser on RDS)",
+        ),
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
+}
 
-    // The settings definer functions pin (loader._settings_policy): every setting a lesser
-    // role may change must be decided, and every definer function must pin what is pinned.
-    let settings: Result<Vec<String>, _> = crate::db::transaction(pool, async |tx| sqlx::query_scalar(
+/// The settings definer functions pin (`loader._settings_policy`): every setting a lesser role
+/// may change is decided, and every definer function pins what is pinned.
+async fn pinned_settings(pool: &PgPool) -> Problem {
+    let gaps: Result<Vec<String>, _> = scalars(
+        pool,
         "select format('%s is not classified', s.name) from pg_settings s
           where (s.context = 'user'
                  or has_parameter_privilege('loader_analyst', s.name, 'set')
                  or has_parameter_privilege('loader_ingest', s.name, 'set'))
-            and not exists (select from loader._settings_policy() p where lower(s.name) like lower(p.name))
+            and not exists (select from loader._settings_policy() p
+                             where lower(s.name) like lower(p.name))
          union all
          select format('%s does not pin %s', p.oid::regprocedure, pin.name)
            from pg_proc p cross join loader._settings_policy() pin
@@ -270,53 +322,64 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
                              where lower(split_part(c, '=', 1)) = lower(pin.name))
           order by 1",
     )
-    .persistent(false).fetch_all(tx).await)
     .await;
-    findings.push(Finding::from("pinned settings", match settings {
+    match gaps {
         Ok(gaps) if gaps.is_empty() => None,
-        Ok(gaps) => Some((
-            format!("security-definer functions and the settings callers may change: {}", gaps.join("; ")),
-            "a setting of this server that loader does not know: add it to loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then `loader migrate`; a missing pin: run `loader migrate`".into(),
-        )),
-        Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
-    }));
+        Ok(gaps) => problem(
+            format!(
+                "security-definer functions and the settings callers may change: {}",
+                gaps.join("; ")
+            ),
+            "a setting of this server that loader does not know: add it to \
+             loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then \
+             `loader migrate`; a missing pin: run `loader migrate`",
+        ),
+        Err(e) => problem(format!("{e:#}"), "run `loader migrate`"),
+    }
+}
 
-    let guarded: Result<i64, _> = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar(
-            "select count(*) from pg_trigger
-              where tgrelid = to_regclass('loader.pii_access_log') and tgenabled <> 'D'
-                and tgname in ('pii_access_log_append_only', 'pii_access_log_no_truncate')",
-        )
-        .persistent(false)
-        .fetch_one(tx)
-        .await
-    })
+/// `loader.pii_access_log` is append-only: both its triggers exist and are enabled.
+async fn pii_access_log(pool: &PgPool) -> Problem {
+    let guarded: Result<i64, _> = scalar(
+        pool,
+        "select count(*) from pg_trigger
+          where tgrelid = to_regclass('loader.pii_access_log') and tgenabled <> 'D'
+            and tgname in ('pii_access_log_append_only', 'pii_access_log_no_truncate')",
+    )
     .await;
-    findings.push(Finding::from("pii access log", match guarded {
+    match guarded {
         Ok(2) => None,
-        Ok(_) => Some((
-            "loader.pii_access_log is not append-only: its triggers are missing or disabled (someone with the owner role removed them)".into(),
-            "run `loader migrate` (it creates them again), and find out who changed the log".into(),
-        )),
-        Err(e) => Some((format!("{e:#}"), "run `loader migrate`".into())),
-    }));
+        Ok(_) => problem(
+            "loader.pii_access_log is not append-only: its triggers are missing or disabled \
+             (someone with the owner role removed them)",
+            "run `loader migrate` (it creates them again), and find out who changed the log",
+        ),
+        Err(e) => problem(format!("{e:#}"), "run `loader migrate`"),
+    }
+}
 
-    let retired: Result<Vec<String>, _> = crate::db::transaction(pool, async |tx| sqlx::query_scalar(
+/// No table an online rebuild retired is left behind (a held-up drop).
+async fn retired_tables(pool: &PgPool) -> Problem {
+    let tables: Result<Vec<String>, _> = scalars(
+        pool,
         "select c.relname::text from pg_class c
-          where c.relnamespace = to_regnamespace('loader_rebuild') and c.relname ~ '_retired_r[0-9]+$'
+          where c.relnamespace = to_regnamespace('loader_rebuild')
+            and c.relname ~ '_retired_r[0-9]+$'
           order by 1",
     )
-    .persistent(false).fetch_all(tx).await)
     .await;
-    findings.push(Finding::from("retired tables", match retired {
+    match tables {
         Ok(tables) if tables.is_empty() => None,
-        Ok(tables) => Some((
-            format!("tables an online rebuild retired are still there (a drop was held up): {}", tables.join(", ")),
-            "select loader.rebuild_drop_retired() as the owner (or run the next rotation, which drops them)".into(),
-        )),
-        Err(e) => Some((format!("{e:#}"), "check the connection".into())),
-    }));
-    findings
+        Ok(tables) => problem(
+            format!(
+                "tables an online rebuild retired are still there (a drop was held up): {}",
+                tables.join(", ")
+            ),
+            "select loader.rebuild_drop_retired() as the owner (or run the next rotation, which \
+             drops them)",
+        ),
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
 }
 
 /// The privileges `role` has in schemas loader and public, one line each, sorted: functions it

@@ -110,6 +110,25 @@ struct Blocker {
     refused: bool,
 }
 
+impl Blocker {
+    fn new(now: Instant) -> Self {
+        Self { first_seen: now, last_seen: now, cancelled: None, terminated: false, refused: false }
+    }
+
+    /// The signal due now, if any: cancel once it has blocked for `after`, terminate when a
+    /// cancel did not end it within [`TERMINATE_AFTER_CANCEL`]. Some(true) means terminate.
+    fn due(&self, now: Instant, after: Duration) -> Option<bool> {
+        if self.terminated || self.refused || now - self.first_seen < after {
+            return None;
+        }
+        match self.cancelled {
+            None => Some(false),
+            Some(at) if now - at >= TERMINATE_AFTER_CANCEL => Some(true),
+            Some(_) => None,
+        }
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct Seen {
     pid: i32,
@@ -132,23 +151,7 @@ async fn watching(
             () = tokio::time::sleep(POLL) => {}
         }
         let Some(pid) = *rx.borrow_and_update() else { continue };
-        // The simple query protocol, the pid written in: one exchange, so a pooler in
-        // transaction mode cannot split it (crate::db::transaction).
-        let sql = format!(
-            "select a.pid, coalesce(a.usename::text, '?') as role, a.backend_start,
-                    exists (select from pg_catalog.pg_locks l
-                             where l.pid = a.pid and l.granted and l.locktype = 'relation'
-                               and l.relation in (to_regclass('loader.migrate_lock'),
-                                                  to_regclass('loader.maintenance_lock')))
-                        as owner_work
-               from pg_catalog.pg_stat_activity a
-              where a.pid = any (pg_catalog.pg_blocking_pids({pid})) and a.pid <> pg_backend_pid()"
-        );
-        let seen = conn
-            .fetch_all(sql.as_str())
-            .await
-            .and_then(|rows| rows.iter().map(Seen::from_row).collect::<sqlx::Result<Vec<Seen>>>());
-        let seen = match seen {
+        let seen = match blocking(&mut conn, pid).await {
             Ok(seen) => seen,
             Err(e) => {
                 tracing::debug!(work, error = %e, "reading the sessions blocking owner work");
@@ -157,61 +160,82 @@ async fn watching(
         };
         let now = Instant::now();
         for s in seen {
-            let b = blockers.entry((s.pid, s.backend_start)).or_insert(Blocker {
-                first_seen: now,
-                last_seen: now,
-                cancelled: None,
-                terminated: false,
-                refused: false,
-            });
+            let b = blockers.entry((s.pid, s.backend_start)).or_insert_with(|| Blocker::new(now));
             b.last_seen = now;
-            let blocked_for = now - b.first_seen;
-            if s.owner_work || b.terminated || b.refused || blocked_for < after {
-                continue;
-            }
-            let terminate = match b.cancelled {
-                None => false,
-                Some(at) if now - at >= TERMINATE_AFTER_CANCEL => true,
-                Some(_) => continue,
-            };
-            let call = if terminate { "pg_terminate_backend" } else { "pg_cancel_backend" };
-            let sql = format!("select {call}({}) as signalled", s.pid);
-            let signal = conn
-                .fetch_one(sql.as_str())
-                .await
-                .and_then(|row| row.try_get::<bool, _>("signalled"));
-            match signal {
-                Ok(signalled) => {
-                    if terminate {
-                        b.terminated = true;
-                    } else {
-                        b.cancelled = Some(now);
-                    }
-                    if signalled {
-                        tracing::warn!(
-                            work,
-                            pid = s.pid,
-                            role = %s.role,
-                            blocked_for_s = blocked_for.as_secs_f64(),
-                            action = if terminate { "terminated" } else { "cancelled" },
-                            "ended a session that held up owner work"
-                        );
-                        evicted.push(Evicted { pid: s.pid, role: s.role, terminated: terminate });
-                    }
-                }
-                Err(e) => {
-                    b.refused = true;
-                    tracing::warn!(
-                        work,
-                        pid = s.pid,
-                        role = %s.role,
-                        error = %e,
-                        "a session holds up owner work and cannot be ended: grant pg_signal_backend to the owner role (a superuser's session can never be ended)"
-                    );
-                }
+            let Some(terminate) = b.due(now, after).filter(|_| !s.owner_work) else { continue };
+            if let Some(e) = end(&mut conn, b, s, terminate, now, work).await {
+                evicted.push(e);
             }
         }
         blockers.retain(|_, b| now - b.last_seen < FORGET_AFTER);
+    }
+}
+
+/// The sessions of other roles that block backend `pid`, and whether each holds one of
+/// loader's own locks (owner work, never ended).
+async fn blocking(conn: &mut PgConnection, pid: i32) -> sqlx::Result<Vec<Seen>> {
+    // The simple query protocol, the pid written in: one exchange, so a pooler in
+    // transaction mode cannot split it (crate::db::transaction).
+    let sql = format!(
+        "select a.pid, coalesce(a.usename::text, '?') as role, a.backend_start,
+                exists (select from pg_catalog.pg_locks l
+                         where l.pid = a.pid and l.granted and l.locktype = 'relation'
+                           and l.relation in (to_regclass('loader.migrate_lock'),
+                                              to_regclass('loader.maintenance_lock')))
+                    as owner_work
+           from pg_catalog.pg_stat_activity a
+          where a.pid = any (pg_catalog.pg_blocking_pids({pid})) and a.pid <> pg_backend_pid()"
+    );
+    let rows = conn.fetch_all(sql.as_str()).await?;
+    rows.iter().map(Seen::from_row).collect()
+}
+
+/// Cancels (or, with `terminate`, terminates) session `s`, and records it in `b`; what was
+/// ended, when the server says it was.
+async fn end(
+    conn: &mut PgConnection,
+    b: &mut Blocker,
+    s: Seen,
+    terminate: bool,
+    now: Instant,
+    work: &'static str,
+) -> Option<Evicted> {
+    let call = if terminate { "pg_terminate_backend" } else { "pg_cancel_backend" };
+    let sql = format!("select {call}({}) as signalled", s.pid);
+    let signal =
+        conn.fetch_one(sql.as_str()).await.and_then(|row| row.try_get::<bool, _>("signalled"));
+    match signal {
+        Ok(signalled) => {
+            if terminate {
+                b.terminated = true;
+            } else {
+                b.cancelled = Some(now);
+            }
+            if !signalled {
+                return None;
+            }
+            tracing::warn!(
+                work,
+                pid = s.pid,
+                role = %s.role,
+                blocked_for_s = (now - b.first_seen).as_secs_f64(),
+                action = if terminate { "terminated" } else { "cancelled" },
+                "ended a session that held up owner work"
+            );
+            Some(Evicted { pid: s.pid, role: s.role, terminated: terminate })
+        }
+        Err(e) => {
+            b.refused = true;
+            tracing::warn!(
+                work,
+                pid = s.pid,
+                role = %s.role,
+                error = %e,
+                "a session holds up owner work and cannot be ended: grant pg_signal_backend to \
+                 the owner role (a superuser's session can never be ended)"
+            );
+            None
+        }
     }
 }
 

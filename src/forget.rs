@@ -29,7 +29,7 @@ pub struct Erased {
 
 /// How an erasure runs.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub struct Options {
     /// Messages per committed batch.
     pub batch: i32,
     /// VACUUM the tables afterwards.
@@ -43,7 +43,7 @@ pub async fn forget(
     pool: &PgPool,
     user_ids: &[String],
     reference: &str,
-    plan: &Plan,
+    options: &Options,
     progress: Option<&Progress>,
 ) -> Result<Erased> {
     if user_ids.is_empty() {
@@ -63,16 +63,17 @@ pub async fn forget(
     }
     loop {
         let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
-        let n: i64 = evict::watched(pool, &mut tx, "erasure batch", plan.evict_after, async |c| {
-            sqlx::query_scalar("select loader._forget_batch($1, $2)")
-                .persistent(false)
-                .bind(erasure_id)
-                .bind(plan.batch)
-                .fetch_one(c)
-                .await
-                .context("erasing a batch (only the owner role may)")
-        })
-        .await?;
+        let n: i64 =
+            evict::watched(pool, &mut tx, "erasure batch", options.evict_after, async |c| {
+                sqlx::query_scalar("select loader._forget_batch($1, $2)")
+                    .persistent(false)
+                    .bind(erasure_id)
+                    .bind(options.batch)
+                    .fetch_one(c)
+                    .await
+                    .context("erasing a batch (only the owner role may)")
+            })
+            .await?;
         tx.commit().await.context("committing an erasure batch")?;
         if n == 0 {
             break;
@@ -81,7 +82,7 @@ pub async fn forget(
             p.advance(n as u64, None);
         }
     }
-    if plan.vacuum {
+    if options.vacuum {
         // Outside a transaction, as VACUUM must be (one exchange: the simple protocol).
         sqlx::raw_sql(
             "vacuum (skip_locked) loader.raw_logins, public.user_logins, loader.login_rejects,
@@ -100,7 +101,7 @@ pub async fn forget(
                 .await
         })
         .await?;
-    Ok(Erased { erasure_id, counts: counts.0, vacuumed: plan.vacuum })
+    Ok(Erased { erasure_id, counts: counts.0, vacuumed: options.vacuum })
 }
 
 /// `loader._forget_start`, the ids sent by COPY into a temporary table of the transaction.

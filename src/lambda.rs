@@ -31,7 +31,8 @@ use crate::config::DatabaseUrl;
 use crate::counts::TransformReport;
 use crate::db;
 use crate::sqs::is_fifo_name;
-use crate::staging::{self, RawMessage, StageOutcome, parse_epoch_millis};
+use crate::sqs::{self, SystemAttributes};
+use crate::staging::{self, RawMessage, StageOutcome};
 use crate::transform;
 
 /// Connections per execution environment: it handles one invocation at a time, which stages on
@@ -48,7 +49,7 @@ pub struct Handler {
     pool: PgPool,
     transform_after_stage: bool,
     /// The `loader.ingest_runs` row of each queue this environment has staged from.
-    runs: Mutex<HashMap<String, staging::Run>>,
+    runs: Mutex<HashMap<String, staging::IngestRun>>,
 }
 
 impl Handler {
@@ -108,7 +109,7 @@ impl Handler {
         let mut failed = Vec::new();
         let mut totals = StageOutcome::default();
         for (queue, (messages, groups)) in &by_queue {
-            let run = self.run(&mut conn, queue).await?;
+            let run = self.ingest_run(&mut conn, queue).await?;
             // Statements of a bounded size: up to 10,000 records of up to 1 MiB can come in
             // one event (a batching window), and one statement of their sum would be encoded
             // in memory whole.
@@ -150,12 +151,12 @@ impl Handler {
         Ok(report)
     }
 
-    async fn run(&self, conn: &mut PgConnection, queue: &str) -> Result<staging::Run> {
+    async fn ingest_run(&self, conn: &mut PgConnection, queue: &str) -> Result<staging::IngestRun> {
         let mut runs = self.runs.lock().await;
         if let Some(run) = runs.get(queue) {
             return Ok(run.clone());
         }
-        let run = staging::Run::register(&mut *conn, queue, "lambda").await?;
+        let run = staging::IngestRun::register(&mut *conn, queue, "lambda").await?;
         tracing::info!(run_id = run.id, queue, "run started");
         runs.insert(queue.to_owned(), run.clone());
         Ok(run)
@@ -194,27 +195,18 @@ fn failed_records(
 /// A record as staging wants it: id, body, SentTimestamp and ApproximateReceiveCount.
 fn raw_message(record: SqsMessage) -> Result<RawMessage> {
     let message_id = record.message_id.context("an SQS record without messageId")?;
+    let system = SystemAttributes::parse(|name| record.attributes.get(name).map(String::as_str));
     Ok(RawMessage {
-        sent_at: record.attributes.get("SentTimestamp").and_then(|v| parse_epoch_millis(v)),
-        receive_count: record
-            .attributes
-            .get("ApproximateReceiveCount")
-            .and_then(|v| v.parse().ok()),
+        sent_at: system.sent_at,
+        receive_count: system.receive_count,
         body: record.body.unwrap_or_default(),
         message_id,
     })
 }
 
-/// The queue's name, the last part of the record's `eventSourceARN`
-/// (`arn:aws:sqs:eu-west-1:123456789012:login-queue`).
+/// The queue's name, the last part of the record's `eventSourceARN`.
 fn queue_name(record: &SqsMessage) -> String {
-    record
-        .event_source_arn
-        .as_deref()
-        .and_then(|arn| arn.rsplit(':').next())
-        .filter(|name| !name.is_empty())
-        .unwrap_or("unknown")
-        .to_owned()
+    record.event_source_arn.as_deref().and_then(sqs::name_from_arn).unwrap_or("unknown").to_owned()
 }
 
 fn parse_bool(v: &str) -> Option<bool> {

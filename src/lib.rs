@@ -11,21 +11,22 @@
 //! - **binaries** (`src/bin/`): `loader` (clap, dispatch, printing, exit codes) and
 //!   `loader-lambda` (feature `lambda`).
 //! - **compositions** of the work below:
-//!   - [`run`], `loader run`: ingest and transform together, graceful shutdown; the queue's
-//!     gauges for `--metrics-addr`;
+//!   - [`pipeline`], `loader run`: ingest and transform together, graceful shutdown;
 //!   - `lambda` (feature `lambda`): the AWS Lambda handler: SQS events staged with
 //!     [`staging`], schedules running [`transform`];
 //!   - [`bench`](mod@bench): the queue's ceiling, and staging alone with [`send`]'s generator.
 //! - **work**:
 //!   - [`ingest`]: receivers, the writer that stages and deletes flushes, and the unit of work
-//!     [`ingest::Ingestor::process`];
+//!     [`ingest::Ingestor::process`]; the queue's gauges for `--metrics-addr`
+//!     ([`ingest::publish_queue_counts`]);
 //!   - [`transform`]: the SQL transform of `sql/` in parallel sessions;
 //!   - [`rebuild`]: online rebuild and key rotation (parallel copy, then one swap);
 //!   - [`retention`]: purging old raw bodies in committed batches;
 //!   - [`forget`]: erasing a person on request (`loader forget`);
 //!   - [`reveal`]: the audited recovery of raw values (`loader reveal`);
-//!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap), and `status`;
-//!     where each refused message is now, with [`dlq`];
+//!   - [`reconcile`]: counts per stage and the invariants (exit 3 on a gap); where each
+//!     refused message is now, with [`dlq`];
+//!   - [`status`]: the pipeline at a glance (`loader status`);
 //!   - [`dlq`]: the dead-letter queue listed with the recorded refusals, and redriven;
 //!   - [`doctor`]: whether a deployment is set up right, one finding per check;
 //!   - [`schedule`]: the transform and the purge as pg_cron jobs;
@@ -34,7 +35,7 @@
 //! - **adapters**: [`db`] (the pool and `loader migrate`), [`evict`] (owner work ends the
 //!   sessions of lesser roles that hold it up), [`sqs`] (receive, delete, send,
 //!   attributes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
-//!   `--metrics-addr`; [`run::watch_queue`] feeds it the queue's counts).
+//!   `--metrics-addr`).
 //! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
 //!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
 //!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at
@@ -57,16 +58,17 @@ pub mod keys;
 pub mod lambda;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod progress;
 pub mod rebuild;
 pub mod reconcile;
 pub mod retention;
 pub mod retry;
 pub mod reveal;
-pub mod run;
 pub mod schedule;
 pub mod send;
 pub mod shutdown;
 pub mod sqs;
 pub mod staging;
+pub mod status;
 pub mod transform;

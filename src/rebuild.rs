@@ -66,7 +66,7 @@ const SWAP_ATTEMPTS: u32 = 90;
 /// drops the retired tables, and transforms what is pending. `None` when a rotation's key is
 /// already the active one. A session of another role that holds up the start, the swap or the
 /// drop for longer than `evict_after` is ended ([`evict`]).
-pub async fn run(
+pub async fn rebuild(
     pool: &PgPool,
     kind: &Kind,
     plan: Plan,

@@ -1,6 +1,7 @@
 //! `loader reconcile`: counts at every stage and the invariants that prove nothing was lost or
 //! doubled. Offenders are named by message id (or run id), never by content.
 
+use std::fmt;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -8,72 +9,11 @@ use serde::Serialize;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use crate::counts::{RUN_COLUMNS, RunCounts};
 use crate::sqs::Queue;
 
 /// How many offending ids a check lists (the count is always complete).
 const MAX_IDS: i64 = 100;
-
-/// Counters of one ingest run, as recorded in `loader.ingest_runs`.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct RunCounts {
-    pub id: i64,
-    pub mode: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub finished_at: Option<OffsetDateTime>,
-    pub received: i64,
-    pub staged: i64,
-    pub duplicates: i64,
-    pub deleted: i64,
-    pub delete_failures: i64,
-    /// Messages PostgreSQL refused and left on the queue (not part of `received`).
-    pub refused: i64,
-}
-
-/// The columns of [`RunCounts`], for `select {RUN_COLUMNS} from loader.ingest_runs`.
-pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";
-
-/// `loader status`: the pipeline at a glance, from `loader.pipeline_status` (which analysts
-/// can read in psql too) and the latest ingest run.
-#[derive(Debug, Clone)]
-pub struct Status {
-    /// Staged rows waiting for the transform.
-    pub pending: i64,
-    /// When the oldest of them was staged.
-    pub oldest_pending: Option<OffsetDateTime>,
-    /// When a transform batch last found the work list drained.
-    pub last_drained_at: Option<OffsetDateTime>,
-    pub active_key_id: Option<i32>,
-    pub last_run: Option<RunCounts>,
-}
-
-/// Reads [`Status`].
-pub async fn status(pool: &PgPool) -> Result<Status> {
-    let (pending, oldest_pending, last_drained_at, active_key_id) =
-        crate::db::transaction(pool, async |tx| {
-            sqlx::query_as(
-                "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
-           from loader.pipeline_status",
-            )
-            .persistent(false)
-            .fetch_one(tx)
-            .await
-        })
-        .await
-        .context("reading status (has `loader migrate` run?)")?;
-    let last_run = crate::db::transaction(pool, async |tx| {
-        sqlx::query_as(&format!(
-            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
-        ))
-        .persistent(false)
-        .fetch_optional(tx)
-        .await
-    })
-    .await
-    .context("reading the last ingest run")?;
-    Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
-}
 
 /// Row counts per stage in the database (of the window, when scoped; pending is always all).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -378,112 +318,118 @@ async fn queue_counts(queue: &Queue, dlq: Option<&Queue>) -> Result<QueueCounts>
 
 /// The human report.
 pub fn render(report: &Report) -> String {
-    use std::fmt::Write;
-    let s = &report.stages;
-    let mut out = String::new();
+    report.to_string()
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_stages(out, &self.stages)?;
+        if let Some(q) = &self.queue {
+            write_queue(out, q)?;
+        }
+        write_runs(out, &self.stages, &self.recent_runs)?;
+        write_refusals(out, &self.refusals)?;
+        write_checks(out, &self.checks)
+    }
+}
+
+fn write_stages(out: &mut impl fmt::Write, s: &StageCounts) -> fmt::Result {
     let when = crate::display::timestamp;
     match s.window_start {
         Some(start) => {
-            let _ = writeln!(
-                out,
-                "stages (staged, loaded, rejected or run since {})",
-                when(Some(start))
-            );
+            writeln!(out, "stages (staged, loaded, rejected or run since {})", when(Some(start)))?
         }
-        None => {
-            let _ = writeln!(out, "stages");
-        }
+        None => writeln!(out, "stages")?,
     }
-    let _ = writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged);
+    writeln!(out, "  staged (loader.raw_logins)      {:>10}", s.staged)?;
     if s.purged > 0 {
-        let _ = writeln!(out, "    of which bodies purged        {:>10}", s.purged);
+        writeln!(out, "    of which bodies purged        {:>10}", s.purged)?;
     }
     if s.erased > 0 {
-        let _ = writeln!(out, "    of which erased (no outcome)  {:>10}", s.erased);
+        writeln!(out, "    of which erased (no outcome)  {:>10}", s.erased)?;
     }
-    let _ = writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded);
-    let _ = writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected);
-    let _ = writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending);
-    let _ = writeln!(out, "  last drained transform          {}", when(s.last_drained_at));
-    if let Some(q) = &report.queue {
-        let _ = writeln!(
-            out,
-            "queue {}: {} visible, {} in flight, {} delayed",
-            q.name, q.visible, q.in_flight, q.delayed
-        );
-        match &q.dead_letter {
-            Some(d) => {
-                let _ = writeln!(out, "dead-letter queue {}: {} visible", d.name, d.visible);
-            }
-            None => {
-                let _ = writeln!(out, "dead-letter queue: none (no redrive policy)");
-            }
-        }
+    writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded)?;
+    writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected)?;
+    writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending)?;
+    writeln!(out, "  last drained transform          {}", when(s.last_drained_at))
+}
+
+fn write_queue(out: &mut impl fmt::Write, q: &QueueCounts) -> fmt::Result {
+    writeln!(
+        out,
+        "queue {}: {} visible, {} in flight, {} delayed",
+        q.name, q.visible, q.in_flight, q.delayed
+    )?;
+    match &q.dead_letter {
+        Some(d) => writeln!(out, "dead-letter queue {}: {} visible", d.name, d.visible),
+        None => writeln!(out, "dead-letter queue: none (no redrive policy)"),
     }
-    let _ = writeln!(
+}
+
+fn write_runs(out: &mut impl fmt::Write, s: &StageCounts, runs: &[RunCounts]) -> fmt::Result {
+    writeln!(
         out,
         "ingest runs: {} ({} unfinished: running or crashed; {} stopped on an error)",
         s.runs, s.unfinished_runs, s.stopped_runs
-    );
-    if !report.recent_runs.is_empty() {
-        let _ = writeln!(
-            out,
-            "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  finished",
-            "run", "mode", "received", "staged", "duplicates", "deleted", "del. failed", "refused"
-        );
-        for r in &report.recent_runs {
-            let _ = writeln!(
-                out,
-                "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  {}",
-                r.id,
-                r.mode,
-                r.received,
-                r.staged,
-                r.duplicates,
-                r.deleted,
-                r.delete_failures,
-                r.refused,
-                when(r.finished_at)
-            );
-        }
+    )?;
+    if runs.is_empty() {
+        return Ok(());
     }
-    let r = &report.refusals;
-    if r.refused_messages > 0 {
-        let _ = writeln!(
+    writeln!(
+        out,
+        "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  finished",
+        "run", "mode", "received", "staged", "duplicates", "deleted", "del. failed", "refused"
+    )?;
+    for r in runs {
+        writeln!(
             out,
-            "refused by PostgreSQL (loader.refusals): {} messages, {} staged later",
-            r.refused_messages, r.staged_later
-        );
-        if r.dead_letter_queue_listed {
-            let _ = writeln!(
-                out,
-                "  in the dead-letter queue: [{}]",
-                r.in_dead_letter_queue.join(", ")
-            );
-            let _ =
-                writeln!(out, "  still on the queue (being retried): [{}]", r.on_queue.join(", "));
-        } else if !r.on_queue.is_empty() {
-            let _ = writeln!(
-                out,
-                "  not staged (on the queue or in its DLQ; run without --skip-queue to tell): [{}]",
-                r.on_queue.join(", ")
-            );
-        }
+            "  {:>6}  {:<6}  {:>9}  {:>9}  {:>10}  {:>9}  {:>11}  {:>7}  {}",
+            r.id,
+            r.mode,
+            r.received,
+            r.staged,
+            r.duplicates,
+            r.deleted,
+            r.delete_failures,
+            r.refused,
+            crate::display::timestamp(r.finished_at)
+        )?;
     }
-    let _ = writeln!(out, "checks");
-    for c in &report.checks {
+    Ok(())
+}
+
+fn write_refusals(out: &mut impl fmt::Write, r: &RefusalAccount) -> fmt::Result {
+    if r.refused_messages == 0 {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "refused by PostgreSQL (loader.refusals): {} messages, {} staged later",
+        r.refused_messages, r.staged_later
+    )?;
+    if r.dead_letter_queue_listed {
+        writeln!(out, "  in the dead-letter queue: [{}]", r.in_dead_letter_queue.join(", "))?;
+        writeln!(out, "  still on the queue (being retried): [{}]", r.on_queue.join(", "))?;
+    } else if !r.on_queue.is_empty() {
+        writeln!(
+            out,
+            "  not staged (on the queue or in its DLQ; run without --skip-queue to tell): [{}]",
+            r.on_queue.join(", ")
+        )?;
+    }
+    Ok(())
+}
+
+fn write_checks(out: &mut impl fmt::Write, checks: &[Check]) -> fmt::Result {
+    writeln!(out, "checks")?;
+    for c in checks {
         let mark = if c.ok { "ok  " } else { "FAIL" };
-        let _ = writeln!(out, "  {mark}  {}", c.description);
+        writeln!(out, "  {mark}  {}", c.description)?;
         if !c.ok {
             let more = if c.violations > c.offenders.len() as i64 { ", ..." } else { "" };
-            let _ = writeln!(
-                out,
-                "        {} [{}]: {}{more}",
-                c.violations,
-                c.name,
-                c.offenders.join(", ")
-            );
+            let ids = c.offenders.join(", ");
+            writeln!(out, "        {} [{}]: {ids}{more}", c.violations, c.name)?;
         }
     }
-    out
+    Ok(())
 }

@@ -78,30 +78,27 @@ impl Backoff {
     }
 }
 
-/// Logs a dependency's state changes only: the first failure (warn) and the recovery (info).
+/// A run of failures of something retried, logged once: its first failure (warn) and its
+/// recovery (info), never each attempt. "`what` `failed`", "`what` `recovered`".
 #[derive(Debug)]
-pub struct Health {
+pub struct Streak {
     what: &'static str,
+    failed: &'static str,
+    recovered: &'static str,
     failing_since: Option<std::time::Instant>,
-    backoff: Backoff,
 }
 
-impl Health {
-    pub fn new(what: &'static str) -> Self {
-        Self { what, failing_since: None, backoff: Backoff::default() }
+impl Streak {
+    pub const fn new(what: &'static str, failed: &'static str, recovered: &'static str) -> Self {
+        Self { what, failed, recovered, failing_since: None }
     }
 
-    /// Records a transient failure and returns how long to wait before trying again.
-    pub fn failed(&mut self, error: &anyhow::Error) -> Duration {
+    /// Records a failure; logs it when it starts a streak.
+    pub fn failed(&mut self, error: &anyhow::Error) {
         if self.failing_since.is_none() {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                "{} unavailable; retrying with backoff",
-                self.what
-            );
+            tracing::warn!(error = format!("{error:#}"), "{} {}", self.what, self.failed);
             self.failing_since = Some(std::time::Instant::now());
         }
-        self.backoff.next_delay()
     }
 
     /// True between a failure and the next success.
@@ -109,15 +106,42 @@ impl Health {
         self.failing_since.is_some()
     }
 
-    /// Records a success.
+    /// Records a success; logs the recovery when it ends a streak.
     pub fn ok(&mut self) {
         if let Some(since) = self.failing_since.take() {
-            tracing::info!(
-                down_for_ms = since.elapsed().as_millis() as u64,
-                "{} available again",
-                self.what
-            );
+            let down_for_ms = since.elapsed().as_millis() as u64;
+            tracing::info!(down_for_ms, "{} {}", self.what, self.recovered);
         }
+    }
+}
+
+/// A dependency's outages: a [`Streak`] logged once, and the backoff between attempts.
+#[derive(Debug)]
+pub struct Health {
+    streak: Streak,
+    backoff: Backoff,
+}
+
+impl Health {
+    pub fn new(what: &'static str) -> Self {
+        let streak = Streak::new(what, "unavailable; retrying with backoff", "available again");
+        Self { streak, backoff: Backoff::default() }
+    }
+
+    /// Records a transient failure and returns how long to wait before trying again.
+    pub fn failed(&mut self, error: &anyhow::Error) -> Duration {
+        self.streak.failed(error);
+        self.backoff.next_delay()
+    }
+
+    /// True between a failure and the next success.
+    pub fn is_failing(&self) -> bool {
+        self.streak.is_failing()
+    }
+
+    /// Records a success.
+    pub fn ok(&mut self) {
+        self.streak.ok();
         self.backoff.reset();
     }
 }

@@ -22,7 +22,7 @@ pub const PREFIX: &str = "loader-";
 
 /// What to schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct Timetable {
     /// pg_cron schedule of `call loader.transform()`: cron syntax (`* * * * *`, every minute)
     /// or, on pg_cron 1.5 and later, `N seconds`.
     pub transform_every: String,
@@ -75,14 +75,14 @@ async fn require_pg_cron(pool: &PgPool) -> Result<()> {
 }
 
 /// Installs (or replaces) loader's jobs; returns them.
-pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
+pub async fn install(pool: &PgPool, timetable: &Timetable) -> Result<Vec<Job>> {
     require_pg_cron(pool).await?;
     let mut jobs = vec![(
         format!("{PREFIX}transform"),
-        plan.transform_every.clone(),
+        timetable.transform_every.clone(),
         "call loader.transform()".to_owned(),
     )];
-    if let Some((schedule, days)) = &plan.purge {
+    if let Some((schedule, days)) = &timetable.purge {
         jobs.push((
             format!("{PREFIX}purge"),
             schedule.clone(),
@@ -94,7 +94,7 @@ pub async fn install(pool: &PgPool, plan: &Plan) -> Result<Vec<Job>> {
         "0 4 * * *".to_owned(),
         format!(
             "delete from cron.job_run_details where end_time < now() - interval '{} days'",
-            plan.keep_history_days
+            timetable.keep_history_days
         ),
     ));
     let mut tx = pool.begin().await?;

@@ -4,6 +4,7 @@
 //! (`localhost.localstack.cloud`) that may not resolve, and the SDK only passes the URL as a
 //! parameter.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -26,7 +27,6 @@ use tokio::task::JoinSet;
 use crate::config::AwsSettings;
 use crate::metrics::ReceiveError;
 use crate::retry::Transient;
-use crate::staging;
 
 /// SQS caps ReceiveMessage, DeleteMessageBatch and SendMessageBatch at ten entries.
 pub const MAX_BATCH: usize = 10;
@@ -200,18 +200,8 @@ impl Queue {
         if !self.is_fifo() {
             return Ok(false);
         }
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::ContentBasedDeduplication)
-            .send()
-            .await
-            .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
-        Ok(out
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::ContentBasedDeduplication))
-            .is_some_and(|v| v == "true"))
+        let mut a = self.attributes([QueueAttributeName::ContentBasedDeduplication]).await?;
+        Ok(a.remove(&QueueAttributeName::ContentBasedDeduplication).is_some_and(|v| v == "true"))
     }
 
     pub fn name(&self) -> &str {
@@ -250,16 +240,15 @@ impl Queue {
                 );
                 continue;
             };
-            let attr = |name: MessageSystemAttributeName| {
+            let system = SystemAttributes::parse(|name| {
+                let name = MessageSystemAttributeName::from(name);
                 m.attributes.as_ref().and_then(|a| a.get(&name)).map(String::as_str)
-            };
+            });
             received.push(Received {
                 message_id,
                 receipt_handle,
-                sent_at: attr(MessageSystemAttributeName::SentTimestamp)
-                    .and_then(staging::parse_epoch_millis),
-                receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount)
-                    .and_then(|v| v.parse().ok()),
+                sent_at: system.sent_at,
+                receive_count: system.receive_count,
                 body: m.body.unwrap_or_default(),
             });
         }
@@ -402,17 +391,9 @@ impl Queue {
 
     /// The queue's VisibilityTimeout.
     pub async fn visibility_timeout(&self) -> Result<Duration> {
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::VisibilityTimeout)
-            .send()
-            .await
-            .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
-        let seconds = out
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::VisibilityTimeout))
+        let mut a = self.attributes([QueueAttributeName::VisibilityTimeout]).await?;
+        let seconds = a
+            .remove(&QueueAttributeName::VisibilityTimeout)
             .and_then(|v| v.parse::<u64>().ok())
             .with_context(|| format!("queue '{}' reports no VisibilityTimeout", self.name))?;
         Ok(Duration::from_secs(seconds))
@@ -463,24 +444,16 @@ impl Queue {
 
     /// The dead-letter queue named by this queue's RedrivePolicy, if any.
     pub async fn dead_letter_queue(&self) -> Result<Option<Queue>> {
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::RedrivePolicy)
-            .send()
-            .await
-            .map_err(|e| sdk_error(format!("reading the redrive policy of '{}'", self.name), &e))?;
-        let Some(policy) = out.attributes().and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
-        else {
+        let mut a = self.attributes([QueueAttributeName::RedrivePolicy]).await?;
+        let Some(policy) = a.remove(&QueueAttributeName::RedrivePolicy) else {
             return Ok(None);
         };
         let policy: serde_json::Value =
-            serde_json::from_str(policy).context("the queue's RedrivePolicy is not JSON")?;
-        let arn = policy["deadLetterTargetArn"]
+            serde_json::from_str(&policy).context("the queue's RedrivePolicy is not JSON")?;
+        let name = policy["deadLetterTargetArn"]
             .as_str()
-            .context("RedrivePolicy without deadLetterTargetArn")?;
-        let name = arn.rsplit(':').next().unwrap_or_default();
+            .and_then(name_from_arn)
+            .context("RedrivePolicy without a deadLetterTargetArn")?;
         Ok(Some(Queue::open(self.client.clone(), name).await?))
     }
 
@@ -525,17 +498,8 @@ impl Queue {
 
     /// The queue's ARN (what redrive policies and message move tasks name).
     pub async fn arn(&self) -> Result<String> {
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .map_err(|e| sdk_error(format!("reading the ARN of '{}'", self.name), &e))?;
-        out.attributes()
-            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
-            .cloned()
+        let mut a = self.attributes([QueueAttributeName::QueueArn]).await?;
+        a.remove(&QueueAttributeName::QueueArn)
             .with_context(|| format!("'{}' has no QueueArn attribute", self.name))
     }
 
@@ -573,21 +537,36 @@ impl Queue {
         }))
     }
 
-    /// The queue's approximate message counts.
-    pub async fn depth(&self) -> Result<Depth> {
+    /// The queue attributes `names` (GetQueueAttributes): the one place loader reads them.
+    async fn attributes<const N: usize>(
+        &self,
+        names: [QueueAttributeName; N],
+    ) -> Result<HashMap<QueueAttributeName, String>> {
         let out = self
             .client
             .get_queue_attributes()
             .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .set_attribute_names(Some(names.to_vec()))
             .send()
             .await
             .map_err(|e| sdk_error(format!("reading attributes of '{}'", self.name), &e))?;
-        let get = |n: QueueAttributeName| {
-            out.attributes().and_then(|a| a.get(&n)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        Ok(out.attributes.unwrap_or_default())
+    }
+
+    /// The queue's approximate message counts.
+    pub async fn depth(&self) -> Result<Depth> {
+        use QueueAttributeName::{
+            ApproximateNumberOfMessages, ApproximateNumberOfMessagesDelayed,
+            ApproximateNumberOfMessagesNotVisible,
         };
+        let a = self
+            .attributes([
+                ApproximateNumberOfMessages,
+                ApproximateNumberOfMessagesNotVisible,
+                ApproximateNumberOfMessagesDelayed,
+            ])
+            .await?;
+        let get = |n: QueueAttributeName| a.get(&n).and_then(|v| v.parse().ok()).unwrap_or(0);
         Ok(Depth {
             visible: get(QueueAttributeName::ApproximateNumberOfMessages),
             in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
@@ -700,6 +679,37 @@ fn error_kind<E, R>(e: &SdkError<E, R>) -> ReceiveError {
     }
 }
 
+/// The message system attributes staging records, as ReceiveMessage and a Lambda event's
+/// records both carry them (text, by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SystemAttributes {
+    /// SentTimestamp: when SQS accepted the message.
+    pub sent_at: Option<OffsetDateTime>,
+    /// ApproximateReceiveCount, this delivery included.
+    pub receive_count: Option<i32>,
+}
+
+impl SystemAttributes {
+    /// Reads them through `get` (attribute name to value); a malformed value is None.
+    pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Self {
+        Self {
+            sent_at: get("SentTimestamp").and_then(parse_epoch_millis),
+            receive_count: get("ApproximateReceiveCount").and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.
+fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
+    let millis: i128 = v.parse().ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
+}
+
+/// The queue name an SQS ARN ends with (`arn:aws:sqs:eu-west-1:123456789012:login-queue`).
+pub fn name_from_arn(arn: &str) -> Option<&str> {
+    arn.strip_prefix("arn:").and_then(|_| arn.rsplit(':').next()).filter(|name| !name.is_empty())
+}
+
 fn is_url(s: &str) -> bool {
     s.starts_with("https://") || s.starts_with("http://")
 }
@@ -715,6 +725,30 @@ fn name_from_url(url: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_attributes_parse_by_name_and_tolerate_garbage() {
+        let a = SystemAttributes::parse(|n| match n {
+            "SentTimestamp" => Some("1700000000123"),
+            "ApproximateReceiveCount" => Some("3"),
+            _ => None,
+        });
+        let sent = a.sent_at.unwrap();
+        assert_eq!((sent.unix_timestamp(), sent.millisecond()), (1_700_000_000, 123));
+        assert_eq!(a.receive_count, Some(3));
+        let none = SystemAttributes::parse(|_| Some("yesterday"));
+        assert_eq!((none.sent_at, none.receive_count), (None, None));
+    }
+
+    #[test]
+    fn queue_name_comes_from_the_arn() {
+        assert_eq!(
+            name_from_arn("arn:aws:sqs:eu-west-1:123456789012:login-queue"),
+            Some("login-queue")
+        );
+        assert_eq!(name_from_arn("arn:aws:sqs:eu-west-1:123456789012:"), None);
+        assert_eq!(name_from_arn("login-queue"), None);
+    }
 
     #[test]
     fn queue_name_comes_from_the_url_path() {

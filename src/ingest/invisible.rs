@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::retry::Streak;
 use crate::sqs::{Queue, Received};
 
 /// Received messages not yet staged, by receipt handle, with when each is next due for an
@@ -79,7 +80,11 @@ impl Held {
             return std::future::pending().await;
         }
         let tick = (visibility / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut failing = false;
+        let mut streak = Streak::new(
+            "visibility extension",
+            "failed; messages may be redelivered",
+            "works again",
+        );
         loop {
             tokio::time::sleep(tick).await;
             let now = Instant::now();
@@ -90,7 +95,7 @@ impl Held {
             match queue.extend_visibility(&receipts, visibility, in_flight).await {
                 Ok(refused) => {
                     self.extended(&receipts, now, visibility);
-                    failing = false;
+                    streak.ok();
                     match refused {
                         0 => tracing::debug!(
                             messages = receipts.len(),
@@ -103,15 +108,8 @@ impl Held {
                         ),
                     }
                 }
-                // Tried again next tick; logged once per failure streak.
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "visibility not extended; messages may be redelivered"
-                    );
-                }
-                Err(_) => {}
+                // Tried again next tick.
+                Err(e) => streak.failed(&e),
             }
         }
     }

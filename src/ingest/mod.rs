@@ -17,6 +17,7 @@ mod budget;
 pub mod concurrency;
 mod flush;
 mod invisible;
+mod queue_counts;
 mod receiver;
 
 pub use budget::MIN_BYTES as MIN_MEMORY_BUDGET;
@@ -24,6 +25,7 @@ use concurrency::Controller;
 pub use flush::{DEFAULT_MEMORY_BUDGET, Flow};
 use flush::{gather, latest_copies};
 use invisible::Held;
+pub use queue_counts::publish_queue_counts;
 use receiver::Receiver;
 
 use crate::counts::Totals;
@@ -107,7 +109,7 @@ struct Committed {
 pub struct Ingestor {
     queue: Queue,
     pool: PgPool,
-    run: staging::Run,
+    run: staging::IngestRun,
     /// Drain (stop when the queue is empty) or follow (until shutdown); set once, at start.
     mode: Mode,
     wait_seconds: i32,
@@ -135,7 +137,7 @@ impl Ingestor {
     /// Reads the queue's visibility timeout and registers a new run in `loader.ingest_runs`.
     pub async fn start(queue: Queue, pool: PgPool, mode: Mode, wait_seconds: i32) -> Result<Self> {
         let visibility = queue.visibility_timeout().await?;
-        let run = staging::Run::register(&pool, queue.name(), mode.as_str()).await?;
+        let run = staging::IngestRun::register(&pool, queue.name(), mode.as_str()).await?;
         Ok(Self {
             queue,
             pool,
@@ -175,7 +177,7 @@ impl Ingestor {
     }
 
     /// The run this ingestor stages into.
-    pub fn staging_run(&self) -> &staging::Run {
+    pub fn staging_run(&self) -> &staging::IngestRun {
         &self.run
     }
 
@@ -186,7 +188,7 @@ impl Ingestor {
 
     /// The unit of work: stages a flush and, once that has committed, deletes every message in
     /// it (new and duplicate alike: both are now safely staged), and returns its totals. Tests
-    /// drive it directly; [`Ingestor::run`] does the same two steps, overlapping one flush's
+    /// drive it directly; [`Ingestor::ingest`] does the same two steps, overlapping one flush's
     /// delete with the next one's staging.
     pub async fn process(&self, batch: &[Received]) -> Result<Totals> {
         self.hold(batch);
@@ -335,7 +337,7 @@ impl Ingestor {
     /// stop; a receive in progress gets [`SHUTDOWN_GRACE`] to land (a response already on its
     /// way would otherwise leave its messages invisible until their visibility timeout), and
     /// everything received is staged, committed and deleted before returning.
-    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
+    pub async fn ingest(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
         let result = self.keeping_invisible(self.pump(shutdown)).await;
         if let Some(progress) = &self.progress {
             progress.finish();
@@ -371,7 +373,7 @@ impl Ingestor {
                 postgres_health: self.postgres_health.clone(),
                 budget: budget.clone(),
             };
-            receivers.spawn(receiver.run());
+            receivers.spawn(receiver.poll());
         }
         drop(batches);
 

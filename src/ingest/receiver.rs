@@ -49,67 +49,38 @@ pub(super) struct Receiver {
     pub budget: Budget,
 }
 
+/// What a receiver's loop does next.
+enum Next {
+    /// Go round the loop again.
+    Again,
+    /// Stop, cleanly.
+    Stop,
+}
+
 impl Receiver {
     /// Receives until told to stop, or (draining) until a long poll comes back empty.
-    pub(super) async fn run(self) -> Result<()> {
-        let Self {
-            index,
-            concurrency,
-            queue,
-            wait_seconds,
-            mode,
-            writer,
-            held,
-            visibility,
-            mut shutdown,
-            sqs_health,
-            postgres_health,
-            budget,
-        } = self;
+    pub(super) async fn poll(mut self) -> Result<()> {
         let mut last_cost = None;
-        while !shutdown.has_begun() {
-            // Out of the controller's target: wait for room, or for the drain to end.
-            if index >= concurrency.target() {
-                tokio::select! {
-                    room = concurrency.wait_for_room(index) => if room { continue } else { return Ok(()) },
-                    _ = shutdown.begun() => return Ok(()),
-                }
-            }
-            if postgres_health.lock().expect("health lock").is_failing() {
-                tokio::select! {
-                    _ = tokio::time::sleep(PAUSE_CHECK) => continue,
-                    _ = shutdown.begun() => return Ok(()),
-                }
+        while !self.shutdown.has_begun() {
+            match self.wait_turn().await {
+                Some(Next::Again) => continue,
+                Some(Next::Stop) => return Ok(()),
+                None => {}
             }
             // Room in the budget for what this receive is expected to bring.
             let expected = budget::estimate(last_cost);
             tokio::select! {
-                () = budget.take(expected) => {}
-                _ = shutdown.begun() => return Ok(()),
+                () = self.budget.take(expected) => {}
+                _ = self.shutdown.begun() => return Ok(()),
             }
-            let receive = queue.receive(wait_seconds);
-            tokio::pin!(receive);
-            let (received, last) = tokio::select! {
-                batch = &mut receive => (batch, false),
-                _ = shutdown.begun() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await {
-                    Ok(batch) => (batch, true),
-                    Err(_) => {
-                        budget.give(expected);
-                        return Ok(());
-                    }
-                },
+            let Some((received, last)) = self.receive().await else {
+                self.budget.give(expected);
+                return Ok(());
             };
             let batch = match after_receive(received, last) {
                 After::Batch(batch) => {
-                    sqs_health.lock().expect("health lock").ok();
-                    // Settle the reservation on what came (what the writer gives back once
-                    // it has staged the batch); a batch larger than expected waits for room.
-                    let cost = budget::batch_cost(&batch);
-                    if cost > expected {
-                        budget.take(cost - expected).await;
-                    } else {
-                        budget.give(expected - cost);
-                    }
+                    self.sqs_health.lock().expect("health lock").ok();
+                    let cost = self.settle(&batch, expected).await;
                     if !batch.is_empty() {
                         last_cost = Some(cost);
                     }
@@ -117,42 +88,93 @@ impl Receiver {
                 }
                 // SQS unreachable or throttling: fewer receivers, wait (or stop), poll again.
                 After::Backoff(e) => {
-                    budget.give(expected);
-                    concurrency.observe(Signal::Throttled);
-                    let wait = sqs_health.lock().expect("health lock").failed(&e);
+                    self.budget.give(expected);
+                    self.concurrency.observe(Signal::Throttled);
+                    let wait = self.sqs_health.lock().expect("health lock").failed(&e);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
-                        _ = shutdown.begun() => return Ok(()),
+                        _ = self.shutdown.begun() => return Ok(()),
                     }
                 }
                 After::Stop => {
-                    budget.give(expected);
+                    self.budget.give(expected);
                     return Ok(());
                 }
                 After::Fail(e) => return Err(e),
             };
-            if batch.is_empty() {
-                concurrency.observe(Signal::Empty);
-                if mode == Mode::Drain || last {
-                    concurrency.drained();
-                    return Ok(());
-                }
-                continue;
-            }
-            // A full channel means staging is the bottleneck: no more receivers, fewer.
-            concurrency.observe(if writer.capacity() == 0 {
-                Signal::WriterBehind
-            } else if batch.len() >= MAX_BATCH {
-                Signal::Full
-            } else {
-                Signal::Partial
-            });
-            held.hold(&batch, tokio::time::Instant::now(), visibility);
-            if writer.send(batch).await.is_err() || last {
+            if let Next::Stop = self.hand_over(batch, last).await {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Waits while this receiver is outside the controller's target or PostgreSQL is failing;
+    /// None when it may receive now.
+    async fn wait_turn(&mut self) -> Option<Next> {
+        if self.index >= self.concurrency.target() {
+            return Some(tokio::select! {
+                room = self.concurrency.wait_for_room(self.index) => {
+                    if room { Next::Again } else { Next::Stop }
+                }
+                _ = self.shutdown.begun() => Next::Stop,
+            });
+        }
+        if self.postgres_health.lock().expect("health lock").is_failing() {
+            return Some(tokio::select! {
+                _ = tokio::time::sleep(PAUSE_CHECK) => Next::Again,
+                _ = self.shutdown.begun() => Next::Stop,
+            });
+        }
+        None
+    }
+
+    /// One ReceiveMessage call, and whether it was in flight as shutdown began (it gets
+    /// [`SHUTDOWN_GRACE`] to finish); None when it did not finish in that time.
+    async fn receive(&mut self) -> Option<(Result<Vec<Received>>, bool)> {
+        let receive = self.queue.receive(self.wait_seconds);
+        tokio::pin!(receive);
+        tokio::select! {
+            batch = &mut receive => Some((batch, false)),
+            _ = self.shutdown.begun() => {
+                tokio::time::timeout(SHUTDOWN_GRACE, &mut receive).await.ok().map(|b| (b, true))
+            }
+        }
+    }
+
+    /// Settles the budget's reservation on what came (what the writer gives back once it has
+    /// staged the batch): a batch larger than expected waits for room. Returns its cost.
+    async fn settle(&self, batch: &[Received], expected: usize) -> usize {
+        let cost = budget::batch_cost(batch);
+        if cost > expected {
+            self.budget.take(cost - expected).await;
+        } else {
+            self.budget.give(expected - cost);
+        }
+        cost
+    }
+
+    /// Tells the controller what the receive returned and hands a non-empty batch to the
+    /// writer, held invisible until it is staged.
+    async fn hand_over(&self, batch: Vec<Received>, last: bool) -> Next {
+        if batch.is_empty() {
+            self.concurrency.observe(Signal::Empty);
+            if self.mode == Mode::Drain || last {
+                self.concurrency.drained();
+                return Next::Stop;
+            }
+            return Next::Again;
+        }
+        // A full channel means staging is the bottleneck: no more receivers, fewer.
+        self.concurrency.observe(if self.writer.capacity() == 0 {
+            Signal::WriterBehind
+        } else if batch.len() >= MAX_BATCH {
+            Signal::Full
+        } else {
+            Signal::Partial
+        });
+        self.held.hold(&batch, tokio::time::Instant::now(), self.visibility);
+        if self.writer.send(batch).await.is_err() || last { Next::Stop } else { Next::Again }
     }
 }
 

@@ -144,7 +144,7 @@ async fn batches_waiting_in_the_channel_stay_invisible_through_a_long_outage() {
     let ingestor = ingestor.with_flow(flow);
 
     let outage = proxy.outage(Duration::from_secs(8));
-    let drain = ingestor.run(std::future::pending());
+    let drain = ingestor.ingest(std::future::pending());
     let watch = async {
         // Three timeouts into the outage.
         tokio::time::sleep(Duration::from_secs(6)).await;

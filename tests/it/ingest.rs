@@ -67,7 +67,7 @@ async fn a_redelivered_message_is_staged_once() {
     assert!(!first.is_empty());
     wait_until_visible(q, 25).await;
 
-    let totals = ingestor.run(std::future::pending()).await.unwrap();
+    let totals = ingestor.ingest(std::future::pending()).await.unwrap();
     assert_eq!((totals.staged, totals.deleted), (25, 25));
     assert_eq!(db.staged().await, 25);
     let ids: Vec<String> = first.iter().map(|m| m.message_id.clone()).collect();
@@ -191,7 +191,7 @@ async fn hostile_bodies_are_all_staged_verbatim() {
 #[tokio::test]
 async fn copies_of_one_message_id_in_a_batch_stage_once() {
     let db = TestDb::migrated().await;
-    let run = staging::Run::register(&db.pool, "q", "drain").await.unwrap();
+    let run = staging::IngestRun::register(&db.pool, "q", "drain").await.unwrap();
     let m = |id: &str| RawMessage {
         message_id: id.into(),
         body: "{}".into(),
@@ -355,8 +355,12 @@ async fn at_sqs_latency_receivers_grow_with_a_backlog_and_fall_back_when_it_is_g
     let proxy = format!("http://{}", listener.local_addr().unwrap());
     let target = crate::support::socket_of(&crate::support::aws_settings().endpoint_url.unwrap());
     let latency = std::time::Duration::from_millis(20);
-    let proxy_task =
-        tokio::spawn(loader::bench::delay_proxy(listener, target, latency, std::future::pending()));
+    let proxy_task = tokio::spawn(crate::support::delay::delay_proxy(
+        listener,
+        target,
+        latency,
+        std::future::pending(),
+    ));
 
     let out = crate::support::loader_command(
         &env.db.url,

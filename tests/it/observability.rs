@@ -236,6 +236,19 @@ async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_das
     // The refused message may come in a later flush than the others: wait for its count too.
     let refused = scrape_until(&addr, "loader_messages_refused_total", 1.0).await;
     assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    // The queue's gauges are read at start, through the proxy, four calls that take a while on
+    // a loaded machine: the outage must not cut the first reading short (the next one is 15 s
+    // later).
+    let dlq_gauge = format!(
+        "loader_dead_letter_messages{{queue=\"{}\",dead_letter_queue=\"{}\"}}",
+        q.name, dlq.name
+    );
+    for _ in 0..300 {
+        if scrape(&addr, &dlq_gauge).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     proxy.outage(Duration::from_secs(4)).await;
     let mut text = String::new();
     for _ in 0..100 {

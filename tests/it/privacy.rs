@@ -93,7 +93,7 @@ const PRYING_SETTINGS: &str = "
     set plan_cache_mode = force_custom_plan; set log_parameter_max_length_on_error = -1;
     set plpgsql.print_strict_params = on;";
 
-/// Finding 1: the key reached an analyst as a constant in a plan dump. Whatever an analyst
+/// The key reached an analyst as a constant in a plan dump. Whatever an analyst
 /// sets, no message it receives holds the key: with and without pending rows, through the
 /// batch function, the procedure, EXPLAIN and errors.
 #[tokio::test]
@@ -129,7 +129,7 @@ async fn the_key_never_reaches_an_analyst_session_whatever_it_sets() {
     assert_eq!(loaded, 99, "the analyst's batches loaded the fixture");
 }
 
-/// Finding 2: between the commit that created a security-definer function and the one that
+/// Between the commit that created a security-definer function and the one that
 /// revoked PUBLIC's EXECUTE, any role could call it (install its own key) or wire it into a
 /// trigger of its own. Hammered from two analyst sessions while a fresh migrate runs, no
 /// private function is ever callable.
@@ -197,7 +197,7 @@ async fn finishes<T>(what: &str, work: impl std::future::Future<Output = T>) -> 
         .unwrap_or_else(|_| panic!("{what} was stalled by a lesser role"))
 }
 
-/// Finding 3: a role with nothing but CONNECT took the advisory lock every transform, rebuild,
+/// A role with nothing but CONNECT took the advisory lock every transform, rebuild,
 /// rotation and purge shared; an analyst idling in a transaction that had run one batch blocked
 /// every other batch (one hot row) and every rebuild, rotation and purge. Now all of them
 /// finish while such sessions sit there, and the idle batch, committed after a rotation, is
@@ -308,14 +308,15 @@ async fn denied(pool: &sqlx::PgPool, sql: &str) {
     assert_eq!(sqlstate(&err), "42501", "{sql}: {err}");
 }
 
-/// Finding 4: the ingest role could insert server-owned columns (purged_at, staged_at, ids with
+/// The ingest role could insert server-owned columns (purged_at, staged_at, ids with
 /// OVERRIDING SYSTEM VALUE) and update any run's counters. Now its only write path is the
 /// staging functions, for a run it registered itself.
 #[tokio::test]
 async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
     let db = TestDb::migrated().await;
     let ingest = TestRole::new(&db, "loader_ingest").await;
-    let other = loader::staging::Run::register(&db.pool, "other-queue", "drain").await.unwrap();
+    let other =
+        loader::staging::IngestRun::register(&db.pool, "other-queue", "drain").await.unwrap();
 
     for forged in [
         "insert into loader.raw_logins (message_id, body, body_is_json, queue, purged_at)
@@ -335,7 +336,8 @@ async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
     }
 
     // Its own run: stages, with every server-owned column set by the server.
-    let mine = loader::staging::Run::register(&ingest.pool, "login-queue", "drain").await.unwrap();
+    let mine =
+        loader::staging::IngestRun::register(&ingest.pool, "login-queue", "drain").await.unwrap();
     let mut conn = ingest.pool.acquire().await.unwrap();
     let messages: Vec<_> = fixture_messages()
         .into_iter()
@@ -436,7 +438,7 @@ async fn server_log(db: &TestDb) -> Option<std::path::PathBuf> {
     Some(path)
 }
 
-/// Finding 5: `keys install` bound the key as a statement parameter, which the server writes to
+/// `keys install` bound the key as a statement parameter, which the server writes to
 /// its log with `log_min_duration_statement` (parameters up to `log_parameter_max_length`).
 /// With both set as a DBA might, the log shows the install statement, never the key.
 #[tokio::test]
@@ -546,7 +548,7 @@ async fn every_setting_changed(role: &TestRole) -> String {
 /// parsing turned into an error quoting them.
 const HOSTILE_IPS: [&str; 3] = ["192 168 1 77", "1:2:3:4", "1a2b3c4d"];
 
-/// Round two, finding 1: with standard_conforming_strings off, '\.' in the plain-IPv4 pattern
+/// With standard_conforming_strings off, '\.' in the plain-IPv4 pattern
 /// meant "any character", so "192 168 1 77" reached a cast outside any exception block and an
 /// analyst's transform failed with an error quoting it (in the server log too). Whatever an
 /// analyst sets, the transform it runs gives the golden outcomes byte for byte, and no value of
@@ -602,7 +604,7 @@ async fn a_callers_settings_change_no_outcome_and_no_value_reaches_it_or_the_log
     }
 }
 
-/// Round two, finding 1 (the rule that keeps it fixed): every setting a session below the
+/// Every setting a session below the
 /// owner may change is classified by `loader._settings_policy` (a new PostgreSQL or extension
 /// setting fails here until someone decides), every definer function pins every pin, no
 /// setting of the superuser context is granted to a lesser role, and no function of schema
@@ -777,7 +779,7 @@ async fn temporary_objects_of_lesser_roles_stop_no_rotation_rebuild_or_purge() {
     assert_eq!(columns, 0, "its column of the old table's row type was dropped with that table");
 }
 
-/// Round two, finding 4: an analyst idling in a transaction that read
+/// An analyst idling in a transaction that read
 /// loader.pipeline_status (with its own idle timeout turned off) made `loader migrate` fail
 /// after 60 s waiting to replace the view, and the transform queue behind it. A routine
 /// migrate now replaces nothing (so waits on no reader), and one that must replace the view
@@ -816,7 +818,7 @@ async fn an_idle_reader_delays_no_migrate_beyond_the_grace_period() {
     assert_eq!(db.pending().await, 0);
 }
 
-/// Round two, finding 5: an analyst's own deferred constraint trigger, queued to fire after the
+/// An analyst's own deferred constraint trigger, queued to fire after the
 /// batch's COMMIT-time key check and sleeping there, held the active key's row: `loader keys
 /// rotate` waited at it while holding the maintenance lock, and the purge behind it. The
 /// rotation now ends that session after the grace period, and the purge runs.
@@ -893,7 +895,7 @@ async fn read_downstream(pool: &sqlx::PgPool, cursor: &str) -> (Vec<String>, Str
     (rows.into_iter().map(|(id, _)| id).collect(), next)
 }
 
-/// Round two, finding 6: loaded_at is the transaction's start, so a batch that commits after
+/// `loaded_at` is the transaction's start, so a batch that commits after
 /// another that began later has the earlier loaded_at, and a copy that reads "after the latest
 /// loaded_at it saw" misses its rows. The loaded_xid cursor never misses or repeats a row,
 /// whatever order batches commit in.
@@ -985,7 +987,7 @@ fn every_test_the_security_model_names_exists() {
     assert!(named > 15, "{named} names read from the table");
 }
 
-/// Round two, finding 7: eight analysts idling in a transaction after `transform_batch(0)` held
+/// Eight analysts idling in a transaction after `transform_batch(0)` held
 /// every progress slot, so `transform_state` stopped moving while the owner's batches ran.
 /// Progress is a row per batch now: however many sessions idle, the owner's batch moves it.
 #[tokio::test]
@@ -1012,7 +1014,7 @@ async fn idle_analysts_cannot_freeze_the_transforms_progress() {
     drop(idle);
 }
 
-/// Round two, finding 8: the ingest role could record refusals for messages it never staged
+/// The ingest role could record refusals for messages it never staged
 /// (another run's, or ids never received), negative delete counts, and back-date staged_at by
 /// holding its transaction open. Now a refusal is recorded only by `loader.stage` itself,
 /// counts only grow and never past what the run received, staged_at is the time of the call,
@@ -1021,7 +1023,8 @@ async fn idle_analysts_cannot_freeze_the_transforms_progress() {
 async fn the_ingest_role_can_record_only_what_its_own_staging_saw() {
     let db = TestDb::migrated().await;
     let ingest = TestRole::new(&db, "loader_ingest").await;
-    let run = loader::staging::Run::register(&ingest.pool, "login-queue", "drain").await.unwrap();
+    let run =
+        loader::staging::IngestRun::register(&ingest.pool, "login-queue", "drain").await.unwrap();
     let (token,): (String,) = sqlx::query_as("select token from loader.ingest_runs where id = $1")
         .bind(run.id)
         .fetch_one(&db.pool)

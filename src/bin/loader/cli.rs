@@ -272,19 +272,6 @@ pub enum BenchCommand {
               value_parser = named::<StagingMethod>(StagingMethod::NAMES))]
         method: StagingMethod,
     },
-    /// A TCP proxy that delays every byte, so an emulator behind it answers like real SQS
-    /// (10-30 ms per call); runs until SIGINT/SIGTERM
-    Proxy {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:4577")]
-        listen: std::net::SocketAddr,
-        /// Where to forward, e.g. 127.0.0.1:4566
-        #[arg(long)]
-        target: std::net::SocketAddr,
-        /// Milliseconds added to every request/response round trip (half each way)
-        #[arg(long, default_value_t = 20)]
-        latency_ms: u64,
-    },
 }
 
 #[derive(Debug, Args)]

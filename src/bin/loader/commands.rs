@@ -10,7 +10,9 @@ use loader::display::timestamp;
 use loader::ingest::{Ingestor, Mode};
 use loader::progress::Progress;
 use loader::sqs::Queue;
-use loader::{bench, db, keys, metrics, rebuild, reconcile, retention, run, send, sqs, transform};
+use loader::{
+    bench, db, ingest, keys, metrics, pipeline, rebuild, reconcile, retention, send, sqs, transform,
+};
 
 use crate::cli::{
     BenchCommand, Cli, Command, DlqCommand, DoctorArgs, ForgetArgs, IngestArgs, KeysCommand,
@@ -93,7 +95,7 @@ async fn forget(settings: &Settings, args: &ForgetArgs, evict_after: Duration) -
     }
     let pool = db::connect(settings.database_url()?, 2).await?;
     let plan =
-        loader::forget::Plan { batch: args.batch_size, vacuum: !args.no_vacuum, evict_after };
+        loader::forget::Options { batch: args.batch_size, vacuum: !args.no_vacuum, evict_after };
     let progress = Progress::on_terminal("messages erased");
     let erased =
         loader::forget::forget(&pool, &ids, &args.reference, &plan, progress.as_ref()).await?;
@@ -150,7 +152,7 @@ async fn ingest(
     let pool = db::connect(settings.database_url()?, 2).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
-        tokio::spawn(run::watch_queue(queue.clone(), period));
+        tokio::spawn(ingest::publish_queue_counts(queue.clone(), period));
     }
     let progress = if mode == Mode::Drain {
         Progress::on_terminal("messages staged and deleted")
@@ -163,8 +165,8 @@ async fn ingest(
         .with_flow(args.flow.flow());
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
     let totals = match mode {
-        Mode::Drain => ingestor.run(std::future::pending()).await?,
-        Mode::Follow => ingestor.run(shutdown_signal()).await?,
+        Mode::Drain => ingestor.ingest(std::future::pending()).await?,
+        Mode::Follow => ingestor.ingest(shutdown_signal()).await?,
     };
     println!("ingest run {}: {totals}", ingestor.run_id());
     Ok(ExitCode::from(exit::OK))
@@ -243,7 +245,7 @@ async fn rebuild(
     plan: transform::Plan,
     evict_after: Duration,
 ) -> Result<()> {
-    let finished = rebuild::run(pool, kind, plan, evict_after, |s| {
+    let finished = rebuild::rebuild(pool, kind, plan, evict_after, |s| {
         let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
         let resumed = if s.resumed { ", resumed" } else { "" };
         eprintln!(
@@ -279,18 +281,18 @@ async fn run_pipeline(
     args: &RunArgs,
     queue_metrics: Option<Duration>,
 ) -> Result<ExitCode> {
-    let schedule = run::Schedule {
+    let cadence = pipeline::Cadence {
         interval: args.transform_interval.0,
         transform: args.transform.plan(),
-        ..run::Schedule::default()
+        ..pipeline::Cadence::default()
     };
     let mode = if args.once { Mode::Drain } else { Mode::Follow };
     let wait = args.wait_seconds.unwrap_or(mode.default_wait_seconds());
     // Staging, deleting's bookkeeping, and the transform's sessions.
-    let pool = db::connect(settings.database_url()?, 2 + schedule.transform.workers as u32).await?;
+    let pool = db::connect(settings.database_url()?, 2 + cadence.transform.workers as u32).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
-        tokio::spawn(run::watch_queue(queue.clone(), period));
+        tokio::spawn(ingest::publish_queue_counts(queue.clone(), period));
     }
     let progress =
         if args.once { Progress::on_terminal("messages staged and deleted") } else { None };
@@ -301,9 +303,9 @@ async fn run_pipeline(
     let run_id = ingestor.run_id();
     tracing::info!(run_id, once = args.once, "run started");
     let totals = if args.once {
-        run::once(ingestor, &pool, schedule).await?
+        pipeline::once(ingestor, &pool, cadence).await?
     } else {
-        run::until_stopped(ingestor, &pool, schedule, shutdown_signal()).await?
+        pipeline::until_stopped(ingestor, &pool, cadence, shutdown_signal()).await?
     };
     println!("run {run_id}: {}; transform: {}", totals.ingest, totals.transform);
     Ok(ExitCode::from(exit::OK))
@@ -337,7 +339,7 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
         },
         Err(e) => format!("unavailable ({e:#})"),
     };
-    let status = reconcile::status(&pool).await?;
+    let status = loader::status::read(&pool).await?;
     let when = timestamp;
     println!("queue {}: {queue}", settings.queue);
     let oldest = status
@@ -423,7 +425,7 @@ async fn schedule(settings: &Settings, command: &ScheduleCommand) -> Result<Exit
             purge_at,
             keep_history_days,
         } => {
-            let plan = schedule::Plan {
+            let plan = schedule::Timetable {
                 transform_every: transform_every.clone(),
                 purge: purge_older_than_days.map(|days| (purge_at.clone(), days)),
                 keep_history_days: *keep_history_days,
@@ -471,15 +473,6 @@ async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<ExitCode> {
 
 async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> {
     let (what, (n, took)) = match command {
-        BenchCommand::Proxy { listen, target, latency_ms } => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            eprintln!("proxy: {listen} -> {target}, +{latency_ms} ms per round trip");
-            let latency = Duration::from_millis(*latency_ms);
-            bench::delay_proxy(listener, *target, latency, shutdown_signal()).await?;
-            return Ok(ExitCode::from(exit::OK));
-        }
         BenchCommand::Ceiling { receivers, wait_seconds } => {
             let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
             (

@@ -6,6 +6,9 @@
 #![allow(dead_code)] // parts serve only the `lambda` module, built with that feature
 
 mod db;
+/// The benchmarks' latency proxy, the same source as `examples/latency-proxy`.
+#[path = "../../../examples/latency-proxy/delay.rs"]
+pub mod delay;
 mod process;
 mod proxy;
 mod queue;
@@ -92,7 +95,7 @@ pub async fn stage_with(
     messages: &[(String, String)],
     sent_at: time::OffsetDateTime,
 ) {
-    let run = loader::staging::Run::register(pool, "direct", "drain").await.unwrap();
+    let run = loader::staging::IngestRun::register(pool, "direct", "drain").await.unwrap();
     let raw: Vec<loader::staging::RawMessage> = messages
         .iter()
         .map(|(id, body)| loader::staging::RawMessage {

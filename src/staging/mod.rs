@@ -1,6 +1,7 @@
 //! Raw messages into `loader.raw_logins`: one statement (one transaction, one round trip) per
 //! batch, idempotent on `message_id`, through the ingest role's only write path: the
-//! security-definer functions of `sql/15_staging.sql`, for a [`Run`] registered first.
+//! security-definer functions of `sql/15_staging.sql`, for an [`IngestRun`] registered first.
+//! The run and its counters are [`run`]; batching and the JSON check are here.
 //!
 //! Nothing a producer can send fails a batch: a body that is not JSON that `jsonb` can store
 //! (invalid JSON, `\u0000` escapes, lone surrogates) is kept as a JSON string holding the exact
@@ -12,8 +13,12 @@ use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use sqlx::{Acquire, PgConnection, Postgres};
+use sqlx::{Acquire, PgConnection};
 use time::OffsetDateTime;
+
+mod run;
+
+pub use run::IngestRun;
 
 /// What staging needs to know about one message.
 #[derive(Debug, Clone)]
@@ -43,84 +48,6 @@ impl std::ops::AddAssign for StageOutcome {
     }
 }
 
-/// An ingest run registered in `loader.ingest_runs`: what every staging call names. The token
-/// (random, from the database) binds the run to the process that registered it: no other
-/// session can stage into it or change its counters. Never logged.
-#[derive(Clone)]
-pub struct Run {
-    pub id: i64,
-    token: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Run").field("id", &self.id).finish_non_exhaustive()
-    }
-}
-
-impl Run {
-    /// Registers a new open run for `queue` (`mode`: drain, follow or lambda).
-    pub async fn register(
-        db: impl Acquire<'_, Database = Postgres>,
-        queue: &str,
-        mode: &str,
-    ) -> Result<Self> {
-        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
-        let (id, token): (i64, String) =
-            sqlx::query_as("select run_id, run_token from loader.register_run($1, $2, $3)")
-                .bind(queue)
-                .bind(mode)
-                .bind(env!("CARGO_PKG_VERSION"))
-                .persistent(false)
-                .fetch_one(&mut *tx)
-                .await
-                .context("registering the ingest run (has `loader migrate` run?)")?;
-        tx.commit().await.context("registering the ingest run")?;
-        Ok(Self { id, token })
-    }
-
-    /// Adds a flush's deletes and delete failures to the run's counters.
-    pub async fn record_deletes(
-        &self,
-        db: impl Acquire<'_, Database = Postgres>,
-        deleted: u64,
-        failures: u64,
-    ) -> Result<()> {
-        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
-        sqlx::query("select loader.record_deletes($1, $2, $3, $4)")
-            .bind(self.id)
-            .bind(&self.token)
-            .bind(deleted as i64)
-            .bind(failures as i64)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await
-            .context("recording deletes")?;
-        tx.commit().await.context("recording deletes")?;
-        Ok(())
-    }
-
-    /// Marks the run finished; `stopped_on_error` when it ends on an error (then its counters
-    /// may be short of what it did: a flush deleted but not yet recorded).
-    pub async fn finish(
-        &self,
-        db: impl Acquire<'_, Database = Postgres>,
-        stopped_on_error: bool,
-    ) -> Result<()> {
-        let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
-        sqlx::query("select loader.finish_run($1, $2, $3)")
-            .bind(self.id)
-            .bind(&self.token)
-            .bind(stopped_on_error)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await
-            .context("closing the ingest run")?;
-        tx.commit().await.context("closing the ingest run")?;
-        Ok(())
-    }
-}
-
 /// What [`stage`] did with one batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Staged {
@@ -137,7 +64,11 @@ pub struct Staged {
 /// When PostgreSQL refuses some rows, `loader.stage` stages the others one by one and records
 /// the refused ones; when it refuses every one of several messages and some are on their first
 /// delivery (a broken trigger, not poison messages), the call fails and records nothing.
-pub async fn stage(conn: &mut PgConnection, run: &Run, messages: &[RawMessage]) -> Result<Staged> {
+pub async fn stage(
+    conn: &mut PgConnection,
+    run: &IngestRun,
+    messages: &[RawMessage],
+) -> Result<Staged> {
     let batch = Batch::new(messages);
     // In a transaction of its own, like every statement behind a pooler (crate::db::options).
     let mut tx = Acquire::begin(conn).await.context("staging batch")?;
@@ -228,12 +159,6 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// SQS's SentTimestamp (milliseconds since the epoch, as text) as a time; None when malformed.
-pub fn parse_epoch_millis(v: &str) -> Option<OffsetDateTime> {
-    let millis: i128 = v.parse().ok()?;
-    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).ok()
-}
-
 /// True when `jsonb` can store the body as JSON: it parses, and no string or key holds U+0000
 /// (which `jsonb` refuses). serde_json already refuses lone surrogate escapes.
 pub fn is_storable_json(body: &str) -> bool {
@@ -297,13 +222,5 @@ mod tests {
         let sizes: Vec<usize> = by_bytes(&messages, 900).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, [2, 1, 1, 1], "800, 400, 1000 alone, 10");
         assert!(by_bytes(&[], 900).is_empty());
-    }
-
-    #[test]
-    fn sent_timestamp_is_epoch_milliseconds() {
-        let t = parse_epoch_millis("1700000000123").unwrap();
-        assert_eq!(t.unix_timestamp(), 1_700_000_000);
-        assert_eq!(t.millisecond(), 123);
-        assert!(parse_epoch_millis("yesterday").is_none());
     }
 }

@@ -1,0 +1,48 @@
+//! `loader status`: the pipeline at a glance, from `loader.pipeline_status` (which analysts
+//! can read in psql too) and the latest ingest run.
+
+use anyhow::{Context, Result};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+
+use crate::counts::{RUN_COLUMNS, RunCounts};
+
+/// What `loader status` shows.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Staged rows waiting for the transform.
+    pub pending: i64,
+    /// When the oldest of them was staged.
+    pub oldest_pending: Option<OffsetDateTime>,
+    /// When a transform batch last found the work list drained.
+    pub last_drained_at: Option<OffsetDateTime>,
+    pub active_key_id: Option<i32>,
+    pub last_run: Option<RunCounts>,
+}
+
+/// Reads [`Status`].
+pub async fn read(pool: &PgPool) -> Result<Status> {
+    let (pending, oldest_pending, last_drained_at, active_key_id) =
+        crate::db::transaction(pool, async |tx| {
+            sqlx::query_as(
+                "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
+           from loader.pipeline_status",
+            )
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+        })
+        .await
+        .context("reading status (has `loader migrate` run?)")?;
+    let last_run = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(&format!(
+            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
+        ))
+        .persistent(false)
+        .fetch_optional(tx)
+        .await
+    })
+    .await
+    .context("reading the last ingest run")?;
+    Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
+}
