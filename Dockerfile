@@ -1,7 +1,6 @@
 # syntax=docker/dockerfile:1
 # The `loader` CLI as a container; the default command is `loader run` (ingest + transform until
-# SIGTERM, which drains gracefully). Configure it with environment variables (README,
-# "Configuration"): DATABASE_URL, SQS_QUEUE, AWS_REGION, credentials from the task/pod role.
+# SIGTERM, which drains gracefully). Configure it with environment variables (docs/configuration.md): DATABASE_URL, SQS_QUEUE, AWS_REGION, credentials from the task/pod role.
 #
 #   docker build -t loader .
 #   docker run --rm -e DATABASE_URL=... -e SQS_QUEUE=... loader            # loader run
@@ -11,9 +10,11 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# Only what the build reads: build.rs embeds sql/ and migrations/ into the binary.
+# Only what the build reads: build.rs embeds sql/ and migrations/ into the binary; cargo wants
+# every target the manifest names, the benchmarks' example too.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY examples ./examples
 COPY sql ./sql
 COPY migrations ./migrations
 # Cache mounts keep the registry and compiled dependencies between builds (BuildKit); the binary

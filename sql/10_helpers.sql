@@ -37,6 +37,7 @@ create or replace function loader._ipv4_plain(t text) returns boolean
 language sql immutable parallel safe as $$
     select t ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])([.](25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$'
 $$;
+comment on function loader._ipv4_plain(text) is 'Private: whether the text is a plain dotted-quad IPv4 address';
 
 -- _inet_other: the already trimmed text as inet, or NULL, for a text that is not _ipv4_plain.
 -- IPv6 in the forms the inet parser always accepts (eight groups of 1-4 hex digits, or at most
@@ -57,6 +58,7 @@ language sql immutable parallel unsafe as $$
             then loader._try_inet_slow(t)
     end
 $$;
+comment on function loader._inet_other(text) is 'Private: a text that is not a plain IPv4 address as inet, or NULL';
 
 -- _ip_network: IPv4 /24 or IPv6 /48 network of a parsed IP; NULL when it did not parse.
 -- (network(), not host(): host(set_masklen(ip, 24)) would return the full address.)
@@ -64,6 +66,7 @@ create or replace function loader._ip_network(parsed inet) returns cidr
 language sql immutable parallel safe as $$
     select network(set_masklen(parsed, case family(parsed) when 4 then 24 else 48 end))
 $$;
+comment on function loader._ip_network(inet) is 'Private: IPv4 /24 or IPv6 /48 network';
 
 -- _mask: lowercase hex HMAC-SHA256 of the UTF-8 bytes of v under key. NULL in, NULL out; blank
 -- text counts as missing. Stable, not immutable: convert_to() is stable, and a helper is only
@@ -74,6 +77,7 @@ language sql stable parallel safe as $$
     select case when btrim(v) = '' then null
                 else encode(public.hmac(convert_to(v, 'UTF8'), key, 'sha256'), 'hex') end
 $$;
+comment on function loader._mask(text, bytea) is 'Private: hex HMAC-SHA256 (an oracle if granted: never grant it)';
 
 -- _app_version: major*10000 + minor*100 + patch for 1-3 dot-separated numeric parts, each 0-99
 -- ("2.3.0" -> 20300, "0.96" -> 9600, "3.7" -> 30700, "3" -> 30000); NULL otherwise. The dots
@@ -90,6 +94,7 @@ language sql immutable parallel safe as $$
                + coalesce(nullif(split_part(v, '.', 3), '')::integer, 0)
            end
 $$;
+comment on function loader._app_version(text) is 'Private: the app_version integer encoding, or NULL';
 
 -- Envelopes. A login may arrive wrapped: SNS (raw message delivery off, SNS's default) delivers
 -- a notification whose Message is the login as a JSON string; an EventBridge rule delivers an
@@ -191,6 +196,7 @@ language sql immutable parallel safe as $$
         when jsonb_typeof(body -> 'app_version') in ('object', 'array') then 'app_version'
     end
 $$;
+comment on function loader._nested_field(jsonb) is 'Private: the first contract field holding an object or array';
 
 -- _too_long: the first value longer than its column, as a detail line, or NULL. Never
 -- truncate silently: user_logins.user_id is varchar(128), device_type and locale varchar(32).
@@ -207,6 +213,7 @@ language sql immutable parallel safe as $$
             then 'locale is ' || char_length(body ->> 'locale')::text || ' characters; the column allows 32'
     end
 $$;
+comment on function loader._too_long(jsonb) is 'Private: the first value longer than its column, as a detail line';
 
 -- _reason: why a staged body cannot load (a reason code), or NULL when it loads. The caller
 -- has extracted the contract fields with ->> (ip may be trimmed), so each is extracted once per
@@ -233,6 +240,8 @@ language sql immutable parallel safe as $$
              or (octet_length(locale) > 32 and char_length(locale) > 32) then 'value_too_long'
     end
 $$;
+comment on function loader._reason(jsonb, boolean, text, text, text, text, text, text) is
+    'Private: reason code why a staged body cannot load, or NULL';
 
 -- _reject_detail: the human line for a reason code (no values, only field names and sizes).
 create or replace function loader._reject_detail(body jsonb, reason text) returns text
@@ -250,3 +259,4 @@ language sql immutable parallel safe as $$
         when 'eventbridge_detail_not_object' then 'the EventBridge event''s detail is not a JSON object'
     end
 $$;
+comment on function loader._reject_detail(jsonb, text) is 'Private: the human detail of a reject reason';

@@ -21,6 +21,25 @@ drop function if exists loader.stage(bigint, text, text[], text[], boolean[], ti
 drop function if exists loader.record_refusals(bigint, text, text[], text[], text[]);
 drop function if exists loader.record_refused(bigint, text, bigint);
 
+-- The transform's work list is fed by a statement trigger: the ids of newly staged rows are
+-- queued in the same transaction, so they appear exactly when the rows do (why a list and not
+-- a high-water mark: migrations/V2__transform_queue.sql, which created both). Runs as its
+-- owner, so the ingest role needs no rights on the work list.
+create or replace function loader._queue_staged_rows() returns trigger
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+begin
+    insert into loader.transform_queue (raw_id) select s.id from staged s;
+    return null;
+end
+$$;
+comment on function loader._queue_staged_rows() is
+    'Trigger: queue newly staged raw_logins rows for the transform (same transaction)';
+
+create or replace trigger raw_logins_queue_for_transform
+    after insert on loader.raw_logins
+    referencing new table as staged
+    for each statement execute function loader._queue_staged_rows();
+
 -- register_run: a new open run for `queue`; returns its id and its token.
 create or replace function loader.register_run(
     queue text, mode text, loader_version text, out run_id bigint, out run_token text)
@@ -189,6 +208,7 @@ begin
     end if;
 end
 $$;
+comment on function loader._check_run(bigint, text) is 'Private: refuse a run that is not open or not the caller''s';
 
 -- record_deletes: add a flush's deletes and delete failures to the caller's run. Neither may be
 -- negative, and a run cannot delete more copies than it received.

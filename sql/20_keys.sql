@@ -33,6 +33,8 @@ begin
     return new_id;
 end
 $$;
+comment on function loader._activate_key(bytea, text) is
+    'Private: retire the active key and activate this one (no-op when it is already active)';
 
 -- rotate_key: make a new active key (random, or new_key when given: 32 bytes) and rebuild, in
 -- one transaction. Installing the key that is already active changes nothing.

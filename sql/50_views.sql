@@ -8,6 +8,11 @@ create or replace view loader.mask_key_info as
 select id, created_at, retired_at, source, retired_at is null as active
   from loader.mask_keys;
 comment on view loader.mask_key_info is 'Masking keys without their bytes: id, dates, source, active';
+comment on column loader.mask_key_info.id is 'Key id (user_logins.mask_key_id)';
+comment on column loader.mask_key_info.created_at is 'When it was created or installed';
+comment on column loader.mask_key_info.retired_at is 'When a rotation retired it';
+comment on column loader.mask_key_info.source is 'generated or installed';
+comment on column loader.mask_key_info.active is 'true for the one key new rows are masked with';
 
 -- pipeline_status: one row, the numbers `loader status` and the pending-age gauge show, for
 -- analysts in psql too (a view: it reads raw_logins as its owner, and shows no value of it).
@@ -22,3 +27,8 @@ select (select count(*) from loader.transform_queue) as pending,
           from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id) as p;
 comment on view loader.pipeline_status is
     'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id';
+comment on column loader.pipeline_status.pending is 'Staged rows waiting for the transform';
+comment on column loader.pipeline_status.oldest_pending_staged_at is 'When the oldest of them was staged';
+comment on column loader.pipeline_status.oldest_pending_age_seconds is 'Its age in seconds (0 when none waits)';
+comment on column loader.pipeline_status.last_drained_at is 'As loader.transform_state';
+comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id of the active key';

@@ -1,7 +1,8 @@
 -- What `\dn+`, `\d+` and `\df+` say in psql: a comment on every object of schema loader and on
--- every column of public.user_logins. Comments on the functions defined in the other sql/ files
--- sit beside their definitions; this file covers the tables the migrations create, their
--- columns, and the private helpers. Reruns cleanly:
+-- every column of public.user_logins. Two rules: a function or view defined in sql/ has its
+-- comment beside its definition; a table the migrations create has its comments here, applied
+-- on every migrate (merged migrations never change, and an online rebuild's swap brings new
+-- tables). V12 and V13 commented their own tables; those comments stay with them. Reruns:
 --   psql -v ON_ERROR_STOP=1 -f sql/80_comments.sql
 -- tests/it/transform.rs checks that nothing is left without a comment.
 
@@ -79,11 +80,6 @@ comment on column loader.transform_state.batches is 'Transform batches run';
 comment on column loader.batch_keys.id is 'Ticket id';
 comment on column loader.batch_keys.key_id is 'loader.mask_keys.id the batch masked with';
 comment on column loader.batch_keys.armed is 'true on the first firing of the check, which re-queues it';
-comment on column loader.pipeline_status.pending is 'Staged rows waiting for the transform';
-comment on column loader.pipeline_status.oldest_pending_staged_at is 'When the oldest of them was staged';
-comment on column loader.pipeline_status.oldest_pending_age_seconds is 'Its age in seconds (0 when none waits)';
-comment on column loader.pipeline_status.last_drained_at is 'As loader.transform_state';
-comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id of the active key';
 
 -- Keys.
 comment on column loader.mask_keys.id is 'Key id (user_logins.mask_key_id)';
@@ -91,11 +87,6 @@ comment on column loader.mask_keys.key is '32 random or installed bytes; owner o
 comment on column loader.mask_keys.created_at is 'When it was created or installed';
 comment on column loader.mask_keys.retired_at is 'When a rotation retired it; NULL for the active key';
 comment on column loader.mask_keys.source is 'generated (random, in PostgreSQL) or installed (loader keys install)';
-comment on column loader.mask_key_info.id is 'Key id (user_logins.mask_key_id)';
-comment on column loader.mask_key_info.created_at is 'When it was created or installed';
-comment on column loader.mask_key_info.retired_at is 'When a rotation retired it';
-comment on column loader.mask_key_info.source is 'generated or installed';
-comment on column loader.mask_key_info.active is 'true for the one key new rows are masked with';
 
 -- Migrations' bookkeeping (refinery's table).
 comment on table loader.refinery_schema_history is 'Migrations applied by loader migrate (refinery)';
@@ -103,21 +94,6 @@ comment on column loader.refinery_schema_history.version is 'Migration number (V
 comment on column loader.refinery_schema_history.name is 'Migration name';
 comment on column loader.refinery_schema_history.applied_on is 'When it was applied';
 comment on column loader.refinery_schema_history.checksum is 'Checksum of the file as applied (never edit one)';
-
--- Private helpers (owner only).
-comment on function loader._activate_key(bytea, text) is
-    'Private: retire the active key and activate this one (no-op when it is already active)';
-comment on function loader._app_version(text) is 'Private: the app_version integer encoding, or NULL';
-comment on function loader._ipv4_plain(text) is 'Private: whether the text is a plain dotted-quad IPv4 address';
-comment on function loader._inet_other(text) is 'Private: a text that is not a plain IPv4 address as inet, or NULL';
-comment on function loader._reason(jsonb, boolean, text, text, text, text, text, text) is
-    'Private: reason code why a staged body cannot load, or NULL';
-comment on function loader._check_run(bigint, text) is 'Private: refuse a run that is not open or not the caller''s';
-comment on function loader._ip_network(inet) is 'Private: IPv4 /24 or IPv6 /48 network';
-comment on function loader._mask(text, bytea) is 'Private: hex HMAC-SHA256 (an oracle if granted: never grant it)';
-comment on function loader._nested_field(jsonb) is 'Private: the first contract field holding an object or array';
-comment on function loader._reject_detail(jsonb, text) is 'Private: the human detail of a reject reason';
-comment on function loader._too_long(jsonb) is 'Private: the first value longer than its column, as a detail line';
 
 -- Online rebuild (sql/35_rebuild.sql, migrations/V11__online_rebuild.sql).
 comment on column loader.rebuilds.id is 'Rebuild id';
@@ -134,5 +110,3 @@ comment on column loader.rebuild_ranges.hi is 'Last raw_logins id of the range';
 comment on column loader.rebuild_ranges.done is 'Copied (committed)';
 comment on column loader.batch_keys.rebuild_check is 'A rebuild ticket: checks at COMMIT that the same rebuild (or none) is copying';
 comment on column loader.batch_keys.rebuild_id is 'The rebuild the batch saw copying (NULL: none)';
-comment on function loader._rebuild_blockers() is
-    'Private: objects an online rebuild''s swap could not carry over, or NULL';

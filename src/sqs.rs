@@ -135,6 +135,17 @@ pub struct DeleteOutcome {
 }
 
 impl DeleteOutcome {
+    /// Every one of `messages` failed: SQS could not be reached to delete them.
+    pub fn unreachable(messages: &[Received]) -> DeleteOutcome {
+        DeleteOutcome {
+            deleted: 0,
+            failed: messages
+                .iter()
+                .map(|m| (m.message_id.clone(), "Unreachable".to_owned()))
+                .collect(),
+        }
+    }
+
     fn merge(&mut self, other: DeleteOutcome) {
         self.deleted += other.deleted;
         self.failed.extend(other.failed);

@@ -266,12 +266,29 @@ impl Ingestor {
         latest.retain(|m| !staged.refused.contains(&m.message_id));
         let in_flight = self.calls_in_flight();
         crate::metrics::deletes_in_flight(in_flight);
-        let outcome = self
+        let outcome = match self
             .retrying(&self.sqs_health, || queue.delete_concurrently(&latest, in_flight))
-            .await?;
-        for (message_id, code) in &outcome.failed {
-            tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
-        }
+            .await
+        {
+            Ok(outcome) => {
+                for (message_id, code) in &outcome.failed {
+                    tracing::warn!(%message_id, %code, "delete failed; the message will be redelivered and counted as a duplicate");
+                }
+                outcome
+            }
+            // SQS unreachable once shutdown has begun: the batch is staged, so leaving it on the
+            // queue loses nothing (it comes back and counts as duplicates). The run records
+            // these as delete failures and stops cleanly instead of failing.
+            Err(e) if retry::is_transient(&e) && self.shutdown.has_begun() => {
+                tracing::warn!(
+                    messages = latest.len(),
+                    error = %format!("{e:#}"),
+                    "SQS unreachable at shutdown; staged messages left on the queue will be redelivered and counted as duplicates"
+                );
+                crate::sqs::DeleteOutcome::unreachable(&latest)
+            }
+            Err(e) => return Err(e),
+        };
         let failed_copies: u64 =
             outcome.failed.iter().map(|(id, _)| copies.get(id).copied().unwrap_or(1)).sum();
         let refused_copies: u64 = staged.refused.iter().map(|id| copies[id]).sum();

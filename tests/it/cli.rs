@@ -3,14 +3,14 @@
 
 use std::process::Command;
 
-use crate::support::{TestDb, TestEnv, loader, loader_ok};
+use crate::support::{TestDb, TestEnv};
 
 #[tokio::test]
 async fn migrate_twice_is_a_no_op() {
     let db = TestDb::empty().await;
-    let first = loader_ok(&db.url, "unused", &["migrate"]);
+    let first = db.cli().ok(&["migrate"]);
     assert!(first.contains("migrations: applied V1__foundation"), "{first}");
-    let second = loader_ok(&db.url, "unused", &["migrate"]);
+    let second = db.cli().ok(&["migrate"]);
     assert!(second.contains("migrations: up to date"), "{second}");
     let migration_files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
         .unwrap()
@@ -45,7 +45,7 @@ async fn migrate_adopts_a_user_logins_table_with_the_original_columns() {
     .await
     .unwrap();
 
-    loader_ok(&db.url, "unused", &["migrate"]);
+    db.cli().ok(&["migrate"]);
     assert_eq!(db.count("select count(*) from public.user_logins where user_id = 'u'").await, 1);
     let columns: Vec<String> = sqlx::query_scalar(
         "select column_name::text from information_schema.columns
@@ -68,7 +68,7 @@ async fn migrate_refuses_a_user_logins_table_that_breaks_the_contract() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let out = loader(&db.url, "unused", &["migrate"]);
+    let out = db.cli().run(&["migrate"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("columns differ from the contract"), "{stderr}");
@@ -160,18 +160,19 @@ async fn without_a_region_us_east_1_is_used() {
 #[tokio::test]
 async fn bench_commands_measure_what_they_say() {
     let db = TestDb::migrated().await;
-    let out = loader_ok(
-        &db.url,
-        "unused",
-        &["bench", "staging", "--rows", "1200", "--flush-messages", "500"],
-    );
+    let out = db.cli().ok(&["bench", "staging", "--rows", "1200", "--flush-messages", "500"]);
     assert!(out.starts_with("staging (no queue): 1200 messages in "), "{out}");
     assert_eq!(db.staged().await, 1200);
-    let out = loader_ok(
-        &db.url,
-        "unused",
-        &["bench", "staging", "--rows", "700", "--flush-messages", "500", "--method", "copy"],
-    );
+    let out = db.cli().ok(&[
+        "bench",
+        "staging",
+        "--rows",
+        "700",
+        "--flush-messages",
+        "500",
+        "--method",
+        "copy",
+    ]);
     assert!(out.starts_with("staging by COPY (no queue): 700 messages in "), "{out}");
     assert_eq!(db.staged().await, 1900);
     assert_eq!(
@@ -185,7 +186,8 @@ async fn bench_commands_measure_what_they_say() {
 
     let q = crate::support::TestQueue::new(30).await;
     q.send(&loader::send::generate(60, 1)).await;
-    let out = loader_ok(&db.url, &q.name, &["bench", "ceiling", "--receivers", "2"]);
+    let out =
+        crate::support::Cli::new(&db.url, &q.name).ok(&["bench", "ceiling", "--receivers", "2"]);
     assert!(out.starts_with("receive+delete (no database): 60 messages in "), "{out}");
     assert_eq!(q.depth().await, (0, 0, 0));
     assert_eq!(db.staged().await, 1900, "no database work");

@@ -15,7 +15,7 @@ async fn wait_for_dead_letters(env: &TestEnv, dlq: &crate::support::TestQueue, e
         }
         // Each drain receives the refused messages once more; past maxReceiveCount SQS moves
         // them to the DLQ instead of handing them out.
-        env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+        env.cli().ok(&["ingest", "--wait-seconds", "1"]);
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
     panic!("the DLQ never held {expected} messages: {:?}", dlq.depth().await);
@@ -68,7 +68,7 @@ async fn refused_messages_reach_the_dlq_with_their_reason_and_come_back_after_th
     let refused_ids: Vec<&str> = ledger.iter().map(|l| l.0.as_str()).collect();
 
     // dlq list: ids, counts, reasons; never bodies. Listing leaves them visible in the DLQ.
-    let listed = json(&env.loader_ok(&["dlq", "list", "--json"]));
+    let listed = json(&env.cli().ok(&["dlq", "list", "--json"]));
     let listed = listed.as_array().unwrap();
     let mut ids: Vec<&str> = listed.iter().map(|l| l["message_id"].as_str().unwrap()).collect();
     ids.sort();
@@ -78,7 +78,7 @@ async fn refused_messages_reach_the_dlq_with_their_reason_and_come_back_after_th
         assert_eq!(l["refusal"]["constraint_name"], "test_refuses_two", "{l}");
         assert!(l["receive_count"].as_i64().unwrap() >= 1 && l["sent_at"].is_string(), "{l}");
     }
-    let table = env.loader_ok(&["dlq", "list"]);
+    let table = env.cli().ok(&["dlq", "list"]);
     assert!(table.contains("test_refuses_two") && table.contains(refused_ids[0]), "{table}");
     for user in &poison {
         assert!(!table.contains(user.as_str()), "a body leaked into the listing");
@@ -86,7 +86,7 @@ async fn refused_messages_reach_the_dlq_with_their_reason_and_come_back_after_th
     assert_eq!(dlq.depth().await, (2, 0, 0), "listing left them visible in the DLQ");
 
     // Reconcile names both, in the DLQ, and is clean otherwise.
-    let out = crate::support::loader(&db.url, &q.name, &["reconcile", "--json"]);
+    let out = crate::support::Cli::new(&db.url, &q.name).run(&["reconcile", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let report = json(&String::from_utf8_lossy(&out.stdout));
     let r = &report["refusals"];
@@ -102,13 +102,13 @@ async fn refused_messages_reach_the_dlq_with_their_reason_and_come_back_after_th
         .execute(&db.pool)
         .await
         .unwrap();
-    let moved = env.loader_ok(&["dlq", "redrive"]);
+    let moved = env.cli().ok(&["dlq", "redrive"]);
     assert!(moved.contains("completed, 2 of 2 moved"), "{moved}");
     assert_eq!(dlq.depth().await.0, 0);
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     assert_eq!(db.staged().await, 20);
-    env.loader_ok(&["transform"]);
-    let report = json(&env.loader_ok(&["reconcile", "--json"]));
+    env.cli().ok(&["transform"]);
+    let report = json(&env.cli().ok(&["reconcile", "--json"]));
     let r = &report["refusals"];
     assert_eq!((r["refused_messages"].as_i64(), r["staged_later"].as_i64()), (Some(2), Some(2)));
     assert_eq!(r["in_dead_letter_queue"].as_array().unwrap().len(), 0);

@@ -6,13 +6,13 @@ use std::collections::BTreeSet;
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::Value;
 
-use crate::support::{TestEnv, loader};
+use crate::support::TestEnv;
 
 /// The checks that fail, by name (and the exit code).
 fn failing(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeSet<String>) {
     let mut args = vec!["doctor", "--json"];
     args.extend_from_slice(extra);
-    let out = loader(url, queue, &args);
+    let out = crate::support::Cli::new(url, queue).run(&args);
     let findings: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     for f in &findings {
@@ -52,10 +52,22 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     let expect = |check: &str| (Some(3), BTreeSet::from([check.to_owned()]));
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
+    // Every check a real run reports is in docs/operating.md's table, by its name.
+    let out = crate::support::Cli::new(&db.url, queue).ok(&["doctor", "--json"]);
+    let findings: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let guide = include_str!("../../docs/operating.md");
+    let table = &guide[guide.find("| check | passes when |").unwrap()..];
+    let table = &table[..table.find("\n\n").unwrap()];
+    assert!(findings.len() >= 15, "{} checks", findings.len());
+    for f in &findings {
+        let check = f["check"].as_str().unwrap();
+        assert!(table.contains(&format!("`{check}`")), "docs/operating.md lacks doctor's {check}");
+    }
+
     // A definer function that lost its pinned settings; any migrate pins them again.
     sql(&db.pool, "alter function loader.transform_batch(integer, boolean) reset all").await;
     assert_eq!(failing(&db.url, queue, &[]), expect("pinned settings"));
-    crate::support::loader_ok(&db.url, queue, &["migrate"]);
+    crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
     // A table a swap retired, left behind.
@@ -81,7 +93,7 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     )
     .await;
     assert_eq!(failing(&db.url, queue, &[]), expect("migrations"));
-    crate::support::loader_ok(&db.url, queue, &["migrate"]);
+    crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
     sql(&db.pool, "create table saved as select * from loader.refinery_schema_history
                     where version = (select max(version) from loader.refinery_schema_history);
                    delete from loader.refinery_schema_history where version = (select version from saved)").await;

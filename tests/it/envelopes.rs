@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use crate::support::{FIXTURE, TestDb, TestEnv, fixture_messages, required_env};
+use crate::support::{FIXTURE, TestDb, TestEnv, required_env};
 
 /// Publishes the JSON array `file` to the test's queue through `via` (`sns`, `sns --raw` or
 /// `events`).
@@ -55,9 +55,9 @@ async fn outcomes_by_user(db: &TestDb) -> BTreeMap<String, String> {
 async fn plain_outcomes() -> BTreeMap<String, String> {
     let env = TestEnv::new(30).await;
     same_key(&env.db).await;
-    env.loader_ok(&["send", FIXTURE]);
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
-    env.loader_ok(&["transform"]);
+    env.cli().ok(&["send", FIXTURE]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["transform"]);
     outcomes_by_user(&env.db).await
 }
 
@@ -77,7 +77,7 @@ async fn logins_through_sns_and_eventbridge_load_as_they_would_sent_plain() {
         let env = TestEnv::new(30).await;
         same_key(&env.db).await;
         publish(&env, via, FIXTURE);
-        env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+        env.cli().ok(&["ingest", "--wait-seconds", "1"]);
         assert_eq!(env.db.staged().await, 100, "{via:?}");
         if via == ["sns"] {
             let wrapped = env
@@ -88,7 +88,7 @@ async fn logins_through_sns_and_eventbridge_load_as_they_would_sent_plain() {
                 .await;
             assert_eq!(wrapped, 100, "staging kept the SNS envelopes as they came");
         }
-        env.loader_ok(&["transform"]);
+        env.cli().ok(&["transform"]);
         assert_eq!(outcomes_by_user(&env.db).await, plain, "{via:?}");
     }
 }
@@ -101,8 +101,8 @@ async fn an_sns_message_that_is_no_json_object_is_a_reject_of_its_own() {
     let file = dir.join("not-objects.json");
     std::fs::write(&file, r#"["plain text, not JSON", [1, 2], {"user_id": "fine"}]"#).unwrap();
     publish(&env, &["sns"], file.to_str().unwrap());
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
-    env.loader_ok(&["transform"]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["transform"]);
     let reasons: Vec<String> =
         sqlx::query_scalar("select reason from loader.login_rejects order by reason")
             .fetch_all(&env.db.pool)
@@ -119,7 +119,7 @@ async fn an_sns_message_that_is_no_json_object_is_a_reject_of_its_own() {
 async fn a_rebuild_loads_wrapped_logins_an_older_transform_rejected() {
     let env = TestEnv::new(30).await;
     publish(&env, &["sns"], FIXTURE);
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     // What the transform before envelopes did: every one a user_id_missing reject.
     sqlx::raw_sql(
         "insert into loader.login_rejects (message_id, reason, detail)
@@ -131,9 +131,9 @@ async fn a_rebuild_loads_wrapped_logins_an_older_transform_rejected() {
     .await
     .unwrap();
     assert_eq!(env.db.rejected().await, 100);
-    env.loader_ok(&["transform", "--rebuild"]);
+    env.cli().ok(&["transform", "--rebuild"]);
     assert_eq!((env.db.loaded().await, env.db.rejected().await), (99, 1));
-    env.loader_ok(&["reconcile"]);
+    env.cli().ok(&["reconcile"]);
 }
 
 /// The Lambda handler gets the same through the same SQL: an SNS-wrapped record loads.
@@ -142,7 +142,7 @@ async fn a_rebuild_loads_wrapped_logins_an_older_transform_rejected() {
 async fn the_lambda_handler_unwraps_through_the_same_sql() {
     let db = TestDb::migrated().await;
     let handler = loader::lambda::Handler::new(db.pool.clone(), true);
-    let (id, body) = fixture_messages().into_iter().next().unwrap();
+    let (id, body) = crate::support::fixture_messages().into_iter().next().unwrap();
     let notification = serde_json::json!({
         "Type": "Notification", "MessageId": "n-1", "TopicArn": "arn:aws:sns:us-east-1:000000000000:t",
         "Message": body, "Timestamp": "2024-01-01T00:00:00.000Z", "SignatureVersion": "1",

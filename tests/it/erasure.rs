@@ -2,7 +2,7 @@
 //! resumable, recorded without their id; nothing of theirs comes back with a redelivery, and a
 //! message of theirs sent before the request but staged after it is suppressed.
 
-use crate::support::{TestDb, TestEnv, fixture_messages, kill_9, loader_ok, spawn_loader, stage};
+use crate::support::{TestDb, TestEnv, fixture_messages, kill_9, stage};
 
 use time::macros::datetime;
 
@@ -72,8 +72,7 @@ async fn a_person_is_erased_from_every_table_and_nothing_of_theirs_comes_back() 
     .unwrap();
     assert!(!traces(&db, &person).await.is_empty());
 
-    let out =
-        loader_ok(&db.url, "unused", &["forget", "--user-id", &person, "--reference", "DSR-7"]);
+    let out = db.cli().ok(&["forget", "--user-id", &person, "--reference", "DSR-7"]);
     assert!(out.contains("reference \"DSR-7\"") && out.contains("vacuumed"), "{out}");
     assert_eq!(traces(&db, &person).await, Vec::<String>::new(), "no trace left: {out}");
     assert!(!traces(&db, &other).await.is_empty(), "another person's rows are kept");
@@ -127,8 +126,8 @@ async fn a_person_is_erased_from_every_table_and_nothing_of_theirs_comes_back() 
     // Reconcile accounts for every erased message; the rebuild that was copying finishes
     // without bringing anything back.
     sqlx::raw_sql("select loader.rebuild_abandon()").execute(&db.pool).await.unwrap();
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
-    loader_ok(&db.url, "unused", &["transform", "--rebuild"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+    db.cli().ok(&["transform", "--rebuild"]);
     let loaded_of_person: i64 =
         sqlx::query_scalar("select count(*) from public.user_logins where user_id = $1")
             .bind(&person)
@@ -153,7 +152,7 @@ async fn an_erasure_killed_half_way_finishes_when_run_again() {
     .unwrap();
     sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
     let args = ["forget", "--user-id", "many-logins", "--reference", "DSR-8", "--batch-size", "50"];
-    let running = spawn_loader(&db.url, "unused", &args);
+    let running = db.cli().spawn(&args);
     for _ in 0..400 {
         let erased =
             db.count("select count(*) from loader.raw_logins where erased_at is not null").await;
@@ -171,10 +170,10 @@ async fn an_erasure_killed_half_way_finishes_when_run_again() {
     // Whole batches only: every erased message has no outcome, every other one still has its.
     assert_eq!(db.loaded().await, 20000 - erased);
 
-    loader_ok(&db.url, "unused", &args);
+    db.cli().ok(&args);
     assert_eq!(db.count("select count(*) from loader.erasures").await, 1, "resumed, not restarted");
     assert_eq!(db.count("select count(*) from loader.erasures where finished_at is null").await, 0);
     assert_eq!(db.loaded().await, 0);
     assert_eq!(traces(db, "many-logins").await, Vec::<String>::new());
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Proxy, TestDb, TestEnv, TestQueue, loader_command};
+use crate::support::{Proxy, TestDb, TestEnv, TestQueue};
 
 const MESSAGES: usize = 8_000;
 
@@ -16,16 +16,13 @@ async fn drain_through(
     proxy: &Proxy,
 ) -> std::process::Output {
     q.send(&loader::send::generate(MESSAGES as u64, 17)).await;
-    let child = loader_command(
-        db_url,
-        &q.name,
-        &["ingest", "--wait-seconds", "1", "--log-format", "pretty"],
-    )
-    .env("AWS_ENDPOINT_URL", sqs_url)
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let child = crate::support::Cli::new(db_url, &q.name)
+        .command(&["ingest", "--wait-seconds", "1", "--log-format", "pretty"])
+        .env("AWS_ENDPOINT_URL", sqs_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Mid-drain: some rows are staged, not all.
     let staged =
         crate::support::wait_for_count(db, "select count(*) from loader.raw_logins", 1_000).await;
@@ -48,7 +45,7 @@ async fn assert_exactly_once(db: &TestDb, q: &TestQueue, out: &std::process::Out
         assert!(stderr.contains(&format!("{what} available again")), "{stderr}");
     }
     crate::support::wait_until_visible(q, 0).await;
-    crate::support::loader_ok(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]);
+    crate::support::Cli::new(&db.url, &q.name).ok(&["ingest", "--wait-seconds", "1"]);
     assert_eq!(db.staged().await, MESSAGES as i64);
     assert_eq!(
         db.count("select count(distinct message_id) from loader.raw_logins").await,
@@ -168,4 +165,64 @@ async fn batches_waiting_in_the_channel_stay_invisible_through_a_long_outage() {
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(q.depth().await, (0, 0, 0), "nothing comes back after the timeout");
+}
+
+/// SIGTERM while SQS is unreachable, with a flush staging: the flush commits, its deletes
+/// cannot reach SQS and are no longer retried, and `loader ingest` stops cleanly (exit 0) with
+/// those messages recorded as delete failures. They come back and the next run counts them as
+/// duplicates: nothing lost, nothing staged twice, and reconcile holds.
+#[tokio::test]
+async fn sigterm_while_sqs_is_unreachable_stops_cleanly_and_loses_nothing() {
+    let env = TestEnv::new(3).await;
+    let (db, q) = (&env.db, &env.queue);
+    // Staging takes 3 s, so that the outage and the SIGTERM land while a flush stages.
+    sqlx::raw_sql(
+        "create function public.test_slow_staging() returns trigger language plpgsql as
+           $$ begin perform pg_sleep(3); return null; end $$;
+         create trigger test_slow_staging before insert on loader.raw_logins
+           for each statement execute function public.test_slow_staging();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    q.send(&loader::send::generate(10, 31)).await;
+    let sqs = crate::support::aws_settings().endpoint_url.unwrap();
+    let proxy = Proxy::start(crate::support::socket_of(&sqs)).await;
+    let mut command =
+        env.cli().command(&["ingest", "--follow", "--wait-seconds", "1", "--log-format", "pretty"]);
+    command.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port));
+    let child = crate::support::spawn(command);
+
+    let sleeping = "select count(*) from pg_stat_activity
+                     where datname = current_database() and wait_event = 'PgSleep'";
+    assert_eq!(crate::support::wait_for_count(db, sleeping, 1).await, 1, "a flush is staging");
+    let out = tokio::join!(proxy.outage(Duration::from_secs(8)), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::spawn_blocking(move || crate::support::terminate(child)).await.unwrap()
+    })
+    .1;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("SQS unreachable at shutdown"), "{stderr}");
+
+    let (staged, deleted, failures): (i64, i64, i64) = sqlx::query_as(
+        "select staged, deleted, delete_failures from loader.ingest_runs
+          where finished_at is not null",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(staged >= 1 && deleted == 0 && failures == staged, "{staged} {deleted} {failures}");
+    sqlx::raw_sql("drop trigger test_slow_staging on loader.raw_logins")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    crate::support::wait_until_visible(q, 10).await;
+    let second = env.cli().ok(&["ingest", "--wait-seconds", "1"]);
+    assert!(second.contains(&format!("{} duplicates", staged)), "{second}");
+    assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 10);
+    assert_eq!(db.staged().await, 10);
+    crate::support::wait_until_visible(q, 0).await;
+    assert_eq!(q.depth().await, (0, 0, 0));
+    env.cli().ok(&["reconcile"]);
 }

@@ -20,18 +20,18 @@ async fn a_fifo_queue_with_a_fifo_dlq_works_end_to_end() {
     .await
     .unwrap();
 
-    assert!(env.loader_ok(&["send", FIXTURE]).contains("sent 100"));
-    assert!(env.loader_ok(&["send", "--generate", "50", "--seed", "3"]).contains("sent 50"));
+    assert!(env.cli().ok(&["send", FIXTURE]).contains("sent 100"));
+    assert!(env.cli().ok(&["send", "--generate", "50", "--seed", "3"]).contains("sent 50"));
     let dir = std::env::temp_dir().join(format!("loader-fifo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let poison = dir.join("poison.json");
     std::fs::write(&poison, r#"[{"user_id": "poison"}]"#).unwrap();
-    env.loader_ok(&["send", poison.to_str().unwrap()]);
+    env.cli().ok(&["send", poison.to_str().unwrap()]);
     // The same file sent again is sent again (a deduplication id per send and position).
-    assert!(env.loader_ok(&["send", "--generate", "50", "--seed", "3"]).contains("sent 50"));
+    assert!(env.cli().ok(&["send", "--generate", "50", "--seed", "3"]).contains("sent 50"));
 
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
-    env.loader_ok(&["run", "--once", "--wait-seconds", "1"]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["run", "--once", "--wait-seconds", "1"]);
     // 100 + 50 + 50 sent as different messages (their MessageIds differ), the poison refused.
     assert_eq!(db.staged().await, 200);
     assert_eq!(db.loaded().await + db.rejected().await, 200);
@@ -40,25 +40,25 @@ async fn a_fifo_queue_with_a_fifo_dlq_works_end_to_end() {
         if dlq.depth().await.0 == 1 {
             break;
         }
-        env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+        env.cli().ok(&["ingest", "--wait-seconds", "1"]);
         tokio::time::sleep(Duration::from_millis(2200)).await;
     }
     assert_eq!(dlq.depth().await.0, 1, "the refused message moved to the FIFO DLQ");
-    let listed = env.loader_ok(&["dlq", "list"]);
+    let listed = env.cli().ok(&["dlq", "list"]);
     assert!(listed.contains("test_fifo_poison"), "{listed}");
     sqlx::raw_sql("alter table loader.raw_logins drop constraint test_fifo_poison")
         .execute(&db.pool)
         .await
         .unwrap();
-    let moved = env.loader_ok(&["dlq", "redrive"]);
+    let moved = env.cli().ok(&["dlq", "redrive"]);
     assert!(moved.contains("1 of 1 moved"), "{moved}");
     assert_eq!(dlq.depth().await, (0, 0, 0), "the move task emptied the FIFO DLQ");
     // LocalStack moves the message with its deduplication id, and the FIFO source queue drops
     // it as a duplicate inside its 5-minute window (AWS gives a redriven message a new id:
     // docs/deploying.md "FIFO queues"): nothing arrives to stage here.
-    env.loader_ok(&["run", "--once", "--wait-seconds", "1"]);
+    env.cli().ok(&["run", "--once", "--wait-seconds", "1"]);
     assert!(db.staged().await >= 200);
-    env.loader_ok(&["reconcile"]);
+    env.cli().ok(&["reconcile"]);
 
     let sqs = &q.queue;
     sqs.client()
@@ -68,7 +68,7 @@ async fn a_fifo_queue_with_a_fifo_dlq_works_end_to_end() {
         .send()
         .await
         .unwrap();
-    let doctor = env.loader(&["doctor"]);
+    let doctor = env.cli().run(&["doctor"]);
     assert!(doctor.status.success(), "{}", String::from_utf8_lossy(&doctor.stdout));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -107,7 +107,7 @@ async fn doctor_names_a_fifo_queue_whose_dlq_is_not_fifo() {
         eprintln!("SQS refused a standard DLQ for a FIFO queue ({e}): nothing for doctor to find");
         return;
     }
-    let out = env.loader(&["doctor", "--json"]);
+    let out = env.cli().run(&["doctor", "--json"]);
     let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let dlq = findings.as_array().unwrap().iter().find(|f| f["check"] == "dead-letter queue");
     let dlq = dlq.expect("a dead-letter queue finding");

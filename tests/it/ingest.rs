@@ -1,7 +1,7 @@
 //! `loader send` and `loader ingest` against real PostgreSQL and LocalStack: the fixture, redelivery,
 //! crash safety around the commit, and hostile bodies.
 
-use crate::support::{FIXTURE, TestDb, TestEnv, TestQueue, loader_ok, wait_until_visible};
+use crate::support::{FIXTURE, TestDb, TestEnv, TestQueue, wait_until_visible};
 use loader::ingest::{Ingestor, Mode};
 use loader::staging::{self, RawMessage};
 
@@ -15,10 +15,10 @@ async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
     let queue = crate::support::unique_name("loader-fixture").replace('_', "-");
 
     // `send` creates the queue when it is missing.
-    let out = loader_ok(&db.url, &queue, &["send", FIXTURE]);
+    let out = crate::support::Cli::new(&db.url, &queue).ok(&["send", FIXTURE]);
     assert_eq!(out.trim(), format!("sent 100 messages to {queue}"));
 
-    let out = loader_ok(&db.url, &queue, &["ingest"]);
+    let out = crate::support::Cli::new(&db.url, &queue).ok(&["ingest"]);
     assert!(
         out.contains("received 100, staged 100 new, 0 duplicates, deleted 100 (0 delete failures)"),
         "{out}"
@@ -32,7 +32,7 @@ async fn fixture_is_staged_exactly_once_and_the_queue_emptied() {
     let q = TestQueue { name: queue.clone(), queue: open(&queue).await };
     assert_eq!(q.depth().await, (0, 0, 0), "the queue is empty after ingest");
 
-    let out = loader_ok(&db.url, &queue, &["ingest"]);
+    let out = crate::support::Cli::new(&db.url, &queue).ok(&["ingest"]);
     assert!(out.contains("received 0, staged 0 new"), "{out}");
     assert_eq!(db.staged().await, 100);
 
@@ -101,7 +101,7 @@ async fn a_crash_between_commit_and_delete_loses_and_duplicates_nothing() {
     wait_until_visible(q, 30).await;
     assert_eq!(q.depth().await.0, 30);
 
-    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     let expected = format!(
         "received 30, staged {} new, {} duplicates, deleted 30 (0 delete failures)",
         30 - batch.len(),
@@ -130,7 +130,7 @@ async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
     .await
     .unwrap();
 
-    let out = env.loader(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().run(&["ingest", "--wait-seconds", "1"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("injected commit failure"), "{stderr}");
@@ -140,7 +140,7 @@ async fn a_failed_commit_deletes_nothing_and_a_rerun_stages_everything_once() {
     assert_eq!(q.depth().await, (30, 0, 0));
 
     sqlx::raw_sql("drop trigger fail_commit on loader.raw_logins").execute(&db.pool).await.unwrap();
-    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains("received 30, staged 30 new, 0 duplicates, deleted 30"), "{out}");
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 30);
     assert_eq!(q.depth().await, (0, 0, 0));
@@ -165,7 +165,7 @@ async fn hostile_bodies_are_all_staged_verbatim() {
     let texts: Vec<String> = bodies.iter().map(|(b, _)| b.clone()).collect();
     q.send(&texts).await;
 
-    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains(&format!("staged {} new", bodies.len())), "{out}");
 
     // JSON bodies come back as equal JSON; the others as the exact raw text in a JSON string.
@@ -219,11 +219,12 @@ async fn copies_of_one_message_id_in_a_batch_stage_once() {
 async fn follow_mode_stages_as_messages_arrive_and_stops_cleanly_on_sigterm() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
-    let child = crate::support::spawn_loader(
-        &db.url,
-        &q.name,
-        &["ingest", "--follow", "--wait-seconds", "1"],
-    );
+    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&[
+        "ingest",
+        "--follow",
+        "--wait-seconds",
+        "1",
+    ]);
 
     q.send(&generated(15)).await;
     let staged =
@@ -255,8 +256,13 @@ async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() 
     q.send(&messages).await;
 
     let mut rng = fastrand::Rng::with_seed(7);
-    for _ in 0..4 {
-        let child = env.spawn(&["ingest", "--wait-seconds", "1"]);
+    for started in 1..=4 {
+        let child = env.cli().spawn(&["ingest", "--wait-seconds", "1"]);
+        // Killed while it drains, not while it starts up: on a loaded machine a kill after a
+        // fixed delay could come before the run was registered (this test once found three
+        // unfinished runs instead of four).
+        let registered = "select count(*) from loader.ingest_runs";
+        assert_eq!(crate::support::wait_for_count(db, registered, started).await, started);
         tokio::time::sleep(std::time::Duration::from_millis(rng.u64(300..1500))).await;
         crate::support::kill_9(child);
     }
@@ -265,7 +271,7 @@ async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() 
 
     // Messages held by the killed processes come back after the visibility timeout.
     wait_until_visible(q, 0).await;
-    let out = env.loader_ok(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().ok(&["ingest", "--wait-seconds", "1"]);
     assert!(out.contains("staged"), "{out}");
     assert_eq!(db.staged().await, 20_000);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 20_000);
@@ -279,7 +285,7 @@ async fn kill_9_at_random_points_during_a_20k_drain_loses_and_doubles_nothing() 
         db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
         4
     );
-    let out = env.loader(&["reconcile", "--skip-queue"]);
+    let out = env.cli().run(&["reconcile", "--skip-queue"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -324,7 +330,7 @@ async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
     .unwrap();
     q.send(&bodies).await;
 
-    let out = env.loader_ok(&["ingest"]);
+    let out = env.cli().ok(&["ingest"]);
 
     assert!(
         out.contains(
@@ -362,15 +368,12 @@ async fn at_sqs_latency_receivers_grow_with_a_backlog_and_fall_back_when_it_is_g
         std::future::pending(),
     ));
 
-    let out = crate::support::loader_command(
-        &env.db.url,
-        &env.queue.name,
-        &["ingest", "--wait-seconds", "1"],
-    )
-    .env("AWS_ENDPOINT_URL", &proxy)
-    .env("LOADER_LOG_FORMAT", "json")
-    .output()
-    .unwrap();
+    let out = crate::support::Cli::new(&env.db.url, &env.queue.name)
+        .command(&["ingest", "--wait-seconds", "1"])
+        .env("AWS_ENDPOINT_URL", &proxy)
+        .env("LOADER_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
     proxy_task.abort();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -411,14 +414,14 @@ async fn one_mebibyte_messages_stage_whole_within_a_small_memory_budget() {
         })
         .collect();
     env.queue.send(&bodies).await;
-    let out = env.loader_ok(&["ingest", "--wait-seconds", "1", "--memory-budget-mb", "20"]);
+    let out = env.cli().ok(&["ingest", "--wait-seconds", "1", "--memory-budget-mb", "20"]);
     assert!(out.contains("staged 24 new"), "{out}");
     let whole = env
         .db
         .count("select count(*) from loader.raw_logins where length(body ->> 'note') = 1000000")
         .await;
     assert_eq!(whole, 24, "every body staged whole");
-    env.loader_ok(&["transform"]);
+    env.cli().ok(&["transform"]);
     assert_eq!(env.db.loaded().await, 24);
     assert_eq!(env.queue.depth().await, (0, 0, 0));
 }

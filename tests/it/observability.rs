@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use crate::support::{Proxy, TestEnv, loader_command};
+use crate::support::{Proxy, TestEnv};
 
 /// One GET of the metrics endpoint: the exposition text (without the HTTP header).
 fn scrape_text(addr: &str) -> Option<String> {
@@ -48,11 +48,13 @@ async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
     let addr = format!("127.0.0.1:{}", free_port());
-    let child = crate::support::spawn_loader(
-        &db.url,
-        &q.name,
-        &["run", "--wait-seconds", "1", "--metrics-addr", &addr],
-    );
+    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&[
+        "run",
+        "--wait-seconds",
+        "1",
+        "--metrics-addr",
+        &addr,
+    ]);
 
     // Before any event, every labelled counter whose labels are known reads 0, not "absent".
     let mut first = None;
@@ -94,14 +96,11 @@ async fn json_logs_are_one_object_per_line_with_run_ids() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
     q.send(&loader::send::generate(12, 3)).await;
-    let out = loader_command(
-        &db.url,
-        &q.name,
-        &["run", "--once", "--wait-seconds", "1", "--log-format", "json"],
-    )
-    .env("RUST_LOG", "loader=debug")
-    .output()
-    .unwrap();
+    let out = crate::support::Cli::new(&db.url, &q.name)
+        .command(&["run", "--once", "--wait-seconds", "1", "--log-format", "json"])
+        .env("RUST_LOG", "loader=debug")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     let lines: Vec<serde_json::Value> = stderr
@@ -127,8 +126,10 @@ async fn the_progress_line_shows_on_a_terminal_only() {
     q.send(&loader::send::generate(30, 4)).await;
 
     // Not a terminal: no progress line at all.
-    let out =
-        loader_command(&db.url, &q.name, &["ingest", "--wait-seconds", "1"]).output().unwrap();
+    let out = crate::support::Cli::new(&db.url, &q.name)
+        .command(&["ingest", "--wait-seconds", "1"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("messages staged") && !stderr.contains('\r'), "{stderr}");
@@ -139,7 +140,12 @@ async fn the_progress_line_shows_on_a_terminal_only() {
     let log = std::env::temp_dir().join(crate::support::unique_name("pty"));
     let status = std::process::Command::new("script")
         .args(["-qfec", &cmd, log.to_str().unwrap()])
-        .envs(loader_command(&db.url, &q.name, &[]).get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .envs(
+            crate::support::Cli::new(&db.url, &q.name)
+                .command(&[])
+                .get_envs()
+                .filter_map(|(k, v)| Some((k, v?))),
+        )
         .stdout(std::process::Stdio::null())
         .status()
         .expect("script(1) from util-linux");
@@ -157,7 +163,8 @@ async fn a_whole_run_never_logs_bodies_ips_device_ids_or_keys_even_at_trace() {
     let fixture = crate::support::fixture_messages();
     q.send(&fixture.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>()).await;
 
-    let out = loader_command(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"])
+    let out = crate::support::Cli::new(&db.url, &q.name)
+        .command(&["run", "--once", "--wait-seconds", "1"])
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();
@@ -226,8 +233,13 @@ async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_das
     let sqs = crate::support::aws_settings().endpoint_url.unwrap();
     let proxy = Proxy::start(crate::support::socket_of(&sqs)).await;
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut command =
-        loader_command(&db.url, &q.name, &["run", "--wait-seconds", "1", "--metrics-addr", &addr]);
+    let mut command = crate::support::Cli::new(&db.url, &q.name).command(&[
+        "run",
+        "--wait-seconds",
+        "1",
+        "--metrics-addr",
+        &addr,
+    ]);
     command.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", proxy.port));
     let child = crate::support::spawn(command);
 

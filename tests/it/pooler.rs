@@ -4,7 +4,7 @@
 //! sessions the commands open at once), so anything that outlived a transaction (a named
 //! prepared statement, a session SET, a temporary table) would break here.
 
-use crate::support::{TestEnv, TestQueue, loader, loader_ok, required_env};
+use crate::support::{TestEnv, TestQueue, required_env};
 
 /// `db`'s URL through the pooler that `pooler_url_var` names (same owner, same database).
 fn through(env: &TestEnv, pooler_url_var: &str) -> String {
@@ -22,7 +22,7 @@ async fn every_command_through(pooler_url_var: &str) {
     let dlq: TestQueue = env.queue.attach_dead_letter_queue(2).await;
     let url = through(&env, pooler_url_var);
     let q = env.queue.name.as_str();
-    let ok = |args: &[&str]| loader_ok(&url, q, args);
+    let ok = |args: &[&str]| crate::support::Cli::new(&url, q).ok(args);
 
     let migrated = ok(&["migrate"]);
     assert!(migrated.contains("up to date"), "{migrated}");
@@ -78,7 +78,7 @@ async fn every_command_through(pooler_url_var: &str) {
         .send()
         .await
         .unwrap();
-    let doctor = loader(&url, q, &["doctor"]);
+    let doctor = crate::support::Cli::new(&url, q).run(&["doctor"]);
     let doctor_out = String::from_utf8_lossy(&doctor.stdout);
     assert!(doctor.status.success(), "{doctor_out}");
     let purged = ok(&["purge", "--older-than-days", "0", "--batch-size", "50"]);

@@ -458,10 +458,8 @@ async fn the_key_is_never_a_statement_parameter() {
     .unwrap();
     let start = std::fs::metadata(&log).unwrap().len();
     let key_hex = "5a".repeat(16) + &"c3".repeat(16);
-    let out = crate::support::loader_command(&db.url, "unused", &["keys", "install"])
-        .env("LOADER_MASK_KEY", &key_hex)
-        .output()
-        .unwrap();
+    let out =
+        db.cli().command(&["keys", "install"]).env("LOADER_MASK_KEY", &key_hex).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let installed = db.count("select count(*) from loader.mask_keys where source = 'installed'");
     assert_eq!(installed.await, 1);
@@ -665,7 +663,7 @@ async fn session(role: &TestRole, sql: &str) -> sqlx::PgConnection {
 /// Runs `loader ARGS` against `db`, asserts it exits 0 within 30 s (a liveness check: these
 /// take a few seconds when nothing stalls them), and returns its stdout and stderr.
 async fn loader_within(db: &TestDb, args: &[&str], what: &str) -> String {
-    let running = crate::support::spawn_loader(&db.url, "unused", args);
+    let running = db.cli().spawn(args);
     crate::support::wait_ok_within(running, std::time::Duration::from_secs(30), what).await
 }
 
@@ -803,8 +801,7 @@ async fn an_idle_reader_delays_no_migrate_beyond_the_grace_period() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let migrate =
-        crate::support::spawn_loader(&db.url, "unused", &["--evict-after", "2s", "migrate"]);
+    let migrate = db.cli().spawn(&["--evict-after", "2s", "migrate"]);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     stage(&db, &fixture_messages(), SENT).await;
     let started = std::time::Instant::now();
@@ -1247,20 +1244,16 @@ async fn a_reader_sees_raw_values_only_through_the_recorded_path() {
     let body: serde_json::Value = serde_json::from_str(&fixture[3].1).unwrap();
 
     // The command, as the reader's login: the raw values, and one record of the call.
-    let out = crate::support::loader_ok(
-        &reader.url,
-        "unused",
-        &[
-            "reveal",
-            "--message-id",
-            "fixture-3",
-            "--message-id",
-            "nope",
-            "--purpose",
-            "INC-1: fraud",
-            "--json",
-        ],
-    );
+    let out = reader.cli().ok(&[
+        "reveal",
+        "--message-id",
+        "fixture-3",
+        "--message-id",
+        "nope",
+        "--purpose",
+        "INC-1: fraud",
+        "--json",
+    ]);
     let revealed: Vec<loader::reveal::Revealed> = serde_json::from_str(&out).unwrap();
     assert_eq!(revealed[0].ip.as_deref(), body["ip"].as_str());
     assert_eq!(revealed[0].device_id.as_deref(), body["device_id"].as_str());
@@ -1363,26 +1356,18 @@ async fn a_reader_sees_raw_values_only_through_the_recorded_path() {
 
     // Purged and erased messages give their status, never a value.
     let user: String = body["user_id"].as_str().unwrap().to_owned();
-    crate::support::loader_ok(
-        &db.url,
-        "unused",
-        &["forget", "--user-id", &user, "--reference", "DSR-9"],
-    );
+    db.cli().ok(&["forget", "--user-id", &user, "--reference", "DSR-9"]);
     sqlx::raw_sql("call loader.purge_staged('0')").execute(&db.pool).await.unwrap();
-    let out = crate::support::loader_ok(
-        &reader.url,
-        "unused",
-        &[
-            "reveal",
-            "--message-id",
-            "fixture-3",
-            "--message-id",
-            "fixture-4",
-            "--purpose",
-            "INC-2",
-            "--json",
-        ],
-    );
+    let out = reader.cli().ok(&[
+        "reveal",
+        "--message-id",
+        "fixture-3",
+        "--message-id",
+        "fixture-4",
+        "--purpose",
+        "INC-2",
+        "--json",
+    ]);
     let revealed: Vec<loader::reveal::Revealed> = serde_json::from_str(&out).unwrap();
     let statuses: Vec<(&str, Option<&str>)> =
         revealed.iter().map(|r| (r.status.as_str(), r.ip.as_deref())).collect();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use crate::support::{TestDb, kill_9, loader_ok, spawn_loader};
+use crate::support::{TestDb, kill_9};
 
 /// `rows` staged logins (one in a hundred a reject), transformed.
 async fn transformed(db: &TestDb, rows: i64) {
@@ -82,7 +82,7 @@ async fn the_transform_goes_on_during_a_rotation_and_readers_never_see_two_keys(
         }
     });
 
-    let rotation = spawn_loader(&db.url, "unused", &["keys", "rotate", "--workers", "1"]);
+    let rotation = db.cli().spawn(&["keys", "rotate", "--workers", "1"]);
     // Meanwhile new logins arrive and the incremental transform loads them at once.
     tokio::time::sleep(Duration::from_millis(300)).await;
     sqlx::raw_sql(
@@ -117,7 +117,7 @@ async fn the_transform_goes_on_during_a_rotation_and_readers_never_see_two_keys(
     assert_ne!(new, old);
     assert_eq!(key_ids(&db).await, [new], "every row, old and new, on the new key");
     assert_eq!(db.loaded().await + db.rejected().await, 21_000, "nothing lost or doubled");
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }
 
 #[tokio::test]
@@ -127,7 +127,7 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
     let (old, loaded, rejected) = (active_key(&db).await, db.loaded().await, db.rejected().await);
     assert_eq!(start_rotation(&db, 100).await, 200);
 
-    let rotation = spawn_loader(&db.url, "unused", &["keys", "rotate", "--workers", "1"]);
+    let rotation = db.cli().spawn(&["keys", "rotate", "--workers", "1"]);
     let done = "select count(*) from loader.rebuild_ranges where done";
     for _ in 0..3000 {
         if db.count(done).await >= 20 {
@@ -159,11 +159,11 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
         .await;
     assert_eq!(needed, 0, "no body a range still to copy needs was purged");
     assert_eq!(purged, copied * 100, "the copied ranges' bodies were purged");
-    let out = crate::support::loader(&db.url, "unused", &["transform", "--rebuild"]);
+    let out = db.cli().run(&["transform", "--rebuild"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("is copying"), "{stderr}");
 
-    let out = loader_ok(&db.url, "unused", &["keys", "rotate", "--workers", "2"]);
+    let out = db.cli().ok(&["keys", "rotate", "--workers", "2"]);
     assert!(out.contains("key") && !out.contains("already"), "{out}");
     let new = active_key(&db).await;
     assert_ne!(new, old);
@@ -179,7 +179,7 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
         0,
         "the copies became the tables, the old ones are gone"
     );
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }
 
 #[tokio::test]
@@ -210,9 +210,9 @@ async fn a_batch_open_when_a_rotation_starts_is_refused_at_commit_and_loads_agai
     sqlx::raw_sql("select 1").execute(&mut *open).await.unwrap();
     assert_eq!(db.pending().await, 100, "its rows are pending again");
 
-    loader_ok(&db.url, "unused", &["keys", "rotate"]);
+    db.cli().ok(&["keys", "rotate"]);
     let new = active_key(&db).await;
     assert_eq!(key_ids(&db).await, [new]);
     assert_eq!(db.loaded().await, 100);
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }

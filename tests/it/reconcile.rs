@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 
-use crate::support::{TestDb, TestEnv, TestQueue, loader, loader_ok};
+use crate::support::{TestDb, TestEnv, TestQueue};
 use serde_json::Value;
 
 /// Runs `loader reconcile --json` and returns (exit code, report).
 fn reconcile(db: &TestDb, queue: &str, extra: &[&str]) -> (Option<i32>, Value) {
     let mut args = vec!["reconcile", "--json"];
     args.extend_from_slice(extra);
-    let out = loader(&db.url, queue, &args);
+    let out = crate::support::Cli::new(&db.url, queue).run(&args);
     let report = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code(), report)
@@ -52,8 +52,8 @@ async fn healthy() -> (TestEnv, TestQueue) {
     let dlq = q.attach_dead_letter_queue(5).await;
     q.send(&crate::support::fixture_messages().into_iter().map(|(_, b)| b).collect::<Vec<_>>())
         .await;
-    env.loader_ok(&["ingest", "--wait-seconds", "1"]);
-    env.loader_ok(&["transform"]);
+    env.cli().ok(&["ingest", "--wait-seconds", "1"]);
+    env.cli().ok(&["transform"]);
     (env, dlq)
 }
 
@@ -73,12 +73,12 @@ async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
     assert_eq!(report["queue"]["dead_letter"]["name"].as_str(), Some(dlq_name.as_str()));
     assert_eq!(report["queue"]["dead_letter"]["visible"].as_u64(), Some(0));
 
-    let human = env.loader_ok(&["reconcile"]);
+    let human = env.cli().ok(&["reconcile"]);
     assert!(human.contains("staged (loader.raw_logins)"), "{human}");
     assert!(human.contains(&format!("dead-letter queue {dlq_name}: 0 visible")), "{human}");
     assert!(!human.contains("FAIL"), "{human}");
 
-    let status = env.loader_ok(&["status"]);
+    let status = env.cli().ok(&["status"]);
     assert!(status.contains("pending transform: 0"), "{status}");
     assert!(status.contains("received 100, staged 100"), "{status}");
     assert!(status.contains("active key: 1"), "{status}");
@@ -93,7 +93,7 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
         time::OffsetDateTime::now_utc(),
     )
     .await;
-    loader_ok(&db.url, "unused", &["transform"]);
+    db.cli().ok(&["transform"]);
     let (code, report) = reconcile(&db, "unused", &["--skip-queue"]);
     assert_eq!(code, Some(0), "{report:#}");
 
@@ -147,7 +147,7 @@ async fn each_broken_invariant_exits_3_and_names_the_message() {
     )
     .await;
     expect_gap(&db, "nothing_pending_before_last_transform", &["stale-1"]);
-    let human = loader(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    let human = db.cli().run(&["reconcile", "--skip-queue"]);
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("FAIL") && text.contains("stale-1"), "{text}");
 }
@@ -159,7 +159,7 @@ async fn since_checks_only_the_window_and_the_full_audit_still_sees_everything()
     let now = time::OffsetDateTime::now_utc();
     crate::support::stage(&db, &messages[..40], now).await;
     crate::support::stage(&db, &messages[40..], now).await;
-    loader_ok(&db.url, "unused", &["transform"]);
+    db.cli().ok(&["transform"]);
     // Ten days ago: the first run's 40 messages, with their outcomes; one of them has lost its
     // outcome since (a gap only the full audit can see).
     exec(
@@ -193,7 +193,7 @@ async fn since_checks_only_the_window_and_the_full_audit_still_sees_everything()
     assert_eq!(code, Some(3), "{report:#}");
     assert_eq!(failures(&report)["staged_message_accounted_for"], ["fixture-70"]);
     // The human report says which window it covered.
-    let out = loader(&db.url, "unused", &["reconcile", "--skip-queue", "--since", "36h"]);
+    let out = db.cli().run(&["reconcile", "--skip-queue", "--since", "36h"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("since"), "{out:?}");
 }
 
@@ -216,7 +216,7 @@ async fn a_run_that_stopped_after_deleting_what_it_could_not_record_is_no_gap() 
     .execute(&db.pool)
     .await
     .unwrap();
-    let out = env.loader(&["ingest", "--wait-seconds", "1"]);
+    let out = env.cli().run(&["ingest", "--wait-seconds", "1"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(q.depth().await, (0, 0, 0), "the staged messages were deleted from the queue");
     let run: (i64, i64, bool, bool) = sqlx::query_as(
@@ -227,7 +227,7 @@ async fn a_run_that_stopped_after_deleting_what_it_could_not_record_is_no_gap() 
     .unwrap();
     assert_eq!(run, (30, 0, true, true), "finished, marked, its deletes unrecorded");
 
-    env.loader_ok(&["transform"]);
+    env.cli().ok(&["transform"]);
     let (code, report) = reconcile(db, &q.name, &[]);
     assert_eq!(code, Some(0), "{report:#}");
     assert_eq!(report["stages"]["stopped_runs"], 1, "{report:#}");

@@ -1,7 +1,7 @@
 //! Retention (`loader purge`, `loader.purge_staged`): old raw bodies go, outcomes stay, and
 //! rebuilds, rotations, redeliveries and reconcile all still hold.
 
-use crate::support::{TestDb, fixture_messages, loader_ok, stage};
+use crate::support::{TestDb, fixture_messages, stage};
 use time::macros::datetime;
 
 const SENT: time::OffsetDateTime = datetime!(2020-02-29 23:59:59 UTC);
@@ -31,17 +31,14 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
     let db = TestDb::migrated().await;
     let messages = fixture_messages();
     stage(&db, &messages[..60], SENT).await;
-    assert_eq!(
-        loader_ok(&db.url, "unused", &["transform"]).trim(),
-        "transform: loaded 59, rejected 1, pending 0"
-    );
+    assert_eq!(db.cli().ok(&["transform"]).trim(), "transform: loaded 59, rejected 1, pending 0");
     // 40 more, staged but not yet transformed, also old: pending rows are never purged.
     stage(&db, &messages[60..], SENT).await;
     let ids: Vec<String> = messages.iter().map(|(id, _)| id.clone()).collect();
     age(&db, &ids[..30]).await;
     age(&db, &ids[60..70]).await;
 
-    let out = loader_ok(&db.url, "unused", &["purge", "--older-than-days", "30"]);
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert_eq!(out.trim(), "purged 30 staged bodies older than 30 days");
     assert_eq!(
         db.count("select count(*) from loader.raw_logins where purged_at is not null").await,
@@ -65,18 +62,15 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
     assert_eq!(left, 0, "no purged device id can be found in staging");
 
     // The pending ones load normally afterwards; a second purge has nothing more to do.
-    assert_eq!(
-        loader_ok(&db.url, "unused", &["transform"]).trim(),
-        "transform: loaded 40, rejected 0, pending 0"
-    );
-    let out = loader_ok(&db.url, "unused", &["purge", "--older-than-days", "30"]);
+    assert_eq!(db.cli().ok(&["transform"]).trim(), "transform: loaded 40, rejected 0, pending 0");
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert_eq!(out.trim(), "purged 10 staged bodies older than 30 days");
 
     // Rotation re-masks what it can recompute and leaves purged outcomes as they were.
     let purged_before = masks(&db, &ids[..30]).await;
     let kept_before = masks(&db, &ids[30..60]).await;
     assert_eq!(purged_before.len(), 29, "30 purged: 29 loaded, 1 rejected");
-    loader_ok(&db.url, "unused", &["keys", "rotate"]);
+    db.cli().ok(&["keys", "rotate"]);
     assert_eq!(masks(&db, &ids[..30]).await, purged_before);
     let kept_after = masks(&db, &ids[30..60]).await;
     assert_eq!(kept_after.len(), kept_before.len());
@@ -90,7 +84,7 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
         db.count("select count(*) from loader.raw_logins where body = 'null'::jsonb").await,
         40
     );
-    let report = loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    let report = db.cli().ok(&["reconcile", "--skip-queue"]);
     assert!(report.contains("of which bodies purged                40"), "{report}");
 }
 
@@ -126,11 +120,8 @@ async fn a_killed_or_stopped_purge_kept_its_committed_batches_and_a_rerun_finish
     sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
     let purged = "select count(*) from loader.raw_logins where purged_at is not null";
 
-    let running = crate::support::spawn_loader(
-        &db.url,
-        "unused",
-        &["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()],
-    );
+    let running =
+        db.cli().spawn(&["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()]);
     // Killed as soon as its first batches have committed.
     let mut seen = 0;
     for _ in 0..3000 {
@@ -166,11 +157,8 @@ async fn a_killed_or_stopped_purge_kept_its_committed_batches_and_a_rerun_finish
     );
 
     // SIGTERM: the batch in hand commits, the purge says how far it got and exits 4.
-    let running = crate::support::spawn_loader(
-        &db.url,
-        "unused",
-        &["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()],
-    );
+    let running =
+        db.cli().spawn(&["purge", "--older-than-days", "1", "--batch-size", &BATCH.to_string()]);
     while db.count(purged).await < after_kill + 3 * BATCH {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
@@ -186,9 +174,9 @@ async fn a_killed_or_stopped_purge_kept_its_committed_batches_and_a_rerun_finish
         )
     );
 
-    let out = loader_ok(&db.url, "unused", &["purge", "--older-than-days", "1"]);
+    let out = db.cli().ok(&["purge", "--older-than-days", "1"]);
     assert_eq!(out.trim(), format!("purged {} staged bodies older than 1 days", ROWS - after_stop));
     assert_eq!(db.count(purged).await, ROWS);
     assert_eq!(db.loaded().await, ROWS, "outcomes stay");
-    loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }

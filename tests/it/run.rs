@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{TestDb, TestEnv, TestQueue, loader, loader_ok};
+use crate::support::{TestDb, TestEnv, TestQueue};
 
 #[tokio::test]
 async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
@@ -15,7 +15,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
     let generated = loader::send::generate(3_000, 11);
     q.send(&fixture).await;
 
-    let child = crate::support::spawn_loader(&db.url, &q.name, &["run", "--wait-seconds", "1"]);
+    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&["run", "--wait-seconds", "1"]);
     // Keep sending while it runs, then stop it mid-stream.
     let sender = {
         let queue = q.queue.clone();
@@ -30,12 +30,12 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
 
     // Stopped cleanly: everything staged so far was transformed by the last transform.
     assert_eq!(db.pending().await, 0, "last transform ran");
-    let out = loader(&db.url, &q.name, &["reconcile"]);
+    let out = crate::support::Cli::new(&db.url, &q.name).run(&["reconcile"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Drain the rest, including any message a cut-off receive held: every message exactly once.
     crate::support::wait_until_visible(&q, 0).await;
-    loader_ok(&db.url, &q.name, &["run", "--once", "--wait-seconds", "1"]);
+    crate::support::Cli::new(&db.url, &q.name).ok(&["run", "--once", "--wait-seconds", "1"]);
     assert_eq!(db.staged().await, 3_100);
     assert_eq!(db.count("select count(distinct message_id) from loader.raw_logins").await, 3_100);
     assert_eq!(
@@ -46,7 +46,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
         3_100
     );
     assert_eq!(q.depth().await, (0, 0, 0));
-    let out = loader(&db.url, &q.name, &["reconcile"]);
+    let out = crate::support::Cli::new(&db.url, &q.name).run(&["reconcile"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
@@ -54,7 +54,7 @@ async fn run_stops_cleanly_mid_stream_and_nothing_is_lost_or_doubled() {
 async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
-    let child = env.spawn(&["run"]);
+    let child = env.cli().spawn(&["run"]);
     // Let it reach its first (idle) long poll.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 

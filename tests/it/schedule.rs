@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::support::{loader, loader_ok, required_env, unique_name, url_as};
+use crate::support::{required_env, unique_name, url_as};
 
 /// The owner role `scripts/postgres.sh cron` creates in the pg_cron cluster.
 const CRON_OWNER: &str = "loader_cron_owner";
@@ -45,7 +45,7 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
     .unwrap();
     let url = url_as(&admin_url, CRON_OWNER);
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    loader_ok(&url, "unused", &["migrate"]);
+    crate::support::Cli::new(&url, "unused").ok(&["migrate"]);
 
     let prefix = unique_name("cron");
     sqlx::raw_sql(&format!(
@@ -61,11 +61,14 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
     .await
     .unwrap();
 
-    let installed = loader_ok(
-        &url,
-        "unused",
-        &["schedule", "install", "--purge-older-than-days", "30", "--keep-history-days", "3"],
-    );
+    let installed = crate::support::Cli::new(&url, "unused").ok(&[
+        "schedule",
+        "install",
+        "--purge-older-than-days",
+        "30",
+        "--keep-history-days",
+        "3",
+    ]);
     for expected in [
         "loader-transform: '* * * * *' as loader_cron_owner: call loader.transform()",
         "loader-purge: '30 3 * * *' as loader_cron_owner: call loader.purge_staged(interval '30 days')",
@@ -75,7 +78,7 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
         assert!(installed.contains(expected), "{expected}: {installed}");
     }
     // Installing again replaces, never duplicates.
-    loader_ok(&url, "unused", &["schedule", "install"]);
+    crate::support::Cli::new(&url, "unused").ok(&["schedule", "install"]);
     let jobs: Vec<String> =
         sqlx::query_scalar("select jobname from cron.job where jobname like 'loader-%' order by 1")
             .fetch_all(&admin)
@@ -101,24 +104,28 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_eq!(outcomes, 31, "pg_cron loaded 30 and rejected 1 within 150 s");
-    let listed = loader_ok(&url, "unused", &["schedule", "list"]);
+    let listed = crate::support::Cli::new(&url, "unused").ok(&["schedule", "list"]);
     assert!(
         listed.contains("loader-transform") && listed.contains("last run: succeeded"),
         "{listed}"
     );
 
     assert_eq!(
-        loader_ok(&url, "unused", &["schedule", "remove"]).trim(),
+        crate::support::Cli::new(&url, "unused").ok(&["schedule", "remove"]).trim(),
         "removed 2 loader jobs from pg_cron"
     );
-    assert!(loader_ok(&url, "unused", &["schedule", "list"]).contains("no loader jobs"));
+    assert!(
+        crate::support::Cli::new(&url, "unused")
+            .ok(&["schedule", "list"])
+            .contains("no loader jobs")
+    );
     sqlx::query("select pg_advisory_unlock(7263)").execute(&mut *lock).await.unwrap();
 }
 
 #[tokio::test]
 async fn schedule_explains_the_setup_where_pg_cron_is_missing() {
     let db = crate::support::TestDb::migrated().await;
-    let out = loader(&db.url, "unused", &["schedule", "list"]);
+    let out = db.cli().run(&["schedule", "list"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -330,7 +330,7 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     assert_eq!(db.loaded().await, 119);
 
     let before: HashMap<String, (String, String, i32)> = masks(&db).await;
-    let out = crate::support::loader_ok(&db.url, "unused", &["keys", "rotate"]);
+    let out = db.cli().ok(&["keys", "rotate"]);
     assert!(out.contains("copied 120 rows"), "{out}");
     let after = masks(&db).await;
     assert_eq!(after.len(), before.len(), "row count unchanged");
@@ -351,7 +351,9 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     // Installing a known key (as two environments would) makes masks reproducible.
     let key_hex = "ab".repeat(32);
     let install = |db: &TestDb| {
-        let out = crate::support::loader_command(&db.url, "unused", &["keys", "install"])
+        let out = db
+            .cli()
+            .command(&["keys", "install"])
             .env("LOADER_MASK_KEY", &key_hex)
             .env("RUST_LOG", "trace")
             .output()
@@ -368,7 +370,9 @@ async fn transform_is_idempotent_and_incremental_and_rotation_remasks_everything
     let other = TestDb::migrated().await;
     stage(&other, &fixture_messages(), SENT).await;
     // The other environment reads the key from stdin.
-    let mut child = crate::support::loader_command(&other.url, "unused", &["keys", "install"])
+    let mut child = other
+        .cli()
+        .command(&["keys", "install"])
         .env_remove("LOADER_MASK_KEY")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -531,10 +535,7 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
     for args in
         [&["transform"][..], &["transform", "--rebuild"], &["keys", "rotate"], &["keys", "list"]]
     {
-        let out = crate::support::loader_command(&db.url, "unused", args)
-            .env("RUST_LOG", "trace")
-            .output()
-            .unwrap();
+        let out = db.cli().command(args).env("RUST_LOG", "trace").output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         logs.push_str(&String::from_utf8_lossy(&out.stdout));
         logs.push_str(&String::from_utf8_lossy(&out.stderr));
@@ -559,11 +560,7 @@ async fn no_transform_or_key_path_logs_pii_or_keys() {
 #[tokio::test]
 async fn watch_mode_transforms_new_rows_until_sigterm() {
     let db = TestDb::migrated().await;
-    let child = crate::support::spawn_loader(
-        &db.url,
-        "unused",
-        &["transform", "--watch", "--interval", "0.2"],
-    );
+    let child = db.cli().spawn(&["transform", "--watch", "--interval", "0.2"]);
     stage(&db, &fixture_messages(), SENT).await;
     let done = crate::support::wait_for_count(
         &db,
@@ -639,14 +636,12 @@ async fn parallel_workers_split_a_backlog_and_load_each_row_once() {
     let messages: Vec<(String, String)> =
         bodies.into_iter().enumerate().map(|(i, b)| (format!("w-{i}"), b)).collect();
     stage(&db, &messages, SENT).await;
-    let out = crate::support::loader_command(
-        &db.url,
-        "unused",
-        &["transform", "--workers", "4", "--batch-size", "500"],
-    )
-    .env("RUST_LOG", "loader=debug")
-    .output()
-    .unwrap();
+    let out = db
+        .cli()
+        .command(&["transform", "--workers", "4", "--batch-size", "500"])
+        .env("RUST_LOG", "loader=debug")
+        .output()
+        .unwrap();
     let (stdout, stderr) =
         (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stderr}");
@@ -667,5 +662,5 @@ async fn parallel_workers_split_a_backlog_and_load_each_row_once() {
     let summary =
         format!("loaded {}, rejected {}, pending 0", db.loaded().await, db.rejected().await);
     assert!(stdout.contains(&summary), "{stdout}");
-    crate::support::loader_ok(&db.url, "unused", &["reconcile", "--skip-queue"]);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
 }

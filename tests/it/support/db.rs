@@ -3,7 +3,6 @@
 
 use std::process::Command;
 
-use loader::config::DatabaseUrl;
 use sqlx::PgPool;
 
 use super::{required_env, unique_name};
@@ -66,8 +65,9 @@ impl TestDb {
         db
     }
 
-    pub fn database_url(&self) -> DatabaseUrl {
-        DatabaseUrl::from(self.url.clone())
+    /// The `loader` binary pointed at this database (and a queue no command here reads).
+    pub fn cli(&self) -> super::Cli {
+        super::Cli::new(&self.url, "unused")
     }
 
     pub async fn count(&self, sql: &'static str) -> i64 {
@@ -158,6 +158,11 @@ impl TestRole {
         let url = url_as(&db.url, &name);
         let pool = PgPool::connect(&url).await.expect("login as test role");
         Self { name, url, pool, admin_url: db.admin_url.clone() }
+    }
+
+    /// The `loader` binary logged in as this role.
+    pub fn cli(&self) -> super::Cli {
+        super::Cli::new(&self.url, "unused")
     }
 }
 

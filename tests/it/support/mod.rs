@@ -1,9 +1,7 @@
 //! Test fixtures, against the real PostgreSQL and LocalStack that `scripts/test.sh` starts:
 //! a database ([`db`]) and a queue ([`queue`]) of each test's own, both removed when dropped;
 //! the `loader` binary as a child process ([`process`]); an outage proxy ([`proxy`]); and
-//! [`TestEnv`], which puts them together with one method per action.
-
-#![allow(dead_code)] // parts serve only the `lambda` module, built with that feature
+//! [`TestEnv`], which puts them together. Every test runs the binary through one [`Cli`].
 
 mod db;
 /// The benchmarks' latency proxy, the same source as `examples/latency-proxy`.
@@ -13,7 +11,6 @@ mod process;
 mod proxy;
 mod queue;
 
-use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use db::*;
@@ -55,19 +52,9 @@ impl TestEnv {
         Self { db: TestDb::migrated().await, queue: TestQueue::new(visibility_timeout).await }
     }
 
-    /// Runs `loader ARGS` to completion.
-    pub fn loader(&self, args: &[&str]) -> Output {
-        loader(&self.db.url, &self.queue.name, args)
-    }
-
-    /// Runs `loader ARGS`, asserts it exited 0, and returns stdout.
-    pub fn loader_ok(&self, args: &[&str]) -> String {
-        loader_ok(&self.db.url, &self.queue.name, args)
-    }
-
-    /// Starts `loader ARGS` in the background.
-    pub fn spawn(&self, args: &[&str]) -> Running {
-        spawn_loader(&self.db.url, &self.queue.name, args)
+    /// The `loader` binary pointed at this database and queue.
+    pub fn cli(&self) -> Cli {
+        Cli::new(&self.db.url, &self.queue.name)
     }
 }
 

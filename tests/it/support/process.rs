@@ -5,34 +5,54 @@ use std::process::{Command, Output};
 
 use super::aws_settings;
 
-/// The `loader` binary set up for a database and a queue.
-pub fn loader_command(db_url: &str, queue: &str, args: &[&str]) -> Command {
-    let aws = aws_settings();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
-    cmd.args(args)
-        .env("DATABASE_URL", db_url)
-        .env("SQS_QUEUE", queue)
-        .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
-        .env("AWS_REGION", aws.region.unwrap())
-        .env("RUST_LOG", "warn,loader=debug");
-    cmd
+/// The `loader` binary pointed at a database and a queue: how every test runs it
+/// ([`TestEnv::cli`](super::TestEnv::cli), [`TestDb::cli`](super::TestDb::cli), or
+/// [`Cli::new`] for another role's URL).
+#[derive(Debug, Clone)]
+pub struct Cli {
+    url: String,
+    queue: String,
 }
 
-/// Runs the `loader` binary against a database and queue.
-pub fn loader(db_url: &str, queue: &str, args: &[&str]) -> Output {
-    loader_command(db_url, queue, args).output().expect("running the loader binary")
-}
+impl Cli {
+    pub fn new(url: &str, queue: &str) -> Self {
+        Self { url: url.to_owned(), queue: queue.to_owned() }
+    }
 
-/// Runs `loader` and asserts it exited 0; returns stdout.
-pub fn loader_ok(db_url: &str, queue: &str, args: &[&str]) -> String {
-    let out = loader(db_url, queue, args);
-    assert!(
-        out.status.success(),
-        "loader {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
+    /// `loader ARGS`, not yet started (to change its environment first).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let aws = aws_settings();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
+        cmd.args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("SQS_QUEUE", &self.queue)
+            .env("AWS_ENDPOINT_URL", aws.endpoint_url.unwrap())
+            .env("AWS_REGION", aws.region.unwrap())
+            .env("RUST_LOG", "warn,loader=debug");
+        cmd
+    }
+
+    /// Runs `loader ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running the loader binary")
+    }
+
+    /// Runs `loader ARGS`, asserts it exited 0, and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "loader {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Starts `loader ARGS` in the background.
+    pub fn spawn(&self, args: &[&str]) -> Running {
+        spawn(self.command(args))
+    }
 }
 
 /// A `loader` process running in the background. Its output is drained as it comes (a full
@@ -43,12 +63,7 @@ pub struct Running {
     stderr: std::thread::JoinHandle<Vec<u8>>,
 }
 
-/// Starts `loader` in the background against a database and queue.
-pub fn spawn_loader(db_url: &str, queue: &str, args: &[&str]) -> Running {
-    spawn(loader_command(db_url, queue, args))
-}
-
-/// Starts a [`loader_command`] (perhaps with settings changed) in the background.
+/// Starts a [`Cli::command`] (perhaps with settings changed) in the background.
 pub fn spawn(mut command: Command) -> Running {
     let mut child = command
         .stdout(std::process::Stdio::piped())
