@@ -1,5 +1,5 @@
 -- Masking keys: make sure one is active, list them without their bytes, rotate or install one
--- (rotate_key, which rebuilds with loader.rebuild() of sql/30_transform.sql).
+-- (rotate_key, which rebuilds with loader.rebuild() of sql/35_rebuild.sql).
 --
 -- Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/20_keys.sql (applied by `loader migrate`).
 -- Keys never leave the database through these functions; only the owner role can read

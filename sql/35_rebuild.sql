@@ -11,6 +11,8 @@
 --   select loader.rebuild_drop_retired();                 -- drop the tables the swap retired
 --   select loader.rebuild_abandon();                      -- or give up, dropping the copies
 --
+-- Also, at the end of this file, the in-place loader.rebuild(): one transaction (rotate_key() uses it).
+--
 -- How it stays consistent without stopping anything:
 -- - rebuild_start creates the copies, records the rebuild (with a rotation's new key, which
 --   stays here, owner-only, until the swap) and cuts raw_logins' ids up to the current maximum
@@ -424,3 +426,69 @@ end
 $$;
 comment on function loader._no_rebuild_copying(text) is
     'Private: raise when an online rebuild is copying';
+
+-- rebuild: recompute every outcome from raw_logins with the active key, in one transaction, so
+-- readers see the old table state or the new one, never a mix of old and new masks. Rows of
+-- user_logins without a message_id (adopted from before loader) are left alone, and so are
+-- purged rows (sql/40_retention.sql: nothing left to recompute from). Rows still pending are
+-- then transformed too, except those an open transform batch has claimed: that batch gives
+-- them their outcome, and its COMMIT-time check makes sure that is with the active key (or
+-- refuses it, and they are pending again). So a rebuild never waits for a transform batch.
+-- Refuses when an outcome's staged message is gone: it could not be recomputed.
+create or replace function loader.rebuild()
+returns table (loaded bigint, rejected bigint, pending bigint)
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    orphans bigint;
+    ids bigint[];
+    last_id bigint := 0;
+    batch record;
+begin
+    lock table loader.maintenance_lock in exclusive mode;
+    perform loader._no_rebuild_copying('rebuild()');
+    select count(*) into orphans
+      from (select u.message_id from public.user_logins u where u.message_id is not null
+            union all
+            select j.message_id from loader.login_rejects j) as o
+     where not exists (select from loader.raw_logins r where r.message_id = o.message_id);
+    if orphans > 0 then
+        raise exception 'rebuild refused: % outcome rows have no staged message to recompute from',
+            orphans;
+    end if;
+
+    delete from public.user_logins u
+     where u.message_id is not null
+       and not exists (select from loader.raw_logins r
+                        where r.message_id = u.message_id and r.purged_at is not null);
+    delete from loader.login_rejects j
+     where not exists (select from loader.raw_logins r
+                        where r.message_id = j.message_id and r.purged_at is not null);
+
+    loaded := 0;
+    rejected := 0;
+    loop
+        ids := array(select r.id from loader.raw_logins r
+                      where r.id > last_id and r.purged_at is null
+                        and not exists (select from loader.transform_queue q where q.raw_id = r.id)
+                      order by r.id limit 100000);
+        exit when cardinality(ids) = 0;
+        select * into batch from loader._outcomes(ids);
+        loaded := loaded + batch.loaded;
+        rejected := rejected + batch.rejected;
+        last_id := ids[cardinality(ids)];
+    end loop;
+    -- Then what was pending, as the incremental transform would (rows an open batch holds
+    -- are skipped, not waited for).
+    loop
+        select * into batch from loader.transform_batch(100000, false);
+        loaded := loaded + batch.loaded;
+        rejected := rejected + batch.rejected;
+        exit when batch.loaded + batch.rejected = 0;
+    end loop;
+    select count(*) into pending from loader.transform_queue;
+    return next;
+end
+$$;
+comment on function loader.rebuild() is
+    'Recompute every outcome from raw_logins with the active key, atomically (purged rows keep theirs)';

@@ -111,6 +111,3 @@ pub struct RunCounts {
     /// Messages PostgreSQL refused and left on the queue (not part of `received`).
     pub refused: i64,
 }
-
-/// The columns of [`RunCounts`], for `select {RUN_COLUMNS} from loader.ingest_runs`.
-pub const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";

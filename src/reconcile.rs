@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::counts::{RUN_COLUMNS, RunCounts};
+use crate::counts::RunCounts;
 use crate::sqs::Queue;
 
 /// How many offending ids a check lists (the count is always complete).
@@ -183,7 +183,7 @@ pub async fn reconcile(
     since: Option<Duration>,
 ) -> Result<Report> {
     let since_seconds = since.map(|d| d.as_secs_f64());
-    let stages: StageCounts = crate::db::transaction(pool, async |tx| sqlx::query_as(&with_params(
+    let stages_sql = with_params(
         " select (select count(*) from loader.raw_logins where staged_at >= {since}) as staged,
                 (select count(*) from loader.raw_logins
                   where purged_at is not null and staged_at >= {since}) as purged,
@@ -200,22 +200,19 @@ pub async fn reconcile(
                   where erased_at is not null and staged_at >= {since}) as erased,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start",
-    ))
-    .bind(grace_seconds)
-    .bind(since_seconds)
-    .persistent(false).fetch_one(tx).await)
+    );
+    let stages: StageCounts = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(&stages_sql)
+            .bind(grace_seconds)
+            .bind(since_seconds)
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
     .await
     .context("counting stages (has `loader migrate` run?)")?;
 
-    let recent_runs = crate::db::transaction(pool, async |tx| {
-        sqlx::query_as(&format!(
-            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 10"
-        ))
-        .persistent(false)
-        .fetch_all(tx)
-        .await
-    })
-    .await?;
+    let recent_runs = crate::staging::latest_runs(pool, 10).await?;
 
     let mut checks = Vec::with_capacity(CHECKS.len());
     for (name, description, sql) in CHECKS {

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use crate::counts::{RUN_COLUMNS, RunCounts};
+use crate::counts::RunCounts;
 
 /// What `loader status` shows.
 #[derive(Debug, Clone)]
@@ -34,15 +34,6 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
         })
         .await
         .context("reading status (has `loader migrate` run?)")?;
-    let last_run = crate::db::transaction(pool, async |tx| {
-        sqlx::query_as(&format!(
-            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit 1"
-        ))
-        .persistent(false)
-        .fetch_optional(tx)
-        .await
-    })
-    .await
-    .context("reading the last ingest run")?;
+    let last_run = crate::staging::latest_runs(pool, 1).await?.into_iter().next();
     Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
 }

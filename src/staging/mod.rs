@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 mod run;
 
-pub use run::IngestRun;
+pub use run::{IngestRun, latest_runs};
 
 /// What staging needs to know about one message.
 #[derive(Debug, Clone)]

@@ -2,7 +2,27 @@
 //! `loader.finish_run` of `sql/15_staging.sql`).
 
 use anyhow::{Context, Result};
-use sqlx::{Acquire, Postgres};
+use sqlx::{Acquire, PgPool, Postgres};
+
+use crate::counts::RunCounts;
+
+/// The columns of [`RunCounts`] in `loader.ingest_runs`.
+const RUN_COLUMNS: &str = "id, mode, started_at, finished_at, received, staged, duplicates, deleted, delete_failures, refused";
+
+/// The `limit` most recent ingest runs, newest first (`loader status`, `loader reconcile`).
+pub async fn latest_runs(pool: &PgPool, limit: i64) -> Result<Vec<RunCounts>> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(&format!(
+            "select {RUN_COLUMNS} from loader.ingest_runs order by id desc limit $1"
+        ))
+        .bind(limit)
+        .persistent(false)
+        .fetch_all(tx)
+        .await
+    })
+    .await
+    .context("reading the latest ingest runs")
+}
 
 /// An ingest run registered in `loader.ingest_runs`: what every staging call names. The token
 /// (random, from the database) binds the run to the process that registered it: no other

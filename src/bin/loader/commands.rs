@@ -94,11 +94,11 @@ async fn forget(settings: &Settings, args: &ForgetArgs, evict_after: Duration) -
         ids.extend(loader::forget::ids_from_file(path)?);
     }
     let pool = db::connect(settings.database_url()?, 2).await?;
-    let plan =
+    let options =
         loader::forget::Options { batch: args.batch_size, vacuum: !args.no_vacuum, evict_after };
     let progress = Progress::on_terminal("messages erased");
     let erased =
-        loader::forget::forget(&pool, &ids, &args.reference, &plan, progress.as_ref()).await?;
+        loader::forget::forget(&pool, &ids, &args.reference, &options, progress.as_ref()).await?;
     if let Some(p) = &progress {
         p.finish();
     }
