@@ -6,9 +6,9 @@
 //!
 //! # Layout
 //! Layers, top to bottom; a module imports only from layers below its own (the library never
-//! names clap or the command line, which live in `src/bin/loader/`).
+//! names the argument parser or the command line, which live in `src/bin/loader/`).
 //!
-//! - **binaries** (`src/bin/`): `loader` (clap, dispatch, printing, exit codes) and
+//! - **binaries** (`src/bin/`): `loader` (argument parsing, dispatch, printing, exit codes) and
 //!   `loader-lambda` (feature `lambda`).
 //! - **compositions** of the work below:
 //!   - [`pipeline`], `loader run`: ingest and transform together, graceful shutdown;
