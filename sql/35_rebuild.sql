@@ -110,8 +110,6 @@ language sql stable as $$
                             loader._permanent_dependents('loader.login_rejects')), '')
 $$;
 comment on function loader._rebuild_blockers() is
-    'Private: objects an online rebuild''s swap could not carry over, or NULL';
-comment on function loader._rebuild_blockers() is
     'Private: permanent objects a swap could not carry over (views, foreign keys, ...), or NULL';
 
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
