@@ -13,6 +13,9 @@
 #   then `loader transform` with its defaults (workers = cores) and with --workers N for each N
 #   in $WORKERS (default "2 4"), each from the same "nothing transformed" state.
 # About 5% of rows carry an IPv6 address and 1% are rejects, like the generator of `loader send`.
+# The erasure ledger holds $ERASED persons (default 1000, none of them in the rows), so every
+# row pays for the lookup that suppresses an erased person's messages.
+erased="${ERASED:-1000}"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -29,6 +32,10 @@ sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
 now() { date +%s.%N; }
 rate() { awk -v n="$rows" -v a="$1" -v b="$2" 'BEGIN { printf "%6.2f s  %9.0f rows/s", b - a, n / (b - a) }'; }
 
+if [ "$erased" -gt 0 ]; then
+    log "erasing $erased persons"
+    sql -c "call loader.forget(array(select 'gone-' || g from generate_series(1, $erased) g), 'bench')" >/dev/null
+fi
 log "staging $rows synthetic rows"
 sql -c "$(synthetic_logins_sql "$rows" bench "now() - interval '1 day'")" \
     -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" \
@@ -59,7 +66,7 @@ t2=$(now)
 result=$(sql -c "call loader.transform()")
 t3=$(now)
 
-echo "cores: $(nproc); rows staged: $rows; $(psql --version | head -n1)"
+echo "cores: $(nproc); rows staged: $rows; erased persons: $erased; $(psql --version | head -n1)"
 echo "floor (plain copy, no masking):       $(rate "$t0" "$t1")"
 echo "call loader.transform() (1 session):  $(rate "$t2" "$t3")  $(ratio "$t2" "$t3")   loaded|rejected|pending = $result"
 for workers in "" ${WORKERS:-2 4}; do

@@ -130,6 +130,7 @@ select 'create role loader_cron_owner login nosuperuser nocreaterole nocreatedb'
 select 'create role loader_ingest nologin' where not exists (select from pg_roles where rolname = 'loader_ingest') \gexec
 select 'create role loader_analyst nologin' where not exists (select from pg_roles where rolname = 'loader_analyst') \gexec
 select 'create role loader_pii_reader nologin' where not exists (select from pg_roles where rolname = 'loader_pii_reader') \gexec
+select 'create role loader_transformer nologin' where not exists (select from pg_roles where rolname = 'loader_transformer') \gexec
 select 'create database loader_cron owner loader_cron_owner'
  where not exists (select from pg_database where datname = 'loader_cron') \gexec
 alter database loader_cron owner to loader_cron_owner;

@@ -169,6 +169,22 @@ language sql stable parallel safe as $$
 $$;
 comment on function loader._user_hash(text, bytea) is 'Private: the erasure ledger''s HMAC of a user id';
 
+-- _body_hash: the keyed fingerprint of an erased body (loader.erased_bodies): HMAC-SHA256 of
+-- its text under loader.erasure_key, joined in by the caller like _user_hash's.
+create or replace function loader._body_hash(body jsonb, key bytea) returns bytea
+language sql stable parallel safe as $$
+    select public.hmac(convert_to(body::text, 'UTF8'), key, 'sha256')
+$$;
+comment on function loader._body_hash(jsonb, bytea) is 'Private: the keyed fingerprint of an erased body';
+
+-- _user_tag: the cheap keyed tag of a user id (loader.erased_users.user_tag) under the seed the
+-- caller joins in.
+create or replace function loader._user_tag(user_id text, seed bigint) returns bigint
+language sql immutable parallel safe as $$
+    select hashtextextended(user_id, seed)
+$$;
+comment on function loader._user_tag(text, bigint) is 'Private: the erased users'' 64-bit keyed tag of a user id';
+
 -- _login: _unwrap with the body's own envelope.
 create or replace function loader._login(body jsonb) returns jsonb
 language sql immutable parallel unsafe as $$
@@ -260,3 +276,103 @@ language sql immutable parallel safe as $$
     end
 $$;
 comment on function loader._reject_detail(jsonb, text) is 'Private: the human detail of a reject reason';
+
+-- _setting_int: an integer of loader.settings (the owner changes them in SQL), or `fallback`
+-- when it is unset or not a whole number.
+create or replace function loader._setting_int(setting text, fallback integer) returns integer
+language sql stable parallel safe as $$
+    select coalesce((select case when s.value ~ '^[0-9]{1,9}$' then s.value::integer end
+                       from loader.settings s where s.name = setting), fallback)
+$$;
+comment on function loader._setting_int(text, integer) is
+    'Private: an integer setting of loader.settings, or the fallback';
+
+-- _caller_is_owner: whether the login calling a definer function has the owner's privileges
+-- (the owner of schema loader, or a superuser). The owner may read and write every table
+-- anyway, so the bounds on what lesser roles pass do not apply to it.
+create or replace function loader._caller_is_owner() returns boolean
+language sql stable parallel safe as $$
+    select pg_has_role(session_user,
+                       (select n.nspowner from pg_catalog.pg_namespace n where n.nspname = 'loader'),
+                       'usage')
+$$;
+comment on function loader._caller_is_owner() is
+    'Private: whether session_user has the privileges of the owner of schema loader';
+
+-- Whose message is this? The one answer to "does this staged message belong to this person?",
+-- for every form a body can take, used by every path that asks: the erasure's search
+-- (sql/42_erasure.sql), the suppression of an erased person's later messages by the transform
+-- and the rebuild (_suppressed, below), and reveal (sql/44_reveal.sql).
+
+-- _mentions: every text a body holds that could be a user id: each string and number in it
+-- (nested ones too), and each word and quoted string inside those (so a text body such as
+-- `user_id="alice" ip=...`, or an SNS Message cut off mid-JSON, gives up "alice"). Words are
+-- split at blanks and at = : , ; brackets, braces, parentheses, angle brackets, quotes and
+-- backslashes. Only texts of 1 to 128 characters (user_logins.user_id is varchar(128)).
+-- No backslash in this body (see _ipv4_plain): chr(92) stands for it.
+create or replace function loader._mentions(body jsonb) returns text[]
+language sql immutable parallel safe as $$
+    select coalesce(array_agg(distinct t.m) filter (where char_length(t.m) between 1 and 128), '{}')
+      from jsonb_path_query(body, 'strict $.**') as v
+      cross join lateral (select v #>> '{}' as s) as x
+      cross join lateral (
+          select x.s
+          union all
+          select w from regexp_split_to_table(
+              x.s, '[][[:space:]"''=:,;{}()<>' || chr(92) || chr(92) || ']+') as w
+          union all
+          select q[1] from regexp_matches(x.s, '"([^"]*)"', 'g') as q
+          union all
+          select q[1] from regexp_matches(x.s, '''([^'']*)''', 'g') as q
+      ) as t (m)
+     where jsonb_typeof(v) in ('string', 'number')
+$$;
+comment on function loader._mentions(jsonb) is
+    'Private: every string, number, word and quoted string a body holds (1-128 characters)';
+
+-- _claimants: the user ids a staged message belongs to. A login with a scalar user_id (plain,
+-- or carried by an SNS or EventBridge envelope) belongs to that id alone. Any other body (not
+-- JSON, an envelope whose login does not parse, a user_id that is an array or an object, no
+-- user_id at all) belongs to every id it mentions (_mentions). Such a message never loads, so
+-- erring towards a match can only erase or suppress a reject, never a login.
+create or replace function loader._claimants(body jsonb) returns text[]
+language sql immutable parallel unsafe as $$
+    select case when jsonb_typeof(l.login -> 'user_id') in ('string', 'number', 'boolean')
+                then array[l.login ->> 'user_id']
+                else loader._mentions(body) end
+      from (select loader._login(body) as login) as l
+$$;
+comment on function loader._claimants(jsonb) is
+    'Private: the user ids a staged message belongs to, whatever its form (the one predicate of erasure, suppression and reveal)';
+
+-- _suppressed: whether a message (its _claimants, body, SentTimestamp and staging time) is an
+-- erased person's that must not load: one of its claimants was erased (loader.erased_users)
+-- and either it was sent before that erasure, or it was staged within erasure_quarantine_days
+-- after it (loader.settings, default 28: a message sent before the erasure and moved through a
+-- dead-letter queue comes back on AWS with a new MessageId and SentTimestamp), or its body is
+-- byte for byte one that was erased (loader.erased_bodies: a redrive or replay, whenever it
+-- comes). The common case, a claimant no erasure named, costs one cheap keyed tag
+-- (hashtextextended) looked up in a hash; only a hit pays for the HMACs that confirm it. Users
+-- erased before V17 have no tag: their rule stays "sent before the erasure", checked by HMAC.
+-- The keys are columns of scans, never values (see _outcome_rows).
+create or replace function loader._suppressed(
+    claimants text[], body jsonb, sent timestamptz, staged timestamptz) returns boolean
+language sql stable parallel safe as $$
+    select coalesce((exists (select from unnest(claimants) as c
+                     where loader._user_tag(c, (select x.tag_seed from loader.erasure_key x))
+                           in (select e.user_tag from loader.erased_users e))
+            or sent < (select max(e.erased_at) from loader.erased_users e where e.user_tag is null))
+       and exists (
+           select from unnest(claimants) as c
+             cross join loader.erasure_key as k
+             join loader.erased_users as e on e.user_hash = loader._user_hash(c, k.key)
+            where e.erased_at > sent
+               or (e.user_tag is not null
+                   and (staged < e.erased_at
+                           + make_interval(days => loader._setting_int('erasure_quarantine_days', 28))
+                        or exists (select from loader.erased_bodies b
+                                    where b.body_hash = loader._body_hash(body, k.key))))),
+           false)
+$$;
+comment on function loader._suppressed(text[], jsonb, timestamptz, timestamptz) is
+    'Private: whether a staged message is an erased person''s that must not load';

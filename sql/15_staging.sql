@@ -41,12 +41,29 @@ create or replace trigger raw_logins_queue_for_transform
     for each statement execute function loader._queue_staged_rows();
 
 -- register_run: a new open run for `queue`; returns its id and its token.
+-- Each argument is checked first, so a bad one is a clear error, never a failing row quoted
+-- back in a constraint's DETAIL.
 create or replace function loader.register_run(
     queue text, mode text, loader_version text, out run_id bigint, out run_token text)
-language sql security definer set search_path = pg_catalog, pg_temp as $$
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_variable
+begin
+    if queue is null or btrim(queue) = '' or char_length(queue) > 256 then
+        raise exception 'register_run: a queue name of 1 to 256 characters'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if mode is null or mode not in ('drain', 'follow', 'lambda') then
+        raise exception 'register_run: mode is drain, follow or lambda'
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if loader_version is null or char_length(loader_version) > 64 then
+        raise exception 'register_run: a loader version of at most 64 characters'
+            using errcode = 'invalid_parameter_value';
+    end if;
     insert into loader.ingest_runs (queue, mode, loader_version, started_at, registered_by)
     values (queue, mode, loader_version, clock_timestamp(), session_user)
-    returning id, token
+    returning id, token into run_id, run_token;
+end
 $$;
 comment on function loader.register_run(text, text, text) is
     'Register an ingest run; returns (run_id, run_token) for the calls that stage into it';
@@ -93,7 +110,8 @@ comment on function loader._insert_staged(bigint, timestamptz, text[], text[], b
 -- is recorded. Redelivered messages refused together are the usual poison messages on their way
 -- to the DLQ, and are recorded. Refuses (42501) a run that is unknown, finished, or not the
 -- caller's (_check_run). staged_at is the time of this call, not of the caller's transaction
--- start, so a transaction held open cannot back-date it.
+-- start, so a transaction held open cannot back-date it; sent_at is bounded (below). The run
+-- remembers the transaction, which then cannot transform (transform_batch).
 create or replace function loader.stage(
     run_id bigint, run_token text, message_ids text[], bodies text[], is_json boolean[],
     sent_at timestamptz[], receive_counts integer[], copies integer[],
@@ -104,6 +122,7 @@ declare
     stamp timestamptz := clock_timestamp();
     n integer := cardinality(message_ids);
     received bigint;
+    replaced bigint := 0;
     refused_copies bigint := 0;
     one bigint;
     code text;
@@ -126,6 +145,21 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     perform loader._check_run(run_id, run_token);
+    -- The server owns sent_at: below the owner, a SentTimestamp in the future (beyond a minute of
+    -- clock skew) or older than a message can live on SQS (sent_at_max_age_days, default 28:
+    -- 14 days on a queue, and as long again after a FIFO dead-letter queue restarted the clock)
+    -- is replaced by the staging time, and counted in the run (sent_at_replaced).
+    if not loader._caller_is_owner() then
+        replaced := (select count(*) from unnest(sent_at) t
+                      where t > stamp + interval '1 minute'
+                         or t < stamp - make_interval(days => loader._setting_int('sent_at_max_age_days', 28)));
+        if replaced > 0 then
+            sent_at := array(select case when t > stamp + interval '1 minute'
+                                           or t < stamp - make_interval(days => loader._setting_int('sent_at_max_age_days', 28))
+                                         then stamp else t end
+                               from unnest(sent_at) with ordinality as u (t, n) order by u.n);
+        end if;
+    end if;
     refused_ids := '{}';
     begin
         staged := loader._insert_staged(run_id, stamp, message_ids, bodies, is_json, sent_at,
@@ -183,12 +217,14 @@ begin
                 using errcode = first_code;
         end if;
     end;
-    received := (select sum(c) from unnest(copies) c) - refused_copies;
+    received := coalesce((select sum(c) from unnest(copies) c), 0) - refused_copies;
     update loader.ingest_runs r
        set received = r.received + received,
            staged = r.staged + staged,
            duplicates = r.duplicates + received - staged,
-           refused = r.refused + refused_copies
+           refused = r.refused + refused_copies,
+           sent_at_replaced = r.sent_at_replaced + replaced,
+           last_stage_xact = pg_current_xact_id()
      where r.id = run_id;
 end
 $$;

@@ -121,13 +121,25 @@ language sql stable as $$
                       -- notification or an EventBridge event carries (NULL when it carries
                       -- none). Nothing else of an envelope is read.
                       from (select l.message_id, l.login as body, l.body_is_json, l.envelope,
-                                   -- Sent before its user asked to be erased (sql/42_erasure.sql):
-                                   -- only a message sent before the latest erasure pays for the
-                                   -- keyed hash of its user id.
-                                   coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e), false)
-                                   and exists (select from loader.erased_users e, loader.erasure_key x
-                                                where e.user_hash = loader._user_hash(l.login ->> 'user_id', x.key)
-                                                  and e.erased_at > l.sent) as erased,
+                                   -- An erased person's message (loader._suppressed). A login
+                                   -- with a scalar user_id (nearly every row) is looked up by its
+                                   -- cheap keyed tag in a hash built once per statement, and only
+                                   -- a hit pays for _suppressed's HMACs; its claimants are that
+                                   -- id alone (loader._claimants). Any other body asks
+                                   -- _suppressed with all its claimants.
+                                   (select exists (select from loader.erased_users))
+                                   and coalesce(
+                                       case when jsonb_typeof(l.login -> 'user_id') in ('string', 'number', 'boolean')
+                                            then (loader._user_tag(l.login ->> 'user_id',
+                                                                   (select x.tag_seed from loader.erasure_key x))
+                                                      in (select e.user_tag from loader.erased_users e)
+                                                  or l.sent < (select max(e.erased_at) from loader.erased_users e
+                                                                where e.user_tag is null))
+                                                 and loader._suppressed(array[l.login ->> 'user_id'],
+                                                                        l.staged_body, l.sent, l.staged_at)
+                                            else loader._suppressed(loader._claimants(l.staged_body),
+                                                                    l.staged_body, l.sent, l.staged_at)
+                                       end, false) as erased,
                                    l.login ->> 'user_id' as user_id,
                                    l.login ->> 'device_type' as device_type,
                                    btrim(l.login ->> 'ip') as ip,
@@ -137,6 +149,7 @@ language sql stable as $$
                                    l.create_date
                               from (select r.message_id, r.body_is_json, e.envelope,
                                            loader._unwrap(r.body, e.envelope) as login,
+                                           r.body as staged_body, r.staged_at,
                                            coalesce(r.sent_at, r.staged_at) as sent,
                                            -- The UTC day SQS received it (wrapped or not), not
                                            -- the day of the transform: reruns must not move it.
@@ -185,11 +198,21 @@ language sql volatile set jit = off as $$
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
     ), erased as (
-        -- A message suppressed as sent before its user's erasure keeps no body.
+        -- A suppressed message of an erased person keeps no body; its keyed fingerprint is
+        -- kept (the CTEs read the bodies as they were before this statement), so a redrive or
+        -- replay of it is suppressed whenever it comes.
         update loader.raw_logins r
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
          where o.reason = 'erased' and r.message_id = o.message_id
+    ), fingerprints as (
+        insert into loader.erased_bodies (body_hash, erased_at)
+        select loader._body_hash(r.body, k.key), now()
+          from outcome o
+          join loader.raw_logins r on r.message_id = o.message_id
+         cross join loader.erasure_key k
+         where o.reason = 'erased' and r.purged_at is null
+        on conflict (body_hash) do nothing
     )
     -- (ticket and erased, like every data-modifying CTE, run to completion unreferenced.)
     select (select count(*) from loads), (select count(*) from rejects),
@@ -227,11 +250,21 @@ language sql volatile set jit = off as $$
         insert into loader.batch_keys (key_id)
         select distinct l.mask_key_id from loads l
     ), erased as (
-        -- A message suppressed as sent before its user's erasure keeps no body.
+        -- A suppressed message of an erased person keeps no body; its keyed fingerprint is
+        -- kept (the CTEs read the bodies as they were before this statement), so a redrive or
+        -- replay of it is suppressed whenever it comes.
         update loader.raw_logins r
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
          where o.reason = 'erased' and r.message_id = o.message_id
+    ), fingerprints as (
+        insert into loader.erased_bodies (body_hash, erased_at)
+        select loader._body_hash(r.body, k.key), now()
+          from outcome o
+          join loader.raw_logins r on r.message_id = o.message_id
+         cross join loader.erasure_key k
+         where o.reason = 'erased' and r.purged_at is null
+        on conflict (body_hash) do nothing
     )
     select (select count(*) from loads), (select count(*) from rejects),
            (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
@@ -291,6 +324,51 @@ begin
 end
 $$;
 
+-- _end_held_claims: ends the sessions below the owner that have held a write on the work list
+-- (rows claimed by a transform batch, or staged and not committed) in a transaction open longer
+-- than evict_after_seconds (loader.settings, default 10): a transform batch or a staging
+-- commits in well under a second, so such a session is idle in its transaction, or sleeping in
+-- it (a trigger of its own at COMMIT), whatever timeouts it set. Recorded in loader.evictions
+-- and the server log with its pid and login, never its query. Owner sessions and superusers
+-- are never ended. Needs the owner to have pg_signal_backend, and pg_read_all_stats to see how
+-- long another login's transaction is open (docs/security.md "The owner role"); without them
+-- it ends nothing, and `loader doctor` says so. Returns how many it ended.
+create or replace function loader._end_held_claims() returns integer
+language plpgsql as $$
+declare
+    bound interval := make_interval(secs => loader._setting_int('evict_after_seconds', 10));
+    owner oid := (select n.nspowner from pg_catalog.pg_namespace n where n.nspname = 'loader');
+    holder record;
+    ended integer := 0;
+begin
+    for holder in
+        select distinct a.pid, a.usename::text as role, clock_timestamp() - a.xact_start as held_for
+          from pg_catalog.pg_locks l
+          join pg_catalog.pg_stat_activity a on a.pid = l.pid
+         where l.locktype = 'relation' and l.granted
+           and l.relation = 'loader.transform_queue'::regclass
+           and l.mode = 'RowExclusiveLock'
+           and l.pid <> pg_backend_pid()
+           and a.xact_start < clock_timestamp() - bound
+           and not pg_has_role(a.usesysid, owner, 'usage')
+    loop
+        if pg_terminate_backend(holder.pid) then
+            insert into loader.evictions (at, pid, role, held_for)
+            values (clock_timestamp(), holder.pid, holder.role, holder.held_for);
+            raise log 'loader ended session % (login %): it held work-list rows in a transaction open for %',
+                holder.pid, holder.role, holder.held_for;
+            ended := ended + 1;
+        end if;
+    end loop;
+    return ended;
+exception when insufficient_privilege then
+    -- No pg_signal_backend: nothing is ended (loader doctor reports it).
+    return ended;
+end
+$$;
+comment on function loader._end_held_claims() is
+    'Private: end the sessions below the owner holding work-list rows past evict_after_seconds';
+
 -- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
 -- count_pending is false: counting the work list costs more than a batch on a big backlog, so
 -- the batch loops below count once, at the end).
@@ -307,6 +385,18 @@ begin
     if not exists (select from loader.mask_keys k where k.retired_at is null) then
         raise exception 'no active masking key: run loader migrate';
     end if;
+    -- Duties: a transaction that staged messages cannot transform (it could read what its own
+    -- input became, then roll both back). Staging commits first; its rows are then on record.
+    if not loader._caller_is_owner() and exists (
+           select from loader.ingest_runs r
+            where r.last_stage_xact = pg_current_xact_id_if_assigned()) then
+        raise exception 'a transaction that staged messages cannot transform them: commit the staging first'
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    -- A caller's size is capped: one batch never claims the whole work list.
+    max_rows := least(greatest(coalesce(max_rows, 0), 0), 100000);
+    -- Sessions below the owner holding work-list rows past the bound are ended first.
+    perform loader._end_held_claims();
     -- The COMMIT-time key check stays deferred whatever the session set before.
     set constraints loader.batch_keys_confirm deferred;
 
@@ -345,8 +435,12 @@ begin
 
     -- Progress, for reconcile and status: one insert-only row per batch (loader.transform_log),
     -- never a row that batches share, so a transaction held open holds nothing another batch
-    -- needs. Fewer rows than asked for: the work list was drained as of this batch's start.
-    insert into loader.transform_log (at, drained) values (now(), cardinality(claimed) < max_rows);
+    -- needs. Drained: fewer rows than asked for, and nothing else waits, not even rows another
+    -- session has claimed and not committed (still visible here), so a batch held open never
+    -- makes the pipeline look drained.
+    insert into loader.transform_log (at, drained)
+    values (now(), cardinality(claimed) < max_rows
+                   and not exists (select from loader.transform_queue));
     -- A drained batch folds rows over a minute old into one per kind (their count and latest
     -- time), passing over rows another fold holds: the log stays small and nothing waits.
     if cardinality(claimed) < max_rows then

@@ -4,21 +4,23 @@
 --
 --   call loader.forget(array['user-1', 'user-2'], 'DSR-2026-0042');   -- in committed batches
 --
--- What it erases, for each message of those users (found by user_logins.user_id, and by the
--- login inside the staged bodies still kept: pending rows and rejects): its outcome (a
+-- What it erases, for each message of those users (found by user_logins.user_id, and by
+-- loader._claimants in the staged bodies still kept: pending rows and rejects, whatever their
+-- form): its outcome (a
 -- user_logins or login_rejects row, and its copy while an online rebuild copies), its refusals,
 -- and its body (purged; erased_at stamped). The staged row itself stays, with no personal data
 -- left in it, so a redelivery of the same MessageId (SQS keeps messages up to 14 days; a DLQ
 -- redrive; a replay) is a duplicate that stages nothing and gets no outcome. user_logins rows
--- from before loader (no message id) are deleted. A body that is not JSON is matched when it
--- holds the user id as a quoted string.
+-- from before loader (no message id) are deleted. Each erased body's keyed fingerprint is kept
+-- (loader.erased_bodies).
 --
--- A message of an erased user sent before the erasure and staged after it (it was still on the
--- queue) is suppressed by the transform: no body kept, a reject with reason `erased`. One sent
--- after it is a new login, processed as any other. The ledger tells them apart without the id:
--- loader.erased_users holds HMAC-SHA256 of each id under loader.erasure_key, a key that never
--- leaves the owner (only the owner, who can read the raw bodies anyway, could test a guess
--- against it; no function a lesser role may call computes it).
+-- A later message of an erased user is suppressed by the transform (loader._suppressed: no
+-- body kept, a reject with reason `erased`) when it was sent before the erasure, staged within
+-- erasure_quarantine_days after it, or is an erased body come back. The ledger recognises the
+-- person without the id: loader.erased_users holds HMAC-SHA256 of each id under
+-- loader.erasure_key (and a cheap keyed tag), keys that never leave the owner (only the owner,
+-- who can read the raw bodies anyway, could test a guess against them; no function a lesser
+-- role may call computes them).
 --
 -- Owner only. A batch waits for a transform batch that claimed one of its rows (that batch's
 -- outcome is then erased with the rest); `loader forget` ends a session that holds it up past
@@ -55,12 +57,17 @@ begin
     insert into loader.erasures (reference, requested_by, started_at, users)
     values (reference, session_user, clock_timestamp(), cardinality(hashes))
     returning id into erasure;
-    insert into loader.erased_users (user_hash, erasure_id, erased_at)
-    select h, erasure, clock_timestamp() from unnest(hashes) h;
+    insert into loader.erased_users (user_hash, user_tag, erasure_id, erased_at)
+    select distinct loader._user_hash(u, k.key), loader._user_tag(u, k.tag_seed), erasure,
+           clock_timestamp()
+      from unnest(user_ids) u, loader.erasure_key k;
     delete from public.user_logins u where u.user_id = any (user_ids) and u.message_id is null;
     get diagnostics adopted = row_count;
     update loader.erasures e set counts = jsonb_build_object('user_logins_before_loader', adopted)
      where e.id = erasure;
+    -- Their messages, by the one predicate (loader._claimants), whatever form each body has:
+    -- loaded ones by user_logins.user_id (what _claimants gave when they loaded), and every
+    -- staged body still kept that has no loaded outcome: pending (claimed or not) and rejected.
     insert into loader.erasure_work (erasure_id, message_id)
     select erasure, m.message_id
       from (select u.message_id from public.user_logins u
@@ -68,15 +75,11 @@ begin
             union
             select r.message_id from loader.transform_queue q
               join loader.raw_logins r on r.id = q.raw_id
-             where loader._login(r.body) ->> 'user_id' = any (user_ids)
+             where r.purged_at is null and loader._claimants(r.body) && user_ids
             union
             select r.message_id from loader.login_rejects j
               join loader.raw_logins r on r.message_id = j.message_id
-             where r.purged_at is null
-               and (loader._login(r.body) ->> 'user_id' = any (user_ids)
-                    or (not r.body_is_json
-                        and exists (select from unnest(user_ids) u
-                                     where strpos(r.body #>> '{}', '"' || u || '"') > 0)))) m;
+             where r.purged_at is null and loader._claimants(r.body) && user_ids) m;
     return erasure;
 end
 $$;
@@ -125,6 +128,13 @@ begin
     delete from loader.refusals f where f.message_id = any (ids);
     get diagnostics n = row_count;
     erased := erased || jsonb_build_object('refusals', n);
+    -- Each erased body's keyed fingerprint: the same body coming back (a redrive on AWS, with
+    -- a new MessageId and SentTimestamp; a replay) is suppressed whenever it comes.
+    insert into loader.erased_bodies (body_hash, erased_at)
+    select loader._body_hash(r.body, k.key), clock_timestamp()
+      from loader.raw_logins r, loader.erasure_key k
+     where r.message_id = any (ids) and r.purged_at is null
+    on conflict (body_hash) do nothing;
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
            erased_at = clock_timestamp()

@@ -68,10 +68,17 @@ begin
             using errcode = 'program_limit_exceeded',
                   hint = 'the owner sets the bound: update loader.settings set value = ''...'' where name = ''reveal_max_messages''';
     end if;
-    insert into loader.pii_access_log (at, role, purpose, message_ids, values_returned)
-    select clock_timestamp(), session_user, purpose, message_ids,
-           (select count(*) from loader.raw_logins r
-             where r.message_id = any (message_ids) and r.purged_at is null and r.erased_at is null)
+    -- The record covers exactly the messages that have a body to reveal now: staged, not
+    -- purged, not erased, and not an erased person's (loader._suppressed, the transform's own
+    -- rule, by the one predicate loader._claimants). A read returns values of these only.
+    insert into loader.pii_access_log (at, role, purpose, message_ids, revealable, values_returned)
+    select clock_timestamp(), session_user, purpose, message_ids, v.ids, cardinality(v.ids)
+      from (select array(select r.message_id from loader.raw_logins r
+                          where r.message_id = any (message_ids)
+                            and r.purged_at is null and r.erased_at is null
+                            and not loader._suppressed(loader._claimants(r.body), r.body,
+                                                       coalesce(r.sent_at, r.staged_at), r.staged_at)
+                          order by r.message_id) as ids) v
     returning id into access;
     return access;
 end
@@ -79,8 +86,8 @@ $$;
 comment on function loader._reveal_log(text[], text) is
     'Private to loader.reveal: record a reveal request; returns its id';
 
--- _reveal_read: the values a committed record of the caller's own asked for: per message, in
--- the order asked, its status (revealed, purged, erased, not staged) and the login's ip and
+-- _reveal_read: the values a committed record of the caller's own covers: per message, in the
+-- order asked, its status (revealed, purged, erased, not staged) and the login's ip and
 -- device_id when revealed.
 create or replace function loader._reveal_read(access bigint) returns jsonb
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -97,17 +104,30 @@ begin
             using errcode = 'insufficient_privilege',
                   hint = 'call loader.reveal(message_ids, purpose), which records the request first';
     end if;
+    -- Values only for the messages the record covers (revealable), and only while each is
+    -- still kept and not an erased person's: never more than the record counts. A message
+    -- staged after the record was written is 'not staged' for it, whenever it is read.
     return (select coalesce(jsonb_agg(jsonb_build_object(
                        'message_id', m.id,
-                       'status', case when r.message_id is null then 'not staged'
-                                      when r.erased_at is not null then 'erased'
-                                      when r.purged_at is not null then 'purged'
-                                      else 'revealed' end,
-                       'ip', case when r.purged_at is null then l.login ->> 'ip' end,
-                       'device_id', case when r.purged_at is null then l.login ->> 'device_id' end)
+                       'status', s.status,
+                       'ip', case when s.status = 'revealed' then l.login ->> 'ip' end,
+                       'device_id', case when s.status = 'revealed' then l.login ->> 'device_id' end)
                    order by m.n), '[]')
               from unnest(request.message_ids) with ordinality as m (id, n)
-              left join loader.raw_logins r on r.message_id = m.id
+              left join loader.raw_logins r
+                     on r.message_id = m.id
+                    and (r.message_id = any (request.revealable) or r.staged_at <= request.at)
+              cross join lateral (
+                  select case when r.message_id is null then 'not staged'
+                              when r.erased_at is not null then 'erased'
+                              when r.purged_at is not null then 'purged'
+                              when loader._suppressed(loader._claimants(r.body), r.body,
+                                                      coalesce(r.sent_at, r.staged_at), r.staged_at)
+                                  then 'erased'
+                              -- Staged, but not visible yet when the record was written.
+                              when not (r.message_id = any (coalesce(request.revealable, '{}')))
+                                  then 'not staged'
+                              else 'revealed' end as status) s
               left join lateral (select loader._login(r.body) as login) l on true);
 end
 $$;

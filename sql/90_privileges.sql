@@ -11,10 +11,13 @@
 
 -- Nothing in schema loader for PUBLIC or the loader roles but what is granted below.
 revoke all on schema loader from public;
-revoke all on all tables in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
-revoke all on all sequences in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
-revoke all on all routines in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader;
-grant usage on schema loader to loader_ingest, loader_analyst, loader_pii_reader;
+revoke all on all tables in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader,
+    loader_transformer;
+revoke all on all sequences in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader,
+    loader_transformer;
+revoke all on all routines in schema loader from public, loader_ingest, loader_analyst, loader_pii_reader,
+    loader_transformer;
+grant usage on schema loader to loader_ingest, loader_analyst, loader_pii_reader, loader_transformer;
 
 -- loader_ingest: registers runs, stages raw messages into its own run and records its
 -- counters, through sql/15_staging.sql only. No privilege on any table: it cannot read bodies
@@ -35,6 +38,14 @@ grant select (id, started_at, finished_at, queue, mode, received, staged, duplic
     on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_analyst;
+
+-- loader_transformer: runs the incremental transform and reads nothing it produces (no mask,
+-- no outcome, no reject reason; only the pipeline's counts): the role beside loader_ingest for
+-- a login that stages and transforms (loader run, the Lambda handler), so that no documented
+-- login both chooses an input and sees what became of it (docs/security.md).
+grant execute on function loader.transform_batch(integer, boolean) to loader_transformer;
+grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_transformer;
+grant select on loader.pipeline_status to loader_transformer;
 
 -- loader_pii_reader: the audited read of raw ip and device id (sql/44_reveal.sql), and nothing
 -- else: no table, no key, no function that hashes.

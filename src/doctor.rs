@@ -56,6 +56,15 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "loader_transformer",
+        &[
+            "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
+            "execute loader.transform_batch(integer,boolean)",
+            "select loader.pipeline_status",
+            "usage schema loader",
+        ],
+    ),
+    (
         "loader_pii_reader",
         &[
             "execute loader._reveal_log(text[],text)",
@@ -149,6 +158,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         findings.push(Finding::from(check, privileges(pool, role, documented).await));
     }
     findings.push(Finding::from("owner may end sessions", owner_may_end_sessions(pool).await));
+    findings.push(Finding::from("duties separated", duties_separated(pool).await));
     findings.push(Finding::from("pinned settings", pinned_settings(pool).await));
     findings.push(Finding::from("pii access log", pii_access_log(pool).await));
     findings.push(Finding::from("retired tables", retired_tables(pool).await));
@@ -282,21 +292,58 @@ async fn privileges(pool: &PgPool, role: &str, documented: &[&str]) -> Problem {
     )
 }
 
-/// The owner may end the sessions that hold its work up ([`crate::evict`]).
+/// No login below the owner holds the writer role (`loader_ingest`, which chooses what is
+/// staged) and a reader role (`loader_analyst`, `loader_pii_reader`, which see what the
+/// transform made of it) together: it could stage a value of its choosing and read its mask or
+/// its outcome (docs/security.md "Duties").
+async fn duties_separated(pool: &PgPool) -> Problem {
+    let both: Result<Vec<String>, _> = scalars(
+        pool,
+        "select r.rolname::text from pg_roles r
+          where r.rolcanlogin and not r.rolsuper
+            and r.oid <> (select nspowner from pg_namespace where nspname = 'loader')
+            and exists (select from unnest(array['loader_ingest']) w
+                         where pg_has_role(r.oid, w, 'member'))
+            and exists (select from unnest(array['loader_analyst', 'loader_pii_reader']) d
+                         where pg_has_role(r.oid, d, 'member'))
+          order by 1",
+    )
+    .await;
+    match both {
+        Ok(logins) if logins.is_empty() => None,
+        Ok(logins) => problem(
+            format!(
+                "these logins hold loader_ingest and a reader role (loader_analyst or \
+                 loader_pii_reader) together, so each can stage a value of its choosing and read \
+                 what the transform made of it: {}",
+                logins.join(", ")
+            ),
+            "revoke loader_analyst (or loader_pii_reader) from them; a login that stages and \
+             transforms needs loader_ingest and loader_transformer (docs/security.md \"Duties\")",
+        ),
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
+}
+
+/// The owner may end the sessions that hold its work up ([`crate::evict`]), and see how long
+/// another login's transaction has been open (the transform ends one that holds work-list rows
+/// past `evict_after_seconds`).
 async fn owner_may_end_sessions(pool: &PgPool) -> Problem {
     let may: Result<bool, _> = scalar(
         pool,
-        "select pg_has_role(current_user, 'pg_signal_backend', 'member')
+        "select (pg_has_role(current_user, 'pg_signal_backend', 'member')
+                 and pg_has_role(current_user, 'pg_read_all_stats', 'member'))
                 or (select rolsuper from pg_roles where rolname = current_user)",
     )
     .await;
     match may {
         Ok(true) => None,
         Ok(false) => problem(
-            "the owner role may not end other roles' sessions: one that holds a lock open can \
-             hold up migrate, a rotation's swap or the drop of the tables it retired until their \
-             lock_timeout",
-            "grant pg_signal_backend to the owner role (as a superuser, or rds_superuser on RDS)",
+            "the owner role may not end other roles' sessions, or see how long they have been \
+             open: one that holds a lock or claimed rows open can hold up migrate, a rotation's \
+             swap, the drop of the tables it retired, or the transform of the rows it claimed",
+            "grant pg_signal_backend, pg_read_all_stats to the owner role (as a superuser, or \
+             rds_superuser on RDS)",
         ),
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }

@@ -87,6 +87,37 @@ pub async fn transform(pool: &PgPool, plan: Plan) -> Result<TransformReport> {
     Ok(report)
 }
 
+/// How long [`drain`] keeps trying rows that another session has claimed and not committed:
+/// longer than the server's default bound (`evict_after_seconds`, 10 s), after which the
+/// transform ends such a session of a role below the owner.
+pub const HELD_WAIT: Duration = Duration::from_secs(15);
+
+/// [`transform`] until nothing is pending, or until rows claimed by another session's open
+/// transaction have waited `held_wait` with no progress (the report's `pending` then says how
+/// many are left). Each pass ends the sessions below the owner that hold rows past the bound,
+/// so a held batch delays a drain by that bound at most.
+pub async fn drain(pool: &PgPool, plan: Plan, held_wait: Duration) -> Result<TransformReport> {
+    let mut total = TransformReport::default();
+    let mut stalled_since: Option<std::time::Instant> = None;
+    loop {
+        let pass = transform(pool, plan).await?;
+        total += pass;
+        if pass.pending == 0 {
+            return Ok(total);
+        }
+        if pass.loaded + pass.rejected > 0 {
+            stalled_since = None;
+            continue;
+        }
+        let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= held_wait {
+            return Ok(total);
+        }
+        tracing::info!(pending = pass.pending, "rows are claimed by another session; waiting");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// The row `call loader.transform()` returns.
 #[derive(sqlx::FromRow)]
 struct SessionRow {

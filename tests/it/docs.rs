@@ -250,3 +250,27 @@ fn every_relative_link_in_the_readme_and_the_guides_resolves() {
     }
     assert!(checked > 30, "only {checked} links checked");
 }
+
+/// docs/security.md's table of `loader.settings` names every setting a fresh migrate creates,
+/// with the default it gets.
+#[tokio::test]
+async fn the_settings_table_in_the_security_guide_is_the_migrated_defaults() {
+    let db = crate::support::TestDb::migrated().await;
+    let migrated: Vec<(String, String)> =
+        sqlx::query_as("select name, value from loader.settings order by name")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let guide = std::fs::read_to_string(root().join("docs/security.md")).unwrap();
+    let table = &guide[guide.find("<!-- checked: settings").expect("the settings table")..];
+    let documented: Vec<(String, String)> = table
+        .lines()
+        .skip(3)
+        .take_while(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
+        })
+        .collect();
+    assert_eq!(documented, migrated);
+}

@@ -10,9 +10,9 @@ use crate::support::TestEnv;
 
 /// The checks that fail, by name (and the exit code).
 fn failing(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeSet<String>) {
-    let mut args = vec!["doctor", "--json"];
+    let mut args = vec!["--json"];
     args.extend_from_slice(extra);
-    let out = crate::support::Cli::new(url, queue).run(&args);
+    let out = crate::support::doctor(&crate::support::Cli::new(url, queue), &args);
     let findings: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     for f in &findings {
@@ -53,8 +53,8 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
     // Every check a real run reports is in docs/operating.md's table, by its name.
-    let out = crate::support::Cli::new(&db.url, queue).ok(&["doctor", "--json"]);
-    let findings: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let out = crate::support::doctor(&crate::support::Cli::new(&db.url, queue), &["--json"]);
+    let findings: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     let guide = include_str!("../../docs/operating.md");
     let table = &guide[guide.find("| check | passes when |").unwrap()..];
     let table = &table[..table.find("\n\n").unwrap()];

@@ -68,7 +68,7 @@ async fn a_fifo_queue_with_a_fifo_dlq_works_end_to_end() {
         .send()
         .await
         .unwrap();
-    let doctor = env.cli().run(&["doctor"]);
+    let doctor = crate::support::doctor(&env.cli(), &[]);
     assert!(doctor.status.success(), "{}", String::from_utf8_lossy(&doctor.stdout));
     std::fs::remove_dir_all(&dir).ok();
 }

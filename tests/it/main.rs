@@ -2,6 +2,7 @@
 //! feature, against the real PostgreSQL and LocalStack that `scripts/test.sh` starts. Every
 //! test makes its own database and queue ([`support`]), so they run in parallel.
 
+mod boundary;
 mod cli;
 mod dlq;
 mod docs;

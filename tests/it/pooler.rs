@@ -78,7 +78,7 @@ async fn every_command_through(pooler_url_var: &str) {
         .send()
         .await
         .unwrap();
-    let doctor = crate::support::Cli::new(&url, q).run(&["doctor"]);
+    let doctor = crate::support::doctor(&crate::support::Cli::new(&url, q), &[]);
     let doctor_out = String::from_utf8_lossy(&doctor.stdout);
     assert!(doctor.status.success(), "{doctor_out}");
     let purged = ok(&["purge", "--older-than-days", "0", "--batch-size", "50"]);

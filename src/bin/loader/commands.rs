@@ -201,7 +201,15 @@ async fn transform(
         })
         .await?;
     } else {
-        println!("transform: {}", transform::transform(&pool, plan).await?);
+        let report = transform::drain(&pool, plan, transform::HELD_WAIT).await?;
+        println!("transform: {report}");
+        if report.pending > 0 {
+            println!(
+                "{} rows are claimed by another session's open transaction: a later transform \
+                 loads them once it commits, or once loader ends it (evict_after_seconds)",
+                report.pending
+            );
+        }
     }
     Ok(ExitCode::from(exit::OK))
 }

@@ -117,7 +117,8 @@ pub fn url_as(url: &str, role: &str) -> String {
 
 /// Creates the two NOLOGIN roles and the [`OWNER`] login when missing, as a DBA would before
 /// the first migrate (roles are cluster-wide; tests running at once may race to create them),
-/// and lets the owner end the sessions that hold its work up (`pg_signal_backend`, docs/security.md "The
+/// and lets the owner end the sessions that hold its work up (`pg_signal_backend`, and
+/// `pg_read_all_stats` to see how long they have been open; docs/security.md "The
 /// owner role").
 pub async fn create_loader_roles(admin: &PgPool) {
     let sql = "do $$ begin
@@ -131,6 +132,10 @@ pub async fn create_loader_roles(admin: &PgPool) {
             create role loader_test_owner login nosuperuser nocreaterole nocreatedb; end if;
         if not pg_has_role('loader_test_owner', 'pg_signal_backend', 'member') then
             grant pg_signal_backend to loader_test_owner; end if;
+        if not pg_has_role('loader_test_owner', 'pg_read_all_stats', 'member') then
+            grant pg_read_all_stats to loader_test_owner; end if;
+        if not exists (select from pg_roles where rolname = 'loader_transformer') then
+            create role loader_transformer nologin; end if;
     exception when unique_violation or duplicate_object then null; end $$";
     sqlx::raw_sql(sql).execute(admin).await.expect("creating the loader roles");
 }

@@ -200,3 +200,47 @@ pub async fn wait_for_count(db: &TestDb, sql: &'static str, expected: i64) -> i6
     }
     last
 }
+
+/// How often `needle` appears in any row of any table of schemas loader, loader_rebuild and
+/// public, read as text (every column, the bodies included).
+pub async fn traces(db: &TestDb, needle: &str) -> Vec<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select format('%I.%I', n.nspname, c.relname) from pg_class c
+           join pg_namespace n on n.oid = c.relnamespace
+          where n.nspname in ('loader', 'loader_rebuild', 'public') and c.relkind = 'r'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut found = Vec::new();
+    for table in tables {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "select count(*) from {table} t where strpos(t::text, $1) > 0"
+        ))
+        .bind(needle)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            found.push(format!("{table}: {n}"));
+        }
+    }
+    found
+}
+
+/// Logins are the cluster's, not a database's, and `loader doctor` reports any login that holds
+/// a writer and a reader role together: a test that makes one holds this for writing while it
+/// exists, and every test that expects all of doctor's checks to pass runs doctor through
+/// [`doctor`], which holds it for reading.
+pub static CLUSTER_LOGINS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// `loader doctor` with `args`, never while a test holds a login doctor would report.
+pub fn doctor(cli: &Cli, args: &[&str]) -> std::process::Output {
+    let _shared = loop {
+        match CLUSTER_LOGINS.try_read() {
+            Ok(guard) => break guard,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    };
+    cli.run(&[&["doctor"], args].concat())
+}
