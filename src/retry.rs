@@ -113,6 +113,18 @@ impl Streak {
             tracing::info!(down_for_ms, "{} {}", self.what, self.recovered);
         }
     }
+
+    /// Records a success of a call that began at `started`, where several callers share the
+    /// streak: a call that began before the streak's first failure (a response already on its
+    /// way when the outage began) proves nothing about recovery, and is not counted. Returns
+    /// whether it was.
+    pub fn ok_since(&mut self, started: std::time::Instant) -> bool {
+        if self.failing_since.is_some_and(|since| started < since) {
+            return false;
+        }
+        self.ok();
+        true
+    }
 }
 
 /// A dependency's outages: a [`Streak`] logged once, and the backoff between attempts.
@@ -139,10 +151,12 @@ impl Health {
         self.streak.is_failing()
     }
 
-    /// Records a success.
-    pub fn ok(&mut self) {
-        self.streak.ok();
-        self.backoff.reset();
+    /// Records a success of a call that began at `started` (see [`Streak::ok_since`]: the
+    /// callers of one dependency run concurrently).
+    pub fn ok(&mut self, started: std::time::Instant) {
+        if self.streak.ok_since(started) {
+            self.backoff.reset();
+        }
     }
 }
 
@@ -175,6 +189,17 @@ mod tests {
         assert!(distinct.len() > 150, "full jitter spreads retries out");
         assert!(delays.iter().any(|d| *d < Duration::from_secs(5)));
         assert!(delays.iter().any(|d| *d > Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_success_that_began_before_the_outage_does_not_end_it() {
+        let mut health = Health::new("SQS");
+        let before = std::time::Instant::now();
+        health.failed(&anyhow::anyhow!("connection closed"));
+        health.ok(before);
+        assert!(health.is_failing(), "a response already on its way proves nothing");
+        health.ok(std::time::Instant::now());
+        assert!(!health.is_failing());
     }
 
     #[test]

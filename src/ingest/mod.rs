@@ -328,9 +328,10 @@ impl Ingestor {
         Fut: Future<Output = Result<T>>,
     {
         loop {
+            let started = std::time::Instant::now();
             match op().await {
                 Ok(value) => {
-                    health.lock().expect("health lock").ok();
+                    health.lock().expect("health lock").ok(started);
                     return Ok(value);
                 }
                 Err(e) if retry::is_transient(&e) && !self.shutdown.has_begun() => {

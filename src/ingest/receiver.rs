@@ -73,13 +73,14 @@ impl Receiver {
                 () = self.budget.take(expected) => {}
                 _ = self.shutdown.begun() => return Ok(()),
             }
+            let started = std::time::Instant::now();
             let Some((received, last)) = self.receive().await else {
                 self.budget.give(expected);
                 return Ok(());
             };
             let batch = match after_receive(received, last) {
                 After::Batch(batch) => {
-                    self.sqs_health.lock().expect("health lock").ok();
+                    self.sqs_health.lock().expect("health lock").ok(started);
                     let cost = self.settle(&batch, expected).await;
                     if !batch.is_empty() {
                         last_cost = Some(cost);
