@@ -33,7 +33,7 @@ create table loader.erased_bodies (
     erased_at timestamptz not null
 );
 
--- Sessions below the owner that the transform ended for holding work-list rows past the bound
+-- Sessions below the owner that the transform ended for holding a write transaction past the bound
 -- (loader.settings evict_after_seconds): when, which session, which login. Never a query.
 create table loader.evictions (
     at timestamptz not null,
@@ -63,7 +63,7 @@ comment on column loader.erased_users.user_tag is 'hashtextextended(user id, tag
 comment on table loader.erased_bodies is 'Keyed fingerprints (HMAC-SHA256 under loader.erasure_key) of erased bodies: suppressed whenever they come back';
 comment on column loader.erased_bodies.body_hash is 'HMAC-SHA256 of the body''s text under loader.erasure_key';
 comment on column loader.erased_bodies.erased_at is 'When the body was erased or suppressed';
-comment on table loader.evictions is 'Sessions below the owner the transform ended for holding work-list rows past evict_after_seconds';
+comment on table loader.evictions is 'Sessions below the owner the transform ended for holding a write transaction open past evict_after_seconds';
 comment on column loader.evictions.at is 'When';
 comment on column loader.evictions.pid is 'The ended session''s backend pid';
 comment on column loader.evictions.role is 'Its login';

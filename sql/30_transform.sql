@@ -324,16 +324,18 @@ begin
 end
 $$;
 
--- _end_held_claims: ends the sessions below the owner that have held a write on the work list
--- (rows claimed by a transform batch, or staged and not committed) in a transaction open longer
--- than evict_after_seconds (loader.settings, default 10): a transform batch or a staging
--- commits in well under a second, so such a session is idle in its transaction, or sleeping in
--- it (a trigger of its own at COMMIT), whatever timeouts it set. Recorded in loader.evictions
--- and the server log with its pid and login, never its query. Owner sessions and superusers
--- are never ended. Needs the owner to have pg_signal_backend, and pg_read_all_stats to see how
--- long another login's transaction is open (docs/security.md "The owner role"); without them
--- it ends nothing, and `loader doctor` says so. Returns how many it ended.
-create or replace function loader._end_held_claims() returns integer
+-- _end_held_transactions: ends the sessions below the owner whose write transaction in this
+-- database has been open longer than evict_after_seconds (loader.settings, default 10). Every
+-- write a lesser role can make is short (a staging, a transform batch, a run's counters, a
+-- reveal's record), so such a session is idle in its transaction or sleeping in it (a trigger
+-- of its own at COMMIT), whatever timeouts it set, and meanwhile it holds what it claimed or
+-- staged, and holds back every snapshot's xmin: the downstream cursor (loaded_xid) cannot pass
+-- it. Recorded in loader.evictions and the server log with its pid and login, never its query.
+-- Owner sessions and superusers are never ended. Needs the owner to have pg_signal_backend,
+-- and pg_read_all_stats to see how long another login's transaction is open (docs/security.md
+-- "The owner role"); without them it ends nothing, and `loader doctor` says so. Returns how
+-- many it ended.
+create or replace function loader._end_held_transactions() returns integer
 language plpgsql as $$
 declare
     bound interval := make_interval(secs => loader._setting_int('evict_after_seconds', 10));
@@ -342,20 +344,20 @@ declare
     ended integer := 0;
 begin
     for holder in
-        select distinct a.pid, a.usename::text as role, clock_timestamp() - a.xact_start as held_for
-          from pg_catalog.pg_locks l
-          join pg_catalog.pg_stat_activity a on a.pid = l.pid
-         where l.locktype = 'relation' and l.granted
-           and l.relation = 'loader.transform_queue'::regclass
-           and l.mode = 'RowExclusiveLock'
-           and l.pid <> pg_backend_pid()
+        select a.pid, a.usename::text as role, clock_timestamp() - a.xact_start as held_for
+          from pg_catalog.pg_stat_activity a
+         where a.datid = (select d.oid from pg_catalog.pg_database d
+                           where d.datname = current_database())
+           and a.backend_type = 'client backend'
+           and a.backend_xid is not null
+           and a.pid <> pg_backend_pid()
            and a.xact_start < clock_timestamp() - bound
            and not pg_has_role(a.usesysid, owner, 'usage')
     loop
         if pg_terminate_backend(holder.pid) then
             insert into loader.evictions (at, pid, role, held_for)
             values (clock_timestamp(), holder.pid, holder.role, holder.held_for);
-            raise log 'loader ended session % (login %): it held work-list rows in a transaction open for %',
+            raise log 'loader ended session % (login %): its write transaction was open for %',
                 holder.pid, holder.role, holder.held_for;
             ended := ended + 1;
         end if;
@@ -366,8 +368,8 @@ exception when insufficient_privilege then
     return ended;
 end
 $$;
-comment on function loader._end_held_claims() is
-    'Private: end the sessions below the owner holding work-list rows past evict_after_seconds';
+comment on function loader._end_held_transactions() is
+    'Private: end the sessions below the owner whose write transaction is open past evict_after_seconds';
 
 -- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
 -- count_pending is false: counting the work list costs more than a batch on a big backlog, so
@@ -395,8 +397,9 @@ begin
     end if;
     -- A caller's size is capped: one batch never claims the whole work list.
     max_rows := least(greatest(coalesce(max_rows, 0), 0), 100000);
-    -- Sessions below the owner holding work-list rows past the bound are ended first.
-    perform loader._end_held_claims();
+    -- Sessions below the owner holding a write transaction open past the bound are ended
+    -- first: they hold the rows they claimed, and every snapshot's xmin.
+    perform loader._end_held_transactions();
     -- The COMMIT-time key check stays deferred whatever the session set before.
     set constraints loader.batch_keys_confirm deferred;
 

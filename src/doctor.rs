@@ -326,8 +326,8 @@ async fn duties_separated(pool: &PgPool) -> Problem {
 }
 
 /// The owner may end the sessions that hold its work up ([`crate::evict`]), and see how long
-/// another login's transaction has been open (the transform ends one that holds work-list rows
-/// past `evict_after_seconds`).
+/// another login's transaction has been open (the transform ends one whose write transaction is
+/// open past `evict_after_seconds`).
 async fn owner_may_end_sessions(pool: &PgPool) -> Problem {
     let may: Result<bool, _> = scalar(
         pool,

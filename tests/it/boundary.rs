@@ -503,6 +503,18 @@ async fn an_analyst_holding_claimed_rows_stops_no_loading_and_no_progress_signal
             .unwrap();
     assert_eq!(drained_now, drained_before, "held rows are not drained");
 
+    // The downstream cursor's horizon (docs/analysts.md) cannot pass the held transaction.
+    let held_xid: i64 = sqlx::query_scalar(
+        "select backend_xid::text::bigint from pg_stat_activity where usename = $1",
+    )
+    .bind(&analyst.name)
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    let horizon = "select pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+    let before: i64 = sqlx::query_scalar(horizon).fetch_one(&db.pool).await.unwrap();
+    assert!(before <= held_xid, "{before} {held_xid}");
+
     let transformer = TestRole::new(db, "loader_transformer").await;
     let started = std::time::Instant::now();
     let out = Cli::new(&transformer.url, &env.queue.name).ok(&["transform"]);
@@ -516,6 +528,8 @@ async fn an_analyst_holding_claimed_rows_stops_no_loading_and_no_progress_signal
     assert_eq!(role, analyst.name);
     assert!(held_for >= 2.0, "{held_for}");
     assert!(sqlx::raw_sql("select 1").execute(&mut *held).await.is_err(), "the session was ended");
+    let after: i64 = sqlx::query_scalar(horizon).fetch_one(&db.pool).await.unwrap();
+    assert!(after > held_xid, "the downstream horizon moved on: {after} > {held_xid}");
     let drained_after: OffsetDateTime =
         sqlx::query_scalar("select last_drained_at from loader.pipeline_status")
             .fetch_one(&db.pool)
@@ -689,6 +703,16 @@ async fn every_routine_below_the_owner_holds_under_hostile_arguments_and_open_tr
         200
     );
     db.cli().ok(&["forget", "--user-id", "n1", "--reference", "DSR-sweep"]);
+    // No session below the owner still holds a write transaction (and with it every snapshot's
+    // xmin, so the downstream cursor): each was ended.
+    let writers: i64 = sqlx::query_scalar(
+        "select count(*) from pg_stat_activity where usename = any ($1) and backend_xid is not null",
+    )
+    .bind(&names)
+    .fetch_one(&db.admin)
+    .await
+    .unwrap();
+    assert_eq!(writers, 0);
 
     // What every caller received: no raw value, no key.
     for (role, k, mut child) in sessions {
