@@ -1,10 +1,12 @@
 //! `loader doctor`: is this deployment set up right? One finding per check, each problem with
 //! its fix. Run as the owner role (it reads the migration history and the key table).
 //!
-//! Side effects, kept to what a check needs: the receive check calls ReceiveMessage with a
-//! visibility timeout of 0 (a message it happens to get stays visible, but SQS counts one more
-//! receive for it), and the delete check deletes nothing (it sends a receipt handle that cannot
-//! exist and reads whether SQS refused the call or the handle).
+//! Doctor changes no message's state: the delete check deletes nothing (it sends a receipt
+//! handle that cannot exist and reads whether SQS refused the call or the handle), and the
+//! receive check runs only when asked (`probe_receive`): SQS has no way to test the receive
+//! permission without receiving, and every receive counts towards a message's
+//! `maxReceiveCount`, so running doctor after every change would push the message at the head
+//! of the queue into its dead-letter queue.
 
 use std::time::Duration;
 
@@ -80,6 +82,9 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
 pub struct Finding {
     pub check: String,
     pub ok: bool,
+    /// Why the check was not run (it passes: nothing was found wrong), None when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     /// What is wrong (None when ok).
     pub problem: Option<String>,
     /// How to fix it (None when ok).
@@ -88,7 +93,11 @@ pub struct Finding {
 
 impl Finding {
     fn ok(check: impl Into<String>) -> Self {
-        Self { check: check.into(), ok: true, problem: None, fix: None }
+        Self { check: check.into(), ok: true, skipped: None, problem: None, fix: None }
+    }
+
+    fn skipped(check: impl Into<String>, why: impl Into<String>) -> Self {
+        Self { skipped: Some(why.into()), ..Self::ok(check) }
     }
 
     fn problem(
@@ -99,6 +108,7 @@ impl Finding {
         Self {
             check: check.into(),
             ok: false,
+            skipped: None,
             problem: Some(problem.into()),
             fix: Some(fix.into()),
         }
@@ -121,7 +131,15 @@ const DATABASE_FIX: &str = "check DATABASE_URL and that PostgreSQL is up";
 pub struct Options {
     /// The Lambda function's timeout, when the Lambda handler consumes the queue.
     pub lambda_timeout: Option<Duration>,
+    /// Check the receive permission with a real ReceiveMessage (it counts one receive of the
+    /// message at the head of the queue).
+    pub probe_receive: bool,
 }
+
+/// What the receive probe costs, said when it is skipped.
+pub const RECEIVE_PROBE_COST: &str = "not probed: --probe-receive checks it with one \
+    ReceiveMessage, which counts a receive of the message at the head of the queue (one step \
+    nearer its dead-letter queue)";
 
 /// Every database check, connecting with the deployment's URL (one finding when it cannot).
 pub async fn database(url: &DatabaseUrl) -> Vec<Finding> {
@@ -529,14 +547,18 @@ pub async fn queue(queue: Result<Queue>, options: &Options) -> Vec<Finding> {
             Err(e) => Some((format!("{e:#}"), "allow sqs:GetQueueAttributes".into())),
         },
     ));
-    findings.push(Finding::from(
-        "receive permission",
-        queue
-            .can_receive()
-            .await
-            .err()
-            .map(|e| (format!("{e:#}"), "allow sqs:ReceiveMessage on the queue".to_owned())),
-    ));
+    findings.push(if options.probe_receive {
+        Finding::from(
+            "receive permission",
+            queue
+                .can_receive()
+                .await
+                .err()
+                .map(|e| (format!("{e:#}"), "allow sqs:ReceiveMessage on the queue".to_owned())),
+        )
+    } else {
+        Finding::skipped("receive permission", RECEIVE_PROBE_COST)
+    });
     findings.push(Finding::from(
         "delete permission",
         queue

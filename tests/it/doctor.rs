@@ -150,3 +150,46 @@ async fn doctor_names_an_owner_that_cannot_end_sessions() {
     let (_, failed) = failing(&db.url, "no-such-queue", &[]);
     assert!(failed.contains("owner may end sessions"), "{failed:?}");
 }
+
+/// An earlier doctor's receive check counted a receive each run: six runs moved a queue's only
+/// message to its dead-letter queue (maxReceiveCount 5). Now doctor touches no message unless
+/// asked (`--probe-receive`): many runs leave the message where it was, its receive count
+/// unchanged.
+#[tokio::test]
+async fn doctor_run_many_times_touches_no_message() {
+    let env = TestEnv::new(30).await;
+    let dlq = env.queue.attach_dead_letter_queue(2).await;
+    env.queue.send(&[r#"{"user_id": "u1"}"#.to_owned()]).await;
+    let cli = crate::support::Cli::new(&env.db.url, &env.queue.name);
+    for _ in 0..8 {
+        let out = crate::support::doctor(&cli, &["--json"]);
+        let findings: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let receive = findings.iter().find(|f| f["check"] == "receive permission").unwrap();
+        assert!(receive["ok"] == true && receive["skipped"].is_string(), "{receive}");
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    assert_eq!(dlq.depth().await, (0, 0, 0), "nothing moved to the DLQ");
+    let got = env
+        .queue
+        .queue
+        .client()
+        .receive_message()
+        .queue_url(env.queue.queue.url())
+        .message_system_attribute_names(
+            aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+        )
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .unwrap();
+    let message = &got.messages()[0];
+    let count = &message.attributes().unwrap()
+        [&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount];
+    assert_eq!(count, "1", "this receive is the message's first");
+
+    // Asked for, the probe runs (and says nothing was skipped).
+    let out = crate::support::doctor(&cli, &["--json", "--probe-receive"]);
+    let findings: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let receive = findings.iter().find(|f| f["check"] == "receive permission").unwrap();
+    assert!(receive["ok"] == true && receive.get("skipped").is_none(), "{receive}");
+}

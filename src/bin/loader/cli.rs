@@ -188,6 +188,10 @@ pub struct DoctorArgs {
     /// (its visibility timeout must be at least six times it)
     #[arg(long, env = "LOADER_LAMBDA_TIMEOUT")]
     pub lambda_timeout: Option<u64>,
+    /// Also check the receive permission with one ReceiveMessage, which counts a receive of the
+    /// message at the head of the queue (one step nearer its dead-letter queue)
+    #[arg(long, env = "LOADER_DOCTOR_PROBE_RECEIVE")]
+    pub probe_receive: bool,
 }
 
 #[derive(Debug, Subcommand)]

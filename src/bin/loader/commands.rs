@@ -404,7 +404,10 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
 
 async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
     use loader::doctor;
-    let options = doctor::Options { lambda_timeout: args.lambda_timeout.map(Duration::from_secs) };
+    let options = doctor::Options {
+        lambda_timeout: args.lambda_timeout.map(Duration::from_secs),
+        probe_receive: args.probe_receive,
+    };
     let mut findings = doctor::database(settings.database_url()?).await;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await;
     findings.extend(doctor::queue(queue, &options).await);
@@ -413,8 +416,11 @@ async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&findings)?);
     } else {
         for f in &findings {
-            match (&f.problem, &f.fix) {
-                (Some(problem), Some(fix)) => println!("FAIL  {}: {problem}. Fix: {fix}", f.check),
+            match (&f.problem, &f.fix, &f.skipped) {
+                (Some(problem), Some(fix), _) => {
+                    println!("FAIL  {}: {problem}. Fix: {fix}", f.check);
+                }
+                (_, _, Some(why)) => println!("skip  {}: {why}", f.check),
                 _ => println!("ok    {}", f.check),
             }
         }
