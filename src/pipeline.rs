@@ -46,9 +46,16 @@ pub struct RunTotals {
     pub transform: TransformReport,
 }
 
-/// Drains the queue, transforms, returns (`loader run --once`).
-pub async fn once(ingestor: Ingestor, pool: &PgPool, cadence: Cadence) -> Result<RunTotals> {
-    let ingest = ingestor.ingest(std::future::pending()).await?;
+/// Drains the queue, transforms, returns (`loader run --once`). When `shutdown` resolves first,
+/// the drain stops as `ingest` does (the batch in hand staged and deleted, the run finished) and
+/// what was staged is still transformed.
+pub async fn once(
+    ingestor: Ingestor,
+    pool: &PgPool,
+    cadence: Cadence,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunTotals> {
+    let ingest = ingestor.ingest(shutdown).await?;
     let transform = transform::transform(pool, cadence.transform).await?;
     Ok(RunTotals { ingest, transform })
 }

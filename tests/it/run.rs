@@ -83,3 +83,48 @@ async fn a_login_appears_within_about_a_second_on_an_idle_queue() {
     // Reported with --nocapture; the bound is deliberately generous.
     eprintln!("send-to-row delays on an idle queue: {delays:?}");
 }
+
+/// A drain (`ingest`, `run --once`) had no signal handler: SIGTERM exited 143 and SIGINT 130,
+/// with no summary, and the run stayed "unfinished" in reconcile for good. Now either signal
+/// stops a drain as it stops `--follow`: the batch in hand is staged and deleted, the summary is
+/// printed, the run is finished, and the exit code is 4 (stopped before the queue was empty);
+/// the same command run again at once continues, and every message is staged exactly once.
+#[tokio::test]
+async fn a_drain_stopped_by_a_signal_finishes_its_run_and_the_same_command_continues() {
+    for (args, signal, summary) in
+        [(&["ingest"][..], "TERM", "ingest run"), (&["run", "--once"][..], "INT", "; transform: ")]
+    {
+        let env = TestEnv::new(3).await;
+        let db = &env.db;
+        env.queue.send(&loader::send::generate(12_000, 5)).await;
+        let args = [args, &["--wait-seconds", "1"][..]].concat();
+        let running = env.cli().spawn(&args);
+        let staged =
+            crate::support::wait_for_count(db, "select count(*) from loader.raw_logins", 1_500)
+                .await;
+        assert!(staged >= 1_500, "{args:?} is draining: {staged}");
+        let out = crate::support::signal(running, signal);
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(4), "{args:?} on SIG{signal}: {stderr}");
+        assert!(stdout.contains(summary), "{stdout}");
+        assert!(stderr.contains("run it again to continue"), "{stderr}");
+        assert!(db.staged().await < 12_000, "stopped early");
+        assert_eq!(
+            db.count("select count(*) from loader.ingest_runs where finished_at is null").await,
+            0,
+            "the run is finished"
+        );
+        env.cli().ok(&["reconcile", "--skip-queue"]);
+
+        crate::support::wait_until_visible(&env.queue, 0).await;
+        env.cli().ok(&args);
+        assert_eq!(
+            db.count("select count(distinct message_id) from loader.raw_logins").await,
+            12_000
+        );
+        assert_eq!(db.staged().await, 12_000);
+        assert_eq!(env.queue.depth().await, (0, 0, 0));
+        env.cli().ok(&["reconcile"]);
+    }
+}

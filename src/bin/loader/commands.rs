@@ -30,7 +30,9 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// `loader reconcile` found a broken invariant, or `loader doctor` a problem.
     pub const PROBLEMS: u8 = 3;
-    /// `loader purge` stopped by SIGINT/SIGTERM before it finished; running it again continues.
+    /// A command that ends by itself (`purge`, a drain: `ingest`, `run --once`) was stopped by
+    /// SIGINT/SIGTERM before it finished; what it had in hand is finished, and running it again
+    /// continues.
     pub const INTERRUPTED: u8 = 4;
 }
 
@@ -164,12 +166,12 @@ async fn ingest(
         .with_progress(progress)
         .with_flow(args.flow.flow());
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
-    let totals = match mode {
-        Mode::Drain => ingestor.ingest(std::future::pending()).await?,
-        Mode::Follow => ingestor.ingest(shutdown_signal()).await?,
-    };
+    // A drain stops by itself when the queue is empty; a signal stops it early, gracefully
+    // (what is staged is deleted, the run is finished), with exit 4.
+    let (signal, interrupted) = interruptible();
+    let totals = ingestor.ingest(signal).await?;
     println!("ingest run {}: {totals}", ingestor.run_id());
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(stopped_code(mode == Mode::Drain && interrupted.get())))
 }
 
 async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
@@ -310,13 +312,14 @@ async fn run_pipeline(
         .with_flow(args.flow.flow());
     let run_id = ingestor.run_id();
     tracing::info!(run_id, once = args.once, "run started");
+    let (signal, interrupted) = interruptible();
     let totals = if args.once {
-        pipeline::once(ingestor, &pool, cadence).await?
+        pipeline::once(ingestor, &pool, cadence, signal).await?
     } else {
-        pipeline::until_stopped(ingestor, &pool, cadence, shutdown_signal()).await?
+        pipeline::until_stopped(ingestor, &pool, cadence, signal).await?
     };
     println!("run {run_id}: {}; transform: {}", totals.ingest, totals.transform);
-    Ok(ExitCode::from(exit::OK))
+    Ok(ExitCode::from(stopped_code(args.once && interrupted.get())))
 }
 
 async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode> {
@@ -506,6 +509,40 @@ async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> 
     let rate = n as f64 / took.as_secs_f64().max(1e-9);
     println!("{what}: {n} messages in {:.2} s, {rate:.0} messages/s", took.as_secs_f64());
     Ok(ExitCode::from(exit::OK))
+}
+
+/// Whether a signal arrived (see [`interruptible`]).
+#[derive(Clone, Default)]
+struct Interrupted(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Interrupted {
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// [`shutdown_signal`], and a flag that says afterwards whether it came (a drain that ends by
+/// itself reports being stopped early with [`exit::INTERRUPTED`]).
+fn interruptible() -> (impl std::future::Future<Output = ()>, Interrupted) {
+    let interrupted = Interrupted::default();
+    let flag = interrupted.clone();
+    let signal = shutdown_signal();
+    let future = async move {
+        signal.await;
+        flag.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    (future, interrupted)
+}
+
+/// The exit code of a command that ends by itself: [`exit::INTERRUPTED`] when a signal stopped
+/// it first.
+fn stopped_code(stopped_early: bool) -> u8 {
+    if stopped_early {
+        eprintln!("stopped by a signal before the queue was empty; run it again to continue");
+        exit::INTERRUPTED
+    } else {
+        exit::OK
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -92,8 +92,14 @@ pub fn kill_9(running: Running) {
 
 /// Sends SIGTERM and waits for the process; returns its output.
 pub fn terminate(running: Running) -> Output {
+    signal(running, "TERM")
+}
+
+/// Sends the signal named (`TERM`, `INT`, ...) and waits for the process; returns its output.
+pub fn signal(running: Running, name: &str) -> Output {
     let Running { mut child, stdout, stderr } = running;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status =
+        Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let status = child.wait().unwrap();
     Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
