@@ -28,10 +28,13 @@ create index erased_users_tag on loader.erased_users (user_tag);
 -- Keyed fingerprints of the erased bodies: a body byte for byte equal to one erased (a DLQ
 -- redrive on AWS, with a new MessageId and SentTimestamp; a producer's replay) is suppressed
 -- whenever it comes back.
+-- Not unique: a transform inserting a fingerprint must never wait on another batch that holds
+-- the same one uncommitted (a rare duplicate row costs nothing).
 create table loader.erased_bodies (
-    body_hash bytea not null constraint erased_bodies_pkey primary key,
+    body_hash bytea not null,
     erased_at timestamptz not null
 );
+create index erased_bodies_hash on loader.erased_bodies (body_hash);
 
 -- Sessions below the owner that the transform ended for holding a write transaction past the bound
 -- (loader.settings evict_after_seconds): when, which session, which login. Never a query.
@@ -51,12 +54,28 @@ alter table loader.pii_access_log add column revealable text[];
 alter table loader.ingest_runs add column sent_at_replaced bigint not null default 0;
 -- The transaction that last staged into the run: a transaction that staged cannot transform.
 alter table loader.ingest_runs add column last_stage_xact xid8;
+-- When the run's process was last heard of (every call, and a heartbeat while it idles): an
+-- unfinished run not heard of for long ended without finishing (killed, out of memory, a lost
+-- host), and reconcile says so instead of "running" for good.
+alter table loader.ingest_runs add column last_seen_at timestamptz;
+update loader.ingest_runs set last_seen_at = coalesce(finished_at, started_at);
 create index ingest_runs_last_stage_xact on loader.ingest_runs (last_stage_xact);
 
 insert into loader.settings (name, value) values
     ('erasure_quarantine_days', '28'),
     ('sent_at_max_age_days', '28'),
     ('evict_after_seconds', '10');
+-- A setting the code does not read, or a value it would not understand, is refused, not
+-- silently replaced by the default.
+alter table loader.settings add constraint settings_known check (
+    name in ('reveal_max_messages', 'erasure_quarantine_days', 'sent_at_max_age_days',
+             'evict_after_seconds')
+    and case when value !~ '^[0-9]{1,6}$' then false
+             when name = 'reveal_max_messages' then value::integer between 1 and 100000
+             when name = 'erasure_quarantine_days' then value::integer between 0 and 3650
+             when name = 'sent_at_max_age_days' then value::integer between 14 and 3650
+             when name = 'evict_after_seconds' then value::integer between 1 and 86400
+        end);
 
 comment on column loader.erasure_key.tag_seed is 'Seed of the erased users'' 64-bit tags (owner only)';
 comment on column loader.erased_users.user_tag is 'hashtextextended(user id, tag_seed): the cheap lookup before the HMAC; NULL before V17';
@@ -70,4 +89,6 @@ comment on column loader.evictions.role is 'Its login';
 comment on column loader.evictions.held_for is 'How long its transaction had been open';
 comment on column loader.pii_access_log.revealable is 'The messages whose values the record covers (staged, kept, not erased when it was written)';
 comment on column loader.ingest_runs.sent_at_replaced is 'Messages whose SentTimestamp the server replaced by the staging time (future, or older than SQS keeps a message)';
+comment on table loader.settings is 'Bounds the server enforces whatever a caller passes (docs/security.md "Settings the owner changes"); only known names and whole numbers in range';
+comment on column loader.ingest_runs.last_seen_at is 'When its process last called in (staging, deletes, a heartbeat each minute while idle)';
 comment on column loader.ingest_runs.last_stage_xact is 'The transaction that last staged into the run (a transaction that staged cannot transform)';

@@ -304,31 +304,55 @@ comment on function loader._caller_is_owner() is
 -- (sql/42_erasure.sql), the suppression of an erased person's later messages by the transform
 -- and the rebuild (_suppressed, below), and reveal (sql/44_reveal.sql).
 
+-- _unescaped: a text with its JSON \uXXXX escapes decoded (a body that is not JSON, or an SNS
+-- Message cut off mid-JSON, keeps them as typed), so an id written as an escape is found too.
+-- Surrogates and NUL stay as typed. No backslash in this body: chr(92) stands for it.
+create or replace function loader._unescaped(t text) returns text
+language sql immutable parallel safe as $$
+    select case when strpos(t, chr(92) || 'u') = 0 then t
+           else (select string_agg(
+                            case when m[1] is not null
+                                      and ('x' || substr(m[1], 3))::bit(16)::integer
+                                          not between 55296 and 57343
+                                      and ('x' || substr(m[1], 3))::bit(16)::integer > 0
+                                 then chr(('x' || substr(m[1], 3))::bit(16)::integer)
+                                 else coalesce(m[1], m[2]) end, '' order by n)
+                   from regexp_matches(t, '(' || chr(92) || chr(92) || 'u[0-9A-Fa-f]{4})|([^'
+                                          || chr(92) || chr(92) || ']+|' || chr(92) || chr(92)
+                                          || ')', 'g') with ordinality as r (m, n))
+           end
+$$;
+comment on function loader._unescaped(text) is 'Private: a text with its JSON unicode escapes decoded';
+
 -- _mentions: every text a body holds that could be a user id: each string and number in it
--- (nested ones too), and each word and quoted string inside those (so a text body such as
--- `user_id="alice" ip=...`, or an SNS Message cut off mid-JSON, gives up "alice"). Words are
--- split at blanks and at = : , ; brackets, braces, parentheses, angle brackets, quotes and
--- backslashes. Only texts of 1 to 128 characters (user_logins.user_id is varchar(128)).
--- No backslash in this body (see _ipv4_plain): chr(92) stands for it.
+-- (nested ones too), each object key, and each word and quoted string inside those (so a text
+-- body such as `user_id="alice" ip=...` or `user_id=alice&ip=...`, or an SNS Message cut off
+-- mid-JSON, gives up "alice"), with JSON unicode escapes decoded. A word is a run of letters,
+-- digits and _ . @ + -. Only texts of 1 to 128 characters (user_logins.user_id is
+-- varchar(128)). Staged bodies are at most 1 MiB (loader.stage), which bounds the cost.
 create or replace function loader._mentions(body jsonb) returns text[]
 language sql immutable parallel safe as $$
     select coalesce(array_agg(distinct t.m) filter (where char_length(t.m) between 1 and 128), '{}')
-      from jsonb_path_query(body, 'strict $.**') as v
-      cross join lateral (select v #>> '{}' as s) as x
+      from (select v #>> '{}' as s
+              from jsonb_path_query(body, 'strict $.**') as v
+             where jsonb_typeof(v) in ('string', 'number')
+            union all
+            select k
+              from jsonb_path_query(body, 'strict $.** ? (@.type() == "object")') as o,
+                   jsonb_object_keys(o) as k) as leaf
+      cross join lateral (select loader._unescaped(leaf.s) as s) as x
       cross join lateral (
           select x.s
           union all
-          select w from regexp_split_to_table(
-              x.s, '[][[:space:]"''=:,;{}()<>' || chr(92) || chr(92) || ']+') as w
+          select w from regexp_split_to_table(x.s, '[^[:alnum:]_.@+-]+') as w
           union all
           select q[1] from regexp_matches(x.s, '"([^"]*)"', 'g') as q
           union all
           select q[1] from regexp_matches(x.s, '''([^'']*)''', 'g') as q
       ) as t (m)
-     where jsonb_typeof(v) in ('string', 'number')
 $$;
 comment on function loader._mentions(jsonb) is
-    'Private: every string, number, word and quoted string a body holds (1-128 characters)';
+    'Private: every string, number, key, word and quoted string a body holds (1-128 characters)';
 
 -- _claimants: the user ids a staged message belongs to. A login with a scalar user_id (plain,
 -- or carried by an SNS or EventBridge envelope) belongs to that id alone. Any other body (not

@@ -60,8 +60,9 @@ begin
         raise exception 'register_run: a loader version of at most 64 characters'
             using errcode = 'invalid_parameter_value';
     end if;
-    insert into loader.ingest_runs (queue, mode, loader_version, started_at, registered_by)
-    values (queue, mode, loader_version, clock_timestamp(), session_user)
+    insert into loader.ingest_runs
+        (queue, mode, loader_version, started_at, registered_by, last_seen_at)
+    values (queue, mode, loader_version, clock_timestamp(), session_user, clock_timestamp())
     returning id, token into run_id, run_token;
 end
 $$;
@@ -121,6 +122,8 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     stamp timestamptz := clock_timestamp();
     n integer := cardinality(message_ids);
+    all_copies bigint;
+    oversized text[] := '{}';
     received bigint;
     replaced bigint := 0;
     refused_copies bigint := 0;
@@ -159,6 +162,26 @@ begin
                                          then stamp else t end
                                from unnest(sent_at) with ordinality as u (t, n) order by u.n);
         end if;
+    end if;
+    all_copies := coalesce((select sum(c) from unnest(copies) c), 0);
+    -- No SQS message is larger than 1 MiB: a bigger body is refused (recorded, left on the
+    -- queue), so no caller makes the transform or an erasure's search work through more than
+    -- SQS could ever deliver.
+    if exists (select from unnest(bodies) b where octet_length(b) > 1048576) then
+        oversized := array(select m from unnest(message_ids, bodies) as u (m, b)
+                            where octet_length(b) > 1048576);
+        refused_copies := (select coalesce(sum(c), 0) from unnest(bodies, copies) as u (b, c)
+                            where octet_length(b) > 1048576);
+        insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
+        select m, '54000', 'body_size', run_id from unnest(oversized) m;
+        select coalesce(array_agg(u.m order by u.o), '{}'), coalesce(array_agg(u.b order by u.o), '{}'),
+               coalesce(array_agg(u.j order by u.o), '{}'), coalesce(array_agg(u.s order by u.o), '{}'),
+               coalesce(array_agg(u.r order by u.o), '{}'), coalesce(array_agg(u.c order by u.o), '{}')
+          into message_ids, bodies, is_json, sent_at, receive_counts, copies
+          from unnest(message_ids, bodies, is_json, sent_at, receive_counts, copies)
+                   with ordinality as u (m, b, j, s, r, c, o)
+         where octet_length(u.b) <= 1048576 or u.b is null;
+        n := cardinality(message_ids);
     end if;
     refused_ids := '{}';
     begin
@@ -217,14 +240,16 @@ begin
                 using errcode = first_code;
         end if;
     end;
-    received := coalesce((select sum(c) from unnest(copies) c), 0) - refused_copies;
+    refused_ids := oversized || refused_ids;
+    received := all_copies - refused_copies;
     update loader.ingest_runs r
        set received = r.received + received,
            staged = r.staged + staged,
            duplicates = r.duplicates + received - staged,
            refused = r.refused + refused_copies,
            sent_at_replaced = r.sent_at_replaced + replaced,
-           last_stage_xact = pg_current_xact_id()
+           last_stage_xact = pg_current_xact_id(),
+           last_seen_at = clock_timestamp()
      where r.id = run_id;
 end
 $$;
@@ -259,7 +284,8 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     update loader.ingest_runs r
-       set deleted = r.deleted + deleted, delete_failures = r.delete_failures + delete_failures
+       set deleted = r.deleted + deleted, delete_failures = r.delete_failures + delete_failures,
+           last_seen_at = clock_timestamp()
      where r.id = run_id
        and r.deleted + deleted + r.delete_failures + delete_failures <= r.received;
     if not found then
@@ -281,9 +307,23 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
     perform loader._check_run(run_id, run_token);
     update loader.ingest_runs r
-       set finished_at = clock_timestamp(), stopped_on_error = coalesce(stopped_on_error, false)
+       set finished_at = clock_timestamp(), stopped_on_error = coalesce(stopped_on_error, false),
+           last_seen_at = clock_timestamp()
      where r.id = run_id;
 end
 $$;
 comment on function loader.finish_run(bigint, text, boolean) is
     'Mark the caller''s ingest run finished (and whether it stopped on an error)';
+
+-- heartbeat: the caller's run is alive (called every minute while it idles, so a run whose
+-- process died is told apart from one waiting on an empty queue: ingest_runs.last_seen_at).
+create or replace function loader.heartbeat(run_id bigint, run_token text) returns void
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_variable
+begin
+    perform loader._check_run(run_id, run_token);
+    update loader.ingest_runs r set last_seen_at = clock_timestamp() where r.id = run_id;
+end
+$$;
+comment on function loader.heartbeat(bigint, text) is
+    'The caller''s ingest run is alive (ingest_runs.last_seen_at)';

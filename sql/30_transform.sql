@@ -206,13 +206,16 @@ language sql volatile set jit = off as $$
           from outcome o
          where o.reason = 'erased' and r.message_id = o.message_id
     ), fingerprints as (
+        -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
+        -- still holding the same fingerprint uncommitted. A rare duplicate costs nothing.
         insert into loader.erased_bodies (body_hash, erased_at)
-        select loader._body_hash(r.body, k.key), now()
+        select distinct loader._body_hash(r.body, k.key), now()
           from outcome o
           join loader.raw_logins r on r.message_id = o.message_id
          cross join loader.erasure_key k
          where o.reason = 'erased' and r.purged_at is null
-        on conflict (body_hash) do nothing
+           and not exists (select from loader.erased_bodies b
+                            where b.body_hash = loader._body_hash(r.body, k.key))
     )
     -- (ticket and erased, like every data-modifying CTE, run to completion unreferenced.)
     select (select count(*) from loads), (select count(*) from rejects),
@@ -258,13 +261,16 @@ language sql volatile set jit = off as $$
           from outcome o
          where o.reason = 'erased' and r.message_id = o.message_id
     ), fingerprints as (
+        -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
+        -- still holding the same fingerprint uncommitted. A rare duplicate costs nothing.
         insert into loader.erased_bodies (body_hash, erased_at)
-        select loader._body_hash(r.body, k.key), now()
+        select distinct loader._body_hash(r.body, k.key), now()
           from outcome o
           join loader.raw_logins r on r.message_id = o.message_id
          cross join loader.erasure_key k
          where o.reason = 'erased' and r.purged_at is null
-        on conflict (body_hash) do nothing
+           and not exists (select from loader.erased_bodies b
+                            where b.body_hash = loader._body_hash(r.body, k.key))
     )
     select (select count(*) from loads), (select count(*) from rejects),
            (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
@@ -324,17 +330,20 @@ begin
 end
 $$;
 
--- _end_held_transactions: ends the sessions below the owner whose write transaction in this
--- database has been open longer than evict_after_seconds (loader.settings, default 10). Every
--- write a lesser role can make is short (a staging, a transform batch, a run's counters, a
--- reveal's record), so such a session is idle in its transaction or sleeping in it (a trigger
--- of its own at COMMIT), whatever timeouts it set, and meanwhile it holds what it claimed or
--- staged, and holds back every snapshot's xmin: the downstream cursor (loaded_xid) cannot pass
--- it. Recorded in loader.evictions and the server log with its pid and login, never its query.
--- Owner sessions and superusers are never ended. Needs the owner to have pg_signal_backend,
--- and pg_read_all_stats to see how long another login's transaction is open (docs/security.md
--- "The owner role"); without them it ends nothing, and `loader doctor` says so. Returns how
--- many it ended.
+-- _end_held_transactions: ends the sessions of loader's roles below the owner (members of
+-- loader_ingest, loader_analyst, loader_transformer or loader_pii_reader, in any database of
+-- the cluster) whose write transaction has been open longer than evict_after_seconds
+-- (loader.settings, default 10). Every write those roles can make is short (a staging, a
+-- transform batch, a run's counters, a reveal's record), so such a session is idle in its
+-- transaction, or sleeping in it (a trigger of its own at COMMIT), whatever timeouts it set;
+-- meanwhile it holds what it claimed or staged, and holds back every snapshot's xmin, so the
+-- downstream cursor (loaded_xid) cannot pass it (xids are the cluster's: in another database
+-- too). Sessions of other roles are never ended (another application's, the owner's, a
+-- superuser's): docs/security.md says what remains. Recorded in loader.evictions and the
+-- server log with its pid and login, never its query. Needs the owner to have
+-- pg_signal_backend, and pg_read_all_stats to see how long another login's transaction is
+-- open (docs/security.md "The owner role"); without them it ends nothing, and `loader doctor`
+-- says so. Returns how many it ended.
 create or replace function loader._end_held_transactions() returns integer
 language plpgsql as $$
 declare
@@ -346,13 +355,14 @@ begin
     for holder in
         select a.pid, a.usename::text as role, clock_timestamp() - a.xact_start as held_for
           from pg_catalog.pg_stat_activity a
-         where a.datid = (select d.oid from pg_catalog.pg_database d
-                           where d.datname = current_database())
-           and a.backend_type = 'client backend'
+         where a.backend_type = 'client backend'
            and a.backend_xid is not null
            and a.pid <> pg_backend_pid()
            and a.xact_start < clock_timestamp() - bound
            and not pg_has_role(a.usesysid, owner, 'usage')
+           and exists (select from unnest(array['loader_ingest', 'loader_analyst',
+                                                'loader_transformer', 'loader_pii_reader']) r
+                        where pg_has_role(a.usesysid, r, 'member'))
     loop
         if pg_terminate_backend(holder.pid) then
             insert into loader.evictions (at, pid, role, held_for)
@@ -369,7 +379,7 @@ exception when insufficient_privilege then
 end
 $$;
 comment on function loader._end_held_transactions() is
-    'Private: end the sessions below the owner whose write transaction is open past evict_after_seconds';
+    'Private: end the sessions of loader''s lesser roles whose write transaction is open past evict_after_seconds';
 
 -- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
 -- count_pending is false: counting the work list costs more than a batch on a big backlog, so

@@ -131,10 +131,11 @@ begin
     -- Each erased body's keyed fingerprint: the same body coming back (a redrive on AWS, with
     -- a new MessageId and SentTimestamp; a replay) is suppressed whenever it comes.
     insert into loader.erased_bodies (body_hash, erased_at)
-    select loader._body_hash(r.body, k.key), clock_timestamp()
+    select distinct loader._body_hash(r.body, k.key), clock_timestamp()
       from loader.raw_logins r, loader.erasure_key k
      where r.message_id = any (ids) and r.purged_at is null
-    on conflict (body_hash) do nothing;
+       and not exists (select from loader.erased_bodies b
+                        where b.body_hash = loader._body_hash(r.body, k.key));
     update loader.raw_logins r
        set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
            erased_at = clock_timestamp()

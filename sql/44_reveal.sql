@@ -32,17 +32,24 @@ end
 $$;
 comment on function loader._append_only() is 'Trigger: refuses UPDATE, DELETE and TRUNCATE';
 
-do $$
+-- (The triggers themselves are made, and enabled, by sql/90_privileges.sql, which runs on
+-- every migrate: a migrate then restores them whatever removed or disabled them.)
+
+-- _reveal_encoding: refuses a session whose client_encoding is not UTF8. Raw values go to the
+-- client as text: converting one the client's encoding cannot hold fails with an error that
+-- quotes its bytes (in the session and the server log), after the record said it was returned.
+create or replace function loader._reveal_encoding() returns void
+language plpgsql as $$
 begin
-    if not exists (select from pg_catalog.pg_trigger
-                    where tgrelid = 'loader.pii_access_log'::regclass and tgname = 'pii_access_log_append_only') then
-        create trigger pii_access_log_append_only before update or delete on loader.pii_access_log
-            for each row execute function loader._append_only();
-        create trigger pii_access_log_no_truncate before truncate on loader.pii_access_log
-            for each statement execute function loader._append_only();
+    if pg_catalog.current_setting('client_encoding') <> 'UTF8' then
+        raise exception 'a reveal needs client_encoding UTF8 (this session has %)',
+            pg_catalog.current_setting('client_encoding')
+            using errcode = 'feature_not_supported',
+                  hint = 'set client_encoding = ''UTF8'', then call loader.reveal again';
     end if;
 end
 $$;
+comment on function loader._reveal_encoding() is 'Private: refuse a reveal to a session whose client_encoding is not UTF8';
 
 -- _reveal_log: checks a reveal request (a purpose, within the bound), writes its record, and
 -- returns the record's id. Committed by loader.reveal before anything is read.
@@ -57,6 +64,7 @@ begin
         raise exception 'a reveal needs a purpose (why these values must be seen)'
             using errcode = 'invalid_parameter_value';
     end if;
+    perform loader._reveal_encoding();
     if coalesce(cardinality(message_ids), 0) = 0 then
         raise exception 'a reveal needs at least one message id'
             using errcode = 'invalid_parameter_value';
@@ -95,6 +103,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     request loader.pii_access_log;
 begin
+    perform loader._reveal_encoding();
     select * into request from loader.pii_access_log a where a.id = access;
     if request.id is null or request.role <> session_user
        or request.xact = pg_current_xact_id()

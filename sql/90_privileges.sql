@@ -25,7 +25,7 @@ grant usage on schema loader to loader_ingest, loader_analyst, loader_pii_reader
 grant execute on function loader.register_run(text, text, text),
     loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], integer[]),
     loader.record_deletes(bigint, text, bigint, bigint),
-    loader.finish_run(bigint, text, boolean) to loader_ingest;
+    loader.finish_run(bigint, text, boolean), loader.heartbeat(bigint, text) to loader_ingest;
 
 -- loader_analyst: reads the masked table, reject reasons and the bookkeeping (not the runs'
 -- tokens), and runs the incremental transform. Never raw_logins, never the key table, never a
@@ -34,7 +34,8 @@ grant select on public.user_logins to loader_analyst;
 grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
     loader.mask_key_info, loader.pipeline_status, loader.refusals to loader_analyst;
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
-              delete_failures, loader_version, refused, registered_by, stopped_on_error)
+              delete_failures, loader_version, refused, registered_by, stopped_on_error,
+              sent_at_replaced)
     on loader.ingest_runs to loader_analyst;
 grant execute on function loader.transform_batch(integer, boolean) to loader_analyst;
 grant execute on procedure loader.transform(bigint, bigint, bigint, integer, jsonb) to loader_analyst;
@@ -123,7 +124,7 @@ language sql immutable as $$
         ('idle_session_timeout', null, 'the caller''s own session'),
         ('synchronous_commit', null, 'durability of the caller''s commit: a lost commit loses the outcome and its work-list delete together'),
         ('application_name', null, 'a label'),
-        ('client_encoding', null, 'conversion of output: the functions return counts, codes and ids, never body text'),
+        ('client_encoding', null, 'conversion of output: the functions return counts, codes and ids, never body text, except reveal, which refuses any encoding but UTF8 (loader._reveal_encoding)'),
         ('check_function_bodies', null, 'CREATE FUNCTION only'),
         ('password_encryption', null, 'CREATE and ALTER ROLE only'),
         ('local_preload_libraries', null, 'read at connection start only'),
@@ -184,6 +185,31 @@ begin
     loop
         execute format('alter function %s reset all %s', f, pins);
     end loop;
+end
+$$;
+
+-- The access log's guard (sql/44_reveal.sql): created when missing and enabled when disabled,
+-- on every migrate, so `loader migrate` is the fix `loader doctor` names for a log that lost it.
+do $$
+begin
+    if not exists (select from pg_catalog.pg_trigger
+                    where tgrelid = 'loader.pii_access_log'::regclass and tgname = 'pii_access_log_append_only') then
+        create trigger pii_access_log_append_only before update or delete on loader.pii_access_log
+            for each row execute function loader._append_only();
+    end if;
+    if not exists (select from pg_catalog.pg_trigger
+                    where tgrelid = 'loader.pii_access_log'::regclass and tgname = 'pii_access_log_no_truncate') then
+        create trigger pii_access_log_no_truncate before truncate on loader.pii_access_log
+            for each statement execute function loader._append_only();
+    end if;
+    -- Only when disabled: ALTER TABLE locks the log, and a routine migrate takes no lock it
+    -- does not need.
+    if exists (select from pg_catalog.pg_trigger
+                where tgrelid = 'loader.pii_access_log'::regclass and tgenabled = 'D'
+                  and tgname in ('pii_access_log_append_only', 'pii_access_log_no_truncate')) then
+        alter table loader.pii_access_log enable trigger pii_access_log_append_only;
+        alter table loader.pii_access_log enable trigger pii_access_log_no_truncate;
+    end if;
 end
 $$;
 

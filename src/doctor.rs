@@ -35,6 +35,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         "loader_ingest",
         &[
             "execute loader.finish_run(bigint,text,boolean)",
+            "execute loader.heartbeat(bigint,text)",
             "execute loader.record_deletes(bigint,text,bigint,bigint)",
             "execute loader.register_run(text,text,text)",
             "execute loader.stage(bigint,text,text[],text[],boolean[],timestamp with time zone[],integer[],integer[])",
@@ -46,7 +47,7 @@ pub const DOCUMENTED_PRIVILEGES: &[(&str, &[&str])] = &[
         &[
             "execute loader.transform(bigint,bigint,bigint,integer,jsonb)",
             "execute loader.transform_batch(integer,boolean)",
-            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by, stopped_on_error)",
+            "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by, stopped_on_error, sent_at_replaced)",
             "select loader.login_rejects",
             "select loader.mask_key_info",
             "select loader.pipeline_status",
@@ -168,6 +169,38 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
         Ok(problem) => vec![Finding::from(DATABASE, problem)],
         Err(e) => return vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)],
     };
+    // A database never migrated, or a login that is not the owner: one finding says so, not
+    // every check that cannot read what it needs.
+    match scalar::<String>(
+        pool,
+        "select case when n.oid is null then 'unmigrated'
+                     when pg_has_role(current_user, n.nspowner, 'usage') then 'owner'
+                     else 'other' end
+           from (select) x left join pg_namespace n on n.nspname = 'loader'",
+    )
+    .await
+    {
+        Ok(who) if who == "unmigrated" => {
+            findings.push(Finding::problem(
+                "migrations",
+                "the database was never migrated",
+                "run `loader migrate` as the owner role",
+            ));
+            return findings;
+        }
+        Ok(who) if who == "other" => {
+            findings.push(Finding::problem(
+                "run as the owner",
+                "this login is not the owner of schema loader: doctor reads the migration \
+                 history, the keys and every role's privileges, which only the owner may",
+                "run doctor with DATABASE_URL set to the owner's login (the role that runs \
+                 loader migrate)",
+            ));
+            return findings;
+        }
+        Ok(_) => findings.push(Finding::ok("run as the owner")),
+        Err(e) => return vec![Finding::problem(DATABASE, format!("{e:#}"), DATABASE_FIX)],
+    }
     findings.push(Finding::from("migrations", migrations(pool).await));
     findings.push(Finding::from("pgcrypto", pgcrypto(pool).await));
     findings.push(Finding::from("active key", active_key(pool).await));
@@ -336,8 +369,9 @@ async fn duties_separated(pool: &PgPool) -> Problem {
                  what the transform made of it: {}",
                 logins.join(", ")
             ),
-            "revoke loader_analyst (or loader_pii_reader) from them; a login that stages and \
-             transforms needs loader_ingest and loader_transformer (docs/security.md \"Duties\")",
+            "revoke loader_analyst (or loader_pii_reader) from them, or from the group role they \
+             have it through; a login that stages and transforms needs loader_ingest and \
+             loader_transformer (docs/security.md \"Duties\")",
         ),
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }
@@ -417,7 +451,8 @@ async fn pii_access_log(pool: &PgPool) -> Problem {
         Ok(_) => problem(
             "loader.pii_access_log is not append-only: its triggers are missing or disabled \
              (someone with the owner role removed them)",
-            "run `loader migrate` (it creates them again), and find out who changed the log",
+            "run `loader migrate` (it creates and enables them again), and find out who changed \
+             the log",
         ),
         Err(e) => problem(format!("{e:#}"), "run `loader migrate`"),
     }

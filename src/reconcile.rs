@@ -12,6 +12,10 @@ use time::OffsetDateTime;
 use crate::counts::RunCounts;
 use crate::sqs::Queue;
 
+/// An unfinished run not heard of for this long ended without finishing (three missed
+/// [`crate::ingest::HEARTBEAT`]s).
+pub const SILENT_AFTER: &str = "3 minutes";
+
 /// How many offending ids a check lists (the count is always complete).
 const MAX_IDS: i64 = 100;
 
@@ -26,6 +30,10 @@ pub struct StageCounts {
     pub pending: i64,
     pub runs: i64,
     pub unfinished_runs: i64,
+    /// Unfinished runs whose process has not called in for [`SILENT_AFTER`] (three missed
+    /// heartbeats): it was killed or crashed (or, for a Lambda run, AWS retired its execution
+    /// environment). What they staged is accounted for like any other run's.
+    pub silent_runs: i64,
     /// Staged messages erased (`loader forget`): no outcome, by design.
     pub erased: i64,
     /// Runs that stopped on an error (their deleted counter may be short; not held to
@@ -183,7 +191,7 @@ pub async fn reconcile(
     since: Option<Duration>,
 ) -> Result<Report> {
     let since_seconds = since.map(|d| d.as_secs_f64());
-    let stages_sql = with_params(
+    let stages_sql = with_params(&
         " select (select count(*) from loader.raw_logins where staged_at >= {since}) as staged,
                 (select count(*) from loader.raw_logins
                   where purged_at is not null and staged_at >= {since}) as purged,
@@ -195,11 +203,15 @@ pub async fn reconcile(
                 (select count(*) from loader.ingest_runs
                   where finished_at is null and started_at >= {since}) as unfinished_runs,
                 (select count(*) from loader.ingest_runs
+                  where finished_at is null and started_at >= {since}
+                    and last_seen_at < now() - interval '{silent}') as silent_runs,
+                (select count(*) from loader.ingest_runs
                   where stopped_on_error and started_at >= {since}) as stopped_runs,
                 (select count(*) from loader.raw_logins
                   where erased_at is not null and staged_at >= {since}) as erased,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
-                (select nullif(since, '-infinity') from params) as window_start",
+                (select nullif(since, '-infinity') from params) as window_start"
+            .replace("{silent}", SILENT_AFTER),
     );
     let stages: StageCounts = crate::db::transaction(pool, async |tx| {
         sqlx::query_as(&stages_sql)
@@ -366,8 +378,12 @@ fn write_queue(out: &mut impl fmt::Write, q: &QueueCounts) -> fmt::Result {
 fn write_runs(out: &mut impl fmt::Write, s: &StageCounts, runs: &[RunCounts]) -> fmt::Result {
     writeln!(
         out,
-        "ingest runs: {} ({} unfinished: running or crashed; {} stopped on an error)",
-        s.runs, s.unfinished_runs, s.stopped_runs
+        "ingest runs: {} ({} running; {} ended without finishing, silent for {SILENT_AFTER}: \
+         killed or crashed, or a Lambda environment AWS retired; {} stopped on an error)",
+        s.runs,
+        s.unfinished_runs - s.silent_runs,
+        s.silent_runs,
+        s.stopped_runs
     )?;
     if runs.is_empty() {
         return Ok(());

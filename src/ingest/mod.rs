@@ -36,6 +36,10 @@ use crate::shutdown::Shutdown;
 use crate::sqs::{MAX_BATCH, Queue, Received};
 use crate::staging::{self, RawMessage};
 
+/// How often an ingest run tells the database it is alive (`loader.heartbeat`); reconcile
+/// calls an unfinished run silent for [`crate::reconcile::DEFAULT_SILENT_AFTER`] ended.
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
+
 /// How long a receive in progress at shutdown may still take to complete.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -356,7 +360,10 @@ impl Ingestor {
     /// way would otherwise leave its messages invisible until their visibility timeout), and
     /// everything received is staged, committed and deleted before returning.
     pub async fn ingest(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {
-        let result = self.keeping_invisible(self.pump(shutdown)).await;
+        let result = tokio::select! {
+            done = self.keeping_invisible(self.pump(shutdown)) => done,
+            never = self.heartbeat() => match never {},
+        };
         if let Some(progress) = &self.progress {
             progress.finish();
         }
@@ -365,6 +372,18 @@ impl Ingestor {
         let totals = result?;
         finished?;
         Ok(totals)
+    }
+
+    /// Tells the database every [`HEARTBEAT`] that this run is alive, so reconcile tells a run
+    /// waiting on an empty queue from one whose process died. A failed heartbeat is only
+    /// logged: staging has its own retries, and reconcile at worst calls a live run silent.
+    async fn heartbeat(&self) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            if let Err(e) = self.run.heartbeat(&self.pool).await {
+                tracing::debug!(error = format!("{e:#}"), "heartbeat failed");
+            }
+        }
     }
 
     async fn pump(&self, shutdown: impl Future<Output = ()>) -> Result<Totals> {

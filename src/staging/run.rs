@@ -81,6 +81,21 @@ impl IngestRun {
         Ok(())
     }
 
+    /// Tells the database the run's process is alive (`ingest_runs.last_seen_at`).
+    pub async fn heartbeat(&self, pool: &PgPool) -> Result<()> {
+        crate::db::transaction(pool, async |tx| {
+            sqlx::query("select loader.heartbeat($1, $2)")
+                .bind(self.id)
+                .bind(&self.token)
+                .persistent(false)
+                .execute(tx)
+                .await
+        })
+        .await
+        .context("telling the database the run is alive")?;
+        Ok(())
+    }
+
     /// Marks the run finished; `stopped_on_error` when it ends on an error (then its counters
     /// may be short of what it did: a flush deleted but not yet recorded).
     pub async fn finish(

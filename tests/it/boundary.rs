@@ -11,7 +11,14 @@ use loader::staging::{self, IngestRun, RawMessage};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use sqlx::Connection;
+
 use crate::support::{Cli, TestDb, TestEnv, TestRole, traces};
+
+/// `scheme://user@host:port` of a database URL, without its database.
+fn server(url: &str) -> &str {
+    url.rsplit_once('/').unwrap().0
+}
 
 /// Stages `(message id, body, sent_at)` as `pool`'s login (granted `loader_ingest`), through
 /// the same code `loader ingest` uses, committed.
@@ -89,6 +96,33 @@ fn every_form(user: &str, tag: u8) -> Vec<(&'static str, String, String, String)
             eventbridge(serde_json::json!(format!("user_id={user} ip={}", value(7)))),
             value(7),
             device("eventbridge-text"),
+        ),
+        (
+            "query-string",
+            format!("user_id={user}&ip={}&device_id={}", value(8), device("query-string")),
+            value(8),
+            device("query-string"),
+        ),
+        ("pipes", format!("{user}|{}|{}", value(9), device("pipes")), value(9), device("pipes")),
+        (
+            // A JSON unicode escape for the id's first letter, in JSON cut off mid-way.
+            "escaped",
+            format!(
+                r#"{{"user_id":"\u{:04x}{}","ip":"{}","device_id":"{}","#,
+                user.chars().next().unwrap() as u32,
+                &user[1..],
+                value(10),
+                device("escaped")
+            ),
+            value(10),
+            device("escaped"),
+        ),
+        (
+            "key",
+            serde_json::json!({"users": {user: {"ip": value(11), "device_id": device("key")}}})
+                .to_string(),
+            value(11),
+            device("key"),
         ),
     ]
 }
@@ -347,6 +381,18 @@ async fn a_login_that_stages_and_transforms_sees_nothing_of_what_its_input_becam
         receive_count: Some(1),
     });
     staging::stage(&mut conn, &run, &raw).await.unwrap();
+    // A body larger than any SQS message (1 MiB) is refused, recorded, and left on the queue;
+    // the rest of its batch stages.
+    let huge = format!(r#"{{"user_id": "u", "pad": "{}"}}"#, "x".repeat(1_100_000));
+    let raw = [("z-1", huge), ("z-2", r#"{"user_id": "u"}"#.to_owned())].map(|(id, body)| {
+        RawMessage { message_id: id.into(), body, sent_at: Some(recent), receive_count: Some(1) }
+    });
+    let staged = staging::stage(&mut conn, &run, &raw).await.unwrap();
+    assert_eq!(staged.refused, std::collections::HashSet::from(["z-1".to_owned()]));
+    assert_eq!(
+        db.count("select count(*) from loader.refusals where constraint_name = 'body_size'").await,
+        1
+    );
     drop(conn);
     assert_eq!(
         db.count("select count(*) from loader.raw_logins where sent_at = staged_at").await,
@@ -354,7 +400,7 @@ async fn a_login_that_stages_and_transforms_sees_nothing_of_what_its_input_becam
     );
     assert_eq!(db.count("select sum(sent_at_replaced)::bigint from loader.ingest_runs").await, 2);
     let out = Cli::new(&svc.url, &env.queue.name).ok(&["transform"]);
-    assert!(out.contains("loaded 3, rejected 0, pending 0"), "{out}");
+    assert!(out.contains("loaded 4, rejected 0, pending 0"), "{out}");
 
     // doctor: the documented split passes; a login holding a writer and a reader role fails,
     // named.
@@ -419,6 +465,20 @@ async fn a_reveal_honours_erasure_and_returns_no_more_than_its_record_says() {
         .await,
         0
     );
+
+    // A session whose client_encoding cannot hold every value is refused before any record:
+    // converting a value would fail with an error quoting its bytes.
+    let mut latin1 = reader.pool.acquire().await.unwrap();
+    let before = db.count("select count(*) from loader.pii_access_log").await;
+    let refused = sqlx::raw_sql(
+        "set client_encoding = 'LATIN1'; call loader.reveal(array['late-dave'], 'INC-9')",
+    )
+    .execute(&mut *latin1)
+    .await
+    .unwrap_err();
+    assert_eq!(sqlstate(&refused), "0A000", "{refused}");
+    assert_eq!(db.count("select count(*) from loader.pii_access_log").await, before);
+    drop(latin1);
 
     // A record written before its message was staged covers nothing of it, on every read.
     let (access,): (i64,) = sqlx::query_as("select loader._reveal_log(array['early'], 'INC-2')")
@@ -494,6 +554,24 @@ async fn an_analyst_holding_claimed_rows_stops_no_loading_and_no_progress_signal
     .execute(&mut *held)
     .await
     .unwrap();
+    // Two more write transactions left open: the analyst's in another database of the cluster
+    // (xids are the cluster's: it holds the downstream horizon back too), and a stranger's (a
+    // role of no loader's, say another application's): loader ends the first, never the second.
+    let other_db = crate::support::url_as(&format!("{}/postgres", server(&db.url)), &analyst.name);
+    let mut elsewhere = sqlx::PgConnection::connect(&other_db).await.unwrap();
+    sqlx::raw_sql(
+        "set idle_in_transaction_session_timeout = 0;
+         begin; create temp table held (x int); select pg_current_xact_id();",
+    )
+    .execute(&mut elsewhere)
+    .await
+    .unwrap();
+    let stranger = TestRole::new(db, "").await;
+    let mut bystander = stranger.pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin; create temp table mine (x int); select pg_current_xact_id();")
+        .execute(&mut *bystander)
+        .await
+        .unwrap();
     // Nothing drained while the rows wait.
     sqlx::raw_sql("select * from loader.transform_batch(10)").execute(&db.pool).await.unwrap();
     let drained_now: OffsetDateTime =
@@ -520,14 +598,23 @@ async fn an_analyst_holding_claimed_rows_stops_no_loading_and_no_progress_signal
     let out = Cli::new(&transformer.url, &env.queue.name).ok(&["transform"]);
     assert!(out.contains("loaded 50, rejected 0, pending 0"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
-    let (role, held_for): (String, f64) =
+    let ended: Vec<(String, f64)> =
         sqlx::query_as("select role, extract(epoch from held_for)::float8 from loader.evictions")
-            .fetch_one(&db.pool)
+            .fetch_all(&db.pool)
             .await
             .unwrap();
-    assert_eq!(role, analyst.name);
-    assert!(held_for >= 2.0, "{held_for}");
+    assert_eq!(ended.len(), 2, "the analyst's two sessions: {ended:?}");
+    for (role, held_for) in ended {
+        assert_eq!(role, analyst.name);
+        assert!(held_for >= 2.0, "{held_for}");
+    }
     assert!(sqlx::raw_sql("select 1").execute(&mut *held).await.is_err(), "the session was ended");
+    assert!(sqlx::raw_sql("select 1").execute(&mut elsewhere).await.is_err(), "in any database");
+    assert!(
+        sqlx::raw_sql("select 1").execute(&mut *bystander).await.is_ok(),
+        "a role of no loader's is never ended"
+    );
+    sqlx::raw_sql("rollback").execute(&mut *bystander).await.unwrap();
     let after: i64 = sqlx::query_scalar(horizon).fetch_one(&db.pool).await.unwrap();
     assert!(after > held_xid, "the downstream horizon moved on: {after} > {held_xid}");
     let drained_after: OffsetDateTime =
@@ -742,5 +829,41 @@ async fn every_routine_below_the_owner_holds_under_hostile_arguments_and_open_tr
         )
         .await,
         0
+    );
+}
+
+/// The transform kept each erased body's fingerprint with INSERT ... ON CONFLICT on a unique
+/// key: a batch holding one uncommitted (two copies of one erased body, the usual redrive or
+/// replay) made every other batch inserting the same one wait for it, with no bound. Now the
+/// fingerprints have no unique key, and nothing waits.
+#[tokio::test]
+async fn a_fingerprint_held_by_an_open_batch_makes_no_transform_wait() {
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql("update loader.settings set value = '600' where name = 'evict_after_seconds'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.cli().ok(&["forget", "--user-id", "erin", "--reference", "DSR-5"]);
+    let body = r#"{"user_id": "erin", "ip": "10.66.0.1"}"#;
+    let sent = OffsetDateTime::now_utc();
+    crate::support::stage(&db, &[("c-1".into(), body.into()), ("c-2".into(), body.into())], sent)
+        .await;
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+    let mut held = analyst.pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin; select * from loader.transform_batch(1)")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let mut owner = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("set statement_timeout = '5s'").execute(&mut *owner).await.unwrap();
+    let (rejected,): (i64,) = sqlx::query_as("select rejected from loader.transform_batch(100)")
+        .fetch_one(&mut *owner)
+        .await
+        .expect("the other copy is suppressed at once, without waiting for the open batch");
+    assert_eq!(rejected, 1);
+    sqlx::raw_sql("commit").execute(&mut *held).await.unwrap();
+    assert_eq!(
+        db.count("select count(*) from loader.login_rejects where reason = 'erased'").await,
+        2
     );
 }

@@ -263,14 +263,37 @@ async fn the_settings_table_in_the_security_guide_is_the_migrated_defaults() {
             .unwrap();
     let guide = std::fs::read_to_string(root().join("docs/security.md")).unwrap();
     let table = &guide[guide.find("<!-- checked: settings").expect("the settings table")..];
-    let documented: Vec<(String, String)> = table
+    let rows: Vec<Vec<String>> = table
         .lines()
         .skip(3)
         .take_while(|l| l.starts_with("| `"))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
-        })
+        .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_owned()).collect())
         .collect();
+    let documented: Vec<(String, String)> =
+        rows.iter().map(|cells| (cells[1].clone(), cells[2].clone())).collect();
     assert_eq!(documented, migrated);
+
+    // Each documented range is the one the server enforces; anything else is refused.
+    let set = async |name: &str, value: &str| {
+        sqlx::query("update loader.settings set value = $2 where name = $1")
+            .bind(name)
+            .bind(value)
+            .execute(&db.pool)
+            .await
+            .is_ok()
+    };
+    for cells in &rows {
+        let (name, range) = (&cells[1], cells[3].split_whitespace().next().unwrap());
+        let (lo, hi) = range.split_once('-').unwrap();
+        let (lo, hi): (i64, i64) = (lo.parse().unwrap(), hi.parse().unwrap());
+        assert!(set(name, &lo.to_string()).await && set(name, &hi.to_string()).await, "{name}");
+        for refused in [(lo - 1).to_string(), (hi + 1).to_string(), "abc".into(), "10 s".into()] {
+            assert!(!set(name, &refused).await, "{name} = {refused} must be refused");
+        }
+        assert!(set(name, &cells[2]).await);
+    }
+    let unknown = sqlx::query("insert into loader.settings values ('evict_after_secs', '5')")
+        .execute(&db.pool)
+        .await;
+    assert!(unknown.is_err(), "a setting the code does not read is refused");
 }

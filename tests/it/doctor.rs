@@ -70,6 +70,17 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
+    // The access log's guard disabled, then dropped: the fix doctor names (migrate) works.
+    sql(&db.pool, "alter table loader.pii_access_log disable trigger pii_access_log_append_only")
+        .await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("pii access log"));
+    crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+    sql(&db.pool, "drop trigger pii_access_log_no_truncate on loader.pii_access_log").await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("pii access log"));
+    crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
     // A table a swap retired, left behind.
     sql(&db.pool, "create table loader_rebuild.user_logins_retired_r99 ()").await;
     assert_eq!(failing(&db.url, queue, &[]), expect("retired tables"));
@@ -127,6 +138,22 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     let (code, failed) = failing(&format!("{plain}?sslmode=require"), queue, &[]);
     assert_eq!(code, Some(3));
     assert!(failed.contains("database") && failed.contains("dead-letter queue"), "{failed:?}");
+}
+
+/// A database never migrated, or a login that is not the owner, is one finding with its fix,
+/// not every check that cannot read what it needs (an earlier doctor printed 11 failures, one
+/// of them blaming someone for removing the access log's triggers).
+#[tokio::test]
+async fn an_unmigrated_database_or_another_login_is_one_finding() {
+    let env = TestEnv::new(30).await;
+    let _dlq = env.queue.attach_dead_letter_queue(5).await;
+    let empty = crate::support::TestDb::empty().await;
+    let expect = |check: &str| (Some(3), BTreeSet::from([check.to_owned()]));
+    assert_eq!(failing(&empty.url, &env.queue.name, &[]), expect("migrations"));
+    crate::support::Cli::new(&empty.url, &env.queue.name).ok(&["migrate"]);
+    assert_eq!(failing(&empty.url, &env.queue.name, &[]), (Some(0), BTreeSet::new()));
+    let analyst = crate::support::TestRole::new(&env.db, "loader_analyst").await;
+    assert_eq!(failing(&analyst.url, &env.queue.name, &[]), expect("run as the owner"));
 }
 
 /// The owner needs `pg_signal_backend` to end sessions that hold its work up; an owner without

@@ -128,3 +128,46 @@ async fn a_drain_stopped_by_a_signal_finishes_its_run_and_the_same_command_conti
         env.cli().ok(&["reconcile"]);
     }
 }
+
+/// A run whose process died (SIGKILL here; OOM or a lost host alike) stayed "unfinished:
+/// running or crashed" for good. Now every run calls in (each staging, each delete, a heartbeat
+/// every minute while idle), and reconcile counts one silent for three minutes as ended without
+/// finishing, with what it staged accounted for.
+#[tokio::test]
+async fn a_killed_drain_is_reported_as_ended_without_finishing() {
+    let env = TestEnv::new(3).await;
+    let db = &env.db;
+    env.queue.send(&loader::send::generate(8_000, 9)).await;
+    let running = env.cli().spawn(&["ingest", "--wait-seconds", "1"]);
+    let staged =
+        crate::support::wait_for_count(db, "select count(*) from loader.raw_logins", 1_000).await;
+    assert!(staged >= 1_000, "{staged}");
+    crate::support::kill_9(running);
+    crate::support::wait_for_loader_sessions_to_end(db).await;
+    let report = env.cli().ok(&["reconcile", "--skip-queue"]);
+    assert!(report.contains("1 running; 0 ended without finishing"), "{report}");
+
+    // Three minutes on (the test moves the clock of the row, not the machine's).
+    sqlx::raw_sql(
+        "update loader.ingest_runs set last_seen_at = last_seen_at - interval '10 minutes'
+          where finished_at is null",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = env.cli().ok(&["reconcile", "--skip-queue"]);
+    assert!(report.contains("0 running; 1 ended without finishing"), "{report}");
+
+    // A live run's heartbeat keeps it running.
+    let run = loader::staging::IngestRun::register(&db.pool, "q", "follow").await.unwrap();
+    sqlx::raw_sql(
+        "update loader.ingest_runs set last_seen_at = now() - interval '10 minutes'
+          where finished_at is null and mode = 'follow'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    run.heartbeat(&db.pool).await.unwrap();
+    let report = env.cli().ok(&["reconcile", "--skip-queue"]);
+    assert!(report.contains("1 running; 1 ended without finishing"), "{report}");
+}
