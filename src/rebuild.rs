@@ -153,8 +153,47 @@ pub async fn drop_retired(
     dropped
 }
 
-/// Copies every range left, `workers` sessions at once; returns the rows they wrote.
+/// How long [`copy`] waits for ranges another session is copying: a `loader` killed moments
+/// ago leaves its server session copying its range, which commits it (or, once the server
+/// notices the client is gone, rolls it back for the next pass to copy).
+const HELD_RANGE_WAIT: Duration = Duration::from_secs(120);
+
+/// Copies every range left, `workers` sessions at once, then waits for the ranges other
+/// sessions hold (copying them itself if they are given back); returns the rows it wrote.
 pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) -> Result<i64> {
+    let mut copied = copy_unclaimed(pool, workers, progress).await?;
+    let deadline = tokio::time::Instant::now() + HELD_RANGE_WAIT;
+    loop {
+        let left: i64 = crate::db::transaction(pool, async |tx| {
+            sqlx::query_scalar(
+                "select count(*) from loader.rebuild_ranges g
+                   join loader.rebuilds b on b.id = g.rebuild_id
+                  where b.state = 'copying' and not g.done",
+            )
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+        })
+        .await
+        .context("counting the ranges left to copy")?;
+        if left == 0 {
+            return Ok(copied);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{left} ranges of the online rebuild are still held by another session after \
+                 {} s (another `loader` copying?); run the same command again to continue",
+                HELD_RANGE_WAIT.as_secs()
+            );
+        }
+        tracing::info!(left, "ranges are being copied by another session; waiting for them");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        copied += copy_unclaimed(pool, workers, progress).await?;
+    }
+}
+
+/// Copies every range no other session holds, `workers` sessions at once.
+async fn copy_unclaimed(pool: &PgPool, workers: usize, progress: Option<&Progress>) -> Result<i64> {
     let (done, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
     let mut sessions = JoinSet::new();
     for _ in 0..workers.max(1) {

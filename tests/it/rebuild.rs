@@ -216,3 +216,45 @@ async fn a_batch_open_when_a_rotation_starts_is_refused_at_commit_and_loads_agai
     assert_eq!(db.loaded().await, 100);
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
+
+/// `loader keys rotate` killed (SIGKILL, SIGTERM or Ctrl-C) and run again at once failed four
+/// times in a row ("ranges are not copied yet"): the killed process's server session was still
+/// copying its range, and the rerun skipped it and tried the swap. Now the rerun waits for a
+/// range another session holds (and copies it if it is given back). Killed at random points
+/// with each signal, every immediate rerun resumes, and the last one finishes the rotation.
+#[tokio::test]
+async fn a_rotation_stopped_at_any_point_resumes_at_once() {
+    let db = TestDb::migrated().await;
+    transformed(&db, 20_000).await;
+    let (old, loaded, rejected) = (active_key(&db).await, db.loaded().await, db.rejected().await);
+    assert_eq!(start_rotation(&db, 50).await, 400);
+    for (round, signal) in ["KILL", "TERM", "INT", "KILL", "TERM", "INT"].iter().enumerate() {
+        let rotation = db.cli().spawn(&["keys", "rotate", "--workers", "2"]);
+        tokio::time::sleep(Duration::from_millis(100 + fastrand::u64(0..250))).await;
+        if *signal == "KILL" {
+            kill_9(rotation);
+        } else {
+            crate::support::signal(rotation, signal);
+        }
+        // At once: no waiting for the killed process's sessions.
+        let rerun = db.cli().spawn(&["keys", "rotate", "--workers", "2"]);
+        tokio::time::sleep(Duration::from_millis(50 + fastrand::u64(0..200))).await;
+        if round < 5 {
+            kill_9(rerun);
+        } else {
+            let out =
+                crate::support::wait_ok_within(rerun, Duration::from_secs(120), "the rerun").await;
+            assert!(out.contains("key") && !out.contains("already"), "{out}");
+        }
+    }
+    crate::support::wait_for_loader_sessions_to_end(&db).await;
+    let new = active_key(&db).await;
+    assert_ne!(new, old);
+    assert_eq!(key_ids(&db).await.len(), 1, "one key in user_logins");
+    assert_eq!(
+        (db.loaded().await, db.rejected().await),
+        (loaded, rejected),
+        "nothing lost or doubled"
+    );
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}
