@@ -97,6 +97,19 @@ pub fn install(addr: SocketAddr) -> Result<()> {
     for reason in REJECT_REASONS {
         counter!("loader_rows_rejected_total", "reason" => *reason).absolute(0);
     }
+    // And every unlabelled counter, gauge and histogram, so an alert on an instance stuck since
+    // it started (LoaderQuiet, LoaderDeletesStuck) has a series to fire on. A histogram
+    // registered without a sample exports its buckets, sum and count at 0.
+    for f in FAMILIES.iter().filter(|f| f.labels.is_empty()) {
+        match f.kind {
+            Kind::Counter => counter!(f.name).absolute(0),
+            Kind::Gauge if f.name != "loader_build_info" => gauge!(f.name).set(0.0),
+            Kind::Gauge => {}
+            Kind::Histogram => {
+                let _ = histogram!(f.name);
+            }
+        }
+    }
     let process = metrics_process::Collector::default();
     process.describe();
     tokio::spawn(async move {

@@ -360,3 +360,49 @@ async fn the_reject_reasons_exported_at_zero_are_the_transforms() {
     let documented: Vec<&str> = list.split(", ").map(str::trim).collect();
     assert_eq!(documented, loader::metrics::REJECT_REASONS);
 }
+
+/// The counters without labels appeared only at their first event, so `LoaderQuiet` and
+/// `LoaderDeletesStuck` could never fire for an instance stuck since it started. Now the first
+/// scrape of an idle `loader run` has every family the alert rules and the dashboard use.
+#[tokio::test]
+async fn an_idle_run_exports_every_family_the_alerts_and_the_dashboard_use() {
+    let env = TestEnv::new(30).await;
+    let (db, q) = (&env.db, &env.queue);
+    let _dlq = q.attach_dead_letter_queue(5).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&[
+        "run",
+        "--wait-seconds",
+        "1",
+        "--metrics-addr",
+        &addr,
+    ]);
+    let rules = include_str!("../../deploy/prometheus/loader-rules.yml");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/loader-dashboard.json")).unwrap();
+    let mut exprs = vec![rules.to_owned()];
+    dashboard_exprs(&dashboard, &mut exprs);
+    let used: BTreeSet<String> = exprs
+        .iter()
+        .flat_map(|e| metric_names(e))
+        .filter(|n| n.starts_with("loader_"))
+        .map(str::to_owned)
+        .collect();
+    assert!(used.len() > 15, "{used:?}");
+    // The queue's gauges are read once at start (a few SQS calls): wait for them, no more.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape_text(&addr).unwrap_or_default();
+        if text.contains("loader_dead_letter_messages{") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crate::support::terminate_ok(child);
+    let present = |name: &str| text.lines().any(|l| l.starts_with(name) && !l.starts_with('#'));
+    let missing: Vec<&String> = used.iter().filter(|n| !present(n)).collect();
+    assert!(missing.is_empty(), "missing from an idle run's first scrape: {missing:?}\n{text}");
+    for counter in ["loader_messages_received_total ", "loader_messages_deleted_total "] {
+        assert!(text.contains(&format!("{counter}0")), "{counter} at 0:\n{text}");
+    }
+}
