@@ -46,6 +46,36 @@ const MIGRATE_LOCK_TIMEOUT: &str = "60s";
 /// a running function holds.
 const EVERY_TIME: &[&str] = &["80_comments.sql", "90_privileges.sql"];
 
+/// `result` with a context that names the cause of a database error while `doing`: a missing
+/// privilege names the role the login needs (`role`), a schema, table or function that does
+/// not exist says to migrate, an unreachable server says so; anything else names what was being
+/// done. (One cause each: an outage is never blamed on migrations.)
+pub fn explained<T>(result: Result<T, sqlx::Error>, doing: &str, role: &str) -> Result<T> {
+    result.map_err(|e| {
+        let why = match sqlstate(&e).as_deref() {
+            Some("42501") => format!(
+                "{doing}: this login lacks a privilege: it needs {role} (docs/security.md \"Duties\")"
+            ),
+            Some("3F000" | "42P01" | "42883") => format!(
+                "{doing}: the database lacks loader's schema or functions: run `loader migrate` \
+                 as the owner role"
+            ),
+            Some(code) if code.starts_with("08") || code.starts_with("57P0") => {
+                format!("{doing}: PostgreSQL is unreachable or shutting down")
+            }
+            None if matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ) =>
+            {
+                format!("{doing}: PostgreSQL is unreachable")
+            }
+            _ => doing.to_owned(),
+        };
+        anyhow::Error::new(e).context(why)
+    })
+}
+
 /// Opens a small pool. Fails within seconds, with one clear line, when the database is
 /// unreachable or the URL is wrong: one connection is opened up front so its own error (refused,
 /// bad password, no such database) is what the user sees, not a pool timeout.

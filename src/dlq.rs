@@ -91,7 +91,7 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
     released.context("making the listed messages visible again")?;
 
     let ids: Vec<&str> = listed.iter().map(|l| l.message_id.as_str()).collect();
-    let mut refusals: HashMap<String, Refusal> = crate::db::transaction(pool, async |tx| {
+    let refusals = crate::db::transaction(pool, async |tx| {
         sqlx::query_as::<_, (String, String, Option<String>, OffsetDateTime, i64, i64)>(
             "select distinct on (message_id) message_id, sqlstate, constraint_name, refused_at,
                 ingest_run_id, count(*) over (partition by message_id)
@@ -103,13 +103,14 @@ pub async fn list(dlq: &Queue, pool: &PgPool) -> Result<Vec<Listed>> {
         .fetch_all(tx)
         .await
     })
-    .await
-    .context("reading loader.refusals (has `loader migrate` run?)")?
-    .into_iter()
-    .map(|(id, sqlstate, constraint_name, refused_at, ingest_run_id, times)| {
-        (id, Refusal { sqlstate, constraint_name, refused_at, ingest_run_id, times })
-    })
-    .collect();
+    .await;
+    let mut refusals: HashMap<String, Refusal> =
+        crate::db::explained(refusals, "reading loader.refusals", "the owner role")?
+            .into_iter()
+            .map(|(id, sqlstate, constraint_name, refused_at, ingest_run_id, times)| {
+                (id, Refusal { sqlstate, constraint_name, refused_at, ingest_run_id, times })
+            })
+            .collect();
     for l in &mut listed {
         l.refusal = refusals.remove(&l.message_id);
     }

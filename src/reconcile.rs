@@ -213,7 +213,7 @@ pub async fn reconcile(
                 (select nullif(since, '-infinity') from params) as window_start"
             .replace("{silent}", SILENT_AFTER),
     );
-    let stages: StageCounts = crate::db::transaction(pool, async |tx| {
+    let stages = crate::db::transaction(pool, async |tx| {
         sqlx::query_as(&stages_sql)
             .bind(grace_seconds)
             .bind(since_seconds)
@@ -221,8 +221,8 @@ pub async fn reconcile(
             .fetch_one(tx)
             .await
     })
-    .await
-    .context("counting stages (has `loader migrate` run?)")?;
+    .await;
+    let stages: StageCounts = crate::db::explained(stages, "counting stages", "the owner role")?;
 
     let recent_runs = crate::staging::latest_runs(pool, 10).await?;
 

@@ -1,7 +1,7 @@
 //! `loader status`: the pipeline at a glance, from `loader.pipeline_status` (which analysts
 //! can read in psql too) and the latest ingest run.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
@@ -22,18 +22,18 @@ pub struct Status {
 
 /// Reads [`Status`].
 pub async fn read(pool: &PgPool) -> Result<Status> {
-    let (pending, oldest_pending, last_drained_at, active_key_id) =
-        crate::db::transaction(pool, async |tx| {
-            sqlx::query_as(
-                "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
+    let status = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select pending, oldest_pending_staged_at, last_drained_at, active_key_id
            from loader.pipeline_status",
-            )
-            .persistent(false)
-            .fetch_one(tx)
-            .await
-        })
+        )
+        .persistent(false)
+        .fetch_one(tx)
         .await
-        .context("reading status (has `loader migrate` run?)")?;
+    })
+    .await;
+    let (pending, oldest_pending, last_drained_at, active_key_id) =
+        crate::db::explained(status, "reading status", "loader_analyst")?;
     let last_run = crate::staging::latest_runs(pool, 1).await?.into_iter().next();
     Ok(Status { pending, oldest_pending, last_drained_at, active_key_id, last_run })
 }

@@ -144,7 +144,11 @@ async fn one_session(pool: &PgPool, batch_size: i32) -> Result<SessionRow> {
                 attempt += 1;
             }
             other => {
-                return other.context("running loader.transform() (has `loader migrate` run?)");
+                return crate::db::explained(
+                    other,
+                    "running loader.transform()",
+                    "loader_transformer",
+                );
             }
         }
     }

@@ -47,15 +47,16 @@ impl IngestRun {
         mode: &str,
     ) -> Result<Self> {
         let mut tx = db.begin().await.context("connecting to PostgreSQL")?;
-        let (id, token): (i64, String) =
+        let registered =
             sqlx::query_as("select run_id, run_token from loader.register_run($1, $2, $3)")
                 .bind(queue)
                 .bind(mode)
                 .bind(env!("CARGO_PKG_VERSION"))
                 .persistent(false)
                 .fetch_one(&mut *tx)
-                .await
-                .context("registering the ingest run (has `loader migrate` run?)")?;
+                .await;
+        let (id, token): (i64, String) =
+            crate::db::explained(registered, "registering the ingest run", "loader_ingest")?;
         tx.commit().await.context("registering the ingest run")?;
         Ok(Self { id, token })
     }

@@ -192,3 +192,28 @@ async fn bench_commands_measure_what_they_say() {
     assert_eq!(q.depth().await, (0, 0, 0));
     assert_eq!(db.staged().await, 1900, "no database work");
 }
+
+/// A login granted only `loader_ingest` (the security guide's snippet) running `loader run
+/// --once` staged, then failed with "(has 'loader migrate' run?) ... permission denied"; status
+/// said the same. Now an error names its cause: the role a login lacks, or a database never
+/// migrated; never the one for the other.
+#[tokio::test]
+async fn errors_name_the_role_a_login_lacks_or_the_migrate_it_needs() {
+    let env = TestEnv::new(30).await;
+    env.queue.send(&loader::send::generate(5, 3)).await;
+    let stderr = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let ingest_only = crate::support::TestRole::new(&env.db, "loader_ingest").await;
+    let cli = crate::support::Cli::new(&ingest_only.url, &env.queue.name);
+    let err = stderr(cli.run(&["run", "--once", "--wait-seconds", "1"]));
+    assert!(err.contains("it needs loader_transformer") && !err.contains("migrate"), "{err}");
+    let err = stderr(cli.run(&["status"]));
+    assert!(err.contains("it needs loader_analyst") && !err.contains("migrate"), "{err}");
+    assert_eq!(env.db.staged().await, 5, "what it staged stays staged");
+
+    let empty = TestDb::empty().await;
+    let err = stderr(empty.cli().run(&["status"]));
+    assert!(err.contains("run `loader migrate` as the owner role"), "{err}");
+}
