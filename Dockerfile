@@ -35,6 +35,9 @@ RUN apt-get update && \
 COPY --from=build /usr/local/bin/loader /usr/local/bin/loader
 # Not a terminal, so json is the default anyway; set explicitly for log shippers.
 ENV LOADER_LOG_FORMAT=json
+# Prometheus metrics, when LOADER_METRICS_ADDR is set: bind 0.0.0.0 inside a container (a
+# loopback address there is unreachable from outside it), e.g. LOADER_METRICS_ADDR=0.0.0.0:9464.
+EXPOSE 9464
 # A `.env` in the working directory is read when present (mount one here if you must).
 WORKDIR /app
 USER 10001:10001

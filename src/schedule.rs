@@ -77,6 +77,25 @@ async fn require_pg_cron(pool: &PgPool) -> Result<()> {
 /// Installs (or replaces) loader's jobs; returns them.
 pub async fn install(pool: &PgPool, timetable: &Timetable) -> Result<Vec<Job>> {
     require_pg_cron(pool).await?;
+    let version: String = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar("select extversion from pg_extension where extname = 'pg_cron'")
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await
+    .context("reading pg_cron's version")?;
+    for schedule in std::iter::once(&timetable.transform_every)
+        .chain(timetable.purge.as_ref().map(|(schedule, _)| schedule))
+    {
+        if schedule.trim().ends_with("seconds") && !seconds_supported(&version) {
+            anyhow::bail!(
+                "pg_cron {version} refuses the schedule '{schedule}': schedules in seconds need \
+                 pg_cron 1.5 or later; use cron syntax ('* * * * *' is every minute) or upgrade \
+                 pg_cron"
+            );
+        }
+    }
     let mut jobs = vec![(
         format!("{PREFIX}transform"),
         timetable.transform_every.clone(),
@@ -116,6 +135,14 @@ pub async fn install(pool: &PgPool, timetable: &Timetable) -> Result<Vec<Job>> {
     }
     tx.commit().await?;
     list(pool).await
+}
+
+/// Whether a pg_cron version (`extversion`, e.g. `1.4-1`, `1.6`) takes `N seconds` schedules.
+fn seconds_supported(version: &str) -> bool {
+    let mut parts =
+        version.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 5)
 }
 
 /// loader's jobs and their latest runs.
@@ -181,4 +208,16 @@ pub fn render(jobs: &[Job]) -> String {
         out.push_str("no loader jobs in pg_cron\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schedules_in_seconds_need_pg_cron_1_5() {
+        for (version, ok) in
+            [("1.4-1", false), ("1.4", false), ("1.5", true), ("1.6.4", true), ("2.0", true)]
+        {
+            assert_eq!(super::seconds_supported(version), ok, "{version}");
+        }
+    }
 }

@@ -297,3 +297,68 @@ async fn the_settings_table_in_the_security_guide_is_the_migrated_defaults() {
         .await;
     assert!(unknown.is_err(), "a setting the code does not read is refused");
 }
+
+/// The SDK's snake_case operation as the CamelCase action IAM names.
+fn action(operation: &str) -> String {
+    operation.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect()
+}
+
+/// docs/deploying.md's table of SQS calls per command names exactly the operations the code
+/// calls (every `client.<operation>()` in src/), no more and no fewer: an IAM policy written from
+/// it neither misses one nor grants one loader never makes.
+#[test]
+fn the_sqs_calls_the_deploying_guide_lists_are_the_ones_the_code_makes() {
+    let operations = [
+        "receive_message",
+        "delete_message",
+        "delete_message_batch",
+        "change_message_visibility",
+        "change_message_visibility_batch",
+        "get_queue_attributes",
+        "set_queue_attributes",
+        "get_queue_url",
+        "send_message",
+        "send_message_batch",
+        "create_queue",
+        "delete_queue",
+        "purge_queue",
+        "list_queues",
+        "list_dead_letter_source_queues",
+        "start_message_move_task",
+        "list_message_move_tasks",
+        "cancel_message_move_task",
+    ];
+    let mut sources = String::new();
+    let mut dirs = vec![root().join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let called: BTreeSet<String> = operations
+        .iter()
+        .filter(|op| sources.contains(&format!(".{op}()")))
+        .map(|op| action(op))
+        .collect();
+    let guide = std::fs::read_to_string(root().join("docs/deploying.md")).unwrap();
+    let table = &guide[guide.find("<!-- checked: sqs calls").expect("the SQS calls table")..];
+    let table = &table[..table.find("\n\n").unwrap()];
+    let listed: BTreeSet<String> = table
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(listed, called);
+    // And the container serves metrics where the guide says.
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("EXPOSE 9464") && guide.contains("LOADER_METRICS_ADDR=0.0.0.0:9464")
+    );
+}

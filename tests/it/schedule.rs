@@ -77,6 +77,24 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
     ] {
         assert!(installed.contains(expected), "{expected}: {installed}");
     }
+    // A schedule in seconds on pg_cron before 1.5 (Debian 12 ships 1.4) is refused by loader,
+    // naming the version it needs, and changes nothing.
+    let out = crate::support::Cli::new(&url, "unused").run(&[
+        "schedule",
+        "install",
+        "--transform-every",
+        "10 seconds",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let version: String =
+        sqlx::query_scalar("select extversion from pg_extension where extname = 'pg_cron'")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    if version.starts_with("1.4") {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("need pg_cron 1.5 or later"), "{stderr}");
+    }
     // Installing again replaces, never duplicates.
     crate::support::Cli::new(&url, "unused").ok(&["schedule", "install"]);
     let jobs: Vec<String> =
