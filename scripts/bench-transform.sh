@@ -35,7 +35,8 @@ rate() { awk -v n="$rows" -v a="$1" -v b="$2" 'BEGIN { printf "%6.2f s  %9.0f ro
 if [ "$erased" -gt 0 ]; then
     log "erasing $erased persons"
     sql -c "do \$\$ declare ids text[] := array(select 'gone-' || g from generate_series(1, $erased) g);
-            begin call loader.forget(ids, 'bench'); end \$\$" >/dev/null
+                          erasure bigint;
+            begin call loader.forget(ids, 'bench', erasure); end \$\$" >/dev/null
 fi
 log "staging $rows synthetic rows"
 sql -c "$(synthetic_logins_sql "$rows" bench "now() - interval '1 day'")" \

@@ -123,6 +123,8 @@ declare
     stamp timestamptz := clock_timestamp();
     n integer := cardinality(message_ids);
     all_copies bigint;
+    newest timestamptz;
+    oldest timestamptz;
     oversized text[] := '{}';
     received bigint;
     replaced bigint := 0;
@@ -153,13 +155,12 @@ begin
     -- 14 days on a queue, and as long again after a FIFO dead-letter queue restarted the clock)
     -- is replaced by the staging time, and counted in the run (sent_at_replaced).
     if not loader._caller_is_owner() then
-        replaced := (select count(*) from unnest(sent_at) t
-                      where t > stamp + interval '1 minute'
-                         or t < stamp - make_interval(days => loader._setting_int('sent_at_max_age_days', 28)));
+        -- The bounds once, as values: read per element, the setting cost a query per row.
+        newest := stamp + interval '1 minute';
+        oldest := stamp - make_interval(days => loader._setting_int('sent_at_max_age_days', 28));
+        replaced := (select count(*) from unnest(sent_at) t where t > newest or t < oldest);
         if replaced > 0 then
-            sent_at := array(select case when t > stamp + interval '1 minute'
-                                           or t < stamp - make_interval(days => loader._setting_int('sent_at_max_age_days', 28))
-                                         then stamp else t end
+            sent_at := array(select case when t > newest or t < oldest then stamp else t end
                                from unnest(sent_at) with ordinality as u (t, n) order by u.n);
         end if;
     end if;

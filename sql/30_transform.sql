@@ -133,12 +133,22 @@ language sql stable as $$
                                             then (loader._user_tag(l.login ->> 'user_id',
                                                                    (select x.tag_seed from loader.erasure_key x))
                                                       in (select e.user_tag from loader.erased_users e)
-                                                  or l.sent < (select max(e.erased_at) from loader.erased_users e
-                                                                where e.user_tag is null))
+                                                  -- coalesce: NULL (no such user) would make
+                                                  -- the AND call _suppressed for every row.
+                                                  or coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
+                                                                         where e.user_tag is null), false))
                                                  and loader._suppressed(array[l.login ->> 'user_id'],
                                                                         l.staged_body, l.sent, l.staged_at)
-                                            else loader._suppressed(loader._claimants(l.staged_body),
-                                                                    l.staged_body, l.sent, l.staged_at)
+                                            -- Any other body: its claimants (_claimants gives
+                                            -- _mentions for it) looked up the same way, in the
+                                            -- same hash, through the inlined _mention_set.
+                                            else (exists (select from loader._mention_set(l.staged_body) as c
+                                                           where loader._user_tag(c, (select x.tag_seed from loader.erasure_key x))
+                                                                 in (select e.user_tag from loader.erased_users e))
+                                                  or coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
+                                                                         where e.user_tag is null), false))
+                                                 and loader._suppressed(loader._claimants(l.staged_body),
+                                                                        l.staged_body, l.sent, l.staged_at)
                                        end, false) as erased,
                                    l.login ->> 'user_id' as user_id,
                                    l.login ->> 'device_type' as device_type,
@@ -331,15 +341,15 @@ end
 $$;
 
 -- _end_held_transactions: ends the sessions of loader's roles below the owner (members of
--- loader_ingest, loader_analyst, loader_transformer or loader_pii_reader, in any database of
--- the cluster) whose write transaction has been open longer than evict_after_seconds
--- (loader.settings, default 10). Every write those roles can make is short (a staging, a
--- transform batch, a run's counters, a reveal's record), so such a session is idle in its
--- transaction, or sleeping in it (a trigger of its own at COMMIT), whatever timeouts it set;
--- meanwhile it holds what it claimed or staged, and holds back every snapshot's xmin, so the
--- downstream cursor (loaded_xid) cannot pass it (xids are the cluster's: in another database
--- too). Sessions of other roles are never ended (another application's, the owner's, a
--- superuser's): docs/security.md says what remains. Recorded in loader.evictions and the
+-- loader_ingest, loader_analyst, loader_transformer or loader_pii_reader) in this database
+-- whose write transaction has been open longer than evict_after_seconds (loader.settings,
+-- default 10). Every write those roles can make is short (a staging, a transform batch, a
+-- run's counters, a reveal's record), so such a session is idle in its transaction, or
+-- sleeping in it (a trigger of its own at COMMIT), whatever timeouts it set; meanwhile it holds
+-- what it claimed or staged, and holds back every snapshot's xmin, so the downstream cursor
+-- (loaded_xid) cannot pass it. Sessions of other roles (another application's, the owner's, a
+-- superuser's) and sessions in other databases (another loader database's, under its own
+-- bound) are never ended: docs/security.md says what remains. Recorded in loader.evictions and the
 -- server log with its pid and login, never its query. Needs the owner to have
 -- pg_signal_backend, and pg_read_all_stats to see how long another login's transaction is
 -- open (docs/security.md "The owner role"); without them it ends nothing, and `loader doctor`
@@ -355,7 +365,9 @@ begin
     for holder in
         select a.pid, a.usename::text as role, clock_timestamp() - a.xact_start as held_for
           from pg_catalog.pg_stat_activity a
-         where a.backend_type = 'client backend'
+         where a.datid = (select d.oid from pg_catalog.pg_database d
+                           where d.datname = current_database())
+           and a.backend_type = 'client backend'
            and a.backend_xid is not null
            and a.pid <> pg_backend_pid()
            and a.xact_start < clock_timestamp() - bound

@@ -26,6 +26,51 @@
 -- outcome is then erased with the rest); `loader forget` ends a session that holds it up past
 -- --evict-after.
 
+-- _forget_messages: the messages of `user_ids`, by the one predicate (loader._claimant_set),
+-- whatever form each body has: loaded ones by user_logins.user_id (what _claimants gave when
+-- they loaded), and every staged body still kept that has no loaded outcome: pending (claimed
+-- or not) and rejected. What an erasure erases, and what `loader forget --dry-run` counts.
+create or replace function loader._forget_messages(user_ids text[]) returns table (message_id text)
+language sql stable as $$
+    select u.message_id from public.user_logins u
+     where u.user_id = any (user_ids) and u.message_id is not null
+    union
+    select r.message_id from loader.transform_queue q
+      join loader.raw_logins r on r.id = q.raw_id
+     where r.purged_at is null
+       and exists (select from loader._claimant_set(r.body) c where c = any (user_ids))
+    union
+    select r.message_id from loader.login_rejects j
+      join loader.raw_logins r on r.message_id = j.message_id
+     where r.purged_at is null
+       and exists (select from loader._claimant_set(r.body) c where c = any (user_ids))
+$$;
+comment on function loader._forget_messages(text[]) is
+    'Private: the messages of these user ids, whatever form their bodies have';
+
+-- _forget_preview: what an erasure of `user_ids` would erase, per table, changing nothing
+-- (`loader forget --dry-run`).
+create or replace function loader._forget_preview(user_ids text[])
+returns table (what text, rows bigint)
+language sql stable as $$
+    with m as materialized (select f.message_id from loader._forget_messages(user_ids) f)
+    select 'user_logins', count(*) from public.user_logins u where u.message_id in (select * from m)
+    union all
+    select 'user_logins_before_loader', count(*) from public.user_logins u
+     where u.user_id = any (user_ids) and u.message_id is null
+    union all
+    select 'login_rejects', count(*) from loader.login_rejects j where j.message_id in (select * from m)
+    union all
+    select 'pending', count(*) from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id
+     where r.message_id in (select * from m)
+    union all
+    select 'refusals', count(*) from loader.refusals f where f.message_id in (select * from m)
+    union all
+    select 'raw_logins', count(*) from loader.raw_logins r where r.message_id in (select * from m)
+$$;
+comment on function loader._forget_preview(text[]) is
+    'Private: what an erasure of these user ids would erase, per table (loader forget --dry-run)';
+
 -- _forget_start: starts an erasure of `user_ids` (or resumes the unfinished one with the same
 -- reference and the same users) and returns its id. Records the users' hashes (so suppression
 -- starts now), deletes their rows from before loader, and lists the messages to erase.
@@ -65,21 +110,8 @@ begin
     get diagnostics adopted = row_count;
     update loader.erasures e set counts = jsonb_build_object('user_logins_before_loader', adopted)
      where e.id = erasure;
-    -- Their messages, by the one predicate (loader._claimants), whatever form each body has:
-    -- loaded ones by user_logins.user_id (what _claimants gave when they loaded), and every
-    -- staged body still kept that has no loaded outcome: pending (claimed or not) and rejected.
     insert into loader.erasure_work (erasure_id, message_id)
-    select erasure, m.message_id
-      from (select u.message_id from public.user_logins u
-             where u.user_id = any (user_ids) and u.message_id is not null
-            union
-            select r.message_id from loader.transform_queue q
-              join loader.raw_logins r on r.id = q.raw_id
-             where r.purged_at is null and loader._claimants(r.body) && user_ids
-            union
-            select r.message_id from loader.login_rejects j
-              join loader.raw_logins r on r.message_id = j.message_id
-             where r.purged_at is null and loader._claimants(r.body) && user_ids) m;
+    select erasure, m.message_id from loader._forget_messages(user_ids) m;
     return erasure;
 end
 $$;

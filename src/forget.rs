@@ -104,15 +104,41 @@ pub async fn forget(
     Ok(Erased { erasure_id, counts: counts.0, vacuumed: options.vacuum })
 }
 
-/// `loader._forget_start`, the ids sent by COPY into a temporary table of the transaction.
-async fn start(pool: &PgPool, user_ids: &[String], reference: &str) -> Result<i64> {
+/// What erasing `user_ids` would erase, per table (`loader._forget_preview`), changing nothing:
+/// the ids go by COPY into a temporary table of a transaction that is rolled back.
+pub async fn preview(pool: &PgPool, user_ids: &[String]) -> Result<BTreeMap<String, i64>> {
+    if user_ids.is_empty() {
+        bail!("no user id to erase");
+    }
     let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+    send_ids(&mut tx, user_ids).await?;
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "select what, rows from loader._forget_preview(array(select user_id from pg_temp.loader_forget_ids))",
+    )
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await
+    .context("counting what the erasure would erase (only the owner role may)")?;
+    tx.rollback().await.context("ending the dry run")?;
+    Ok(counts.into_iter().collect())
+}
+
+/// The user ids, by COPY, into `pg_temp.loader_forget_ids` (dropped at the transaction's end):
+/// never statement parameters, which statement logging may write to the server log.
+async fn send_ids(tx: &mut sqlx::PgConnection, user_ids: &[String]) -> Result<()> {
     sqlx::raw_sql("create temporary table loader_forget_ids (user_id text) on commit drop")
         .execute(&mut *tx)
         .await?;
     let mut copy = tx.copy_in_raw("copy pg_temp.loader_forget_ids from stdin").await?;
     copy.send(copy_text(user_ids).into_bytes()).await?;
     copy.finish().await.context("sending the user ids")?;
+    Ok(())
+}
+
+/// `loader._forget_start`, the ids sent by COPY into a temporary table of the transaction.
+async fn start(pool: &PgPool, user_ids: &[String], reference: &str) -> Result<i64> {
+    let mut tx = pool.begin().await.context("connecting to PostgreSQL")?;
+    send_ids(&mut tx, user_ids).await?;
     let erasure_id: i64 = sqlx::query_scalar(
         "select loader._forget_start(array(select user_id from pg_temp.loader_forget_ids), $1)",
     )

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
@@ -43,6 +43,11 @@ const POOL_SIZE: u32 = 2;
 /// two; Lambda's concurrency is the parallelism), committed batches as `loader transform`.
 const TRANSFORM: transform::Plan =
     transform::Plan { batch_size: transform::DEFAULT_BATCH, workers: 1 };
+
+/// An event the handler does not take (its [`Handler::error_type`] is `Loader.BadEvent`).
+#[derive(Debug, thiserror::Error)]
+#[error("an event the handler does not take")]
+pub struct BadEvent;
 
 /// What one execution environment keeps between invocations.
 pub struct Handler {
@@ -75,10 +80,35 @@ impl Handler {
         Ok(Self::new(pool, transform_after_stage))
     }
 
+    /// The `errorType` an invocation that failed with `e` reports, stable and documented
+    /// (docs/deploying.md): `Loader.BadEvent` (an event the handler does not take),
+    /// `Loader.Unavailable` (PostgreSQL unreachable or shutting down: the records come back
+    /// after the visibility timeout), `Loader.Permission` (the login lacks a role),
+    /// `Loader.NotMigrated`, else `Loader.Error`.
+    pub fn error_type(e: &anyhow::Error) -> &'static str {
+        let code = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<sqlx::Error>())
+            .and_then(|s| crate::retry::sqlstate(s).map(|c| c.into_owned()));
+        if e.chain().any(|c| c.is::<BadEvent>()) {
+            "Loader.BadEvent"
+        } else if crate::retry::is_transient(e) {
+            "Loader.Unavailable"
+        } else if code.as_deref() == Some("42501") {
+            "Loader.Permission"
+        } else if matches!(code.as_deref(), Some("3F000" | "42P01" | "42883")) {
+            "Loader.NotMigrated"
+        } else {
+            "Loader.Error"
+        }
+    }
+
     /// One invocation: an SQS event is staged, a schedule runs the transform.
     pub async fn handle(&self, event: Value) -> Result<Value> {
         if event.get("Records").is_some() {
-            let event: SqsEvent = serde_json::from_value(event).context("not an SQS event")?;
+            let event: SqsEvent = serde_json::from_value(event).map_err(|e| {
+                anyhow::Error::new(BadEvent).context(format!("not an SQS event: {e}"))
+            })?;
             return Ok(serde_json::to_value(self.stage_event(event).await?)?);
         }
         let scheduled = event.get("source").and_then(Value::as_str) == Some("aws.events");
@@ -89,9 +119,9 @@ impl Handler {
                 "loaded": report.loaded, "rejected": report.rejected, "pending": report.pending,
             }));
         }
-        bail!(
-            "unrecognised event: expected an SQS event, a schedule or {{\"action\": \"transform\"}}"
-        )
+        Err(anyhow::Error::new(BadEvent).context(
+            "unrecognised event: expected an SQS event, a schedule or {\"action\": \"transform\"}",
+        ))
     }
 
     /// Stages the records of an SQS event; the response lists the records that failed.

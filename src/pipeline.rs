@@ -39,6 +39,9 @@ impl Default for Cadence {
     }
 }
 
+/// At most one INFO line about the transform per this long (the rest at DEBUG).
+const TRANSFORM_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// What a `loader run` did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunTotals {
@@ -93,6 +96,10 @@ async fn transform_loop(
 ) -> TransformReport {
     let mut totals = TransformReport::default();
     let mut streak = Streak::new("transform", "failed; will retry", "recovered");
+    // One INFO line a minute at most (a busy run transforms several times a second); each pass
+    // at DEBUG.
+    let mut since_logged = TransformReport::default();
+    let mut logged_at = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.begun() => return totals,
@@ -104,13 +111,27 @@ async fn transform_loop(
             Ok(r) => {
                 streak.ok();
                 if r.loaded + r.rejected > 0 {
-                    tracing::info!(
+                    tracing::debug!(
                         loaded = r.loaded,
                         rejected = r.rejected,
                         pending = r.pending,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "transformed"
                     );
+                }
+                since_logged += r;
+                if since_logged.loaded + since_logged.rejected > 0
+                    && logged_at.elapsed() >= TRANSFORM_LOG_EVERY
+                {
+                    tracing::info!(
+                        loaded = since_logged.loaded,
+                        rejected = since_logged.rejected,
+                        pending = since_logged.pending,
+                        seconds = logged_at.elapsed().as_secs(),
+                        "transformed"
+                    );
+                    since_logged = TransformReport::default();
+                    logged_at = std::time::Instant::now();
                 }
                 totals += r;
             }

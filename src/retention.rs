@@ -23,6 +23,29 @@ pub struct Purged {
     pub finished: bool,
 }
 
+/// What `purge` would do for `days`, changing nothing: the bodies staged more than `days` ago
+/// that have an outcome (it purges those), and the pending rows among them (kept until
+/// transformed). A rebuild's ranges not yet copied are counted as purgeable: purge passes over
+/// them until they are.
+pub async fn preview(pool: &PgPool, days: i32) -> Result<(i64, i64)> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select count(*) filter (where not c.pending), count(*) filter (where c.pending)
+               from (select exists (select from loader.transform_queue q where q.raw_id = r.id)
+                                as pending
+                       from loader.raw_logins r
+                      where r.purged_at is null
+                        and r.staged_at < now() - make_interval(days => $1)) as c",
+        )
+        .bind(days)
+        .persistent(false)
+        .fetch_one(tx)
+        .await
+    })
+    .await
+    .context("counting what the purge would take (only the owner role may)")
+}
+
 /// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
 /// `batch` rows per committed transaction, showing `progress` when given.
 ///

@@ -122,6 +122,18 @@ pub fn batches(bodies: &[String]) -> Vec<std::ops::Range<usize>> {
 /// Sends the bodies up to ten per call (fewer when large: [`batches`]), several calls in
 /// flight. Returns how many were sent.
 pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
+    send_all_showing(queue, bodies, None).await
+}
+
+/// [`send_all`], advancing `progress` (a terminal's progress line) as batches are sent.
+pub async fn send_all_showing(
+    queue: &Queue,
+    bodies: Vec<String>,
+    progress: Option<&crate::progress::Progress>,
+) -> Result<u64> {
+    if let Some(p) = progress {
+        p.advance(0, Some(bodies.len() as u64));
+    }
     let fifo = queue.is_fifo();
     // Deduplication ids: this send's, then the position (128 characters at most).
     let send_id = (fifo && !queue.content_based_deduplication().await?)
@@ -130,7 +142,11 @@ pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
     let mut sent = 0u64;
     for range in batches(&bodies) {
         if in_flight.len() >= SEND_CONCURRENCY {
-            sent += in_flight.join_next().await.expect("non-empty")??;
+            let n = in_flight.join_next().await.expect("non-empty")??;
+            sent += n;
+            if let Some(p) = progress {
+                p.advance(n, None);
+            }
         }
         let first = range.start;
         let chunk = bodies[range].to_vec();
@@ -149,7 +165,14 @@ pub async fn send_all(queue: &Queue, bodies: Vec<String>) -> Result<u64> {
         });
     }
     while let Some(done) = in_flight.join_next().await {
-        sent += done??;
+        let n = done??;
+        sent += n;
+        if let Some(p) = progress {
+            p.advance(n, None);
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
     }
     Ok(sent)
 }

@@ -6,7 +6,7 @@
 //! The handler and its pool are created once per execution environment, before the first
 //! invocation; see `loader::lambda` for what it does with each event.
 
-use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lambda_runtime::{Diagnostic, Error, LambdaEvent, service_fn};
 use loader::lambda::Handler;
 use loader::logging::LogFormat;
 use serde_json::Value;
@@ -18,8 +18,12 @@ async fn main() -> Result<(), Error> {
     loader::logging::init(Some(if pretty { LogFormat::Pretty } else { LogFormat::Json }));
     let handler: &'static Handler = Box::leak(Box::new(Handler::from_env()?));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        // The error text goes to the invocation result and the logs: it never holds a body.
-        handler.handle(event.payload).await.map_err(|e| Error::from(format!("{e:#}")))
+        // The error text goes to the invocation result and the logs: it never holds a body. Its
+        // errorType is a stable name (Handler::error_type), not a Rust type's.
+        handler.handle(event.payload).await.map_err(|e| Diagnostic {
+            error_type: Handler::error_type(&e).to_owned(),
+            error_message: format!("{e:#}"),
+        })
     }))
     .await
 }

@@ -45,6 +45,18 @@ async fn a_person_is_erased_from_every_table_and_nothing_of_theirs_comes_back() 
     .unwrap();
     assert!(!traces(&db, &person).await.is_empty());
 
+    // A dry run counts what would go, per table, and changes nothing (no ledger entry either).
+    let before = traces(&db, &person).await;
+    let out = db.cli().ok(&["forget", "--user-id", &person, "--dry-run"]);
+    assert!(
+        out.contains("user_logins 1,")
+            && out.contains("login_rejects 2,")
+            && out.contains("raw_logins 4"),
+        "{out}"
+    );
+    assert_eq!(traces(&db, &person).await, before);
+    assert_eq!(db.count("select count(*) from loader.erasures").await, 0);
+
     let out = db.cli().ok(&["forget", "--user-id", &person, "--reference", "DSR-7"]);
     assert!(out.contains("reference \"DSR-7\"") && out.contains("vacuumed"), "{out}");
     assert_eq!(traces(&db, &person).await, Vec::<String>::new(), "no trace left: {out}");

@@ -198,6 +198,42 @@ async fn the_runtime_loop_serves_invocations_under_the_emulator() {
 
     let report = invoke(json!({"action": "transform"})).await;
     assert_eq!(report, json!({"loaded": 99, "rejected": 1, "pending": 0}));
+
+    // A failed invocation's errorType is a stable name, not a Rust type's.
+    let url = format!("http://127.0.0.1:{port}/2015-03-31/functions/_/invocations");
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-X", "POST", &url, "-d", r#"{"what": "this"}"#])
+        .output()
+        .await
+        .expect("running curl");
+    let body: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(body["errorType"], "Loader.BadEvent", "{body}");
+}
+
+/// Each kind of failure has its documented errorType (docs/deploying.md).
+#[tokio::test]
+async fn failed_invocations_report_stable_error_types() {
+    let db = TestDb::migrated().await;
+    let handler = Handler::new(db.pool.clone(), false);
+    let bad = handler.handle(json!({"what": "this"})).await.unwrap_err();
+    assert_eq!(Handler::error_type(&bad), "Loader.BadEvent");
+    let not_sqs = handler.handle(json!({"Records": 1})).await.unwrap_err();
+    assert_eq!(Handler::error_type(&not_sqs), "Loader.BadEvent");
+    let stranger = crate::support::TestRole::new(&db, "loader_ingest").await;
+    let no_transform = Handler::new(stranger.pool.clone(), false);
+    let denied = no_transform.handle(json!({"action": "transform"})).await.unwrap_err();
+    assert_eq!(Handler::error_type(&denied), "Loader.Permission", "{denied:#}");
+    let empty = crate::support::TestDb::empty().await;
+    let unmigrated = Handler::new(empty.pool.clone(), false);
+    let missing = unmigrated.handle(json!({"action": "transform"})).await.unwrap_err();
+    assert_eq!(Handler::error_type(&missing), "Loader.NotMigrated", "{missing:#}");
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(1))
+        .connect_lazy("postgres://nobody@127.0.0.1:9/none")
+        .unwrap();
+    let down = Handler::new(unreachable, false).handle(json!({"action": "transform"})).await;
+    assert_eq!(Handler::error_type(&down.unwrap_err()), "Loader.Unavailable");
 }
 
 #[tokio::test]

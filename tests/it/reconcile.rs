@@ -82,6 +82,17 @@ async fn a_clean_pipeline_reconciles_with_counts_at_every_stage() {
     assert!(status.contains("pending transform: 0"), "{status}");
     assert!(status.contains("received 100, staged 100"), "{status}");
     assert!(status.contains("active key: 1"), "{status}");
+    // The same as one JSON object, for scripts and monitors.
+    let json: serde_json::Value =
+        serde_json::from_str(&env.cli().ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["pending"], 0, "{json}");
+    assert_eq!(json["active_key_id"], 1, "{json}");
+    assert_eq!(
+        (json["last_run"]["received"].as_i64(), json["last_run"]["staged"].as_i64()),
+        (Some(100), Some(100))
+    );
+    assert_eq!(json["queue"]["visible"], 0, "{json}");
+    assert!(json["last_drained_at"].is_string(), "{json}");
 }
 
 #[tokio::test]

@@ -38,6 +38,16 @@ async fn purge_removes_old_bodies_keeps_outcomes_and_survives_rotation() {
     age(&db, &ids[..30]).await;
     age(&db, &ids[60..70]).await;
 
+    // A dry run says what would go and what is kept, and changes nothing.
+    let out = db.cli().ok(&["purge", "--older-than-days", "30", "--dry-run"]);
+    assert!(
+        out.contains("would purge 30 staged bodies") && out.contains("10 pending rows"),
+        "{out}"
+    );
+    assert_eq!(
+        db.count("select count(*) from loader.raw_logins where purged_at is not null").await,
+        0
+    );
     let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert_eq!(out.trim(), "purged 30 staged bodies older than 30 days");
     assert_eq!(

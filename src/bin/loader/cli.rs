@@ -136,7 +136,7 @@ pub enum Command {
     /// Counts at every stage and the invariants; exit 3 when one breaks
     Reconcile(ReconcileArgs),
     /// A short health summary: queue depth, pending rows, last run, active key
-    Status,
+    Status(StatusArgs),
     /// Retention: replace raw bodies staged more than N days ago (with an outcome) by JSON null
     Purge(PurgeArgs),
     /// Erase every trace of some user ids (a data subject's request), recorded without them
@@ -334,6 +334,10 @@ pub struct PurgeArgs {
     #[arg(long, env = "LOADER_PURGE_BATCH", default_value_t = loader::retention::DEFAULT_BATCH,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
+
+    /// Count the bodies that would be purged (and the pending rows kept), and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -348,8 +352,12 @@ pub struct ForgetArgs {
     pub from_file: Option<PathBuf>,
 
     /// The request's reference (its ticket), kept in loader.erasures
+    #[arg(long, required_unless_present = "dry_run")]
+    pub reference: Option<String>,
+
+    /// Count what would be erased, per table, and change nothing
     #[arg(long)]
-    pub reference: String,
+    pub dry_run: bool,
 
     /// Messages erased per committed batch
     #[arg(long, env = "LOADER_FORGET_BATCH", default_value_t = loader::forget::DEFAULT_BATCH,
@@ -374,6 +382,13 @@ pub struct RevealArgs {
 
     /// JSON instead of the table
     #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object instead of lines
+    #[arg(long, env = "LOADER_STATUS_JSON")]
     pub json: bool,
 }
 

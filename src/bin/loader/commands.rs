@@ -16,7 +16,8 @@ use loader::{
 
 use crate::cli::{
     BenchCommand, Cli, Command, DlqCommand, DoctorArgs, ForgetArgs, IngestArgs, KeysCommand,
-    PurgeArgs, ReconcileArgs, RevealArgs, RunArgs, ScheduleCommand, SendArgs, TransformArgs,
+    PurgeArgs, ReconcileArgs, RevealArgs, RunArgs, ScheduleCommand, SendArgs, StatusArgs,
+    TransformArgs,
 };
 
 /// Exit codes users and schedulers can branch on.
@@ -54,7 +55,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Keys(command) => keys(&settings, &command, evict_after).await,
         Command::Run(args) => run_pipeline(&settings, &args, queue_metrics).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
-        Command::Status => status(&settings).await,
+        Command::Status(args) => status(&settings, &args).await,
         Command::Purge(args) => purge(&settings, &args).await,
         Command::Forget(args) => forget(&settings, &args, evict_after).await,
         Command::Reveal(args) => reveal(&settings, &args).await,
@@ -96,11 +97,22 @@ async fn forget(settings: &Settings, args: &ForgetArgs, evict_after: Duration) -
         ids.extend(loader::forget::ids_from_file(path)?);
     }
     let pool = db::connect(settings.database_url()?, 2).await?;
+    if args.dry_run {
+        let counts = loader::forget::preview(&pool, &ids).await?;
+        let counts: Vec<String> = counts.iter().map(|(t, n)| format!("{t} {n}")).collect();
+        println!(
+            "dry run: erasing {} user ids would erase {}; nothing changed",
+            ids.len(),
+            counts.join(", ")
+        );
+        return Ok(ExitCode::from(exit::OK));
+    }
+    let reference = args.reference.as_deref().unwrap_or_default();
     let options =
         loader::forget::Options { batch: args.batch_size, vacuum: !args.no_vacuum, evict_after };
     let progress = Progress::on_terminal("messages erased");
     let erased =
-        loader::forget::forget(&pool, &ids, &args.reference, &options, progress.as_ref()).await?;
+        loader::forget::forget(&pool, &ids, reference, &options, progress.as_ref()).await?;
     if let Some(p) = &progress {
         p.finish();
     }
@@ -109,7 +121,7 @@ async fn forget(settings: &Settings, args: &ForgetArgs, evict_after: Duration) -
         "erasure {} ({} user ids, reference {:?}): {}{}",
         erased.erasure_id,
         ids.len(),
-        args.reference,
+        reference,
         counts.join(", "),
         if erased.vacuumed { "; vacuumed" } else { "" }
     );
@@ -181,8 +193,9 @@ async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
         (None, None) => unreachable!("clap requires a file or --generate"),
     };
     let queue = Queue::open_or_create(sqs::client(&settings.aws).await, &settings.queue).await?;
-    let sent = send::send_all(&queue, bodies).await?;
-    println!("sent {sent} messages to {}", queue.name());
+    let progress = Progress::on_terminal("messages sent");
+    let sent = send::send_all_showing(&queue, bodies, progress.as_ref()).await?;
+    println!("sent {sent} message{} to {}", if sent == 1 { "" } else { "s" }, queue.name());
     Ok(ExitCode::from(exit::OK))
 }
 
@@ -339,18 +352,39 @@ async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode
     Ok(ExitCode::from(if report.ok() { exit::OK } else { exit::PROBLEMS }))
 }
 
-async fn status(settings: &Settings) -> Result<ExitCode> {
+async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
-    let queue = match Queue::open(sqs::client(&settings.aws).await, &settings.queue).await {
-        Ok(q) => match q.depth().await {
-            Ok(d) => {
-                format!("{} visible, {} in flight, {} delayed", d.visible, d.in_flight, d.delayed)
-            }
-            Err(e) => format!("unavailable ({e:#})"),
-        },
-        Err(e) => format!("unavailable ({e:#})"),
+    let depth = match Queue::open(sqs::client(&settings.aws).await, &settings.queue).await {
+        Ok(q) => q.depth().await,
+        Err(e) => Err(e),
     };
     let status = loader::status::read(&pool).await?;
+    if args.json {
+        let rfc3339 = |t: Option<time::OffsetDateTime>| {
+            t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        };
+        let queue = match &depth {
+            Ok(d) => serde_json::json!({
+                "name": settings.queue, "visible": d.visible, "in_flight": d.in_flight,
+                "delayed": d.delayed
+            }),
+            Err(e) => serde_json::json!({"name": settings.queue, "error": format!("{e:#}")}),
+        };
+        let report = serde_json::json!({
+            "queue": queue,
+            "pending": status.pending,
+            "oldest_pending_staged_at": rfc3339(status.oldest_pending),
+            "last_drained_at": rfc3339(status.last_drained_at),
+            "last_run": status.last_run,
+            "active_key_id": status.active_key_id,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::from(exit::OK));
+    }
+    let queue = match depth {
+        Ok(d) => format!("{} visible, {} in flight, {} delayed", d.visible, d.in_flight, d.delayed),
+        Err(e) => format!("unavailable ({e:#})"),
+    };
     let when = timestamp;
     println!("queue {}: {queue}", settings.queue);
     let oldest = status
@@ -387,6 +421,14 @@ async fn status(settings: &Settings) -> Result<ExitCode> {
 async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
+    if args.dry_run {
+        let (bodies, pending) = retention::preview(&pool, days).await?;
+        println!(
+            "dry run: would purge {bodies} staged bodies older than {days} days; {pending} \
+             pending rows among them are kept until transformed; nothing changed"
+        );
+        return Ok(ExitCode::from(exit::OK));
+    }
     let progress = Progress::on_terminal("bodies purged");
     let stop = shutdown_signal();
     let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref(), stop).await?;
