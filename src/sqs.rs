@@ -628,6 +628,9 @@ where
     E: std::error::Error + aws_sdk_sqs::error::ProvideErrorMetadata + 'static,
     R: std::fmt::Debug,
 {
+    if let Some(missing) = credentials_error(e) {
+        return missing;
+    }
     match e {
         SdkError::ServiceError(s) => {
             let err = s.err();
@@ -648,6 +651,29 @@ where
     }
 }
 
+/// One line for credentials that could not be had (the SDK's own text lists every provider it
+/// tried, a line each), or None when `e` is not about credentials.
+fn credentials_error(e: &dyn std::error::Error) -> Option<String> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(c) = cause {
+        if let Some(err) = c.downcast_ref::<CredentialsError>() {
+            return Some(match err {
+                CredentialsError::CredentialsNotLoaded(_) => "no AWS credentials: none in the \
+                    environment, a profile, web identity, ECS or the instance role (set \
+                    AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                    .to_owned(),
+                CredentialsError::ProviderTimedOut(_) => {
+                    "AWS credentials: the credentials provider timed out".to_owned()
+                }
+                _ => format!("AWS credentials: {}", err.to_string().lines().next().unwrap_or("")),
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// An SDK error as `context: description`, marked [`Transient`] when waiting may help: the
 /// endpoint unreachable or slow, a 5xx, or throttling. The one mapping of SQS errors: callers
 /// that retry branch on the mark, the others only print the line.
@@ -657,6 +683,9 @@ where
     R: std::fmt::Debug,
 {
     let message = format!("{context}: {}", describe(e));
+    if credentials_error(e).is_some() {
+        return anyhow!(message);
+    }
     // ResponseError: a reply that could not be read (a proxy's 5xx page, a cut connection).
     let transient = match e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {

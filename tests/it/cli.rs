@@ -120,6 +120,33 @@ async fn configuration_errors_exit_1_with_one_line() {
 
     let (code, _) = run_with(&[db_ok, sqs_ok], &["ingest", "--wait-seconds", "99"]);
     assert_eq!(code, Some(2), "usage errors exit 2");
+
+    // No AWS credentials anywhere: one line that says so (the SDK's own text lists every
+    // provider it tried, a line each, and blamed the endpoint).
+    let home = std::env::temp_dir().join(crate::support::unique_name("loader-nohome"));
+    let out = Command::new(env!("CARGO_BIN_EXE_loader"))
+        .args(["ingest"])
+        .env_remove("RUST_LOG")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_CONFIG_FILE")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+        // No endpoint either: with one, loader uses LocalStack's test credentials. The SDK
+        // looks for credentials before it sends anything, so nothing leaves this machine.
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("HOME", &home)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_REGION", "us-east-1")
+        .env("DATABASE_URL", &db.url)
+        .env("SQS_QUEUE", "any-queue")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no AWS credentials") && !err.contains("cannot reach"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
 #[tokio::test]
