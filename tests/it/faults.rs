@@ -226,3 +226,74 @@ async fn sigterm_while_sqs_is_unreachable_stops_cleanly_and_loses_nothing() {
     assert_eq!(q.depth().await, (0, 0, 0));
     env.cli().ok(&["reconcile"]);
 }
+
+/// Kills `args` (SIGKILL) after a random moment, three times, running it again at once each
+/// time, then lets it finish: every long command resumes right after any stop.
+async fn killed_at_random_then_finished(cli: &crate::support::Cli, args: &[&str]) {
+    for _ in 0..3 {
+        let running = cli.spawn(args);
+        tokio::time::sleep(std::time::Duration::from_millis(150 + fastrand::u64(0..500))).await;
+        crate::support::kill_9(running);
+    }
+    let out =
+        crate::support::wait_ok_within(cli.spawn(args), Duration::from_secs(180), args[0]).await;
+    assert!(!out.is_empty(), "{args:?}");
+}
+
+/// Issue 27: every long command resumes right after any stop. The transform, the purge, an
+/// erasure and a drain, each killed at random points (SIGKILL: no clean-up at all) and run
+/// again at once, three times, finish on the fourth run with nothing lost or doubled.
+#[tokio::test]
+async fn every_long_command_killed_at_random_resumes_at_once() {
+    let env = TestEnv::new(3).await;
+    let db = &env.db;
+    let cli = env.cli();
+    let old = time::OffsetDateTime::now_utc() - Duration::from_secs(40 * 86_400);
+    let logins: Vec<(String, String)> = loader::send::generate(60_000, 4)
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| (format!("k-{i}"), body))
+        .collect();
+    crate::support::stage(db, &logins, old).await;
+    sqlx::raw_sql("update loader.raw_logins set staged_at = staged_at - interval '40 days'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    killed_at_random_then_finished(&cli, &["transform", "--batch-size", "2000"]).await;
+    assert_eq!(db.pending().await, 0);
+    assert_eq!(db.loaded().await + db.rejected().await, 60_000, "each row once");
+
+    let person: serde_json::Value = serde_json::from_str(&logins[0].1).unwrap();
+    let person = person["user_id"].as_str().unwrap().to_owned();
+    killed_at_random_then_finished(
+        &cli,
+        &["forget", "--user-id", &person, "--reference", "DSR-k", "--batch-size", "1"],
+    )
+    .await;
+    assert_eq!(db.count("select count(*) from loader.erasures where finished_at is null").await, 0);
+
+    killed_at_random_then_finished(
+        &cli,
+        &["purge", "--older-than-days", "30", "--batch-size", "500"],
+    )
+    .await;
+    assert_eq!(
+        db.count("select count(*) from loader.raw_logins where purged_at is null").await,
+        0,
+        "every old body purged"
+    );
+
+    env.queue.send(&loader::send::generate(8_000, 5)).await;
+    for _ in 0..3 {
+        let running = cli.spawn(&["ingest", "--wait-seconds", "1"]);
+        tokio::time::sleep(std::time::Duration::from_millis(300 + fastrand::u64(0..700))).await;
+        crate::support::kill_9(running);
+    }
+    crate::support::wait_until_visible(&env.queue, 0).await;
+    cli.ok(&["ingest", "--wait-seconds", "1"]);
+    assert_eq!(db.staged().await, 68_000, "each message staged once");
+    cli.ok(&["transform"]);
+    crate::support::wait_for_loader_sessions_to_end(db).await;
+    cli.ok(&["reconcile"]);
+}
