@@ -20,6 +20,12 @@ alter table loader.erasure_key add column tag_seed bigint;
 update loader.erasure_key
    set tag_seed = ('x' || encode(public.gen_random_bytes(8), 'hex'))::bit(64)::bigint;
 alter table loader.erasure_key alter column tag_seed set not null;
+-- A bitmap of the tags, one bit per tag modulo 2^20 (128 KiB): a body that is no login is
+-- tested word by word against it before any index probe.
+alter table loader.erasure_key add column tag_bits bytea;
+update loader.erasure_key set tag_bits = decode(repeat('00', 131072), 'hex');
+alter table loader.erasure_key alter column tag_bits set not null;
+alter table loader.erasure_key add constraint erasure_key_tag_bits check (length(tag_bits) = 131072);
 -- NULL for users erased before V17 (their ids are not kept, so no tag can be computed): those
 -- keep the earlier rule, checked by HMAC for messages sent before their erasure.
 alter table loader.erased_users add column user_tag bigint;
@@ -78,6 +84,7 @@ alter table loader.settings add constraint settings_known check (
         end);
 
 comment on column loader.erasure_key.tag_seed is 'Seed of the erased users'' 64-bit tags (owner only)';
+comment on column loader.erasure_key.tag_bits is 'Bit (tag modulo 2^20) set for every erased user''s tag: the cheap first test of a body that is no login';
 comment on column loader.erased_users.user_tag is 'hashtextextended(user id, tag_seed): the cheap lookup before the HMAC; NULL before V17';
 comment on table loader.erased_bodies is 'Keyed fingerprints (HMAC-SHA256 under loader.erasure_key) of erased bodies: suppressed whenever they come back';
 comment on column loader.erased_bodies.body_hash is 'HMAC-SHA256 of the body''s text under loader.erasure_key';

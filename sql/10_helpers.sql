@@ -304,38 +304,35 @@ comment on function loader._caller_is_owner() is
 -- (sql/42_erasure.sql), the suppression of an erased person's later messages by the transform
 -- and the rebuild (_suppressed, below), and reveal (sql/44_reveal.sql).
 
--- _unescaped: a text with its JSON \uXXXX escapes decoded (a body that is not JSON, or an SNS
--- Message cut off mid-JSON, keeps them as typed), so an id written as an escape is found too.
--- Surrogates and NUL stay as typed. No backslash in this body: chr(92) stands for it.
-create or replace function loader._unescaped(t text) returns text
+-- _scalar_user_id: a login's user_id when it names one person: a string, number or boolean of
+-- 1 to 128 characters that is not blank; NULL for any other login (no user_id, an array or an
+-- object, blank, too long), which then belongs to every id it mentions (_claimant_set).
+create or replace function loader._scalar_user_id(login jsonb) returns text
 language sql immutable parallel safe as $$
-    select case when strpos(t, chr(92) || 'u') = 0 then t
-           else (select string_agg(
-                            case when m[1] is not null
-                                      and ('x' || substr(m[1], 3))::bit(16)::integer
-                                          not between 55296 and 57343
-                                      and ('x' || substr(m[1], 3))::bit(16)::integer > 0
-                                 then chr(('x' || substr(m[1], 3))::bit(16)::integer)
-                                 else coalesce(m[1], m[2]) end, '' order by n)
-                   from regexp_matches(t, '(' || chr(92) || chr(92) || 'u[0-9A-Fa-f]{4})|([^'
-                                          || chr(92) || chr(92) || ']+|' || chr(92) || chr(92)
-                                          || ')', 'g') with ordinality as r (m, n))
-           end
+    select case when jsonb_typeof(login -> 'user_id') in ('string', 'number', 'boolean')
+                     and char_length(btrim(login ->> 'user_id')) between 1 and 128
+                then login ->> 'user_id' end
 $$;
-comment on function loader._unescaped(text) is 'Private: a text with its JSON unicode escapes decoded';
+comment on function loader._scalar_user_id(jsonb) is
+    'Private: a login''s user_id when it names one person, else NULL';
 
 -- _mention_set: every text a body holds that could be a user id, one row each (repeats
--- possible): each string and number in it (nested ones too), each object key, and each word
--- and quoted string inside those (so a text body such as `user_id="alice" ip=...` or
--- `user_id=alice&ip=...`, or an SNS Message cut off mid-JSON, gives up "alice"), with JSON
--- unicode escapes decoded. A word is a run of letters, digits and _ . @ + -. Only texts of 1
--- to 128 characters (user_logins.user_id is varchar(128)). Staged bodies are at most 1 MiB
--- (loader.stage), which bounds the cost. A set-returning SQL function, so the transform's
--- statement inlines it (a scalar function holding this query would start an executor for
--- every row it is called on, about 0.3 ms each).
+-- possible). From each string and number in it (nested ones too) and each object key, in
+-- three readings: as written, with JSON unicode escapes decoded (a text body, or an SNS Message
+-- cut off mid-JSON, keeps them as typed), and with %XX escapes of printable ASCII decoded (a
+-- URL or a form body: alice%40example.com); and in each reading: the text itself, its tokens
+-- (split at blanks, quotes, = , ; & and brackets: auth0|abc123 and tenant:alice stay whole),
+-- its words (runs of letters, digits and _ . @ + -), each token and word without leading or
+-- trailing . @ + -, and each quoted string. Only texts of 1 to 128 characters
+-- (user_logins.user_id is varchar(128)). Erring towards more candidates only ever erases or
+-- suppresses a reject (such a body never loads). Staged bodies are at most 1 MiB
+-- (loader.stage). A set-returning SQL function with every step inline, so the transform's
+-- statement inlines it whole: a function called per string would start an executor each time
+-- (about 0.3 ms, so a body of 100,000 strings took seconds). No backslash in this body: chr(92)
+-- stands for it.
 create or replace function loader._mention_set(body jsonb) returns setof text
 language sql immutable parallel safe as $$
-    select t.m
+    select distinct t.m
       from (select v #>> '{}' as s
               from jsonb_path_query(body, 'strict $.**') as v
              where jsonb_typeof(v) in ('string', 'number')
@@ -344,46 +341,69 @@ language sql immutable parallel safe as $$
               from jsonb_path_query(body, 'strict $.** ? (@.type() == "object")') as o,
                    jsonb_object_keys(o) as k) as leaf
       cross join lateral (
-          select case when strpos(leaf.s, chr(92) || 'u') = 0 then leaf.s
-                      else loader._unescaped(leaf.s) end as s) as x
+          select leaf.s
+          union all
+          select string_agg(case when m[1] is not null
+                                      and ('x' || substr(m[1], 3))::bit(16)::integer
+                                          not between 55296 and 57343
+                                      and ('x' || substr(m[1], 3))::bit(16)::integer > 0
+                                 then chr(('x' || substr(m[1], 3))::bit(16)::integer)
+                                 else coalesce(m[1], m[2]) end, '' order by n)
+            from regexp_matches(leaf.s, '(' || chr(92) || chr(92) || 'u[0-9A-Fa-f]{4})|([^'
+                                        || chr(92) || chr(92) || ']+|' || chr(92) || chr(92)
+                                        || ')', 'g') with ordinality as r (m, n)
+           where strpos(leaf.s, chr(92) || 'u') > 0
+          union all
+          select string_agg(case when m[1] is not null
+                                 then chr(('x' || substr(m[1], 2))::bit(8)::integer)
+                                 else coalesce(m[1], m[2]) end, '' order by n)
+            from regexp_matches(leaf.s, '(%(?:2[0-9A-Fa-f]|[3-6][0-9A-Fa-f]|7[0-9A-Ea-e]))|([^%]+|%)', 'g')
+                     with ordinality as r (m, n)
+           where strpos(leaf.s, '%') > 0
+      ) as x (s)
+      -- Each split only where the text has what it splits at (most strings are one word).
       cross join lateral (
           select x.s
           union all
-          select w from regexp_split_to_table(x.s, '[^[:alnum:]_.@+-]+') as w
+          select w from regexp_split_to_table(x.s, '[][[:space:]"''=,;&{}()<>]+') as w
+           where x.s ~ '[][[:space:]"''=,;&{}()<>]'
           union all
-          select q[1] from regexp_matches(x.s, '"([^"]*)"', 'g') as q
+          select w from regexp_split_to_table(x.s, '[^[:alnum:]_.@+-]+') as w
+           where x.s ~ '[^[:alnum:]_.@+-]'
+          union all
+          select q[1] from regexp_matches(x.s, '"([^"]*)"', 'g') as q where strpos(x.s, '"') > 0
           union all
           select q[1] from regexp_matches(x.s, '''([^'']*)''', 'g') as q
+           where strpos(x.s, '''') > 0
+      ) as w (m)
+      cross join lateral (
+          select w.m
+          union all
+          select btrim(w.m, '.@+-') where w.m ~ '^[.@+-]|[.@+-]$'
       ) as t (m)
-     where char_length(t.m) between 1 and 128
+     where x.s is not null and char_length(t.m) between 1 and 128
 $$;
 comment on function loader._mention_set(jsonb) is
-    'Private: every string, number, key, word and quoted string a body holds (1-128 characters), one row each';
+    'Private: every string, number, key, token, word and quoted string a body holds, decoded too (1-128 characters), one row each';
 
--- _mentions: _mention_set as a sorted array without repeats.
-create or replace function loader._mentions(body jsonb) returns text[]
-language sql immutable parallel safe as $$
-    select coalesce(array_agg(distinct m), '{}') from loader._mention_set(body) as m
-$$;
-comment on function loader._mentions(jsonb) is
-    'Private: every string, number, key, word and quoted string a body holds (1-128 characters)';
-
--- _claimant_set: the user ids a staged message belongs to, one row each. A login with a scalar
--- user_id (plain, or carried by an SNS or EventBridge envelope) belongs to that id alone. Any
--- other body (not JSON, an envelope whose login does not parse, a user_id that is an array or
--- an object, no user_id at all) belongs to every id it mentions (_mention_set). Such a message
--- never loads, so erring towards a match can only erase or suppress a reject, never a login.
--- A set-returning SQL function, inlined into the statements that ask (the erasure's search);
--- the transform writes its two branches out, the scalar one without a subquery per row.
+-- _claimant_set: the user ids a staged message belongs to, one row each. A login whose user_id
+-- names one person (_scalar_user_id; plain, or carried by an SNS or EventBridge envelope)
+-- belongs to that id alone. Any other body (not JSON, an envelope whose login does not parse,
+-- a user_id that is an array, an object, blank or too long, no user_id at all) belongs to
+-- every id it mentions (_mention_set). Such a message never loads, so erring towards a match
+-- can only erase or suppress a reject, never a login. A set-returning SQL function, inlined
+-- into the statements that ask (the erasure's search); the transform writes its two branches
+-- out, the scalar one without a subquery per row.
 create or replace function loader._claimant_set(body jsonb) returns setof text
 language sql immutable parallel unsafe as $$
-    select l.login ->> 'user_id'
-      from (select loader._login(body) as login) as l
-     where jsonb_typeof(l.login -> 'user_id') in ('string', 'number', 'boolean')
+    select l.id
+      from (select loader._scalar_user_id(loader._login(body)) as id) as l
+     where l.id is not null
     union all
     select m
-      from (select loader._login(body) as login) as l, loader._mention_set(body) as m
-     where not coalesce(jsonb_typeof(l.login -> 'user_id') in ('string', 'number', 'boolean'), false)
+      from (select loader._scalar_user_id(loader._login(body)) as id) as l,
+           loader._mention_set(body) as m
+     where l.id is null
 $$;
 comment on function loader._claimant_set(jsonb) is
     'Private: the user ids a staged message belongs to, whatever its form, one row each (the one predicate of erasure, suppression and reveal)';

@@ -129,7 +129,7 @@ language sql stable as $$
                                    -- _suppressed with all its claimants.
                                    (select exists (select from loader.erased_users))
                                    and coalesce(
-                                       case when jsonb_typeof(l.login -> 'user_id') in ('string', 'number', 'boolean')
+                                       case when loader._scalar_user_id(l.login) is not null
                                             then (loader._user_tag(l.login ->> 'user_id',
                                                                    (select x.tag_seed from loader.erasure_key x))
                                                       in (select e.user_tag from loader.erased_users e)
@@ -139,12 +139,17 @@ language sql stable as $$
                                                                          where e.user_tag is null), false))
                                                  and loader._suppressed(array[l.login ->> 'user_id'],
                                                                         l.staged_body, l.sent, l.staged_at)
-                                            -- Any other body: its claimants (_claimants gives
-                                            -- _mentions for it) looked up the same way, in the
-                                            -- same hash, through the inlined _mention_set.
+                                            -- Any other body: its claimants (_claimant_set
+                                            -- gives _mention_set for it), each tested first
+                                            -- against a bitmap of the erased tags (one bit per
+                                            -- tag modulo 2^20, read once per statement), then,
+                                            -- on a set bit, by an index probe. (A hash built in
+                                            -- a correlated subquery is built again per row.)
                                             else (exists (select from loader._mention_set(l.staged_body) as c
-                                                           where loader._user_tag(c, (select x.tag_seed from loader.erasure_key x))
-                                                                 in (select e.user_tag from loader.erased_users e))
+                                                           cross join lateral (select loader._user_tag(c, (select x.tag_seed from loader.erasure_key x)) as tag) t
+                                                           where get_bit((select x.tag_bits || ''::bytea from loader.erasure_key x),
+                                                                         (t.tag & 1048575)::integer) = 1
+                                                             and exists (select from loader.erased_users e where e.user_tag = t.tag))
                                                   or coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
                                                                          where e.user_tag is null), false))
                                                  and loader._suppressed(loader._claimants(l.staged_body),

@@ -80,6 +80,7 @@ declare
     erasure bigint;
     hashes bytea[];
     adopted bigint;
+    tag bigint;
 begin
     if reference is null or btrim(reference) = '' then
         raise exception 'an erasure needs a reference (the request''s ticket)'
@@ -106,6 +107,11 @@ begin
     select distinct loader._user_hash(u, k.key), loader._user_tag(u, k.tag_seed), erasure,
            clock_timestamp()
       from unnest(user_ids) u, loader.erasure_key k;
+    -- Their bits in the tag bitmap (the transform's first test of a body that is no login).
+    for tag in select e.user_tag from loader.erased_users e where e.erasure_id = erasure loop
+        update loader.erasure_key k
+           set tag_bits = set_bit(k.tag_bits, (tag & 1048575)::integer, 1);
+    end loop;
     delete from public.user_logins u where u.user_id = any (user_ids) and u.message_id is null;
     get diagnostics adopted = row_count;
     update loader.erasures e set counts = jsonb_build_object('user_logins_before_loader', adopted)

@@ -51,6 +51,20 @@ end
 $$;
 comment on function loader._reveal_encoding() is 'Private: refuse a reveal to a session whose client_encoding is not UTF8';
 
+-- _ascii: a value with every character outside ASCII written as \u and its code point in hex
+-- (4 digits or more), so that no client_encoding a caller switches to, even within the
+-- statement that reads, can fail converting it (the error would quote the value's bytes). No
+-- backslash in this body: chr(92) stands for it.
+create or replace function loader._ascii(v text) returns text
+language sql immutable as $$
+    select case when v is null or v !~ '[^[:ascii:]]' then v
+           else (select string_agg(case when ascii(c) < 128 then c
+                                        else chr(92) || 'u' || lpad(to_hex(ascii(c)), 4, '0') end,
+                                   '' order by n)
+                   from regexp_split_to_table(v, '') with ordinality as r (c, n)) end
+$$;
+comment on function loader._ascii(text) is 'Private: a value with its non-ASCII characters escaped as \uXXXX';
+
 -- _reveal_log: checks a reveal request (a purpose, within the bound), writes its record, and
 -- returns the record's id. Committed by loader.reveal before anything is read.
 create or replace function loader._reveal_log(message_ids text[], purpose text) returns bigint
@@ -119,8 +133,9 @@ begin
     return (select coalesce(jsonb_agg(jsonb_build_object(
                        'message_id', m.id,
                        'status', s.status,
-                       'ip', case when s.status = 'revealed' then l.login ->> 'ip' end,
-                       'device_id', case when s.status = 'revealed' then l.login ->> 'device_id' end)
+                       'ip', case when s.status = 'revealed' then loader._ascii(l.login ->> 'ip') end,
+                       'device_id', case when s.status = 'revealed'
+                                         then loader._ascii(l.login ->> 'device_id') end)
                    order by m.n), '[]')
               from unnest(request.message_ids) with ordinality as m (id, n)
               left join loader.raw_logins r

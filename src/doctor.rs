@@ -344,8 +344,9 @@ async fn privileges(pool: &PgPool, role: &str, documented: &[&str]) -> Problem {
 }
 
 /// No login below the owner holds the writer role (`loader_ingest`, which chooses what is
-/// staged) and a reader role (`loader_analyst`, `loader_pii_reader`, which see what the
-/// transform made of it) together: it could stage a value of its choosing and read its mask or
+/// staged) and a way to read what the transform made of it (`loader_analyst`,
+/// `loader_pii_reader`, PostgreSQL's `pg_read_all_data` or `pg_write_all_data`, or a grant on
+/// the outcome tables) together: it could stage a value of its choosing and read its mask or
 /// its outcome (docs/security.md "Duties").
 async fn duties_separated(pool: &PgPool) -> Problem {
     let both: Result<Vec<String>, _> = scalars(
@@ -353,10 +354,13 @@ async fn duties_separated(pool: &PgPool) -> Problem {
         "select r.rolname::text from pg_roles r
           where r.rolcanlogin and not r.rolsuper
             and r.oid <> (select nspowner from pg_namespace where nspname = 'loader')
-            and exists (select from unnest(array['loader_ingest']) w
-                         where pg_has_role(r.oid, w, 'member'))
-            and exists (select from unnest(array['loader_analyst', 'loader_pii_reader']) d
-                         where pg_has_role(r.oid, d, 'member'))
+            and pg_has_role(r.oid, 'loader_ingest', 'member')
+            and (exists (select from unnest(array['loader_analyst', 'loader_pii_reader',
+                                                  'pg_read_all_data', 'pg_write_all_data']) d
+                          where pg_has_role(r.oid, d, 'member'))
+                 or has_table_privilege(r.oid, 'public.user_logins', 'select')
+                 or has_table_privilege(r.oid, 'loader.login_rejects', 'select')
+                 or has_table_privilege(r.oid, 'loader.raw_logins', 'select'))
           order by 1",
     )
     .await;
@@ -364,14 +368,15 @@ async fn duties_separated(pool: &PgPool) -> Problem {
         Ok(logins) if logins.is_empty() => None,
         Ok(logins) => problem(
             format!(
-                "these logins hold loader_ingest and a reader role (loader_analyst or \
-                 loader_pii_reader) together, so each can stage a value of its choosing and read \
-                 what the transform made of it: {}",
+                "these logins hold loader_ingest and a way to read what the transform made \
+                 (loader_analyst, loader_pii_reader, pg_read_all_data, pg_write_all_data, or a \
+                 grant on user_logins, login_rejects or raw_logins), so each can stage a value \
+                 of its choosing and read what became of it: {}",
                 logins.join(", ")
             ),
-            "revoke loader_analyst (or loader_pii_reader) from them, or from the group role they \
-             have it through; a login that stages and transforms needs loader_ingest and \
-             loader_transformer (docs/security.md \"Duties\")",
+            "revoke the reading role or grant from them (or from the group role they have it \
+             through); a login that stages and transforms needs loader_ingest and \
+             loader_transformer only (docs/security.md \"Duties\")",
         ),
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }

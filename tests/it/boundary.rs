@@ -119,6 +119,33 @@ fn every_form(user: &str, tag: u8) -> Vec<(&'static str, String, String, String)
             value(11),
             device("key"),
         ),
+        (
+            // The id's first letter percent-encoded, as a form body or a URL has it.
+            "percent",
+            format!(
+                "user_id=%{:02X}{}&ip={}&device_id={}",
+                user.as_bytes()[0],
+                &user[1..],
+                value(12),
+                device("percent")
+            ),
+            value(12),
+            device("percent"),
+        ),
+        (
+            "sentence",
+            format!("login by {user}. ip {} device {}", value(13), device("sentence")),
+            value(13),
+            device("sentence"),
+        ),
+        (
+            // A user_id that names nobody (blank): the body belongs to every id it mentions.
+            "blank-id",
+            serde_json::json!({"user_id": " ", "who": user, "ip": value(14), "device_id": device("blank-id")})
+                .to_string(),
+            value(14),
+            device("blank-id"),
+        ),
     ]
 }
 
@@ -202,6 +229,14 @@ async fn every_form_of_a_persons_message_is_erased_and_suppressed_by_one_rule() 
         .flat_map(|(_, _, ip, device)| [ip.clone(), device.clone()])
         .collect();
     assert_eq!(traces_of(&db, &late_values).await, Vec::<String>::new());
+    // An id holding a separator of the word rule (auth0|...) is found whole in a text body.
+    stage_as(
+        &ingest.pool,
+        &[("pipe-id", "user_id=auth0|carl ip=10.77.0.1", OffsetDateTime::now_utc())],
+    )
+    .await;
+    db.cli().ok(&["forget", "--user-id", "auth0|carl", "--reference", "DSR-26b"]);
+    assert_eq!(traces(&db, "10.77.0.1").await, Vec::<String>::new());
     // Bob's plain, SNS and EventBridge logins loaded; his other forms are rejects as before.
     assert_eq!(db.count("select count(*) from public.user_logins where user_id = 'bob'").await, 3);
     db.cli().ok(&["reconcile", "--skip-queue"]);
@@ -480,7 +515,11 @@ async fn a_reveal_honours_erasure_and_returns_no_more_than_its_record_says() {
         .fetch_one(&reader.pool)
         .await
         .unwrap();
-    stage_as(&ingest.pool, &[("early", r#"{"user_id": "erin", "ip": "10.55.0.4"}"#, sent)]).await;
+    stage_as(
+        &ingest.pool,
+        &[("early", r#"{"user_id": "erin", "ip": "10.55.0.4", "device_id": "日本-7"}"#, sent)],
+    )
+    .await;
     for _ in 0..2 {
         let (read,): (serde_json::Value,) = sqlx::query_as("select loader._reveal_read($1)")
             .bind(access)
@@ -504,6 +543,8 @@ async fn a_reveal_honours_erasure_and_returns_no_more_than_its_record_says() {
             .await
             .unwrap();
     assert_eq!(revealed[0]["ip"], "10.55.0.4", "{revealed}");
+    // Outside ASCII a value comes escaped, so no client_encoding can fail to hold it.
+    assert_eq!(revealed[0]["device_id"], "\\u65e5\\u672c-7", "{revealed}");
     assert_eq!(
         db.count(
             "select values_returned::bigint from loader.pii_access_log order by id desc limit 1"

@@ -39,6 +39,19 @@ async fn scrape_until(addr: &str, metric: &str, expected: f64) -> Option<f64> {
     last
 }
 
+/// Scrapes until the text holds `needle`, or 10 s pass; returns the last scrape.
+async fn scrape_text_until(addr: &str, needle: &str) -> String {
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape_text(addr).unwrap_or_default();
+        if text.contains(needle) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    text
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -262,14 +275,7 @@ async fn a_scrape_after_every_kind_of_event_passes_promtool_and_has_what_the_das
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     proxy.outage(Duration::from_secs(4)).await;
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = scrape_text(&addr).unwrap_or_default();
-        if text.contains("loader_receive_errors_total{") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = scrape_text_until(&addr, "loader_receive_errors_total{").await;
     crate::support::terminate_ok(child);
 
     for expected in [
@@ -390,14 +396,7 @@ async fn an_idle_run_exports_every_family_the_alerts_and_the_dashboard_use() {
         .collect();
     assert!(used.len() > 15, "{used:?}");
     // The queue's gauges are read once at start (a few SQS calls): wait for them, no more.
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = scrape_text(&addr).unwrap_or_default();
-        if text.contains("loader_dead_letter_messages{") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let text = scrape_text_until(&addr, "loader_dead_letter_messages{").await;
     crate::support::terminate_ok(child);
     let present = |name: &str| text.lines().any(|l| l.starts_with(name) && !l.starts_with('#'));
     let missing: Vec<&String> = used.iter().filter(|n| !present(n)).collect();
