@@ -89,7 +89,7 @@ comment on column loader.erased_users.user_tag is 'hashtextextended(user id, tag
 comment on table loader.erased_bodies is 'Keyed fingerprints (HMAC-SHA256 under loader.erasure_key) of erased bodies: suppressed whenever they come back';
 comment on column loader.erased_bodies.body_hash is 'HMAC-SHA256 of the body''s text under loader.erasure_key';
 comment on column loader.erased_bodies.erased_at is 'When the body was erased or suppressed';
-comment on table loader.evictions is 'Sessions below the owner the transform ended for holding a write transaction open past evict_after_seconds';
+comment on table loader.evictions is 'Sessions below the owner the transform ended for holding a write transaction open past evict_after_seconds (a row per termination sent: two transforms may both end one session)';
 comment on column loader.evictions.at is 'When';
 comment on column loader.evictions.pid is 'The ended session''s backend pid';
 comment on column loader.evictions.role is 'Its login';
