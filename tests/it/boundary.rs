@@ -453,6 +453,14 @@ async fn a_login_that_stages_and_transforms_sees_nothing_of_what_its_input_becam
     let finding = check(&String::from_utf8_lossy(&out.stdout));
     assert_eq!((out.status.code(), &finding["ok"]), (Some(3), &serde_json::json!(false)));
     assert!(finding["problem"].as_str().unwrap().contains(&both.name), "{finding}");
+    // The fix, as doctor words it: revoke the reading role.
+    assert!(finding["fix"].as_str().unwrap().contains("revoke the reading role"), "{finding}");
+    sqlx::raw_sql(&format!("revoke loader_analyst from {}", both.name))
+        .execute(&db.admin)
+        .await
+        .unwrap();
+    let out = env.cli().run(&["doctor", "--json"]);
+    assert_eq!(check(&String::from_utf8_lossy(&out.stdout))["ok"], true);
     drop(both);
     drop(exclusive);
 }

@@ -176,6 +176,11 @@ async fn doctor_names_an_owner_that_cannot_end_sessions() {
     loader::db::migrate(&db.pool).await.unwrap();
     let (_, failed) = failing(&db.url, "no-such-queue", &[]);
     assert!(failed.contains("owner may end sessions"), "{failed:?}");
+    // The fix, as doctor words it, then the check passes (and the role is as it was after).
+    sql(&admin, &format!("grant pg_signal_backend, pg_read_all_stats to {owner}")).await;
+    let (_, failed) = failing(&db.url, "no-such-queue", &[]);
+    sql(&admin, &format!("revoke pg_signal_backend, pg_read_all_stats from {owner}")).await;
+    assert!(!failed.contains("owner may end sessions"), "{failed:?}");
 }
 
 /// An earlier doctor's receive check counted a receive each run: six runs moved a queue's only
