@@ -431,7 +431,7 @@ create or replace function loader._suppressed(
 language sql stable parallel safe as $$
     select coalesce((exists (select from unnest(claimants) as c
                      where loader._user_tag(c, (select x.tag_seed from loader.erasure_key x))
-                           in (select e.user_tag from loader.erased_users e))
+                           in (select e.user_tag from loader.erased_users e where e.user_tag is not null))
             or coalesce(sent < (select max(e.erased_at) from loader.erased_users e
                                  where e.user_tag is null), false))
        and exists (

@@ -168,11 +168,11 @@ begin
     -- No SQS message is larger than 1 MiB: a bigger body is refused (recorded, left on the
     -- queue), so no caller makes the transform or an erasure's search work through more than
     -- SQS could ever deliver.
-    if exists (select from unnest(bodies) b where octet_length(b) > 1048576) then
-        oversized := array(select m from unnest(message_ids, bodies) as u (m, b)
-                            where octet_length(b) > 1048576);
-        refused_copies := (select coalesce(sum(c), 0) from unnest(bodies, copies) as u (b, c)
-                            where octet_length(b) > 1048576);
+    select coalesce(array_agg(u.m order by u.o), '{}'), coalesce(sum(u.c), 0)
+      into oversized, refused_copies
+      from unnest(message_ids, bodies, copies) with ordinality as u (m, b, c, o)
+     where octet_length(u.b) > 1048576;
+    if cardinality(oversized) > 0 then
         insert into loader.refusals (message_id, sqlstate, constraint_name, ingest_run_id)
         select m, '54000', 'body_size', run_id from unnest(oversized) m;
         select coalesce(array_agg(u.m order by u.o), '{}'), coalesce(array_agg(u.b order by u.o), '{}'),

@@ -121,40 +121,38 @@ language sql stable as $$
                       -- notification or an EventBridge event carries (NULL when it carries
                       -- none). Nothing else of an envelope is read.
                       from (select l.message_id, l.login as body, l.body_is_json, l.envelope,
-                                   -- An erased person's message (loader._suppressed). A login
-                                   -- with a scalar user_id (nearly every row) is looked up by its
-                                   -- cheap keyed tag in a hash built once per statement, and only
-                                   -- a hit pays for _suppressed's HMACs; its claimants are that
-                                   -- id alone (loader._claimants). Any other body asks
-                                   -- _suppressed with all its claimants.
+                                   -- An erased person's message (loader._suppressed), asked
+                                   -- only of a row a cheap test cannot clear: a user erased
+                                   -- before V17 (no tag) when it was sent before their erasure;
+                                   -- else a login naming one person (nearly every row) whose
+                                   -- keyed tag is in a hash built once per statement; else any
+                                   -- other body (its claimants are what _claimant_set gives,
+                                   -- _mention_set) with a word whose tag has its bit set in the
+                                   -- bitmap of erased tags (one bit per tag modulo 2^20, read
+                                   -- once per statement) and is in the ledger (an index probe;
+                                   -- a hash built in this correlated subquery would be built
+                                   -- again for every row). Each test is true or false, never
+                                   -- NULL, so the AND never asks _suppressed needlessly.
                                    (select exists (select from loader.erased_users))
-                                   and coalesce(
-                                       case when loader._scalar_user_id(l.login) is not null
-                                            then (loader._user_tag(l.login ->> 'user_id',
-                                                                   (select x.tag_seed from loader.erasure_key x))
-                                                      in (select e.user_tag from loader.erased_users e)
-                                                  -- coalesce: NULL (no such user) would make
-                                                  -- the AND call _suppressed for every row.
-                                                  or coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
-                                                                         where e.user_tag is null), false))
-                                                 and loader._suppressed(array[l.login ->> 'user_id'],
-                                                                        l.staged_body, l.sent, l.staged_at)
-                                            -- Any other body: its claimants (_claimant_set
-                                            -- gives _mention_set for it), each tested first
-                                            -- against a bitmap of the erased tags (one bit per
-                                            -- tag modulo 2^20, read once per statement), then,
-                                            -- on a set bit, by an index probe. (A hash built in
-                                            -- a correlated subquery is built again per row.)
-                                            else (exists (select from loader._mention_set(l.staged_body) as c
-                                                           cross join lateral (select loader._user_tag(c, (select x.tag_seed from loader.erasure_key x)) as tag) t
-                                                           where get_bit((select x.tag_bits || ''::bytea from loader.erasure_key x),
-                                                                         (t.tag & 1048575)::integer) = 1
-                                                             and exists (select from loader.erased_users e where e.user_tag = t.tag))
-                                                  or coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
-                                                                         where e.user_tag is null), false))
-                                                 and loader._suppressed(loader._claimants(l.staged_body),
-                                                                        l.staged_body, l.sent, l.staged_at)
-                                       end, false) as erased,
+                                   and (coalesce(l.sent < (select max(e.erased_at) from loader.erased_users e
+                                                            where e.user_tag is null), false)
+                                        or case when loader._scalar_user_id(l.login) is not null
+                                                then loader._user_tag(l.login ->> 'user_id',
+                                                                      (select x.tag_seed from loader.erasure_key x))
+                                                     in (select e.user_tag from loader.erased_users e
+                                                          where e.user_tag is not null)
+                                                else exists (
+                                                    select from loader._mention_set(l.staged_body) as c
+                                                     cross join lateral (select loader._user_tag(c, (select x.tag_seed from loader.erasure_key x)) as tag) t
+                                                     where get_bit((select x.tag_bits || ''::bytea from loader.erasure_key x),
+                                                                   (t.tag & 1048575)::integer) = 1
+                                                       and exists (select from loader.erased_users e where e.user_tag = t.tag))
+                                           end)
+                                   and loader._suppressed(
+                                           case when loader._scalar_user_id(l.login) is not null
+                                                then array[l.login ->> 'user_id']
+                                                else loader._claimants(l.staged_body) end,
+                                           l.staged_body, l.sent, l.staged_at) as erased,
                                    l.login ->> 'user_id' as user_id,
                                    l.login ->> 'device_type' as device_type,
                                    btrim(l.login ->> 'ip') as ip,
