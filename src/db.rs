@@ -46,31 +46,61 @@ const MIGRATE_LOCK_TIMEOUT: &str = "60s";
 /// a running function holds.
 const EVERY_TIME: &[&str] = &["80_comments.sql", "90_privileges.sql"];
 
+/// What a database error is about, for a message or an error type that names its cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The login lacks a privilege (42501).
+    Permission,
+    /// loader's schema, a table or a function does not exist (3F000, 42P01, 42883).
+    NotMigrated,
+    /// The server is shutting down or the connection failed (class 08, 57P0x).
+    ShuttingDown,
+    /// No connection could be had (I/O, pool timeout or closed).
+    Unreachable,
+    Other,
+}
+
+impl Cause {
+    /// The cause of `e`.
+    pub fn of(e: &sqlx::Error) -> Self {
+        match sqlstate(e).as_deref() {
+            Some("42501") => Cause::Permission,
+            Some("3F000" | "42P01" | "42883") => Cause::NotMigrated,
+            Some(code) if code.starts_with("08") || code.starts_with("57P0") => Cause::ShuttingDown,
+            None if matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ) =>
+            {
+                Cause::Unreachable
+            }
+            _ => Cause::Other,
+        }
+    }
+
+    /// The cause of the first database error in `e`'s chain, if it has one.
+    pub fn in_chain(e: &anyhow::Error) -> Option<Self> {
+        e.chain().find_map(|c| c.downcast_ref::<sqlx::Error>()).map(Self::of)
+    }
+}
+
 /// `result` with a context that names the cause of a database error while `doing`: a missing
 /// privilege names the role the login needs (`role`), a schema, table or function that does
 /// not exist says to migrate, an unreachable server says so; anything else names what was being
 /// done. (One cause each: an outage is never blamed on migrations.)
 pub fn explained<T>(result: Result<T, sqlx::Error>, doing: &str, role: &str) -> Result<T> {
     result.map_err(|e| {
-        let why = match sqlstate(&e).as_deref() {
-            Some("42501") => format!(
+        let why = match Cause::of(&e) {
+            Cause::Permission => format!(
                 "{doing}: this login lacks a privilege: it needs {role} (docs/security.md \"Duties\")"
             ),
-            Some("3F000" | "42P01" | "42883") => format!(
+            Cause::NotMigrated => format!(
                 "{doing}: the database lacks loader's schema or functions: run `loader migrate` \
                  as the owner role"
             ),
-            Some(code) if code.starts_with("08") || code.starts_with("57P0") => {
-                format!("{doing}: PostgreSQL is unreachable or shutting down")
-            }
-            None if matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            ) =>
-            {
-                format!("{doing}: PostgreSQL is unreachable")
-            }
-            _ => doing.to_owned(),
+            Cause::ShuttingDown => format!("{doing}: PostgreSQL is unreachable or shutting down"),
+            Cause::Unreachable => format!("{doing}: PostgreSQL is unreachable"),
+            Cause::Other => doing.to_owned(),
         };
         anyhow::Error::new(e).context(why)
     })

@@ -86,20 +86,17 @@ impl Handler {
     /// after the visibility timeout), `Loader.Permission` (the login lacks a role),
     /// `Loader.NotMigrated`, else `Loader.Error`.
     pub fn error_type(e: &anyhow::Error) -> &'static str {
-        let code = e
-            .chain()
-            .find_map(|c| c.downcast_ref::<sqlx::Error>())
-            .and_then(|s| crate::retry::sqlstate(s).map(|c| c.into_owned()));
+        use crate::db::Cause;
         if e.chain().any(|c| c.is::<BadEvent>()) {
-            "Loader.BadEvent"
-        } else if crate::retry::is_transient(e) {
-            "Loader.Unavailable"
-        } else if code.as_deref() == Some("42501") {
-            "Loader.Permission"
-        } else if matches!(code.as_deref(), Some("3F000" | "42P01" | "42883")) {
-            "Loader.NotMigrated"
-        } else {
-            "Loader.Error"
+            return "Loader.BadEvent";
+        }
+        if crate::retry::is_transient(e) {
+            return "Loader.Unavailable";
+        }
+        match Cause::in_chain(e) {
+            Some(Cause::Permission) => "Loader.Permission",
+            Some(Cause::NotMigrated) => "Loader.NotMigrated",
+            _ => "Loader.Error",
         }
     }
 

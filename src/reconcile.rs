@@ -14,7 +14,7 @@ use crate::sqs::Queue;
 
 /// An unfinished run not heard of for this long ended without finishing (three missed
 /// [`crate::ingest::HEARTBEAT`]s).
-pub const SILENT_AFTER: &str = "3 minutes";
+pub const SILENT_AFTER: Duration = Duration::from_secs(3 * crate::ingest::HEARTBEAT.as_secs());
 
 /// How many offending ids a check lists (the count is always complete).
 const MAX_IDS: i64 = 100;
@@ -204,14 +204,14 @@ pub async fn reconcile(
                   where finished_at is null and started_at >= {since}) as unfinished_runs,
                 (select count(*) from loader.ingest_runs
                   where finished_at is null and started_at >= {since}
-                    and last_seen_at < now() - interval '{silent}') as silent_runs,
+                    and last_seen_at < now() - make_interval(secs => {silent})) as silent_runs,
                 (select count(*) from loader.ingest_runs
                   where stopped_on_error and started_at >= {since}) as stopped_runs,
                 (select count(*) from loader.raw_logins
                   where erased_at is not null and staged_at >= {since}) as erased,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start"
-            .replace("{silent}", SILENT_AFTER),
+            .replace("{silent}", &SILENT_AFTER.as_secs().to_string()),
     );
     let stages = crate::db::transaction(pool, async |tx| {
         sqlx::query_as(&stages_sql)
@@ -378,11 +378,12 @@ fn write_queue(out: &mut impl fmt::Write, q: &QueueCounts) -> fmt::Result {
 fn write_runs(out: &mut impl fmt::Write, s: &StageCounts, runs: &[RunCounts]) -> fmt::Result {
     writeln!(
         out,
-        "ingest runs: {} ({} running; {} ended without finishing, silent for {SILENT_AFTER}: \
+        "ingest runs: {} ({} running; {} ended without finishing, silent for {} s: \
          killed or crashed, or a Lambda environment AWS retired; {} stopped on an error)",
         s.runs,
         s.unfinished_runs - s.silent_runs,
         s.silent_runs,
+        SILENT_AFTER.as_secs(),
         s.stopped_runs
     )?;
     if runs.is_empty() {

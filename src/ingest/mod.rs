@@ -37,7 +37,7 @@ use crate::sqs::{MAX_BATCH, Queue, Received};
 use crate::staging::{self, RawMessage};
 
 /// How often an ingest run tells the database it is alive (`loader.heartbeat`); reconcile
-/// calls an unfinished run silent for [`crate::reconcile::DEFAULT_SILENT_AFTER`] ended.
+/// calls an unfinished run silent for [`crate::reconcile::SILENT_AFTER`] (three of them) ended.
 pub const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// How long a receive in progress at shutdown may still take to complete.

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use sqlx::Connection;
 
-use crate::support::{Cli, TestDb, TestEnv, TestRole, traces};
+use crate::support::{Cli, TestDb, TestEnv, TestRole, sqlstate, traces};
 
 /// Stages `(message id, body, sent_at)` as `pool`'s login (granted `loader_ingest`), through
 /// the same code `loader ingest` uses, committed.
@@ -346,11 +346,6 @@ async fn a_redrive_with_new_ids_and_timestamps_brings_no_erased_person_back() {
     assert_eq!(db.loaded().await, 1);
     assert_eq!(traces_of(db, &values[..4]).await, Vec::<String>::new());
     db.cli().ok(&["reconcile", "--skip-queue"]);
-}
-
-/// The SQLSTATE of a database error.
-fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default()
 }
 
 /// Issue 26, finding 2: a login granted loader_ingest and loader_analyst (the documented grant

@@ -52,6 +52,19 @@ async fn scrape_text_until(addr: &str, needle: &str) -> String {
     text
 }
 
+/// `loader run` with its metrics on a free port of its own; returns it and the address.
+fn run_with_metrics(db_url: &str, queue: &str) -> (crate::support::Running, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = crate::support::Cli::new(db_url, queue).spawn(&[
+        "run",
+        "--wait-seconds",
+        "1",
+        "--metrics-addr",
+        &addr,
+    ]);
+    (child, addr)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -60,14 +73,7 @@ fn free_port() -> u16 {
 async fn metrics_endpoint_shows_counters_moving_during_a_run() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&[
-        "run",
-        "--wait-seconds",
-        "1",
-        "--metrics-addr",
-        &addr,
-    ]);
+    let (child, addr) = run_with_metrics(&db.url, &q.name);
 
     // Before any event, every labelled counter whose labels are known reads 0, not "absent".
     let mut first = None;
@@ -375,14 +381,7 @@ async fn an_idle_run_exports_every_family_the_alerts_and_the_dashboard_use() {
     let env = TestEnv::new(30).await;
     let (db, q) = (&env.db, &env.queue);
     let _dlq = q.attach_dead_letter_queue(5).await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = crate::support::Cli::new(&db.url, &q.name).spawn(&[
-        "run",
-        "--wait-seconds",
-        "1",
-        "--metrics-addr",
-        &addr,
-    ]);
+    let (child, addr) = run_with_metrics(&db.url, &q.name);
     let rules = include_str!("../../deploy/prometheus/loader-rules.yml");
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../../deploy/grafana/loader-dashboard.json")).unwrap();

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::support::{TestDb, TestRole, fixture_messages, stage};
+use crate::support::{TestDb, TestRole, fixture_messages, sqlstate, stage};
 use time::macros::datetime;
 
 const SENT: time::OffsetDateTime = datetime!(2024-05-01 12:00 UTC);
@@ -295,11 +295,6 @@ async fn idle_analysts_and_strangers_stall_nothing() {
         )
         .await;
     assert_eq!(stale, 0, "every row is masked with the active key");
-}
-
-/// The SQLSTATE of a database error.
-fn sqlstate(e: &sqlx::Error) -> String {
-    e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default()
 }
 
 /// Asserts that `sql`, run as `pool`'s role, is refused for lack of privilege (42501).

@@ -244,3 +244,8 @@ pub fn doctor(cli: &Cli, args: &[&str]) -> std::process::Output {
     };
     cli.run(&[&["doctor"], args].concat())
 }
+
+/// The SQLSTATE of a database error ("" for any other error).
+pub fn sqlstate(e: &sqlx::Error) -> String {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()).unwrap_or_default()
+}
