@@ -565,7 +565,10 @@ pub async fn queue(queue: Result<Queue>, options: &Options) -> Vec<Finding> {
             format!("'{}' has no redrive policy: a message PostgreSQL refuses is retried forever", queue.name()),
             "set a RedrivePolicy with a deadLetterTargetArn and maxReceiveCount (deploy/template.yaml has one)".into(),
         )),
-        Err(e) => Some((format!("{e:#}"), "check that the DLQ named by the redrive policy exists".into())),
+        Err(e) => Some((
+            format!("{e:#}"),
+            "point the redrive policy at a dead-letter queue that exists, or create the one it names".into(),
+        )),
     }));
     let needed = match options.lambda_timeout {
         Some(t) => (t * LAMBDA_VISIBILITY_FACTOR).max(MIN_VISIBILITY),

@@ -1,7 +1,7 @@
 //! `loader doctor`: a deployment set up as documented passes; each thing broken on purpose is
 //! reported by its own check, with a fix, and exit 3.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::Value;
@@ -10,22 +10,26 @@ use crate::support::TestEnv;
 
 /// The checks that fail, by name (and the exit code).
 fn failing(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeSet<String>) {
+    let (code, failed) = problems(url, queue, extra);
+    (code, failed.into_keys().collect())
+}
+
+/// The checks that fail, each with its fix (and the exit code).
+fn problems(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeMap<String, String>) {
     let mut args = vec!["--json"];
     args.extend_from_slice(extra);
     let out = crate::support::doctor(&crate::support::Cli::new(url, queue), &args);
     let findings: Vec<Value> = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    for f in &findings {
-        if f["ok"] == false {
-            assert!(f["fix"].as_str().is_some_and(|s| !s.is_empty()), "a fix for {f}");
-        }
-    }
-    let names = findings
+    let failed = findings
         .iter()
         .filter(|f| f["ok"] == false)
-        .map(|f| f["check"].as_str().unwrap().to_owned())
+        .map(|f| {
+            let fix = f["fix"].as_str().filter(|s| !s.is_empty());
+            (f["check"].as_str().unwrap().to_owned(), fix.expect("a fix").to_owned())
+        })
         .collect();
-    (out.status.code(), names)
+    (out.status.code(), failed)
 }
 
 async fn sql(pool: &sqlx::PgPool, sql: &str) {
@@ -138,6 +142,57 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     let (code, failed) = failing(&format!("{plain}?sslmode=require"), queue, &[]);
     assert_eq!(code, Some(3));
     assert!(failed.contains("database") && failed.contains("dead-letter queue"), "{failed:?}");
+}
+
+/// The queue checks' fixes, applied as doctor words them, from a queue that does not exist to
+/// a healthy one: create it, give it the visibility timeout the fix names, a redrive policy, and
+/// a dead-letter queue that exists once the one named is gone.
+#[tokio::test]
+async fn doctors_queue_fixes_applied_as_worded_make_each_check_pass() {
+    let env = TestEnv::new(30).await;
+    let (db, client) = (&env.db, env.queue.queue.client());
+    let name = crate::support::unique_name("loader-test-doctor").replace('_', "-");
+    let lambda = ["--lambda-timeout", "60"];
+    let fix = |check: &str| {
+        let (code, failed) = problems(&db.url, &name, &lambda);
+        assert_eq!(code, Some(3));
+        // Only the queue's own checks fail; the database is as documented.
+        let queue_checks = ["queue", "visibility timeout", "dead-letter queue"];
+        assert!(failed.keys().all(|k| queue_checks.contains(&k.as_str())), "{failed:?}");
+        failed.get(check).unwrap_or_else(|| panic!("{check} passes: {failed:?}")).clone()
+    };
+
+    assert!(fix("queue").starts_with("create the queue"));
+    client.create_queue().queue_name(&name).send().await.unwrap();
+    let queue = crate::support::TestQueue {
+        queue: loader::sqs::Queue::open(client.clone(), &name).await.unwrap(),
+        name: name.clone(),
+    };
+
+    // "set the queue's VisibilityTimeout to 360 s or more": the number is read from the fix.
+    let wording = fix("visibility timeout");
+    let seconds = wording
+        .strip_prefix("set the queue's VisibilityTimeout to ")
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("{wording}"));
+    assert_eq!(seconds, "360", "6x the 60 s Lambda timeout");
+    client
+        .set_queue_attributes()
+        .queue_url(queue.queue.url())
+        .attributes(QueueAttributeName::VisibilityTimeout, seconds)
+        .send()
+        .await
+        .unwrap();
+
+    assert!(fix("dead-letter queue").starts_with("set a RedrivePolicy"));
+    let dlq = queue.attach_dead_letter_queue(5).await;
+    assert_eq!(problems(&db.url, &name, &lambda), (Some(0), BTreeMap::new()));
+
+    // The dead-letter queue deleted: the fix points the policy at one that exists.
+    client.delete_queue().queue_url(dlq.queue.url()).send().await.unwrap();
+    assert!(fix("dead-letter queue").starts_with("point the redrive policy at"));
+    let _dlq = queue.attach_dead_letter_queue(5).await;
+    assert_eq!(problems(&db.url, &name, &lambda), (Some(0), BTreeMap::new()));
 }
 
 /// A database never migrated, or a login that is not the owner, is one finding with its fix,
