@@ -22,13 +22,17 @@ select (select count(*) from loader.transform_queue) as pending,
        coalesce(extract(epoch from now() - p.oldest_pending_staged_at), 0)::float8
            as oldest_pending_age_seconds,
        (select s.last_drained_at from loader.transform_state s) as last_drained_at,
-       (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id
+       (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id,
+       (select max(b.finished_at) from loader.rebuilds b where b.state = 'swapped')
+           as last_rebuilt_at
   from (select min(r.staged_at) as oldest_pending_staged_at
           from loader.transform_queue q join loader.raw_logins r on r.id = q.raw_id) as p;
 comment on view loader.pipeline_status is
-    'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id';
+    'One row: rows pending transform, the oldest one''s staging time and age, when the transform last drained, the active key id, the last rebuild';
 comment on column loader.pipeline_status.pending is 'Staged rows waiting for the transform';
 comment on column loader.pipeline_status.oldest_pending_staged_at is 'When the oldest of them was staged';
 comment on column loader.pipeline_status.oldest_pending_age_seconds is 'Its age in seconds (0 when none waits)';
 comment on column loader.pipeline_status.last_drained_at is 'As loader.transform_state';
 comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id of the active key';
+comment on column loader.pipeline_status.last_rebuilt_at is
+    'When a rebuild or key rotation last swapped in rewritten outcomes (NULL: never): copy user_logins downstream in full after it changes';

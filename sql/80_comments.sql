@@ -7,17 +7,18 @@
 -- tests/it/transform.rs checks that nothing is left without a comment.
 
 comment on schema loader is
-'loader: SQS login events staged raw, then masked into public.user_logins (docs/analysts.md).
-Entry points:
-  call loader.transform();                    transform everything pending (analysts)
-  select * from loader.transform_batch(n);    one bounded batch, in your transaction (analysts)
-  select * from loader.pipeline_status;       pending rows, oldest age, last drain, active key
-  select * from loader.login_rejects;         why messages did not load
-  select * from loader.ingest_runs;           what each ingest run received, staged, deleted
-  select * from loader.rebuild();             recompute every outcome (owner)
-  select * from loader.rotate_key();          new key, every row re-masked, atomically (owner)
-  call loader.purge_staged(''30 days'');        retention of raw bodies, in batches (owner)
-  select * from loader.register_run(...), loader.stage(...)   the ingest role''s write path';
+'loader: SQS login events staged raw, then masked into public.user_logins.
+Guides: docs/analysts.md (queries), docs/operating.md (commands), docs/security.md (roles).
+As loader_analyst:
+  call loader.transform();                      -- transform everything pending, batch by batch
+  select * from loader.transform_batch(1000);   -- one bounded batch, in your transaction
+  select * from loader.pipeline_status;         -- pending rows, oldest age, last drain, active key
+  select * from loader.login_rejects;           -- why messages did not load
+  select id, queue, mode, started_at, finished_at, received, staged, duplicates, deleted
+    from loader.ingest_runs;                    -- what each ingest run did
+  select * from loader.mask_key_info;           -- the keys, and which one is active
+As loader_ingest: loader ingest and loader run call loader.register_run and loader.stage.
+As the owner, through the loader command: loader keys, loader purge, loader forget, loader reveal.';
 
 -- The analysts' table.
 comment on table public.user_logins is

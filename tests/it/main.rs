@@ -9,6 +9,7 @@ mod docs;
 mod doctor;
 mod envelopes;
 mod erasure;
+mod examples;
 mod faults;
 mod fifo;
 mod ingest;

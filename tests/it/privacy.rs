@@ -870,12 +870,13 @@ async fn a_commit_held_open_by_an_analysts_trigger_delays_rotation_only_briefly(
 }
 
 /// The incremental read docs/analysts.md gives ("Copying user_logins downstream"), as written
-/// there: the SQL block after its `downstream-read` marker.
+/// there: the query its `prepare downstream(xid8) as` names.
 fn downstream_read() -> String {
     let doc = include_str!("../../docs/analysts.md");
-    let after = &doc[doc.find("<!-- downstream-read").expect("the marker in docs/analysts.md")..];
-    let block = &after[after.find("```sql\n").expect("a sql block after the marker") + 7..];
-    block[..block.find("```").expect("the end of the block")].trim().to_owned()
+    let after =
+        &doc[doc.find("prepare downstream(xid8) as\n").expect("the query in docs/analysts.md")..];
+    let query = &after[after.find('\n').unwrap() + 1..];
+    query[..query.find(';').expect("the end of the query")].trim().to_owned()
 }
 
 /// One downstream poll from `cursor`: the message ids read and the next cursor.

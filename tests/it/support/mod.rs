@@ -3,6 +3,7 @@
 //! the `loader` binary as a child process ([`process`]); an outage proxy ([`proxy`]); and
 //! [`TestEnv`], which puts them together. Every test runs the binary through one [`Cli`].
 
+mod cron;
 mod db;
 /// The benchmarks' latency proxy, the same source as `examples/latency-proxy`.
 #[path = "../../../examples/latency-proxy/delay.rs"]
@@ -13,6 +14,7 @@ mod queue;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub use cron::*;
 pub use db::*;
 pub use process::*;
 pub use proxy::*;
