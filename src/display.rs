@@ -1,4 +1,5 @@
-//! How timestamps are shown to people: RFC 3339 in UTC, to the second.
+//! How timestamps and errors are shown to people: RFC 3339 in UTC, to the second; an error
+//! and its causes on one line.
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -9,6 +10,25 @@ pub fn timestamp(t: Option<OffsetDateTime>) -> String {
         t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).ok()?.format(&Rfc3339).ok()
     })
     .unwrap_or_else(|| "never".to_owned())
+}
+
+/// The error and its causes on one line. Some errors (sqlx's) repeat their source in their own
+/// message; a cause already contained in the previous one is skipped.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if previous.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+        previous = text;
+    }
+    line
 }
 
 #[cfg(test)]

@@ -159,7 +159,10 @@ impl Handler {
         if self.transform_after_stage && totals.staged > 0 {
             // The records are staged whatever happens here; the schedule retries the transform.
             if let Err(e) = self.transform().await {
-                tracing::warn!(error = format!("{e:#}"), "transform after staging failed");
+                tracing::warn!(
+                    error = crate::display::error_line(&e),
+                    "transform after staging failed"
+                );
             }
         }
         let mut response = SqsBatchResponse::default();

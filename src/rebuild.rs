@@ -14,6 +14,7 @@ use crate::evict;
 use crate::keys;
 use crate::progress::Progress;
 use crate::retry::sqlstate;
+use crate::shutdown::Shutdown;
 use crate::transform::{self, Plan};
 
 /// What to rebuild with.
@@ -64,13 +65,15 @@ const SWAP_ATTEMPTS: u32 = 90;
 /// Starts a rebuild (or resumes the one copying), calls `on_start` (to say what it will do
 /// and the disk it needs, before the long part), copies with `plan.workers` sessions, swaps,
 /// drops the retired tables, and transforms what is pending. `None` when a rotation's key is
-/// already the active one. A session of another role that holds up the start, the swap or the
-/// drop for longer than `evict_after` is ended ([`evict`]).
+/// already the active one, or when `stop` began before every range was copied (the copied
+/// ranges stay: running it again continues). A session of another role that holds up the
+/// start, the swap or the drop for longer than `evict_after` is ended ([`evict`]).
 pub async fn rebuild(
     pool: &PgPool,
     kind: &Kind,
     plan: Plan,
     evict_after: Duration,
+    stop: &Shutdown,
     on_start: impl FnOnce(&Started),
 ) -> Result<Option<Finished>> {
     let mut evicted = Vec::new();
@@ -82,9 +85,12 @@ pub async fn rebuild(
     if let Some(p) = &progress {
         p.advance(started.ranges_done as u64, Some((started.ranges - started.ranges_done) as u64));
     }
-    let copied = copy(pool, plan.workers, progress.as_ref()).await?;
+    let copied = copy(pool, plan.workers, progress.as_ref(), stop).await?;
     if let Some(p) = &progress {
         p.finish();
+    }
+    if stop.has_begun() {
+        return Ok(None);
     }
     let swap_waited = swap(pool, evict_after, &mut evicted).await?;
     drop_retired(pool, evict_after, &mut evicted).await?;
@@ -160,8 +166,14 @@ const HELD_RANGE_WAIT: Duration = Duration::from_secs(120);
 
 /// Copies every range left, `workers` sessions at once, then waits for the ranges other
 /// sessions hold (copying them itself if they are given back); returns the rows it wrote.
-pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) -> Result<i64> {
-    let mut copied = copy_unclaimed(pool, workers, progress).await?;
+/// Once `stop` has begun, each session stops after the range in hand.
+pub async fn copy(
+    pool: &PgPool,
+    workers: usize,
+    progress: Option<&Progress>,
+    stop: &Shutdown,
+) -> Result<i64> {
+    let mut copied = copy_unclaimed(pool, workers, progress, stop).await?;
     let deadline = tokio::time::Instant::now() + HELD_RANGE_WAIT;
     loop {
         let left: i64 = crate::db::transaction(pool, async |tx| {
@@ -176,7 +188,7 @@ pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) ->
         })
         .await
         .context("counting the ranges left to copy")?;
-        if left == 0 {
+        if left == 0 || stop.has_begun() {
             return Ok(copied);
         }
         if tokio::time::Instant::now() > deadline {
@@ -188,26 +200,32 @@ pub async fn copy(pool: &PgPool, workers: usize, progress: Option<&Progress>) ->
         }
         tracing::info!(left, "ranges are being copied by another session; waiting for them");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        copied += copy_unclaimed(pool, workers, progress).await?;
+        copied += copy_unclaimed(pool, workers, progress, stop).await?;
     }
 }
 
 /// Copies every range no other session holds, `workers` sessions at once.
-async fn copy_unclaimed(pool: &PgPool, workers: usize, progress: Option<&Progress>) -> Result<i64> {
+async fn copy_unclaimed(
+    pool: &PgPool,
+    workers: usize,
+    progress: Option<&Progress>,
+    stop: &Shutdown,
+) -> Result<i64> {
     let (done, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<i64>();
     let mut sessions = JoinSet::new();
     for _ in 0..workers.max(1) {
-        let (pool, done) = (pool.clone(), done.clone());
+        let (pool, done, stop) = (pool.clone(), done.clone(), stop.clone());
         sessions.spawn(async move {
             // Each range in a transaction of its own, committed.
-            while let Some(rows) = crate::db::transaction(&pool, async |tx| {
-                sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
-                    .persistent(false)
-                    .fetch_one(tx)
-                    .await
-            })
-            .await
-            .context("copying a range of the online rebuild")?
+            while !stop.has_begun()
+                && let Some(rows) = crate::db::transaction(&pool, async |tx| {
+                    sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
+                        .persistent(false)
+                        .fetch_one(tx)
+                        .await
+                })
+                .await
+                .context("copying a range of the online rebuild")?
             {
                 let _ = done.send(rows);
             }

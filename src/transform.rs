@@ -1,6 +1,7 @@
-//! `loader transform`: the SQL transform (`sql/30_transform.sql`), `call loader.transform()` in
-//! `--workers` sessions side by side, their counts summed. The work happens in Postgres, so
-//! psql users get the same result.
+//! `loader transform`: the SQL transform (`sql/30_transform.sql`), `loader.transform_batch` in
+//! `--workers` sessions side by side, each batch committed, their counts summed. The work
+//! happens in Postgres, so psql users get the same result (`call loader.transform()` loops the
+//! same batches server-side); loader loops them itself so that a stop ends at a batch boundary.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::counts::TransformReport;
 use crate::metrics;
 use crate::retry::sqlstate;
+use crate::shutdown::Shutdown;
 
 /// How often a transform whose batch was refused at COMMIT because a key rotation retired its
 /// key (SQLSTATE 40001) is run again. The rerun masks with the new key; batches committed
@@ -51,16 +53,25 @@ impl Default for Plan {
     }
 }
 
-/// Transforms everything pending with `plan.workers` sessions, each calling
-/// `call loader.transform()` (committed batches of `plan.batch_size` rows), then publishes the
-/// oldest-pending age gauge. The pool needs room for `plan.workers` connections.
+/// Transforms everything pending with `plan.workers` sessions, each looping committed batches
+/// of `plan.batch_size` rows, then publishes the oldest-pending age gauge. The pool needs room
+/// for `plan.workers` connections.
 pub async fn transform(pool: &PgPool, plan: Plan) -> Result<TransformReport> {
+    transform_until(pool, plan, &Shutdown::default()).await
+}
+
+/// [`transform`], each session stopping after the batch in hand once `stop` has begun.
+pub async fn transform_until(
+    pool: &PgPool,
+    plan: Plan,
+    stop: &Shutdown,
+) -> Result<TransformReport> {
     let started = std::time::Instant::now();
     let mut sessions = JoinSet::new();
     for worker in 0..plan.workers.max(1) {
-        let pool = pool.clone();
+        let (pool, stop) = (pool.clone(), stop.clone());
         sessions.spawn(async move {
-            let session = one_session(&pool, plan.batch_size).await?;
+            let session = one_session(&pool, plan.batch_size, &stop).await?;
             tracing::debug!(
                 worker,
                 loaded = session.report.loaded,
@@ -94,15 +105,21 @@ pub const HELD_WAIT: Duration = Duration::from_secs(15);
 
 /// [`transform`] until nothing is pending, or until rows claimed by another session's open
 /// transaction have waited `held_wait` with no progress (the report's `pending` then says how
-/// many are left). Each pass ends the sessions below the owner that hold rows past the bound,
-/// so a held batch delays a drain by that bound at most.
-pub async fn drain(pool: &PgPool, plan: Plan, held_wait: Duration) -> Result<TransformReport> {
+/// many are left), or until `stop` has begun (after the batches in hand). Each pass ends the
+/// sessions below the owner that hold rows past the bound, so a held batch delays a drain by
+/// that bound at most.
+pub async fn drain(
+    pool: &PgPool,
+    plan: Plan,
+    held_wait: Duration,
+    stop: &Shutdown,
+) -> Result<TransformReport> {
     let mut total = TransformReport::default();
     let mut stalled_since: Option<std::time::Instant> = None;
     loop {
-        let pass = transform(pool, plan).await?;
+        let pass = transform_until(pool, plan, stop).await?;
         total += pass;
-        if pass.pending == 0 {
+        if pass.pending == 0 || stop.has_begun() {
             return Ok(total);
         }
         if pass.loaded + pass.rejected > 0 {
@@ -118,8 +135,8 @@ pub async fn drain(pool: &PgPool, plan: Plan, held_wait: Duration) -> Result<Tra
     }
 }
 
-/// The row `call loader.transform()` returns.
-#[derive(sqlx::FromRow)]
+/// The row `loader.transform_batch` returns, and a session's sum of them.
+#[derive(sqlx::FromRow, Default)]
 struct SessionRow {
     #[sqlx(flatten)]
     report: TransformReport,
@@ -127,31 +144,63 @@ struct SessionRow {
     rejected_by_reason: sqlx::types::Json<BTreeMap<String, u64>>,
 }
 
-/// One session's `call loader.transform()`, run again when a rotation refused a batch.
-async fn one_session(pool: &PgPool, batch_size: i32) -> Result<SessionRow> {
-    let mut attempt = 0;
-    loop {
-        // The simple query protocol, the integer written in: a procedure that commits cannot
-        // run inside a transaction, and a statement outside one must be one exchange to pass a
-        // pooler in transaction mode (crate::db::transaction).
-        let result = sqlx::raw_sql(&format!("call loader.transform(batch_size => {batch_size})"))
-            .fetch_one(pool)
-            .await
-            .and_then(|row| SessionRow::from_row(&row));
-        match result {
-            Err(e) if attempt < ROTATION_RETRIES && is_key_rotated(&e) => {
+impl SessionRow {
+    fn add(&mut self, batch: SessionRow) {
+        self.report.loaded += batch.report.loaded;
+        self.report.rejected += batch.report.rejected;
+        for (reason, n) in batch.rejected_by_reason.0 {
+            *self.rejected_by_reason.0.entry(reason).or_insert(0) += n;
+        }
+    }
+}
+
+/// One session's batches, each committed, until one finds nothing to claim or `stop` has
+/// begun; a batch refused at COMMIT because a rotation retired its key is run again. Then the
+/// work list is counted (`transform_batch(0)`), as `call loader.transform()` does.
+async fn one_session(pool: &PgPool, batch_size: i32, stop: &Shutdown) -> Result<SessionRow> {
+    let mut session = SessionRow::default();
+    let mut refused = 0;
+    while !stop.has_begun() {
+        match batch(pool, batch_size).await {
+            Err(e) if refused < ROTATION_RETRIES && is_key_rotated(&e) => {
                 tracing::info!("a key rotation retired the batch's key; transforming again");
-                attempt += 1;
+                refused += 1;
             }
-            other => {
+            Err(e) => {
                 return crate::db::explained(
-                    other,
-                    "running loader.transform()",
+                    Err(e),
+                    "running loader.transform_batch()",
                     "loader_transformer",
                 );
             }
+            Ok(b) => {
+                let claimed = b.report.loaded + b.report.rejected;
+                session.add(b);
+                if claimed == 0 {
+                    break;
+                }
+            }
         }
     }
+    let last = crate::db::explained(
+        batch(pool, 0).await,
+        "counting what is pending",
+        "loader_transformer",
+    )?;
+    session.report.pending = last.report.pending;
+    Ok(session)
+}
+
+/// One `loader.transform_batch`, committed on its own. The simple query protocol, the integer
+/// written in: a statement outside a transaction must be one exchange to pass a pooler in
+/// transaction mode (crate::db::transaction).
+async fn batch(pool: &PgPool, batch_size: i32) -> Result<SessionRow, sqlx::Error> {
+    let sql = format!(
+        "select loaded, rejected, coalesce(pending, 0) as pending, rejected_by_reason
+           from loader.transform_batch({batch_size}, {})",
+        batch_size == 0
+    );
+    sqlx::raw_sql(&sql).fetch_one(pool).await.and_then(|row| SessionRow::from_row(&row))
 }
 
 /// SQLSTATE 40001 from `loader._confirm_batch_key`: the batch's key was retired before COMMIT.
@@ -176,20 +225,31 @@ async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
 }
 
 /// Runs [`transform`] every `interval` until `shutdown` resolves, calling `report` after each
-/// run. A run in progress is finished before returning.
+/// run. The batches in hand are finished before returning.
 pub async fn watch(
     pool: &PgPool,
     plan: Plan,
     interval: Duration,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
     mut report: impl FnMut(&TransformReport),
 ) -> Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        report(&transform(pool, plan).await?);
-        tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            _ = tokio::time::sleep(interval) => {}
+    let stop = Shutdown::default();
+    let mut stopped = stop.listen();
+    let begin = stop.clone();
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        begin.begin();
+    });
+    let result = async {
+        loop {
+            report(&transform_until(pool, plan, &stop).await?);
+            tokio::select! {
+                _ = stopped.begun() => return Ok(()),
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
     }
+    .await;
+    signal.abort();
+    result
 }

@@ -22,7 +22,7 @@ async fn main() -> Result<(), Error> {
         // errorType is a stable name (Handler::error_type), not a Rust type's.
         handler.handle(event.payload).await.map_err(|e| Diagnostic {
             error_type: Handler::error_type(&e).to_owned(),
-            error_message: format!("{e:#}"),
+            error_message: loader::display::error_line(&e),
         })
     }))
     .await

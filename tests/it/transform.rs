@@ -664,3 +664,62 @@ async fn parallel_workers_split_a_backlog_and_load_each_row_once() {
     assert!(stdout.contains(&summary), "{stdout}");
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
+
+/// `loader transform` ran `call loader.transform()` and had no signal handler: stopped, the
+/// client exited 143 (or 130, or, started without job control, ignored SIGINT) while its server
+/// session went on loading, and the summary it had printed was short of what loaded. Now it
+/// loops committed batches itself: a signal ends it after the batch in hand, its session with
+/// it, with a summary that matches the database and exit 4; the same command then finishes.
+/// A rebuild or rotation stopped so keeps the ranges it copied, and continues.
+#[tokio::test]
+async fn a_transform_or_rebuild_stopped_by_a_signal_ends_its_work_and_continues() {
+    let db = TestDb::migrated().await;
+    let bodies: Vec<(String, String)> = loader::send::generate(120_000, 3)
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| (format!("m-{i}"), b))
+        .collect();
+    stage(&db, &bodies, SENT).await;
+    let running = db.cli().spawn(&["transform", "--batch-size", "500", "--workers", "1"]);
+    crate::support::wait_for_count(&db, "select count(*) from public.user_logins", 2_000).await;
+    let out = crate::support::signal(running, "INT");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("run it again to continue"), "{stderr}");
+    // No session of the stopped command goes on working, and what it printed is what loaded.
+    let working = db
+        .count(
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and state = 'active'
+                and query like '%transform_batch%' and pid <> pg_backend_pid()",
+        )
+        .await;
+    assert_eq!(working, 0, "a server session still transforms");
+    let (loaded, rejected) = (db.loaded().await, db.rejected().await);
+    assert!(loaded + rejected < 120_000, "stopped early: {loaded}");
+    let summary = format!("transform: loaded {loaded}, rejected {rejected}, pending ");
+    assert!(stdout.contains(&summary), "{stdout} vs {summary}");
+    assert_eq!(db.pending().await, 120_000 - loaded - rejected);
+    db.cli().ok(&["transform"]);
+    assert_eq!(db.pending().await, 0);
+
+    // The rebuild: ranges of 50,000 ids, one worker; stopped once it has started copying.
+    let running = db.cli().spawn(&["transform", "--rebuild", "--workers", "1"]);
+    crate::support::wait_for_count(
+        &db,
+        "select count(*) from loader.rebuilds where state = 'copying'",
+        1,
+    )
+    .await;
+    let out = crate::support::terminate(running);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("run it again to continue"), "{stderr}");
+    let copying = db.count("select count(*) from loader.rebuilds where state = 'copying'").await;
+    assert_eq!(copying, 1, "the copies are kept for the next run");
+    let resumed = db.cli().ok(&["transform", "--rebuild", "--workers", "1"]);
+    assert!(resumed.contains("key 1 active"), "{resumed}");
+    assert_eq!(db.count("select count(*) from loader.rebuilds where state = 'swapped'").await, 1);
+    assert_eq!(db.loaded().await + db.rejected().await, 120_000);
+}

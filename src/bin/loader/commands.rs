@@ -207,7 +207,7 @@ async fn transform(
     let plan = args.plan.plan();
     let pool = db::connect(settings.database_url()?, plan.workers as u32).await?;
     if args.rebuild {
-        rebuild(&pool, &rebuild::Kind::Rebuild, plan, evict_after).await?;
+        return rebuild(&pool, &rebuild::Kind::Rebuild, plan, evict_after).await;
     } else if args.watch {
         transform::watch(&pool, plan, args.interval.0, shutdown_signal(), |r| {
             if r.loaded + r.rejected > 0 {
@@ -216,8 +216,12 @@ async fn transform(
         })
         .await?;
     } else {
-        let report = transform::drain(&pool, plan, transform::HELD_WAIT).await?;
+        let (stop, interrupted) = stop_on_signal();
+        let report = transform::drain(&pool, plan, transform::HELD_WAIT, &stop).await?;
         println!("transform: {report}");
+        if interrupted.get() {
+            return Ok(ExitCode::from(stopped_code(true)));
+        }
         if report.pending > 0 {
             println!(
                 "{} rows are claimed by another session's open transaction: a later transform \
@@ -255,20 +259,22 @@ async fn keys(
                 _ => None,
             };
             let pool = db::connect(settings.database_url()?, args.plan().workers as u32).await?;
-            rebuild(&pool, &rebuild::Kind::Rotate(given), args.plan(), evict_after).await?;
+            return rebuild(&pool, &rebuild::Kind::Rotate(given), args.plan(), evict_after).await;
         }
     }
     Ok(ExitCode::from(exit::OK))
 }
 
-/// An online rebuild or rotation, saying up front what it will do and the disk it needs.
+/// An online rebuild or rotation, saying up front what it will do and the disk it needs; a
+/// signal stops it after the ranges in hand (exit 4: the same command continues it).
 async fn rebuild(
     pool: &sqlx::PgPool,
     kind: &rebuild::Kind,
     plan: transform::Plan,
     evict_after: Duration,
-) -> Result<()> {
-    let finished = rebuild::rebuild(pool, kind, plan, evict_after, |s| {
+) -> Result<ExitCode> {
+    let (stop, interrupted) = stop_on_signal();
+    let finished = rebuild::rebuild(pool, kind, plan, evict_after, &stop, |s| {
         let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
         let resumed = if s.resumed { ", resumed" } else { "" };
         eprintln!(
@@ -294,9 +300,10 @@ async fn rebuild(
             );
             print_evicted(&f.evicted);
         }
+        None if interrupted.get() => return Ok(ExitCode::from(stopped_code(true))),
         None => println!("that key is already active; nothing to rebuild"),
     }
-    Ok(())
+    Ok(ExitCode::from(exit::OK))
 }
 
 async fn run_pipeline(
@@ -368,7 +375,9 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
                 "name": settings.queue, "visible": d.visible, "in_flight": d.in_flight,
                 "delayed": d.delayed
             }),
-            Err(e) => serde_json::json!({"name": settings.queue, "error": format!("{e:#}")}),
+            Err(e) => {
+                serde_json::json!({"name": settings.queue, "error": loader::display::error_line(&e)})
+            }
         };
         let report = serde_json::json!({
             "queue": queue,
@@ -383,7 +392,7 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     }
     let queue = match depth {
         Ok(d) => format!("{} visible, {} in flight, {} delayed", d.visible, d.in_flight, d.delayed),
-        Err(e) => format!("unavailable ({e:#})"),
+        Err(e) => format!("unavailable ({})", loader::display::error_line(&e)),
     };
     let when = timestamp;
     println!("queue {}: {queue}", settings.queue);
@@ -576,11 +585,24 @@ fn interruptible() -> (impl std::future::Future<Output = ()>, Interrupted) {
     (future, interrupted)
 }
 
+/// A [`Shutdown`](loader::shutdown::Shutdown) begun by the first SIGINT or SIGTERM, for work
+/// that stops at its next boundary (a batch, a range), and the flag that says it came.
+fn stop_on_signal() -> (loader::shutdown::Shutdown, Interrupted) {
+    let stop = loader::shutdown::Shutdown::default();
+    let (signal, interrupted) = interruptible();
+    let begin = stop.clone();
+    tokio::spawn(async move {
+        signal.await;
+        begin.begin();
+    });
+    (stop, interrupted)
+}
+
 /// The exit code of a command that ends by itself: [`exit::INTERRUPTED`] when a signal stopped
 /// it first.
 fn stopped_code(stopped_early: bool) -> u8 {
     if stopped_early {
-        eprintln!("stopped by a signal before the queue was empty; run it again to continue");
+        eprintln!("stopped by a signal before it was done; run it again to continue");
         exit::INTERRUPTED
     } else {
         exit::OK

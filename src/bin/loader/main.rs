@@ -35,27 +35,8 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", loader::display::error_line(&e));
             ExitCode::from(exit::ERROR)
         }
     }
-}
-
-/// The error and its causes on one line. Some errors (sqlx's) repeat their source in their own
-/// message; a cause already contained in the previous one is skipped.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    let mut previous = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if previous.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-        previous = text;
-    }
-    line
 }
