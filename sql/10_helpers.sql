@@ -6,13 +6,6 @@
 -- loader roles (sql/90_privileges.sql): a function that returns
 -- the HMAC of caller-chosen text would be a dictionary-attack oracle.
 
--- Replaced by the helpers below when the transform became set-based per field (one extraction
--- per row): _inet by _ipv4_plain and _inet_other, _canonical_ip by an expression in
--- _outcome_rows, _reject_reason by _reason.
-drop function if exists loader._inet(text);
-drop function if exists loader._canonical_ip(text, inet);
-drop function if exists loader._reject_reason(jsonb, boolean);
-
 -- _try_inet_slow: the text as inet, or NULL when it does not parse. A failed ::inet cast would
 -- abort a whole set-based statement (PG15 has no pg_input_is_valid), so the cast runs in an
 -- exception block (a subtransaction). Parallel unsafe because of the exception block.

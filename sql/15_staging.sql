@@ -16,11 +16,6 @@
 --   select * from loader.stage(run_id, run_token, ids, bodies, is_json, sent_at, receive_counts,
 --                              copies);                                   -- staged, refused_ids
 
--- Replaced: stage() took the received count and the client recorded refusals itself.
-drop function if exists loader.stage(bigint, text, text[], text[], boolean[], timestamptz[], integer[], bigint);
-drop function if exists loader.record_refusals(bigint, text, text[], text[], text[]);
-drop function if exists loader.record_refused(bigint, text, bigint);
-
 -- The transform's work list is fed by a statement trigger: the ids of newly staged rows are
 -- queued in the same transaction, so they appear exactly when the rows do (why a list and not
 -- a high-water mark: migrations/V2__transform_queue.sql, which created both). Runs as its
@@ -300,7 +295,6 @@ comment on function loader.record_deletes(bigint, text, bigint, bigint) is
 
 -- finish_run: mark the caller's run finished, and whether it stopped on an error (its deleted
 -- counter may then be short: V15); later calls with its token are refused.
-drop function if exists loader.finish_run(bigint, text);
 create or replace function loader.finish_run(
     run_id bigint, run_token text, stopped_on_error boolean default false) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$

@@ -19,38 +19,18 @@
 --   the commit; when a rotation retired it meanwhile, the batch fails with 40001 and its rows
 --   go back to the work list. So a batch never needs to lock anything a rotation waits for,
 --   yet never commits old masks after one.
--- - rebuild (and rotation and purge) lock loader.maintenance_lock, which only the owner can
---   lock, and skip rows that are still in the work list (claimed or not): those get their
---   outcome from the incremental transform, with the key active when it commits.
+-- - A rebuild or rotation (sql/35_rebuild.sql) skips rows that are still in the work list
+--   (claimed or not): those get their outcome from the incremental transform, with the key
+--   active when it commits.
 -- The functions run as their owner (security definer, settings pinned by
 -- sql/90_privileges.sql), the only role that can read loader.raw_logins and the key.
-
--- Rejects by reason (the `loader_rows_rejected_total{reason}` metric): _outcomes, _outcomes_new
--- and transform_batch also return rejected_by_reason, and the procedure took a new INOUT
--- parameter. CREATE OR REPLACE cannot change a result type, so the older ones go first.
-do $$
-declare
-    f regprocedure;
-begin
-    for f in select p.oid::regprocedure from pg_proc p
-              where p.oid in (to_regprocedure('loader._outcomes(bigint[])'),
-                              to_regprocedure('loader._outcomes_new(bigint[])'),
-                              to_regprocedure('loader.transform_batch(integer, boolean)'))
-                and pg_get_function_result(p.oid) not like '%rejected_by_reason%'
-    loop
-        execute format('drop function %s', f);
-    end loop;
-end
-$$;
-drop procedure if exists loader.transform(bigint, bigint, bigint, integer);
 
 -- _outcome_rows: the outcome of each staged row in `ids`, not yet written: reason and detail for
 -- a reject (reason not null), else the user_logins values, masked with the active key (or, with
 -- for_rebuild, the copying online rebuild's key: sql/35_rebuild.sql). Inlined into the
--- statements of _outcomes, _outcomes_new and _outcomes_next (a single SELECT, stable, no SET),
--- so the key is read inside those statements.
+-- statement of _write_outcomes (a single SELECT, stable, no SET), so the key is read inside
+-- that statement.
 -- Private (owner only): its rows carry masks, so granted it would be a masking oracle.
-drop function if exists loader._outcome_rows(bigint[]);
 create or replace function loader._outcome_rows(ids bigint[], for_rebuild boolean default false)
 returns table (message_id text, reason text, detail text, user_id text, device_type text,
                masked_ip text, masked_device_id text, locale text, app_version integer,
@@ -179,20 +159,31 @@ $$;
 comment on function loader._outcome_rows(bigint[], boolean) is
     'Private: the outcomes (masked values or reject reasons) of the staged rows with these ids, unwritten';
 
--- _outcomes: writes the outcome of each staged row in `ids`: a public.user_logins row masked with
--- the active key, or a loader.login_rejects row with its reason. Rows that already have an
--- outcome are left as they are. Leaves a ticket for the COMMIT-time key check when it loaded
--- rows. Private: called by transform_batch and rebuild (as the owner).
--- jit off: the dense range scan is estimated at a fixed share of raw_logins (its bounds are
--- parameters), so on a big table the planner would JIT-compile every batch for nothing.
-create or replace function loader._outcomes(
-    ids bigint[], out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
-language sql volatile set jit = off as $$
-    -- A CTE used twice is materialised: each outcome is computed once.
+-- _write_outcomes: writes the outcome of each staged row in `ids`: a user_logins row masked
+-- with the active key, or a login_rejects row with its reason; into the online rebuild's
+-- copies instead (with the rebuild's key) when `into_copies`. The one INSERT of outcomes: the
+-- transform and the rebuild both write through it. Rows that already have an outcome are left
+-- as they are; with `fresh` (the transform's claimed rows, which have none) a plain INSERT,
+-- without ON CONFLICT's index probe and speculative insertion per row (which cost about as
+-- much as the insert itself): should a row have an outcome after all, it fails with
+-- unique_violation and writes nothing. Into the live tables it leaves a ticket for the
+-- COMMIT-time key check (loader.batch_keys). A suppressed message of an erased person keeps
+-- no body: its keyed fingerprint is kept (the CTEs read the bodies as they were before the
+-- statement), so a redrive or replay of it is suppressed whenever it comes.
+-- Private (owner only): called by transform_batch and rebuild_copy_range. One statement,
+-- built once per call (the target tables differ) and passed only the ids: the key is read
+-- inside it. jit off: the dense range scan is estimated at a fixed share of raw_logins (its
+-- bounds are parameters), so on a big table the planner would JIT-compile every batch.
+create or replace function loader._write_outcomes(
+    ids bigint[], into_copies boolean default false, fresh boolean default false,
+    out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
+language plpgsql volatile set jit = off as $f$
+begin
+    execute format($q$
     with outcome as (
-        select * from loader._outcome_rows(ids)
+        select * from loader._outcome_rows($1, %1$L)
     ), loads as (
-        insert into public.user_logins
+        insert into %2$s
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
              message_id, ip_network, app_version_text, mask_key_id)
         select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
@@ -200,20 +191,17 @@ language sql volatile set jit = off as $$
                o.mask_key_id
           from outcome o
          where o.reason is null
-        on conflict (message_id) do nothing
+        %4$s
         returning mask_key_id
     ), rejects as (
-        insert into loader.login_rejects (message_id, reason, detail)
+        insert into %3$s (message_id, reason, detail)
         select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
-        on conflict (message_id) do nothing
+        %4$s
         returning reason
     ), ticket as (
         insert into loader.batch_keys (key_id)
-        select distinct l.mask_key_id from loads l
+        select distinct l.mask_key_id from loads l where not %1$L
     ), erased as (
-        -- A suppressed message of an erased person keeps no body; its keyed fingerprint is
-        -- kept (the CTEs read the bodies as they were before this statement), so a redrive or
-        -- replay of it is suppressed whenever it comes.
         update loader.raw_logins r
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
@@ -230,67 +218,21 @@ language sql volatile set jit = off as $$
            and not exists (select from loader.erased_bodies b
                             where b.body_hash = loader._body_hash(r.body, k.key))
     )
-    -- (ticket and erased, like every data-modifying CTE, run to completion unreferenced.)
+    -- (ticket, erased and fingerprints, like every data-modifying CTE, run unreferenced.)
     select (select count(*) from loads), (select count(*) from rejects),
            (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
               from (select reason, count(*) as n from rejects group by reason) as j)
-$$;
-comment on function loader._outcomes(bigint[]) is
-    'Private: outcomes (masked rows or rejects) for the staged rows with these ids';
-
--- _outcomes_new: _outcomes for rows that have no outcome yet, as every row claimed from the work
--- list should: a plain INSERT, without ON CONFLICT's extra index probe and speculative
--- insertion per row (which cost about as much as the insert itself). When a row has an outcome
--- after all, it fails with unique_violation and writes nothing; transform_batch then runs
--- _outcomes instead, so the result is _outcomes' in every case.
-create or replace function loader._outcomes_new(
-    ids bigint[], out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
-language sql volatile set jit = off as $$
-    with outcome as (
-        select * from loader._outcome_rows(ids)
-    ), loads as (
-        insert into public.user_logins
-            (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
-             message_id, ip_network, app_version_text, mask_key_id)
-        select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
-               o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
-               o.mask_key_id
-          from outcome o
-         where o.reason is null
-        returning mask_key_id
-    ), rejects as (
-        insert into loader.login_rejects (message_id, reason, detail)
-        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
-        returning reason
-    ), ticket as (
-        insert into loader.batch_keys (key_id)
-        select distinct l.mask_key_id from loads l
-    ), erased as (
-        -- A suppressed message of an erased person keeps no body; its keyed fingerprint is
-        -- kept (the CTEs read the bodies as they were before this statement), so a redrive or
-        -- replay of it is suppressed whenever it comes.
-        update loader.raw_logins r
-           set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
-          from outcome o
-         where o.reason = 'erased' and r.message_id = o.message_id
-    ), fingerprints as (
-        -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
-        -- still holding the same fingerprint uncommitted. A rare duplicate costs nothing.
-        insert into loader.erased_bodies (body_hash, erased_at)
-        select distinct loader._body_hash(r.body, k.key), now()
-          from outcome o
-          join loader.raw_logins r on r.message_id = o.message_id
-         cross join loader.erasure_key k
-         where o.reason = 'erased' and r.purged_at is null
-           and not exists (select from loader.erased_bodies b
-                            where b.body_hash = loader._body_hash(r.body, k.key))
-    )
-    select (select count(*) from loads), (select count(*) from rejects),
-           (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
-              from (select reason, count(*) as n from rejects group by reason) as j)
-$$;
-comment on function loader._outcomes_new(bigint[]) is
-    'Private: _outcomes for rows without an outcome; unique_violation (nothing written) otherwise';
+    $q$,
+        into_copies,
+        case when into_copies then 'loader_rebuild.user_logins_next' else 'public.user_logins' end,
+        case when into_copies then 'loader_rebuild.login_rejects_next' else 'loader.login_rejects' end,
+        case when fresh then '' else 'on conflict (message_id) do nothing' end)
+    using ids
+    into loaded, rejected, rejected_by_reason;
+end
+$f$;
+comment on function loader._write_outcomes(bigint[], boolean, boolean) is
+    'Private: write the outcomes (masked rows or rejects) of these staged rows, into the live tables or the rebuild''s copies';
 
 -- _confirm_batch_key: the COMMIT-time check behind loader.batch_keys (constraint trigger,
 -- deferred). A ticket fires twice: the first firing (armed) only queues a second ticket. At
@@ -441,22 +383,22 @@ begin
     )
     select coalesce(array_agg(raw_id), '{}') into claimed from taken;
     -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
-    -- transaction), so the cheaper _outcomes_new; should one have an outcome after all, its
-    -- unique_violation rolls it back (this block's subtransaction) and _outcomes leaves that
-    -- outcome as it is.
+    -- transaction), so the cheaper fresh write; should one have an outcome after all, its
+    -- unique_violation rolls it back (this block's subtransaction) and the second write leaves
+    -- that outcome as it is.
     begin
         select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._outcomes_new(claimed) o;
+          from loader._write_outcomes(claimed, false, true) o;
     exception when unique_violation then
         select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._outcomes(claimed) o;
+          from loader._write_outcomes(claimed) o;
     end;
     -- While an online rebuild copies, its copies get these outcomes too (with its key), and a
     -- ticket says which rebuild this batch saw: at COMMIT it must still be the one copying.
     if cardinality(claimed) > 0 then
         select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
         if rebuilding is not null then
-            perform loader._outcomes_next(claimed);
+            perform loader._write_outcomes(claimed, true);
         end if;
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
     end if;

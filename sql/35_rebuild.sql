@@ -1,6 +1,6 @@
--- Online rebuild and key rotation: every outcome recomputed into new copies of
--- public.user_logins and loader.login_rejects, in committed batches, while the incremental
--- transform goes on; then one short transaction swaps the copies in. Readers see the old
+-- The rebuild and key rotation (one algorithm, online): every outcome recomputed into new
+-- copies of public.user_logins and loader.login_rejects, in committed batches, while the
+-- incremental transform goes on; then one short transaction swaps the copies in. Readers see the old
 -- tables or the new ones, never a mix of masks. `loader transform --rebuild` and `loader keys
 -- rotate|install` drive it (with parallel workers and a progress line); in psql, as the owner:
 --
@@ -11,8 +11,6 @@
 --   select loader.rebuild_drop_retired();                 -- drop the tables the swap retired
 --   select loader.rebuild_abandon();                      -- or give up, dropping the copies
 --
--- Also, at the end of this file, the in-place loader.rebuild(): one transaction (rotate_key() uses it).
---
 -- How it stays consistent without stopping anything:
 -- - rebuild_start creates the copies, records the rebuild (with a rotation's new key, which
 --   stays here, owner-only, until the swap) and cuts raw_logins' ids up to the current maximum
@@ -21,7 +19,11 @@
 --   are copied; a batch that commits after it must have written the copies too.
 -- - Workers claim ranges with SKIP LOCKED and copy each in one transaction: rows that have an
 --   outcome are recomputed from raw_logins with the rebuild's key; purged rows (nothing to
---   recompute from) keep theirs. Rows still in the work list are left to the transform.
+--   recompute from) keep theirs. Rows still in the work list are left to the transform. An
+--   outcome whose staged message is gone (deleted by hand: loader never deletes one) has
+--   nothing to recompute from either: rebuild_start carries it into the copies as it was,
+--   with its key id, and counts it (loader.rebuilds.carried), rather than refusing a
+--   rotation (which may be urgent) or dropping a row without a word.
 -- - Every transform batch, while a rebuild is copying, writes its outcomes to the live tables
 --   (active key) and to the copies (the rebuild's key), and leaves a ticket naming the rebuild
 --   it saw; at COMMIT _confirm_batch_key refuses (40001) a batch whose rebuild is no longer the
@@ -36,8 +38,8 @@
 --   that drop, never the swap, and needs no privilege of its owner's to go.
 -- - The copies live in schema loader_rebuild, which no other role may use: nobody can name
 --   them, so nobody can make anything depend on them.
--- While a rebuild is copying, rotate_key() and rebuild() refuse to start; purge goes on, passing
--- over the ranges not yet copied.
+-- While a rebuild is copying, another request (a rotation during a rebuild, a rotation to
+-- another key) is refused; purge goes on, passing over the ranges not yet copied.
 
 comment on schema loader_rebuild is
     'loader: the online rebuild''s copies and the tables swaps retired (owner only; see sql/35_rebuild.sql)';
@@ -103,7 +105,6 @@ comment on function loader._permanent_dependents(regclass) is
 -- _rebuild_blockers: what a swap could not carry over: permanent objects that name the live
 -- tables by identity (see _permanent_dependents). Temporary ones do not block: they follow the
 -- retired tables and go with them. NULL when there is none.
-drop function if exists loader._rebuild_blockers();
 create or replace function loader._rebuild_blockers() returns text
 language sql stable as $$
     select nullif(concat_ws('; ', loader._permanent_dependents('public.user_logins'),
@@ -129,6 +130,8 @@ declare
     blockers text;
     active_id integer;
     top bigint;
+    carried_rows bigint;
+    carried_rejects bigint;
 begin
     lock table loader.maintenance_lock in exclusive mode;
     select * into running from loader.rebuilds b where b.state = 'copying';
@@ -145,7 +148,7 @@ begin
         blockers := loader._rebuild_blockers();
         if blockers is not null then
             raise exception 'an online rebuild cannot swap the tables: %', blockers
-                using hint = 'drop or move those objects, or rebuild in place: select * from loader.rebuild()';
+                using hint = 'drop or move those objects (create them again after the swap), then run this again';
         end if;
         if new_key is not null and (length(new_key) <> 32) then
             raise exception 'a masking key must be exactly 32 bytes (got %)', length(new_key)
@@ -180,6 +183,17 @@ begin
         -- Rows from before loader (no message_id): nothing to recompute, carried as they are
         -- (the unique index on message_id finds them).
         insert into loader_rebuild.user_logins_next select * from public.user_logins u where u.message_id is null;
+        -- Outcomes whose staged message is gone: carried as they were, and counted.
+        insert into loader_rebuild.user_logins_next
+        select u.* from public.user_logins u
+         where u.message_id is not null
+           and not exists (select from loader.raw_logins r where r.message_id = u.message_id);
+        get diagnostics carried_rows = row_count;
+        insert into loader_rebuild.login_rejects_next
+        select j.* from loader.login_rejects j
+         where not exists (select from loader.raw_logins r where r.message_id = j.message_id);
+        get diagnostics carried_rejects = row_count;
+        update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running.id;
     end if;
     return query
     select running.id, running.key_id, running.new_key is not null,
@@ -191,38 +205,6 @@ end
 $$;
 comment on function loader.rebuild_start(bytea, boolean, integer) is
     'Start an online rebuild (or rotation), or return the one copying; see sql/35_rebuild.sql';
-
--- _outcomes_next: the outcomes of the staged rows `ids`, masked with the copying rebuild's key,
--- into the new copies (rows already there are left). PL/pgSQL: the copies exist only while a
--- rebuild runs, and its statements are planned when first run. The key is read inside the
--- statement (_outcome_rows), as in _outcomes.
-create or replace function loader._outcomes_next(ids bigint[], out loaded bigint, out rejected bigint)
-language plpgsql set search_path = pg_catalog, pg_temp set jit = off as $$
-begin
-    with outcome as (
-        select * from loader._outcome_rows(ids, true)
-    ), loads as (
-        insert into loader_rebuild.user_logins_next
-            (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
-             message_id, ip_network, app_version_text, mask_key_id)
-        select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
-               o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
-               o.mask_key_id
-          from outcome o
-         where o.reason is null
-        on conflict (message_id) do nothing
-        returning 1
-    ), rejects as (
-        insert into loader_rebuild.login_rejects_next (message_id, reason, detail)
-        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
-        on conflict (message_id) do nothing
-        returning 1
-    )
-    select (select count(*) from loads), (select count(*) from rejects) into loaded, rejected;
-end
-$$;
-comment on function loader._outcomes_next(bigint[]) is
-    'Private: outcomes of these staged rows with the rebuild''s key, into the new copies';
 
 -- rebuild_copy_range: copies one unclaimed range of the copying rebuild, committed with the
 -- caller's transaction; returns the rows it wrote, or NULL when no range is left to claim.
@@ -253,7 +235,7 @@ begin
                   where r.id between range.lo and range.hi and r.purged_at is null
                     and not exists (select from loader.transform_queue q where q.raw_id = r.id)
                   order by r.id);
-    select * into outcome from loader._outcomes_next(ids);
+    select * into outcome from loader._write_outcomes(ids, true);
     -- Purged rows keep their outcome as it is.
     insert into loader_rebuild.user_logins_next
     select u.* from loader.raw_logins r join public.user_logins u on u.message_id = r.message_id
@@ -406,87 +388,3 @@ end
 $$;
 comment on function loader.rebuild_abandon() is
     'Abandon the copying online rebuild: drop its copies, forget its key; returns its id';
-
--- _no_rebuild_copying: raises when an online rebuild is copying (rotate_key and rebuild would
--- change what it copies).
-create or replace function loader._no_rebuild_copying(what text) returns void
-language plpgsql as $$
-declare
-    running bigint;
-begin
-    select b.id into running from loader.rebuilds b where b.state = 'copying';
-    if running is not null then
-        raise exception '% refused: online rebuild % is copying', what, running
-            using errcode = 'object_not_in_prerequisite_state',
-                  hint = 'finish it (loader transform --rebuild, loader keys rotate) or abandon it (select loader.rebuild_abandon())';
-    end if;
-end
-$$;
-comment on function loader._no_rebuild_copying(text) is
-    'Private: raise when an online rebuild is copying';
-
--- rebuild: recompute every outcome from raw_logins with the active key, in one transaction, so
--- readers see the old table state or the new one, never a mix of old and new masks. Rows of
--- user_logins without a message_id (adopted from before loader) are left alone, and so are
--- purged rows (sql/40_retention.sql: nothing left to recompute from). Rows still pending are
--- then transformed too, except those an open transform batch has claimed: that batch gives
--- them their outcome, and its COMMIT-time check makes sure that is with the active key (or
--- refuses it, and they are pending again). So a rebuild never waits for a transform batch.
--- Refuses when an outcome's staged message is gone: it could not be recomputed.
-create or replace function loader.rebuild()
-returns table (loaded bigint, rejected bigint, pending bigint)
-language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
-#variable_conflict use_column
-declare
-    orphans bigint;
-    ids bigint[];
-    last_id bigint := 0;
-    batch record;
-begin
-    lock table loader.maintenance_lock in exclusive mode;
-    perform loader._no_rebuild_copying('rebuild()');
-    select count(*) into orphans
-      from (select u.message_id from public.user_logins u where u.message_id is not null
-            union all
-            select j.message_id from loader.login_rejects j) as o
-     where not exists (select from loader.raw_logins r where r.message_id = o.message_id);
-    if orphans > 0 then
-        raise exception 'rebuild refused: % outcome rows have no staged message to recompute from',
-            orphans;
-    end if;
-
-    delete from public.user_logins u
-     where u.message_id is not null
-       and not exists (select from loader.raw_logins r
-                        where r.message_id = u.message_id and r.purged_at is not null);
-    delete from loader.login_rejects j
-     where not exists (select from loader.raw_logins r
-                        where r.message_id = j.message_id and r.purged_at is not null);
-
-    loaded := 0;
-    rejected := 0;
-    loop
-        ids := array(select r.id from loader.raw_logins r
-                      where r.id > last_id and r.purged_at is null
-                        and not exists (select from loader.transform_queue q where q.raw_id = r.id)
-                      order by r.id limit 100000);
-        exit when cardinality(ids) = 0;
-        select * into batch from loader._outcomes(ids);
-        loaded := loaded + batch.loaded;
-        rejected := rejected + batch.rejected;
-        last_id := ids[cardinality(ids)];
-    end loop;
-    -- Then what was pending, as the incremental transform would (rows an open batch holds
-    -- are skipped, not waited for).
-    loop
-        select * into batch from loader.transform_batch(100000, false);
-        loaded := loaded + batch.loaded;
-        rejected := rejected + batch.rejected;
-        exit when batch.loaded + batch.rejected = 0;
-    end loop;
-    select count(*) into pending from loader.transform_queue;
-    return next;
-end
-$$;
-comment on function loader.rebuild() is
-    'Recompute every outcome from raw_logins with the active key, atomically (purged rows keep theirs)';

@@ -17,9 +17,6 @@
 -- ranges it has not copied yet (it recomputes them from their bodies) and purges the rest, so a
 -- rebuild never holds retention up.
 
--- The single UPDATE it replaces (PostgreSQL cannot turn a function into a procedure).
-drop function if exists loader.purge_staged(interval);
-
 -- purge_staged_batch: purges up to max_rows bodies staged before `cutoff` (oldest first) and
 -- returns how many; 0 when none is left. Rows another purge holds are skipped, not waited for.
 create or replace function loader.purge_staged_batch(cutoff timestamptz, max_rows integer default 10000)

@@ -36,3 +36,17 @@ comment on column loader.pipeline_status.last_drained_at is 'As loader.transform
 comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id of the active key';
 comment on column loader.pipeline_status.last_rebuilt_at is
     'When a rebuild or key rotation last swapped in rewritten outcomes (NULL: never): copy user_logins downstream in full after it changes';
+
+-- transform_state: when the transform last drained, and how many batches ran, from the
+-- insert-only batch log (a view since V8, when the one row every batch updated went; V14
+-- created it, so pipeline_status above can read it). Replaced after pipeline_status, which
+-- reads it: a reader locks the outer view first, then this one, and so does a migrate that
+-- replaces both; the other order deadlocks with a transform reading pipeline_status.
+create or replace view loader.transform_state as
+select max(l.at) filter (where l.drained) as last_drained_at,
+       coalesce(sum(l.batches), 0)::bigint as batches
+  from loader.transform_log l;
+comment on view loader.transform_state is 'When the transform last drained its work list, and how many batches ran';
+comment on column loader.transform_state.last_drained_at is
+    'Start of the last batch that found less work than it could take: every row committed before it was claimed';
+comment on column loader.transform_state.batches is 'Transform batches run';

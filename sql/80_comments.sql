@@ -74,10 +74,6 @@ comment on table loader.transform_log is
 comment on column loader.transform_log.at is 'Start of the batch''s transaction (the latest one, for folded rows)';
 comment on column loader.transform_log.drained is 'The batch took fewer rows than it asked for: the work list was drained';
 comment on column loader.transform_log.batches is 'Batches this row stands for';
-comment on view loader.transform_state is 'When the transform last drained its work list, and how many batches ran';
-comment on column loader.transform_state.last_drained_at is
-    'Start of the last batch that found less work than it could take: every row committed before it was claimed';
-comment on column loader.transform_state.batches is 'Transform batches run';
 comment on column loader.batch_keys.id is 'Ticket id';
 comment on column loader.batch_keys.key_id is 'loader.mask_keys.id the batch masked with';
 comment on column loader.batch_keys.armed is 'true on the first firing of the check, which re-queues it';

@@ -114,7 +114,24 @@ pub async fn connect(url: &DatabaseUrl, max_connections: u32) -> Result<PgPool> 
     let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
         .await
         .map_err(|_| anyhow::anyhow!("timed out after {CONNECT_TIMEOUT:?}"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
+        .and_then(|r| {
+            r.map_err(|e| {
+                // The login refused, by the server (class 28) or by a pooler in front of it
+                // (PgBouncer says so with 08P01).
+                let refused = crate::retry::sqlstate(&e).is_some_and(|c| c.starts_with("28"))
+                    || e.to_string().contains("authentication failed");
+                let e = anyhow::Error::from(e);
+                if refused {
+                    e.context(
+                        "the login was refused: check the user and password in DATABASE_URL \
+                         (through PgBouncer or RDS Proxy, the user must also be in its auth_file \
+                         or secrets)",
+                    )
+                } else {
+                    e
+                }
+            })
+        })
         .context("connecting to PostgreSQL")?;
     first.close().await.ok();
     pool(url, max_connections)
@@ -283,18 +300,6 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
             .execute(&mut *tx)
             .await
             .context("forgetting sql/ files this loader no longer has")?;
-        sqlx::query(
-            "insert into loader.sql_applied (sql_md5, loader_version) values (md5($1), $2)
-             on conflict (singleton) do update
-                set sql_md5 = excluded.sql_md5, loader_version = excluded.loader_version,
-                    applied_at = now()",
-        )
-        .bind(all_sql())
-        .bind(env!("CARGO_PKG_VERSION"))
-        .persistent(false)
-        .execute(&mut *tx)
-        .await
-        .context("recording the sql/ files applied")?;
     }
     Ok((applied, changed))
 }
@@ -311,12 +316,6 @@ async fn bootstrap(conn: &mut PgConnection) -> Result<()> {
     );
     sqlx::raw_sql(&sql).execute(&mut *conn).await.context("creating schema loader")?;
     Ok(())
-}
-
-/// Every sql/ file this binary carries, concatenated in order (what `loader.sql_applied`
-/// fingerprints).
-fn all_sql() -> String {
-    SQL_FILES.iter().map(|(_, sql)| *sql).collect()
 }
 
 /// How the database's schema compares with this binary's.

@@ -37,7 +37,7 @@ use crate::transform;
 
 /// Connections per execution environment: it handles one invocation at a time, which stages on
 /// one connection and then (optionally) transforms.
-const POOL_SIZE: u32 = 2;
+pub const POOL_SIZE: u32 = 2;
 
 /// The transform an invocation runs: one session (each execution environment has a pool of
 /// two; Lambda's concurrency is the parallelism), committed batches as `loader transform`.

@@ -18,6 +18,10 @@ use crate::retry::Streak;
 use crate::shutdown::{Listener, Shutdown};
 use crate::transform;
 
+/// Database connections `loader run` holds besides one per transform worker: staging, and the
+/// delete bookkeeping.
+pub const CONNECTIONS_BESIDES_WORKERS: u32 = 2;
+
 /// When `loader run` transforms.
 #[derive(Debug, Clone, Copy)]
 pub struct Cadence {

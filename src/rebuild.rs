@@ -54,6 +54,9 @@ pub struct Finished {
     pub evicted: Vec<evict::Evicted>,
     /// The transform of what was pending at the end.
     pub transform: TransformReport,
+    /// Outcomes carried into the new tables as they were, because their staged message is
+    /// gone (nothing to recompute from; `loader.rebuilds.carried`).
+    pub carried: i64,
 }
 
 /// How long one swap attempt waits for its locks before letting readers go on and trying
@@ -99,7 +102,17 @@ pub async fn rebuild(
         .await
         .context("analysing the swapped tables")?;
     let transform = transform::transform(pool, plan).await?;
-    Ok(Some(Finished { started, copied, swap_waited, evicted, transform }))
+    let carried = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar::<_, Option<i64>>("select carried from loader.rebuilds where id = $1")
+            .bind(started.rebuild_id)
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await
+    .context("reading what the rebuild carried")?
+    .unwrap_or(0);
+    Ok(Some(Finished { started, copied, swap_waited, evicted, transform, carried }))
 }
 
 /// `loader.rebuild_start`, the new key (if given) sent as COPY data, never as a parameter. It

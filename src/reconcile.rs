@@ -115,15 +115,16 @@ const PARAMS: &str = "params as (
     select $1::float8 as grace_seconds,
            coalesce(now() - make_interval(secs => $2::float8), '-infinity') as since)";
 
-/// The invariants, each as SQL returning the offending ids (text), reading [`PARAMS`] as
-/// `{grace}` and `{since}`. Scoped, each looks at the rows
+/// The invariants, each as its name, what it proves (printed by `loader reconcile` and
+/// generated into docs/operating.md's table), and SQL returning the offending ids (text),
+/// reading [`PARAMS`] as `{grace}` and `{since}`. Scoped, each looks at the rows
 /// of the window: messages staged in it, outcomes written in it, runs started in it (every
 /// row of a run is staged after the run started). The work list is small and always read
 /// whole.
-const CHECKS: &[(&str, &str, &str)] = &[
+pub const CHECKS: &[(&str, &str, &str)] = &[
     (
         "single_outcome",
-        "every staged message has at most one outcome",
+        "no message is both loaded and rejected",
         "select j.message_id from loader.login_rejects j
            join public.user_logins u on u.message_id = j.message_id
           where j.rejected_at >= {since}
@@ -134,7 +135,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "outcome_has_staged_message",
-        "every output row (load or reject) has its staged message",
+        "every user_logins row with a message_id, and every reject, has its staged message",
         "select o.message_id
            from (select message_id from public.user_logins
                   where message_id is not null and loaded_at >= {since}
@@ -144,7 +145,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "staged_message_accounted_for",
-        "every staged message has an outcome or is pending (or was erased)",
+        "every staged message is loaded, rejected, pending in loader.transform_queue, or was erased on request",
         "select r.message_id from loader.raw_logins r
           where r.staged_at >= {since} and r.erased_at is null
             and not exists (select from public.user_logins u where u.message_id = r.message_id)
@@ -153,7 +154,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "nothing_pending_before_last_transform",
-        "nothing staged before the last drained transform (less a grace period) is pending",
+        "no row staged before the last drained transform batch (one that found less work than it could take and saw nothing else waiting), minus a grace period (--grace-seconds) for ingest transactions that committed after it, is still pending",
         "select r.message_id from loader.transform_queue q
            join loader.raw_logins r on r.id = q.raw_id
           where r.staged_at < (select last_drained_at from loader.transform_state)
@@ -161,7 +162,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "run_deletes_match",
-        "per finished ingest run: deleted + delete failures = staged + duplicates",
+        "per ingest run: received = staged + duplicates; and per finished run that did not stop on an error: deleted + delete failures = staged + duplicates",
         // A run that stopped on an error may have deleted a flush it could not record (V15):
         // held, like an unfinished one, only to received = staged + duplicates.
         "select id::text from loader.ingest_runs
@@ -172,7 +173,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "run_staged_matches_rows",
-        "per ingest run: its staged count equals the rows it staged",
+        "per ingest run: its staged counter equals the rows in raw_logins that name the run",
         // One pass over the window's rows, grouped by run (not a count per run).
         "select i.id::text from loader.ingest_runs i
            left join (select r.ingest_run_id, count(*) as n from loader.raw_logins r

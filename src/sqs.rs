@@ -31,6 +31,10 @@ use crate::retry::Transient;
 /// SQS caps ReceiveMessage, DeleteMessageBatch and SendMessageBatch at ten entries.
 pub const MAX_BATCH: usize = 10;
 
+/// How many times an SQS call is tried at most (the first try and two retries), with the SDK's
+/// standard backoff.
+pub const MAX_ATTEMPTS: u32 = 3;
+
 /// Builds an SQS client: one rustls+ring HTTPS stack, bounded timeouts and retries (so an
 /// unreachable endpoint fails in seconds), and LocalStack's test credentials when a custom
 /// endpoint is set and no AWS credentials are configured.
@@ -47,7 +51,7 @@ pub async fn client(settings: &AwsSettings) -> Client {
                 .operation_attempt_timeout(Duration::from_secs(30))
                 .build(),
         )
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
         // Its per-request throughput monitor cost ~5% of ingest's CPU; SQS responses are small
         // and the attempt timeout above already ends a stuck one.
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled());

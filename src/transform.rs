@@ -43,8 +43,14 @@ impl Plan {
     /// on the same host that is the number of cores it has; elsewhere set `--workers` to the
     /// database's vCPUs (measured: docs/benchmarks.md "Transform at scale").
     pub fn default_workers() -> usize {
-        std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+        std::thread::available_parallelism()
+            .map_or(Self::MIN_DEFAULT_WORKERS, |n| n.get())
+            .clamp(Self::MIN_DEFAULT_WORKERS, Self::MAX_DEFAULT_WORKERS)
     }
+
+    /// The bounds of [`Plan::default_workers`].
+    pub const MIN_DEFAULT_WORKERS: usize = 2;
+    pub const MAX_DEFAULT_WORKERS: usize = 8;
 }
 
 impl Default for Plan {

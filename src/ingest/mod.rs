@@ -99,6 +99,9 @@ fn take_raw(m: &mut Received) -> RawMessage {
 /// bounded by four flushes (about 2 MB of 500-byte bodies).
 const FLUSHES_DELETING: usize = 4;
 
+/// Database connections `loader ingest` holds: the writer's, and the delete bookkeeping's.
+pub const CONNECTIONS: u32 = 2;
+
 /// A committed batch, not yet deleted.
 struct Committed {
     staged: staging::Staged,

@@ -362,3 +362,110 @@ fn the_sqs_calls_the_deploying_guide_lists_are_the_ones_the_code_makes() {
         dockerfile.contains("EXPOSE 9464") && guide.contains("LOADER_METRICS_ADDR=0.0.0.0:9464")
     );
 }
+
+/// docs/operating.md's invariant table is reconcile's own list of checks, each with the
+/// sentence `loader reconcile` prints (an earlier table left out the erased and
+/// stopped-on-error exemptions the code makes).
+#[test]
+fn the_invariant_table_is_reconciles_checks() {
+    let mut table = String::from("| check | what it proves |\n| --- | --- |\n");
+    for (name, what, _) in loader::reconcile::CHECKS {
+        table.push_str(&format!("| `{name}` | {what} |\n"));
+    }
+    generated_block("docs/operating.md", "invariants", &table);
+}
+
+/// The reject reasons in docs/analysts.md's table are the transform's, in its order (the list
+/// `loader_rows_rejected_total{reason}` and the comment on `login_rejects.reason` are held to).
+#[test]
+fn the_reject_reason_table_is_the_transforms_list() {
+    let guide = std::fs::read_to_string(root().join("docs/analysts.md")).unwrap();
+    let table = &guide[guide.find("| reason | when |").expect("the reject table")..];
+    let table = &table[..table.find("\n\n").unwrap()];
+    let documented: Vec<String> = table
+        .lines()
+        .skip(2)
+        .flat_map(|row| {
+            let first = row.split('|').nth(1).unwrap_or_default().to_owned();
+            first.split('`').skip(1).step_by(2).map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(documented, loader::metrics::REJECT_REASONS);
+}
+
+/// Numbers the guides state about the code, each held to the constant it comes from:
+/// connections per command, SQS's attempts, the Lambda pool, the NOLOGIN roles.
+#[test]
+fn the_guides_numbers_are_the_codes() {
+    let read = |file: &str| std::fs::read_to_string(root().join(file)).unwrap();
+    let flat = |text: String| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let deploying = flat(read("docs/deploying.md"));
+    for fact in [
+        format!(
+            "`loader ingest` holds at most {} connections, `loader run` {} plus one per transform worker",
+            loader::ingest::CONNECTIONS,
+            loader::pipeline::CONNECTIONS_BESIDES_WORKERS
+        ),
+        format!("each Lambda environment {}", loader::lambda::POOL_SIZE),
+        format!("The pool ({} connections)", loader::lambda::POOL_SIZE),
+        format!(
+            "by default this machine's cores, at least {} and at most {}",
+            loader::transform::Plan::MIN_DEFAULT_WORKERS,
+            loader::transform::Plan::MAX_DEFAULT_WORKERS
+        ),
+    ] {
+        assert!(deploying.contains(&fact), "docs/deploying.md lacks: {fact}");
+    }
+    let configuration = flat(read("docs/configuration.md"));
+    let attempts = loader::sqs::MAX_ATTEMPTS;
+    let fact = format!("are tried at most {attempts} times ({} retries)", words(attempts - 1));
+    assert!(configuration.contains(&fact), "docs/configuration.md lacks: {fact}");
+    let roles =
+        loader::doctor::DOCUMENTED_PRIVILEGES.iter().filter(|(r, _)| *r != "public").count();
+    let security = flat(read("docs/security.md"));
+    let fact = format!("Migrations create {} NOLOGIN roles", words(roles as u32));
+    assert!(security.contains(&fact), "docs/security.md lacks: {fact}");
+}
+
+fn words(n: u32) -> &'static str {
+    ["none", "one", "two", "three", "four", "five", "six"][n as usize]
+}
+
+/// docs/sql-api.md: one entry for each routine a role below the owner may call, from the
+/// privilege list (`doctor::DOCUMENTED_PRIVILEGES`, which the inventory test holds the
+/// database to) and the database itself: signature, result, who may call it, its comment.
+#[tokio::test]
+async fn the_sql_api_reference_lists_every_routine_a_lesser_role_may_call() {
+    let db = crate::support::TestDb::migrated().await;
+    let mut callers: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (role, privileges) in loader::doctor::DOCUMENTED_PRIVILEGES {
+        for p in privileges.iter().filter_map(|p| p.strip_prefix("execute ")) {
+            callers.entry(p).or_default().push(role);
+        }
+    }
+    let mut page = String::new();
+    for (routine, roles) in &callers {
+        let (name, arguments, result, kind, comment): (String, String, String, String, String) =
+            sqlx::query_as(
+                "select p.proname::text, pg_get_function_arguments(p.oid),
+                        coalesce(pg_get_function_result(p.oid), ''),
+                        case p.prokind when 'p' then 'procedure' else 'function' end,
+                        coalesce(obj_description(p.oid, 'pg_proc'), '')
+                   from pg_proc p where p.oid = $1::regprocedure",
+            )
+            .bind(routine)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{routine}: {e}"));
+        let called = if kind == "procedure" { "call" } else { "select * from" };
+        page.push_str(&format!("### `loader.{name}`\n\n"));
+        page.push_str(&format!("```text\n{called} loader.{name}({arguments})\n"));
+        if !result.is_empty() {
+            page.push_str(&format!("  returns {result}\n"));
+        }
+        page.push_str("```\n\n");
+        let roles: Vec<String> = roles.iter().map(|r| format!("`{r}`")).collect();
+        page.push_str(&format!("A {kind}, for {}. {comment}\n\n", roles.join(", ")));
+    }
+    generated_block("docs/sql-api.md", "routines", &page);
+}

@@ -63,10 +63,7 @@ async fn plain_outcomes() -> BTreeMap<String, String> {
 
 /// One fixed key, so masks compare across databases.
 async fn same_key(db: &TestDb) {
-    sqlx::query("select loader._activate_key(decode(repeat('cd', 32), 'hex'), 'installed')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    crate::support::install_key(db, 0xcd).await;
 }
 
 #[tokio::test]

@@ -281,10 +281,7 @@ fn run_sh(example: &Example, url: &str) {
 /// The analysts' data: the fixture and 200 synthetic logins (`scripts/demo.sh` sends the same),
 /// staged under a fixed key so masks come out the same in every run.
 async fn with_demo_data(db: &TestDb) {
-    sqlx::query("select loader._activate_key(decode(repeat('ab', 32), 'hex'), 'installed')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    crate::support::install_key(db, 0xab).await;
     let sent_at = time::macros::datetime!(2026-12-01 12:00:00 UTC);
     stage(db, &crate::support::fixture_messages(), sent_at).await;
     let synthetic: Vec<(String, String)> = loader::send::generate(200, 7)

@@ -487,8 +487,8 @@ async fn analysts_cannot_read_pii_keys_or_hash_chosen_text() {
     denied("select * from loader.mask_keys", analyst.pool.clone()).await;
     denied("select * from loader.mask_keys", ingest.pool.clone()).await;
     denied("select loader._mask('dev-1', 'k'::bytea)", analyst.pool.clone()).await;
-    denied("select * from loader.rebuild()", analyst.pool.clone()).await;
-    denied("select * from loader.rotate_key()", analyst.pool.clone()).await;
+    denied("select * from loader.rebuild_start(null, true)", analyst.pool.clone()).await;
+    denied("select * from loader.rebuild_start(null, true)", ingest.pool.clone()).await;
     denied("call loader.purge_staged('0 days')", analyst.pool.clone()).await;
     denied("call loader.purge_staged('0 days')", ingest.pool.clone()).await;
     denied("select loader.purge_staged_batch(now())", analyst.pool.clone()).await;

@@ -163,7 +163,7 @@ async fn ingest(
 ) -> Result<ExitCode> {
     let mode = if args.follow { Mode::Follow } else { Mode::Drain };
     let wait = args.wait_seconds.unwrap_or(mode.default_wait_seconds());
-    let pool = db::connect(settings.database_url()?, 2).await?;
+    let pool = db::connect(settings.database_url()?, ingest::CONNECTIONS).await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
         tokio::spawn(ingest::publish_queue_counts(queue.clone(), period));
@@ -298,6 +298,13 @@ async fn rebuild(
                 f.swap_waited.as_secs_f64(),
                 f.transform
             );
+            if f.carried > 0 {
+                println!(
+                    "carried {} outcomes as they were: their staged message is gone, so they \
+                     could not be recomputed (they keep their key id)",
+                    f.carried
+                );
+            }
             print_evicted(&f.evicted);
         }
         None if interrupted.get() => return Ok(ExitCode::from(stopped_code(true))),
@@ -319,7 +326,11 @@ async fn run_pipeline(
     let mode = if args.once { Mode::Drain } else { Mode::Follow };
     let wait = args.wait_seconds.unwrap_or(mode.default_wait_seconds());
     // Staging, deleting's bookkeeping, and the transform's sessions.
-    let pool = db::connect(settings.database_url()?, 2 + cadence.transform.workers as u32).await?;
+    let pool = db::connect(
+        settings.database_url()?,
+        pipeline::CONNECTIONS_BESIDES_WORKERS + cadence.transform.workers as u32,
+    )
+    .await?;
     let queue = Queue::open(sqs::client(&settings.aws).await, &settings.queue).await?;
     if let Some(period) = queue_metrics {
         tokio::spawn(ingest::publish_queue_counts(queue.clone(), period));
@@ -376,7 +387,7 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
                 "delayed": d.delayed
             }),
             Err(e) => {
-                serde_json::json!({"name": settings.queue, "error": loader::display::error_line(&e)})
+                serde_json::json!({"name": settings.queue, "error": loader::display::error_line(e)})
             }
         };
         let report = serde_json::json!({

@@ -74,6 +74,20 @@ pub async fn wait_until_visible(q: &TestQueue, expected: u64) {
 
 /// Stages `(message_id, body)` pairs straight into `loader.raw_logins` (no queue involved), all
 /// sent at `sent_at`, through the same staging code `loader ingest` uses.
+/// Makes 32 bytes of `byte` the active key, as `loader keys install` does (a rotation: start,
+/// copy, swap), so masks come out the same in every run.
+pub async fn install_key(db: &TestDb, byte: u8) {
+    sqlx::raw_sql(&format!(
+        "select * from loader.rebuild_start(decode(repeat('{byte:02x}', 32), 'hex'), true);
+         do $$ begin while loader.rebuild_copy_range() is not null loop end loop; end $$;
+         select * from loader.rebuild_swap();
+         select loader.rebuild_drop_retired();"
+    ))
+    .execute(&db.pool)
+    .await
+    .expect("installing a key");
+}
+
 pub async fn stage(db: &TestDb, messages: &[(String, String)], sent_at: time::OffsetDateTime) {
     stage_with(&db.pool, messages, sent_at).await;
 }
@@ -119,10 +133,7 @@ pub const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/go
 /// as the owner.
 pub async fn stage_golden_inputs(db: &TestDb) {
     let sent_at = time::macros::datetime!(2020-02-29 23:59:59 UTC);
-    sqlx::query("select loader._activate_key(decode(repeat('ab', 32), 'hex'), 'installed')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    install_key(db, 0xab).await;
     stage(db, &fixture_messages(), sent_at).await;
     sqlx::raw_sql(include_str!("../../fixtures/golden-hostile.sql"))
         .execute(&db.pool)
