@@ -29,18 +29,20 @@
 //!   - [`status`]: the pipeline at a glance (`loader status`);
 //!   - [`dlq`]: the dead-letter queue listed with the recorded refusals, and redriven;
 //!   - [`doctor`]: whether a deployment is set up right, one finding per check;
+//!   - [`privileges`]: the documented privileges of each role, and a role's as the database
+//!     has them;
 //!   - [`schedule`]: the transform and the purge as pg_cron jobs;
 //!   - [`keys`]: masking keys: list, rotate, install (bytes never leave Postgres);
 //!   - [`send`]: publishing fixture files or synthetic events.
-//! - **adapters**: [`db`] (the pool and `loader migrate`), [`evict`] (owner work ends the
-//!   sessions of lesser roles that hold it up), [`sqs`] (receive, delete, send,
-//!   attributes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
+//! - **adapters**: [`db`] (the pool, and `loader migrate`), [`evict`] (owner work ends the
+//!   sessions of lesser roles that hold it up), [`sqs`] (the queue, the client, SDK errors,
+//!   doctor's probes, message move tasks), [`metrics`] (the Prometheus names and HELP texts,
 //!   `--metrics-addr`).
 //! - **leaves**: [`config`] (resolved settings), [`counts`] (what the work reports),
 //!   [`staging`] (the one write path into `loader.raw_logins`), [`retry`] (transient versus
 //!   permanent errors, backoff), [`logging`] (format and filters: no foreign crate logs at
 //!   TRACE, the AWS SDK logs message bodies there), [`progress`] (the terminal line while
-//!   draining), [`display`] (how timestamps are shown), [`shutdown`] (the one owner of "has
+//!   draining), [`display`] (how timestamps and errors are shown), [`shutdown`] (the one owner of "has
 //!   shutdown begun").
 
 pub mod bench;
@@ -59,6 +61,7 @@ pub mod lambda;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod privileges;
 pub mod progress;
 pub mod rebuild;
 pub mod reconcile;

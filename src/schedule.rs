@@ -188,28 +188,6 @@ async fn remove_in(tx: &mut sqlx::PgConnection) -> Result<u64> {
     Ok(removed.len() as u64)
 }
 
-/// The human listing.
-pub fn render(jobs: &[Job]) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for j in jobs {
-        let last = match (&j.last_status, j.last_start) {
-            (Some(status), start) => format!("{status} at {}", crate::display::timestamp(start)),
-            _ => "not run yet".to_owned(),
-        };
-        let active = if j.active { "" } else { " (inactive)" };
-        let _ = writeln!(
-            out,
-            "{}{active}: '{}' as {}: {}; last run: {last}",
-            j.name, j.schedule, j.username, j.command
-        );
-    }
-    if jobs.is_empty() {
-        out.push_str("no loader jobs in pg_cron\n");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -66,7 +66,7 @@ fn the_cli_reference_is_generated_from_the_clap_definition() {
 #[test]
 fn the_privileges_in_the_security_guide_are_the_ones_doctor_and_the_inventory_test_check() {
     let mut block = String::new();
-    for (role, privileges) in loader::doctor::DOCUMENTED_PRIVILEGES {
+    for (role, privileges) in loader::privileges::DOCUMENTED {
         let list = if privileges.is_empty() {
             "nothing".to_owned()
         } else {
@@ -420,8 +420,7 @@ fn the_guides_numbers_are_the_codes() {
     let attempts = loader::sqs::MAX_ATTEMPTS;
     let fact = format!("are tried at most {attempts} times ({} retries)", words(attempts - 1));
     assert!(configuration.contains(&fact), "docs/configuration.md lacks: {fact}");
-    let roles =
-        loader::doctor::DOCUMENTED_PRIVILEGES.iter().filter(|(r, _)| *r != "public").count();
+    let roles = loader::privileges::DOCUMENTED.iter().filter(|(r, _)| *r != "public").count();
     let security = flat(read("docs/security.md"));
     let fact = format!("Migrations create {} NOLOGIN roles", words(roles as u32));
     assert!(security.contains(&fact), "docs/security.md lacks: {fact}");
@@ -432,13 +431,13 @@ fn words(n: u32) -> &'static str {
 }
 
 /// docs/sql-api.md: one entry for each routine a role below the owner may call, from the
-/// privilege list (`doctor::DOCUMENTED_PRIVILEGES`, which the inventory test holds the
+/// privilege list (`privileges::DOCUMENTED`, which the inventory test holds the
 /// database to) and the database itself: signature, result, who may call it, its comment.
 #[tokio::test]
 async fn the_sql_api_reference_lists_every_routine_a_lesser_role_may_call() {
     let db = crate::support::TestDb::migrated().await;
     let mut callers: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
-    for (role, privileges) in loader::doctor::DOCUMENTED_PRIVILEGES {
+    for (role, privileges) in loader::privileges::DOCUMENTED {
         for p in privileges.iter().filter_map(|p| p.strip_prefix("execute ")) {
             callers.entry(p).or_default().push(role);
         }

@@ -402,7 +402,7 @@ async fn the_ingest_role_stages_into_its_own_run_and_nothing_else() {
 /// columns. Extension functions (pgcrypto's, executable by PUBLIC and harmless without the
 /// key) are left out.
 async fn privileges_of(db: &TestDb, role: &str) -> Vec<String> {
-    loader::doctor::privileges_of(&db.pool, role).await.unwrap()
+    loader::privileges::of(&db.pool, role).await.unwrap()
 }
 
 /// The inventory: exactly the privileges docs/security.md "Roles" lists, for PUBLIC (so any role that
@@ -411,11 +411,11 @@ async fn privileges_of(db: &TestDb, role: &str) -> Vec<String> {
 async fn each_role_has_exactly_the_documented_privileges() {
     let db = TestDb::migrated().await;
     // The list `loader doctor` checks too (docs/security.md "Roles" in prose).
-    for (role, documented) in loader::doctor::DOCUMENTED_PRIVILEGES {
+    for (role, documented) in loader::privileges::DOCUMENTED {
         assert_eq!(privileges_of(&db, role).await, *documented, "{role}");
     }
     assert_eq!(
-        loader::doctor::DOCUMENTED_PRIVILEGES.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        loader::privileges::DOCUMENTED.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
         ["public", "loader_ingest", "loader_analyst", "loader_transformer", "loader_pii_reader"]
     );
     // The transformer reads nothing the transform produces.

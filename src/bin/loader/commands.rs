@@ -19,6 +19,7 @@ use crate::cli::{
     PurgeArgs, ReconcileArgs, RevealArgs, RunArgs, ScheduleCommand, SendArgs, StatusArgs,
     TransformArgs,
 };
+use crate::render;
 
 /// Exit codes users and schedulers can branch on.
 pub mod exit {
@@ -365,7 +366,7 @@ async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", reconcile::render(&report));
+        print!("{}", render::reconcile(&report));
     }
     Ok(ExitCode::from(if report.ok() { exit::OK } else { exit::PROBLEMS }))
 }
@@ -509,14 +510,14 @@ async fn schedule(settings: &Settings, command: &ScheduleCommand) -> Result<Exit
                 purge: purge_older_than_days.map(|days| (purge_at.clone(), days)),
                 keep_history_days: *keep_history_days,
             };
-            print!("{}", schedule::render(&schedule::install(&pool, &plan).await?));
+            print!("{}", render::schedule(&schedule::install(&pool, &plan).await?));
         }
         ScheduleCommand::List { json } => {
             let jobs = schedule::list(&pool).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
-                print!("{}", schedule::render(&jobs));
+                print!("{}", render::schedule(&jobs));
             }
         }
         ScheduleCommand::Remove => {
@@ -536,7 +537,7 @@ async fn dlq(settings: &Settings, command: &DlqCommand) -> Result<ExitCode> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&listed)?);
             } else {
-                print!("{}", loader::dlq::render(dlq.name(), &listed));
+                print!("{}", render::dead_letters(dlq.name(), &listed));
             }
         }
         DlqCommand::Redrive { dlq, no_wait } => {

@@ -8,6 +8,7 @@ use clap::Parser;
 mod cli;
 mod commands;
 mod manual;
+mod render;
 
 use cli::Cli;
 use commands::exit;
