@@ -358,7 +358,26 @@ async fn owner_may_end_sessions(pool: &PgPool) -> Problem {
 /// The settings definer functions pin (`loader._settings_policy`): every setting a lesser role
 /// may change is decided, and every definer function pins what is pinned.
 async fn pinned_settings(pool: &PgPool) -> Problem {
-    let gaps: Result<Vec<String>, _> = scalars(
+    match settings_gaps(pool).await {
+        Ok(gaps) if gaps.is_empty() => None,
+        Ok(gaps) => problem(
+            format!(
+                "security-definer functions and the settings callers may change: {}",
+                gaps.join("; ")
+            ),
+            "a setting of this server that loader does not know: add it to \
+             loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then \
+             `loader migrate`; a missing pin: run `loader migrate`",
+        ),
+        Err(e) => problem(format!("{e:#}"), "run `loader migrate`"),
+    }
+}
+
+/// What the settings policy leaves open, one line each (none when it holds): a setting a lesser
+/// role may change that `loader._settings_policy` does not classify, and a definer function of
+/// schema loader that does not pin a setting the policy pins. As the owner.
+pub async fn settings_gaps(pool: &PgPool) -> Result<Vec<String>> {
+    Ok(scalars(
         pool,
         "select format('%s is not classified', s.name) from pg_settings s
           where (s.context = 'user'
@@ -375,20 +394,7 @@ async fn pinned_settings(pool: &PgPool) -> Problem {
                              where lower(split_part(c, '=', 1)) = lower(pin.name))
           order by 1",
     )
-    .await;
-    match gaps {
-        Ok(gaps) if gaps.is_empty() => None,
-        Ok(gaps) => problem(
-            format!(
-                "security-definer functions and the settings callers may change: {}",
-                gaps.join("; ")
-            ),
-            "a setting of this server that loader does not know: add it to \
-             loader._settings_policy (sql/90_privileges.sql) with a pin or a reason, then \
-             `loader migrate`; a missing pin: run `loader migrate`",
-        ),
-        Err(e) => problem(format!("{e:#}"), "run `loader migrate`"),
-    }
+    .await?)
 }
 
 /// `loader.pii_access_log` is append-only: both its triggers exist and are enabled.

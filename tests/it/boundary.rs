@@ -160,7 +160,7 @@ async fn traces_of(db: &TestDb, values: &[String]) -> Vec<String> {
     found
 }
 
-/// Issue 26, finding 1: erasure missed a text body, a broken SNS envelope and an array user_id,
+/// Erasure missed a text body, a broken SNS envelope and an array user_id,
 /// and later messages in those forms were not suppressed. Now one rule (loader._claimants)
 /// finds every form, in one run, and suppresses every form later; another person's messages in
 /// the same forms are untouched.
@@ -283,7 +283,7 @@ async fn redrive_as_aws_does(from: &loader::sqs::Queue, to: &loader::sqs::Queue)
     sent
 }
 
-/// Issue 26, finding 3: on AWS a dead-letter redrive gives a message a new MessageId and a new
+/// On AWS a dead-letter redrive gives a message a new MessageId and a new
 /// SentTimestamp, so an erased person's message came back as neither a duplicate nor "sent
 /// before the erasure". Now a body that was erased is suppressed whenever it comes back (its
 /// keyed fingerprint), and one that was never staged is suppressed within the quarantine; a
@@ -348,7 +348,7 @@ async fn a_redrive_with_new_ids_and_timestamps_brings_no_erased_person_back() {
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
 
-/// Issue 26, finding 2: a login granted loader_ingest and loader_analyst (the documented grant
+/// A login granted loader_ingest and loader_analyst (the documented grant
 /// for `loader run` and the Lambda handler) could stage a chosen IP with a back-dated sent_at,
 /// transform, read its mask and whether its user was erased, and roll it all back. Now the
 /// login that stages and transforms holds loader_transformer, which reads nothing the transform
@@ -460,7 +460,7 @@ async fn a_login_that_stages_and_transforms_sees_nothing_of_what_its_input_becam
     drop(exclusive);
 }
 
-/// Issue 26, finding 4: a reveal returned an erased person's values (a late message, staged
+/// A reveal returned an erased person's values (a late message, staged
 /// and not yet transformed), and a record written before its message was staged returned that
 /// message's values afterwards while saying values_returned = 0. Now an erased person's message
 /// is `erased` in every state, and a record returns values only of the messages it covers.
@@ -557,7 +557,7 @@ async fn a_reveal_honours_erasure_and_returns_no_more_than_its_record_says() {
     );
 }
 
-/// Issue 26, finding 5: an analyst that claimed the whole work list in a transaction it left
+/// An analyst that claimed the whole work list in a transaction it left
 /// idle (its own idle timeout off) stopped all loading while `loader transform` exited 0 with
 /// rows pending and `last_drained_at` kept moving. Now the claimed rows do not count as drained,
 /// and the next transform ends that session once it has held them past evict_after_seconds

@@ -107,33 +107,13 @@ async fn every_user_settable_setting_is_pinned_or_classified_and_no_body_has_a_b
     let analyst = TestRole::new(&db, "loader_analyst").await;
     // As the analyst sees them, after PL/pgSQL is loaded (its settings appear then).
     sqlx::raw_sql("do $$ begin end $$").execute(&analyst.pool).await.unwrap();
-    let unclassified: Vec<String> = sqlx::query_scalar(
-        "select s.name from pg_settings s
-          where (s.context = 'user'
-                 or has_parameter_privilege('loader_analyst', s.name, 'set')
-                 or has_parameter_privilege('loader_ingest', s.name, 'set'))
-            and not exists (select from loader._settings_policy() p
-                             where lower(s.name) like lower(p.name))
-          order by 1",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(unclassified, Vec::<String>::new(), "user-settable settings without a decision");
-
-    let unpinned: Vec<String> = sqlx::query_scalar(
-        "select p.oid::regprocedure::text || ' lacks ' || pin.name
-           from pg_proc p cross join loader._settings_policy() pin
-          where p.pronamespace = 'loader'::regnamespace and p.prosecdef and pin.pin is not null
-            and exists (select from pg_settings s where lower(s.name) = lower(pin.name))
-            and not exists (select from unnest(p.proconfig) c
-                             where lower(split_part(c, '=', 1)) = lower(pin.name))
-          order by 1",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(unpinned, Vec::<String>::new());
+    // The same query `loader doctor` runs ("pinned settings").
+    let gaps = loader::doctor::settings_gaps(&db.pool).await.unwrap();
+    assert_eq!(
+        gaps,
+        Vec::<String>::new(),
+        "settings without a decision, or definer functions without a pin"
+    );
 
     let backslashes: Vec<String> = sqlx::query_scalar(
         "select p.oid::regprocedure::text from pg_proc p

@@ -149,7 +149,7 @@ async fn each_role_has_exactly_the_documented_privileges() {
     assert_eq!(unpinned, Vec::<String>::new(), "definer functions without pinned settings");
 }
 
-/// Round two, findings 2 and 3: a role with nothing but CONNECT made a temporary table with a
+/// A role with nothing but CONNECT made a temporary table with a
 /// column of user_logins' row type, so the swap could not drop the old table; the rotation
 /// stayed copying and, while it did, every purge was refused. An analyst's temporary view on
 /// user_logins made rotations refuse to start, and a temporary table of the copy's row type
@@ -282,7 +282,7 @@ async fn no_private_function_is_callable_while_a_fresh_migrate_runs() {
     assert_eq!(installed, 0, "no key was installed by the attacker");
 }
 
-/// Round two, "what must hold afterwards": with every hostile session above open at once (a
+/// With the hostile sessions of these tests open at once (a
 /// stranger's temporary table of the row type, an analyst's temporary view, an analyst idling
 /// after reading pipeline_status with its idle timeout off, eight idling after
 /// transform_batch(0), one holding a batch, one whose COMMIT sleeps in its own deferred trigger
