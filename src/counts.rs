@@ -11,8 +11,9 @@ use time::OffsetDateTime;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
     /// Messages received from the queue, every copy counted, refused ones included
-    /// (= staged + duplicates + refused). Not `loader.ingest_runs.received`, which counts what
-    /// reached staging (staged + duplicates): refused messages are counted apart there.
+    /// (= staged + duplicates + refused): the `loader_messages_received_total` metric. The
+    /// summary line's "received", like `loader.ingest_runs.received`, `loader status` and
+    /// `loader reconcile`, is [`Totals::received`]: refused messages are counted apart.
     pub from_queue: u64,
     pub staged: u64,
     pub duplicates: u64,
@@ -34,12 +35,23 @@ impl AddAssign for Totals {
     }
 }
 
+impl Totals {
+    /// What reached staging: staged + duplicates. What every report of loader calls received.
+    pub fn received(&self) -> u64 {
+        self.staged + self.duplicates
+    }
+}
+
 impl fmt::Display for Totals {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "received {}, staged {} new, {} duplicates, deleted {} ({} delete failures)",
-            self.from_queue, self.staged, self.duplicates, self.deleted, self.delete_failures
+            self.received(),
+            self.staged,
+            self.duplicates,
+            self.deleted,
+            self.delete_failures
         )?;
         if self.refused > 0 {
             write!(f, "; {} refused by PostgreSQL, left on the queue", self.refused)?;

@@ -174,7 +174,7 @@ pub const FAMILIES: &[Family] = &[
         &[],
         Kind::Counter,
         None,
-        "Messages received from SQS.",
+        "Messages received from SQS, every copy, refused ones included.",
     ),
     family(
         "loader_messages_staged_total",

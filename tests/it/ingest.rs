@@ -334,7 +334,7 @@ async fn a_message_postgres_refuses_is_left_on_the_queue_and_the_rest_go_on() {
 
     assert!(
         out.contains(
-            "received 30, staged 29 new, 0 duplicates, deleted 29 (0 delete failures); \
+            "received 29, staged 29 new, 0 duplicates, deleted 29 (0 delete failures); \
              1 refused by PostgreSQL, left on the queue"
         ),
         "{out}"
