@@ -465,6 +465,38 @@ async fn the_sql_api_reference_lists_every_routine_a_lesser_role_may_call() {
         page.push_str("```\n\n");
         let roles: Vec<String> = roles.iter().map(|r| format!("`{r}`")).collect();
         page.push_str(&format!("A {kind}, for {}. {comment}\n\n", roles.join(", ")));
+        if let Some((role, example)) = sql_api_example(&name) {
+            page.push_str(&format!(
+                "<!-- example: psql as {role} -->\n```sql\n{}\n```\n\n",
+                example.trim()
+            ));
+        }
     }
     generated_block("docs/sql-api.md", "routines", &page);
+}
+
+/// The example docs/sql-api.md gives for a routine, and the role it runs as (tests/it/examples.rs
+/// runs each, in order, against the demo's data). The ingest role's routines are one session.
+fn sql_api_example(routine: &str) -> Option<(&'static str, &'static str)> {
+    Some(match routine {
+        "register_run" => (
+            "loader_ingest",
+            "-- One ingest run: register, stage a batch, record its deletes, call in, finish.
+select run_id, run_token from loader.register_run('login-queue', 'drain', '0.1.0') \\gset
+select * from loader.stage(:run_id, :'run_token', array['sql-api-1'],
+                           array['{\"user_id\": \"u-1\", \"ip\": \"10.0.0.1\"}'],
+                           array[true], array[now()], array[1], array[1]);
+select loader.record_deletes(:run_id, :'run_token', 1, 0);
+select loader.heartbeat(:run_id, :'run_token');
+select loader.finish_run(:run_id, :'run_token');",
+        ),
+        "transform" => ("loader_analyst", "call loader.transform();"),
+        "transform_batch" => ("loader_analyst", "select * from loader.transform_batch(1000);"),
+        "reveal" => (
+            "loader_pii_reader",
+            "-- Outside a transaction block (it commits its record before reading).
+call loader.reveal(array['fixture-0'], 'ticket SEC-123: user asked what we hold');",
+        ),
+        _ => return None,
+    })
 }

@@ -180,7 +180,10 @@ fn statements(code: &str) -> Vec<Statement> {
         current.push_str(line);
         current.push('\n');
         let code_part = line.split(" -- ").next().unwrap().trim_end();
-        if code_part.ends_with(';') || trimmed.starts_with('\\') || code_part.ends_with("\\gexec") {
+        // A statement ends at `;`, at a meta-command line, or at a `\\g...` (gexec, gset) after it.
+        let sent_by_meta =
+            code_part.rsplit_once(" \\g").is_some_and(|(_, rest)| !rest.contains(' '));
+        if code_part.ends_with(';') || trimmed.starts_with('\\') || sent_by_meta {
             out.push(Statement { sql: std::mem::take(&mut current), expected: Vec::new() });
             expecting = true;
         }
@@ -356,9 +359,10 @@ fn every_code_block_is_marked_run_or_not_run_with_its_reason() {
 #[test]
 fn the_psql_splitter_finds_statements_and_their_output() {
     let s = statements(
-        "-- prose\nselect 1\n  as one;\n--  one\n-- -----\n--    1\n\n-- more prose\n\\dn+ loader\ncreate role x; -- trailing\n-- or: prose\n",
+        "-- prose\nselect 1\n  as one;\n--  one\n-- -----\n--    1\n\n-- more prose\n\\dn+ loader\ncreate role x; -- trailing\n-- or: prose\nselect 1 as a \\gset\nselect :a;\n",
     );
-    assert_eq!(s.len(), 3);
+    assert_eq!(s.len(), 5);
+    assert!(s[3].sql.ends_with("\\gset\n"), "{:?}", s[3].sql);
     assert_eq!(s[0].expected, [" one", "-----", "   1"]);
     assert!(s[1].sql.starts_with("\\dn+") && s[1].expected.is_empty());
     assert!(s[2].expected.is_empty(), "prose after a statement is not output");

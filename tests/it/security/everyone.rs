@@ -107,13 +107,7 @@ async fn idle_analysts_and_strangers_stall_nothing() {
         outcomes, 100,
         "every staged message has its outcome; pending {pending}, sessions {claimed_by:#?}"
     );
-    let stale = db
-        .count(
-            "select count(*) from public.user_logins
-              where mask_key_id <> (select id from loader.mask_keys where retired_at is null)",
-        )
-        .await;
-    assert_eq!(stale, 0, "every row is masked with the active key");
+    assert_eq!(db.off_the_active_key().await, 0, "every row is masked with the active key");
 }
 
 /// The inventory: exactly the privileges docs/security.md "Roles" lists, for PUBLIC (so any role that

@@ -246,12 +246,7 @@ async fn loaded(db: &TestDb, rows: i64) {
 
 /// Every loaded row is on the active key.
 async fn all_on_the_active_key(db: &TestDb) -> bool {
-    db.count(
-        "select count(*) from public.user_logins
-          where mask_key_id is distinct from (select id from loader.mask_keys where retired_at is null)",
-    )
-    .await
-        == 0
+    db.off_the_active_key().await == 0
 }
 
 /// The incremental read docs/analysts.md gives ("Copying user_logins downstream"), as written

@@ -89,6 +89,15 @@ impl TestDb {
         self.count("select count(*) from loader.login_rejects").await
     }
 
+    /// Rows of `public.user_logins` not masked with the active key.
+    pub async fn off_the_active_key(&self) -> i64 {
+        self.count(
+            "select count(*) from public.user_logins
+              where mask_key_id is distinct from (select id from loader.mask_keys where retired_at is null)",
+        )
+        .await
+    }
+
     /// Rows in the transform's work list.
     pub async fn pending(&self) -> i64 {
         self.count("select count(*) from loader.transform_queue").await
