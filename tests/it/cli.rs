@@ -244,3 +244,30 @@ async fn errors_name_the_role_a_login_lacks_or_the_migrate_it_needs() {
     let err = stderr(empty.cli().run(&["status"]));
     assert!(err.contains("run `loader migrate` as the owner role"), "{err}");
 }
+
+/// `loader doctor --json | head` once panicked with a backtrace when head closed the pipe. A
+/// reader that goes away ends loader quietly, with 141 (128 + SIGPIPE), whether the output is
+/// printed with println! (`status --json`, as doctor) or written at once (completions, man).
+#[tokio::test]
+async fn a_reader_that_goes_away_ends_loader_quietly() {
+    let db = crate::support::TestDb::migrated().await;
+    for args in
+        [&["status", "--json"][..], &["completions", "bash"][..], &["man"][..], &["--help"][..]]
+    {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = db
+            .cli()
+            .command(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if args[0] != "--help" {
+            assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+            assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        }
+    }
+}

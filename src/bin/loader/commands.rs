@@ -32,10 +32,13 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// `loader reconcile` found a broken invariant, or `loader doctor` a problem.
     pub const PROBLEMS: u8 = 3;
-    /// A command that ends by itself (`purge`, a drain: `ingest`, `run --once`) was stopped by
-    /// SIGINT/SIGTERM before it finished; what it had in hand is finished, and running it again
-    /// continues.
+    /// A command that ends by itself (`purge`, a drain: `ingest`, `run --once`, `transform`, a
+    /// rebuild or rotation) was stopped by SIGINT/SIGTERM before it finished; what it had in
+    /// hand is finished, and running it again continues.
     pub const INTERRUPTED: u8 = 4;
+    /// Standard output was closed by its reader (`loader ... | head`): 128 + SIGPIPE, what a
+    /// Unix tool killed by SIGPIPE exits with; nothing on stderr.
+    pub const READER_GONE: u8 = 141;
 }
 
 /// Runs the parsed command line.

@@ -14,6 +14,7 @@ use cli::Cli;
 use commands::exit;
 
 fn main() -> ExitCode {
+    quiet_when_the_reader_goes();
     // `.env` first, so its values feed clap's `env = ...` defaults. A missing file is fine.
     if let Err(e) = dotenvy::dotenv()
         && !e.not_found()
@@ -35,9 +36,35 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
+        Err(e) if e.chain().any(is_broken_pipe) => ExitCode::from(exit::READER_GONE),
         Err(e) => {
             eprintln!("error: {}", loader::display::error_line(&e));
             ExitCode::from(exit::ERROR)
         }
     }
+}
+
+/// `loader doctor --json | head`: a reader that stops reading ends loader quietly, with the
+/// exit code a Unix tool killed by SIGPIPE has (Rust ignores SIGPIPE, so a write to the closed
+/// pipe fails instead, and `println!` panics on it: this hook turns that panic into the exit).
+fn quiet_when_the_reader_goes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(i32::from(exit::READER_GONE));
+        }
+        default(info);
+    }));
+}
+
+fn is_broken_pipe(cause: &(dyn std::error::Error + 'static)) -> bool {
+    cause
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
