@@ -271,3 +271,17 @@ async fn a_reader_that_goes_away_ends_loader_quietly() {
         }
     }
 }
+
+/// A login the server (or a pooler in front of it) refuses says so and what to check, in one
+/// line: through PgBouncer, a role missing from its auth_file read as "trust authentication
+/// failed" with nothing to go on.
+#[tokio::test]
+async fn a_refused_login_names_what_to_check() {
+    let db = crate::support::TestDb::migrated().await;
+    let url = crate::support::url_as(&db.url, "loader_test_no_such_login");
+    let out = crate::support::Cli::new(&url, "unused").run(&["status"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the login was refused") && stderr.contains("auth_file"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
