@@ -35,8 +35,6 @@ drop function if exists loader._activate_key(bytea, text);
 drop function if exists loader._no_rebuild_copying(text);
 drop function if exists loader._rebuild_blockers();
 alter table loader.rebuilds add column carried bigint;
-comment on column loader.rebuilds.carried is
-    'Outcomes carried into the new copies as they were because their staged message is gone (nothing to recompute from)';
 
 -- 3. One outcome writer (loader._write_outcomes) for the transform and the rebuild.
 drop function if exists loader._outcomes(bigint[]);

@@ -2,7 +2,7 @@
 -- every column of public.user_logins. Two rules: a function or view defined in sql/ has its
 -- comment beside its definition; a table the migrations create has its comments here, applied
 -- on every migrate (merged migrations never change, and an online rebuild's swap brings new
--- tables). V12 and V13 commented their own tables; those comments stay with them. Reruns:
+-- tables). V12 commented its own table (refusals); those comments stay with it. Reruns:
 --   psql -v ON_ERROR_STOP=1 -f sql/80_comments.sql
 -- tests/it/transform.rs checks that nothing is left without a comment.
 
@@ -96,6 +96,8 @@ comment on column loader.refinery_schema_history.checksum is 'Checksum of the fi
 comment on column loader.rebuilds.id is 'Rebuild id';
 comment on column loader.rebuilds.key_id is 'Key the new copies are masked with (a rotation''s new key id)';
 comment on column loader.rebuilds.new_key is 'A rotation''s new key until its swap, then NULL (owner only)';
+comment on column loader.rebuilds.carried is
+    'Outcomes carried into the new copies as they were because their staged message is gone (nothing to recompute from)';
 comment on column loader.rebuilds.new_key_source is 'generated or installed (a rotation''s new key)';
 comment on column loader.rebuilds.upto is 'raw_logins ids up to this one are copied by ranges; later ones by the transform';
 comment on column loader.rebuilds.started_at is 'When the rebuild started';
