@@ -166,10 +166,11 @@ comment on function loader._outcome_rows(bigint[], boolean) is
 -- as they are; with `fresh` (the transform's claimed rows, which have none) a plain INSERT,
 -- without ON CONFLICT's index probe and speculative insertion per row (which cost about as
 -- much as the insert itself): should a row have an outcome after all, it fails with
--- unique_violation and writes nothing. Into the live tables it leaves a ticket for the
--- COMMIT-time key check (loader.batch_keys). A suppressed message of an erased person keeps
--- no body: its keyed fingerprint is kept (the CTEs read the bodies as they were before the
--- statement), so a redrive or replay of it is suppressed whenever it comes.
+-- unique_violation and writes nothing. Into the live tables it also leaves a ticket for the
+-- COMMIT-time key check (loader.batch_keys) and empties the body of a suppressed message of
+-- an erased person, keeping its keyed fingerprint (the CTEs read the bodies as they were
+-- before the statement), so a redrive or replay of it is suppressed whenever it comes. The
+-- copies' write does neither: it must read the same bodies (a batch writes the copies first).
 -- Private (owner only): called by transform_batch and rebuild_copy_range. One statement,
 -- built once per call (the target tables differ) and passed only the ids: the key is read
 -- inside it. jit off: the dense range scan is estimated at a fixed share of raw_logins (its
@@ -205,7 +206,7 @@ begin
         update loader.raw_logins r
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
-         where o.reason = 'erased' and r.message_id = o.message_id
+         where o.reason = 'erased' and r.message_id = o.message_id and not %1$L
     ), fingerprints as (
         -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
         -- still holding the same fingerprint uncommitted. A rare duplicate costs nothing.
@@ -214,7 +215,7 @@ begin
           from outcome o
           join loader.raw_logins r on r.message_id = o.message_id
          cross join loader.erasure_key k
-         where o.reason = 'erased' and r.purged_at is null
+         where o.reason = 'erased' and r.purged_at is null and not %1$L
            and not exists (select from loader.erased_bodies b
                             where b.body_hash = loader._body_hash(r.body, k.key))
     )
@@ -382,6 +383,15 @@ begin
         returning q.raw_id
     )
     select coalesce(array_agg(raw_id), '{}') into claimed from taken;
+    -- While an online rebuild copies, its copies get these outcomes too (with its key), written
+    -- first, from the bodies as staged: the live write empties an erased person's. A ticket
+    -- says which rebuild this batch saw: at COMMIT it must still be the one copying.
+    if cardinality(claimed) > 0 then
+        select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
+        if rebuilding is not null then
+            perform loader._write_outcomes(claimed, true);
+        end if;
+    end if;
     -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
     -- transaction), so the cheaper fresh write; should one have an outcome after all, its
     -- unique_violation rolls it back (this block's subtransaction) and the second write leaves
@@ -393,13 +403,7 @@ begin
         select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
           from loader._write_outcomes(claimed) o;
     end;
-    -- While an online rebuild copies, its copies get these outcomes too (with its key), and a
-    -- ticket says which rebuild this batch saw: at COMMIT it must still be the one copying.
     if cardinality(claimed) > 0 then
-        select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
-        if rebuilding is not null then
-            perform loader._write_outcomes(claimed, true);
-        end if;
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
     end if;
 

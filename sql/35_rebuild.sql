@@ -154,10 +154,7 @@ begin
             raise exception 'a masking key must be exactly 32 bytes (got %)', length(new_key)
                 using errcode = 'invalid_parameter_value';
         end if;
-        -- A real new version of the row every committing batch holds FOR SHARE: batches
-        -- committing from here on see this rebuild (or, in REPEATABLE READ, fail with 40001).
-        update loader.mask_keys k set key = k.key where k.retired_at is null
-        returning k.id into active_id;
+        select k.id into active_id from loader.mask_keys k where k.retired_at is null;
         if active_id is null then
             raise exception 'no active masking key: run loader migrate';
         end if;
@@ -194,6 +191,12 @@ begin
          where not exists (select from loader.raw_logins r where r.message_id = j.message_id);
         get diagnostics carried_rejects = row_count;
         update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running.id;
+        -- Last, so committing batches wait on it for an instant, not for the scans above: a
+        -- real new version of the row every committing batch holds FOR SHARE, so batches
+        -- committing from here on see this rebuild (or, in REPEATABLE READ, fail with 40001).
+        -- The active key cannot change meanwhile: only a swap changes it, and no rebuild is
+        -- copying (another start waits for the maintenance lock).
+        update loader.mask_keys k set key = k.key where k.id = active_id;
     end if;
     return query
     select running.id, running.key_id, running.new_key is not null,

@@ -112,8 +112,17 @@ begin
         update loader.erasure_key k
            set tag_bits = set_bit(k.tag_bits, (tag & 1048575)::integer, 1);
     end loop;
+    -- Rows from before loader (no message_id, nothing staged to find them by) go by user id,
+    -- from the live table and from a copying rebuild's copy, which carried them at its start:
+    -- the maintenance lock keeps a rebuild from starting (and carrying them) meanwhile.
+    lock table loader.maintenance_lock in exclusive mode;
     delete from public.user_logins u where u.user_id = any (user_ids) and u.message_id is null;
     get diagnostics adopted = row_count;
+    if to_regclass('loader_rebuild.user_logins_next') is not null then
+        execute 'delete from loader_rebuild.user_logins_next u
+                  where u.user_id = any ($1) and u.message_id is null'
+          using user_ids;
+    end if;
     update loader.erasures e set counts = jsonb_build_object('user_logins_before_loader', adopted)
      where e.id = erasure;
     insert into loader.erasure_work (erasure_id, message_id)

@@ -80,6 +80,20 @@ pub async fn rebuild(
     on_start: impl FnOnce(&Started),
 ) -> Result<Option<Finished>> {
     let mut evicted = Vec::new();
+    // Stopped between its swap and the drop of the tables it retired, the last run did the
+    // work: a rebuild, or a rotation to a random key, finishes it rather than start another.
+    let same_kind = match kind {
+        Kind::Rebuild => Some(None),
+        Kind::Rotate(None) => Some(Some("generated")),
+        Kind::Rotate(Some(_)) => None,
+    };
+    if let Some(source) = same_kind
+        && let Some(swapped) = swapped_unfinished(pool, source).await?
+    {
+        on_start(&swapped);
+        let after = Swapped { copied: 0, swap_waited: Duration::ZERO, evicted };
+        return Ok(Some(finish(pool, plan, evict_after, swapped, after).await?));
+    }
     let Some(started) = start(pool, kind, evict_after, &mut evicted).await? else {
         return Ok(None);
     };
@@ -96,6 +110,28 @@ pub async fn rebuild(
         return Ok(None);
     }
     let swap_waited = swap(pool, evict_after, &mut evicted).await?;
+    Ok(Some(
+        finish(pool, plan, evict_after, started, Swapped { copied, swap_waited, evicted }).await?,
+    ))
+}
+
+/// What a rebuild did up to its swap.
+struct Swapped {
+    copied: i64,
+    swap_waited: Duration,
+    evicted: Vec<evict::Evicted>,
+}
+
+/// After the swap: the retired tables dropped, the new ones analysed, what is pending
+/// transformed, and what the rebuild carried read back.
+async fn finish(
+    pool: &PgPool,
+    plan: Plan,
+    evict_after: Duration,
+    started: Started,
+    swapped: Swapped,
+) -> Result<Finished> {
+    let Swapped { copied, swap_waited, mut evicted } = swapped;
     drop_retired(pool, evict_after, &mut evicted).await?;
     sqlx::raw_sql("analyze public.user_logins; analyze loader.login_rejects")
         .execute(pool)
@@ -112,7 +148,34 @@ pub async fn rebuild(
     .await
     .context("reading what the rebuild carried")?
     .unwrap_or(0);
-    Ok(Some(Finished { started, copied, swap_waited, evicted, transform, carried }))
+    Ok(Finished { started, copied, swap_waited, evicted, transform, carried })
+}
+
+/// The last rebuild, when it swapped, was of this kind (`source`: NULL for a rebuild,
+/// `generated` for a rotation to a random key) and the tables it retired are still there: its
+/// command stopped (killed, say) before dropping them.
+async fn swapped_unfinished(pool: &PgPool, source: Option<&str>) -> Result<Option<Started>> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select b.id as rebuild_id, b.key_id, b.new_key_source is not null as rotation,
+                    0::int8 as ranges, 0::int8 as ranges_done, true as resumed,
+                    0::int8 as copy_bytes
+               from loader.rebuilds b
+              where b.id = (select max(l.id) from loader.rebuilds l)
+                and b.state = 'swapped'
+                and b.new_key_source is not distinct from $1
+                and exists (select from pg_catalog.pg_class c
+                             where c.relnamespace = 'loader_rebuild'::regnamespace
+                               and c.relname in ('user_logins_retired_r' || b.id,
+                                                 'login_rejects_retired_r' || b.id))",
+        )
+        .bind(source)
+        .persistent(false)
+        .fetch_optional(tx)
+        .await
+    })
+    .await
+    .context("looking for a rebuild swapped and not finished")
 }
 
 /// `loader.rebuild_start`, the new key (if given) sent as COPY data, never as a parameter. It

@@ -309,3 +309,33 @@ async fn an_outcome_whose_staged_message_is_gone_is_carried_as_it_was_and_counte
     assert_eq!(db.off_the_active_key().await, 1, "every other row is masked with the new key");
     assert_eq!(db.loaded().await + db.rejected().await, 300);
 }
+
+/// A rotation killed right after its swap committed, before it dropped the tables it retired:
+/// run again, `loader keys rotate` started a second full rotation. Now it finishes the first
+/// (drops the retired tables, transforms what is pending) and rotates no further.
+#[tokio::test]
+async fn a_rotation_stopped_after_its_swap_is_finished_not_repeated() {
+    let db = TestDb::migrated().await;
+    transformed(&db, 300).await;
+    sqlx::raw_sql(
+        "select * from loader.rebuild_start(rotate => true);
+         do $$ begin while loader.rebuild_copy_range() is not null loop end loop; end $$;
+         select * from loader.rebuild_swap();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let keys = db.count("select count(*) from loader.mask_keys").await;
+    let retired = "select count(*) from pg_class
+                    where relnamespace = 'loader_rebuild'::regnamespace and relname like '%_retired_r%'";
+    assert_eq!(db.count(retired).await, 2);
+
+    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
+    assert!(out.contains("active"), "{out}");
+    assert_eq!(db.count("select count(*) from loader.mask_keys").await, keys, "no second rotation");
+    assert_eq!(db.count(retired).await, 0, "the retired tables are dropped");
+    assert_eq!(db.off_the_active_key().await, 0);
+    // The next rotation is a rotation again.
+    db.cli().ok(&["keys", "rotate", "--workers", "1"]);
+    assert_eq!(db.count("select count(*) from loader.mask_keys").await, keys + 1);
+}
