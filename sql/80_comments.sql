@@ -17,8 +17,10 @@ As loader_analyst:
   select id, queue, mode, started_at, finished_at, received, staged, duplicates, deleted
     from loader.ingest_runs;                    -- what each ingest run did
   select * from loader.mask_key_info;           -- the keys, and which one is active
+As loader_pii_reader (a raw value, every call recorded; outside a transaction block):
+  call loader.reveal(array[''fixture-0''], ''ticket SEC-1'');
 As loader_ingest: loader ingest and loader run call loader.register_run and loader.stage.
-As the owner, through the loader command: loader keys, loader purge, loader forget, loader reveal.';
+As the owner, through the loader command: loader keys, loader purge, loader forget.';
 
 -- The analysts' table.
 comment on table public.user_logins is

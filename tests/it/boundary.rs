@@ -698,7 +698,7 @@ fn hostile(sql_type: &str, k: usize) -> String {
     format!("({})::{sql_type}", values[k])
 }
 
-/// Issue 26, "attacks as a class" (docs/security.md, `../shared/ATTACKS.md`): every function and
+/// Issue 26, "attacks as a class" (docs/security.md "What holds"): every function and
 /// procedure a role below the owner may execute, taken from the database's own privileges (a
 /// routine granted tomorrow is covered the day it is), called by that role's login with
 /// hostile arguments in a transaction then left open, all at once (classes 3, 4, 6, 13; each

@@ -423,8 +423,11 @@ async fn the_schema_comment_runs_as_the_roles_it_names() {
     let mut role = None;
     for line in comment.lines() {
         if let Some(heading) = line.strip_prefix("As ") {
-            role =
-                heading.split(':').next().filter(|r| r.starts_with("loader_")).map(str::to_owned);
+            role = heading
+                .split([':', ' '])
+                .next()
+                .filter(|r| r.starts_with("loader_"))
+                .map(str::to_owned);
         } else if let (Some(r), true) = (&role, line.starts_with("  ")) {
             by_role.entry(r.clone()).or_default().push_str(&format!("{line}\n"));
         }

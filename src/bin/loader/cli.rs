@@ -141,8 +141,8 @@ pub enum Command {
     Purge(PurgeArgs),
     /// Erase every trace of some user ids (a data subject's request), recorded without them
     Forget(ForgetArgs),
-    /// The raw ip and device id of some messages, recorded in loader.pii_access_log (needs a
-    /// login granted loader_pii_reader)
+    /// The raw ip and device id of some messages, recorded in loader.pii_access_log (a login
+    /// granted loader_pii_reader, or the owner)
     Reveal(RevealArgs),
     /// The dead-letter queue: list it with the reason for each message, move it back
     #[command(subcommand)]

@@ -51,7 +51,7 @@ fn markdown(root: &clap::Command) -> String {
         "# loader command line\n\n\
          Generated from the clap definition by `loader man --format markdown`; do not edit \
          (`tests/it/docs.rs` fails when this file is stale, and `LOADER_BLESS=1` rewrites it). \
-         Every flag can also be set by its environment variable, and a `.env` file in the \
+         A flag with a variable below can also be set by it, and a `.env` file in the \
          working directory is read first. `loader <command> --help` shows the same.\n"
     );
     let _ = writeln!(out, "{}\n", one_line(root.get_about()));
