@@ -1,7 +1,6 @@
 //! Retention (`sql/40_retention.sql`): the raw body of every message staged before a cutoff
 //! that has an outcome becomes JSON null, in bounded committed batches. Owner role only.
 
-use std::future::Future;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -49,30 +48,10 @@ pub async fn preview(pool: &PgPool, days: i32) -> Result<(i64, i64)> {
 /// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
 /// `batch` rows per committed transaction, showing `progress` when given.
 ///
-/// When `stop` resolves (a signal, say), the batch in hand commits and the purge returns with
-/// `finished: false`; killed outright, it loses at most the batch in progress. Either way,
+/// Once `stopping` has begun (a signal, say), the batch in hand commits and the purge returns
+/// with `finished: false`; killed outright, it loses at most the batch in progress. Either way,
 /// running it again continues.
 pub async fn purge(
-    pool: &PgPool,
-    days: i32,
-    batch: i32,
-    progress: Option<&Progress>,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> Result<Purged> {
-    let stopping = Shutdown::default();
-    let watcher = tokio::spawn({
-        let stopping = stopping.clone();
-        async move {
-            stop.await;
-            stopping.begin();
-        }
-    });
-    let purged = purge_until(pool, days, batch, progress, &stopping).await;
-    watcher.abort();
-    purged
-}
-
-async fn purge_until(
     pool: &PgPool,
     days: i32,
     batch: i32,

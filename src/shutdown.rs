@@ -29,6 +29,13 @@ impl Shutdown {
         *self.begun.borrow()
     }
 
+    /// Resolves when shutdown begins (at once if it already has), owning what it waits on: for
+    /// work that stops on a future (`Ingestor::ingest`, `pipeline::once`).
+    pub fn begun(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut listener = self.listen();
+        async move { listener.begun().await }
+    }
+
     /// A listener that resolves [`Listener::begun`] when shutdown begins.
     pub fn listen(&self) -> Listener {
         Listener { begun: self.begun.subscribe() }

@@ -2,19 +2,22 @@
 //! can read in psql too) and the latest ingest run.
 
 use anyhow::Result;
+use serde::Serialize;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::counts::RunCounts;
 
-/// What `loader status` shows.
-#[derive(Debug, Clone)]
+/// What `loader status` shows (and `--json` prints, with the queue).
+#[derive(Debug, Clone, Serialize)]
 pub struct Status {
     /// Staged rows waiting for the transform.
     pub pending: i64,
     /// When the oldest of them was staged.
+    #[serde(rename = "oldest_pending_staged_at", with = "time::serde::rfc3339::option")]
     pub oldest_pending: Option<OffsetDateTime>,
     /// When a transform batch last found the work list drained.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub last_drained_at: Option<OffsetDateTime>,
     pub active_key_id: Option<i32>,
     pub last_run: Option<RunCounts>,

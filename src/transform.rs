@@ -4,7 +4,6 @@
 //! same batches server-side); loader loops them itself so that a stop ends at a batch boundary.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -230,32 +229,21 @@ async fn oldest_pending_age(pool: &PgPool) -> Result<Duration> {
     Ok(age)
 }
 
-/// Runs [`transform`] every `interval` until `shutdown` resolves, calling `report` after each
-/// run. The batches in hand are finished before returning.
+/// Runs [`transform`] every `interval` until `stop` begins, calling `report` after each run.
+/// The batches in hand are finished before returning.
 pub async fn watch(
     pool: &PgPool,
     plan: Plan,
     interval: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: &Shutdown,
     mut report: impl FnMut(&TransformReport),
 ) -> Result<()> {
-    let stop = Shutdown::default();
     let mut stopped = stop.listen();
-    let begin = stop.clone();
-    let signal = tokio::spawn(async move {
-        shutdown.await;
-        begin.begin();
-    });
-    let result = async {
-        loop {
-            report(&transform_until(pool, plan, &stop).await?);
-            tokio::select! {
-                _ = stopped.begun() => return Ok(()),
-                _ = tokio::time::sleep(interval) => {}
-            }
+    loop {
+        report(&transform_until(pool, plan, stop).await?);
+        tokio::select! {
+            _ = stopped.begun() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
         }
     }
-    .await;
-    signal.abort();
-    result
 }

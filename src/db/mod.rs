@@ -87,7 +87,7 @@ pub async fn connect(url: &DatabaseUrl, max_connections: u32) -> Result<PgPool> 
             r.map_err(|e| {
                 // The login refused, by the server (class 28) or by a pooler in front of it
                 // (PgBouncer says so with 08P01).
-                let refused = crate::retry::sqlstate(&e).is_some_and(|c| c.starts_with("28"))
+                let refused = sqlstate(&e).is_some_and(|c| c.starts_with("28"))
                     || e.to_string().contains("authentication failed");
                 let e = anyhow::Error::from(e);
                 if refused {

@@ -184,10 +184,10 @@ async fn ingest(
     tracing::info!(run_id = ingestor.run_id(), mode = ?mode, "ingest started");
     // A drain stops by itself when the queue is empty; a signal stops it early, gracefully
     // (what is staged is deleted, the run is finished), with exit 4.
-    let (signal, interrupted) = interruptible();
-    let totals = ingestor.ingest(signal).await?;
+    let stop = stop_on_signal();
+    let totals = ingestor.ingest(stop.begun()).await?;
     println!("ingest run {}: {totals}", ingestor.run_id());
-    Ok(ExitCode::from(stopped_code(mode == Mode::Drain && interrupted.get())))
+    Ok(ExitCode::from(stopped_code(mode == Mode::Drain && stop.has_begun())))
 }
 
 async fn send(settings: &Settings, args: &SendArgs) -> Result<ExitCode> {
@@ -213,17 +213,17 @@ async fn transform(
     if args.rebuild {
         return rebuild(&pool, &rebuild::Kind::Rebuild, plan, evict_after).await;
     } else if args.watch {
-        transform::watch(&pool, plan, args.interval.0, shutdown_signal(), |r| {
+        transform::watch(&pool, plan, args.interval.0, &stop_on_signal(), |r| {
             if r.loaded + r.rejected > 0 {
                 println!("transform: {r}");
             }
         })
         .await?;
     } else {
-        let (stop, interrupted) = stop_on_signal();
+        let stop = stop_on_signal();
         let report = transform::drain(&pool, plan, transform::HELD_WAIT, &stop).await?;
         println!("transform: {report}");
-        if interrupted.get() {
+        if stop.has_begun() {
             return Ok(ExitCode::from(stopped_code(true)));
         }
         if report.pending > 0 {
@@ -277,7 +277,7 @@ async fn rebuild(
     plan: transform::Plan,
     evict_after: Duration,
 ) -> Result<ExitCode> {
-    let (stop, interrupted) = stop_on_signal();
+    let stop = stop_on_signal();
     let finished = rebuild::rebuild(pool, kind, plan, evict_after, &stop, |s| {
         let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
         let resumed = if s.resumed { ", resumed" } else { "" };
@@ -311,7 +311,7 @@ async fn rebuild(
             }
             print_evicted(&f.evicted);
         }
-        None if interrupted.get() => return Ok(ExitCode::from(stopped_code(true))),
+        None if stop.has_begun() => return Ok(ExitCode::from(stopped_code(true))),
         None => println!("that key is already active; nothing to rebuild"),
     }
     Ok(ExitCode::from(exit::OK))
@@ -347,14 +347,14 @@ async fn run_pipeline(
         .with_flow(args.flow.flow());
     let run_id = ingestor.run_id();
     tracing::info!(run_id, once = args.once, "run started");
-    let (signal, interrupted) = interruptible();
+    let stop = stop_on_signal();
     let totals = if args.once {
-        pipeline::once(ingestor, &pool, cadence, signal).await?
+        pipeline::once(ingestor, &pool, cadence, stop.begun()).await?
     } else {
-        pipeline::until_stopped(ingestor, &pool, cadence, signal).await?
+        pipeline::until_stopped(ingestor, &pool, cadence, stop.begun()).await?
     };
     println!("run {run_id}: {}; transform: {}", totals.ingest, totals.transform);
-    Ok(ExitCode::from(stopped_code(args.once && interrupted.get())))
+    Ok(ExitCode::from(stopped_code(args.once && stop.has_begun())))
 }
 
 async fn reconcile(settings: &Settings, args: &ReconcileArgs) -> Result<ExitCode> {
@@ -382,9 +382,6 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     };
     let status = loader::status::read(&pool).await?;
     if args.json {
-        let rfc3339 = |t: Option<time::OffsetDateTime>| {
-            t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        };
         let queue = match &depth {
             Ok(d) => serde_json::json!({
                 "name": settings.queue, "visible": d.visible, "in_flight": d.in_flight,
@@ -394,14 +391,8 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
                 serde_json::json!({"name": settings.queue, "error": loader::display::error_line(e)})
             }
         };
-        let report = serde_json::json!({
-            "queue": queue,
-            "pending": status.pending,
-            "oldest_pending_staged_at": rfc3339(status.oldest_pending),
-            "last_drained_at": rfc3339(status.last_drained_at),
-            "last_run": status.last_run,
-            "active_key_id": status.active_key_id,
-        });
+        let mut report = serde_json::to_value(&status)?;
+        report["queue"] = queue;
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::from(exit::OK));
     }
@@ -454,8 +445,8 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(exit::OK));
     }
     let progress = Progress::on_terminal("bodies purged");
-    let stop = shutdown_signal();
-    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref(), stop).await?;
+    let stop = stop_on_signal();
+    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref(), &stop).await?;
     if let Some(progress) = progress {
         progress.finish();
     }
@@ -577,40 +568,19 @@ async fn bench(settings: &Settings, command: &BenchCommand) -> Result<ExitCode> 
     Ok(ExitCode::from(exit::OK))
 }
 
-/// Whether a signal arrived (see [`interruptible`]).
-#[derive(Clone, Default)]
-struct Interrupted(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl Interrupted {
-    fn get(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-/// [`shutdown_signal`], and a flag that says afterwards whether it came (a drain that ends by
-/// itself reports being stopped early with [`exit::INTERRUPTED`]).
-fn interruptible() -> (impl std::future::Future<Output = ()>, Interrupted) {
-    let interrupted = Interrupted::default();
-    let flag = interrupted.clone();
-    let signal = shutdown_signal();
-    let future = async move {
-        signal.await;
-        flag.0.store(true, std::sync::atomic::Ordering::SeqCst);
-    };
-    (future, interrupted)
-}
-
-/// A [`Shutdown`](loader::shutdown::Shutdown) begun by the first SIGINT or SIGTERM, for work
-/// that stops at its next boundary (a batch, a range), and the flag that says it came.
-fn stop_on_signal() -> (loader::shutdown::Shutdown, Interrupted) {
+/// A [`Shutdown`](loader::shutdown::Shutdown) begun by the first SIGINT or SIGTERM: work
+/// stops at its next boundary (a batch, a range, a flush), and `has_begun` says afterwards
+/// whether the signal came (a command that ends by itself then exits [`exit::INTERRUPTED`]).
+fn stop_on_signal() -> loader::shutdown::Shutdown {
     let stop = loader::shutdown::Shutdown::default();
-    let (signal, interrupted) = interruptible();
+    // The handlers are installed here, before any work starts (see shutdown_signal).
+    let signal = shutdown_signal();
     let begin = stop.clone();
     tokio::spawn(async move {
         signal.await;
         begin.begin();
     });
-    (stop, interrupted)
+    stop
 }
 
 /// The exit code of a command that ends by itself: [`exit::INTERRUPTED`] when a signal stopped
@@ -629,7 +599,7 @@ fn stopped_code(stopped_early: bool) -> u8 {
 /// The handlers are installed when this is called, not when the future is first polled: a
 /// SIGTERM arriving before that (say during a long first transform) would otherwise meet the
 /// default action and end the process mid-batch.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
