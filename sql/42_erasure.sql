@@ -81,6 +81,7 @@ declare
     hashes bytea[];
     adopted bigint;
     tag bigint;
+    bits bytea;
 begin
     if reference is null or btrim(reference) = '' then
         raise exception 'an erasure needs a reference (the request''s ticket)'
@@ -107,11 +108,14 @@ begin
     select distinct loader._user_hash(u, k.key), loader._user_tag(u, k.tag_seed), erasure,
            clock_timestamp()
       from unnest(user_ids) u, loader.erasure_key k;
-    -- Their bits in the tag bitmap (the transform's first test of a body that is no login).
+    -- Their bits in the tag bitmap (the transform's first test of a body that is no login),
+    -- set in one write of the 128 KiB row however many users the request names (the row
+    -- locked first, so two erasures at once each add to what the other wrote).
+    select k.tag_bits into bits from loader.erasure_key k for update;
     for tag in select e.user_tag from loader.erased_users e where e.erasure_id = erasure loop
-        update loader.erasure_key k
-           set tag_bits = set_bit(k.tag_bits, (tag & 1048575)::integer, 1);
+        bits := set_bit(bits, (tag & 1048575)::integer, 1);
     end loop;
+    update loader.erasure_key k set tag_bits = bits;
     -- Rows from before loader (no message_id, nothing staged to find them by) go by user id,
     -- from the live table and from a copying rebuild's copy, which carried them at its start:
     -- the maintenance lock keeps a rebuild from starting (and carrying them) meanwhile.
