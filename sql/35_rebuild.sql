@@ -21,7 +21,7 @@
 --   outcome are recomputed from raw_logins with the rebuild's key; purged rows (nothing to
 --   recompute from) keep theirs. Rows still in the work list are left to the transform. An
 --   outcome whose staged message is gone (deleted by hand: loader never deletes one) has
---   nothing to recompute from either: rebuild_start carries it into the copies as it was,
+--   nothing to recompute from either: the first range carries it into the copies as it was,
 --   with its key id, and counts it (loader.rebuilds.carried), rather than refusing a
 --   rotation (which may be urgent) or dropping a row without a word.
 -- - Every transform batch, while a rebuild is copying, writes its outcomes to the live tables
@@ -130,8 +130,6 @@ declare
     blockers text;
     active_id integer;
     top bigint;
-    carried_rows bigint;
-    carried_rejects bigint;
 begin
     lock table loader.maintenance_lock in exclusive mode;
     select * into running from loader.rebuilds b where b.state = 'copying';
@@ -154,7 +152,12 @@ begin
             raise exception 'a masking key must be exactly 32 bytes (got %)', length(new_key)
                 using errcode = 'invalid_parameter_value';
         end if;
-        select k.id into active_id from loader.mask_keys k where k.retired_at is null;
+        -- A real new version of the row every committing batch holds FOR SHARE: batches
+        -- committing from here on see this rebuild (or, in REPEATABLE READ, fail with 40001),
+        -- so no batch writes only the live tables for rows above the ranges cut below. First,
+        -- then, and nothing slow after it: committing batches wait for this transaction.
+        update loader.mask_keys k set key = k.key where k.retired_at is null
+        returning k.id into active_id;
         if active_id is null then
             raise exception 'no active masking key: run loader migrate';
         end if;
@@ -174,29 +177,14 @@ begin
                 case when rotate then case when new_key is null then 'generated' else 'installed' end end,
                 top)
         returning * into running;
+        -- At least one range (1..0 when nothing is staged): the first carries the outcomes
+        -- whose staged message is gone (rebuild_copy_range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi)
         select running.id, g, least(g + range_rows - 1, top)
-          from generate_series(1::bigint, top, range_rows) g;
+          from generate_series(1::bigint, greatest(top, 1), range_rows) g;
         -- Rows from before loader (no message_id): nothing to recompute, carried as they are
         -- (the unique index on message_id finds them).
         insert into loader_rebuild.user_logins_next select * from public.user_logins u where u.message_id is null;
-        -- Outcomes whose staged message is gone: carried as they were, and counted.
-        insert into loader_rebuild.user_logins_next
-        select u.* from public.user_logins u
-         where u.message_id is not null
-           and not exists (select from loader.raw_logins r where r.message_id = u.message_id);
-        get diagnostics carried_rows = row_count;
-        insert into loader_rebuild.login_rejects_next
-        select j.* from loader.login_rejects j
-         where not exists (select from loader.raw_logins r where r.message_id = j.message_id);
-        get diagnostics carried_rejects = row_count;
-        update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running.id;
-        -- Last, so committing batches wait on it for an instant, not for the scans above: a
-        -- real new version of the row every committing batch holds FOR SHARE, so batches
-        -- committing from here on see this rebuild (or, in REPEATABLE READ, fail with 40001).
-        -- The active key cannot change meanwhile: only a swap changes it, and no rebuild is
-        -- copying (another start waits for the maintenance lock).
-        update loader.mask_keys k set key = k.key where k.id = active_id;
     end if;
     return query
     select running.id, running.key_id, running.new_key is not null,
@@ -221,7 +209,12 @@ declare
     ids bigint[];
     outcome record;
     kept bigint;
+    carried_rows bigint;
+    carried_rejects bigint;
 begin
+    -- An erasure starting meanwhile (loader._forget_start locks this row FOR UPDATE) waits for
+    -- the ranges being copied, whose bodies it would not see to take out of the copies.
+    perform from loader.erasure_key for share;
     select b.id into running from loader.rebuilds b where b.state = 'copying';
     if running is null then
         raise exception 'no online rebuild is copying' using errcode = 'object_not_in_prerequisite_state';
@@ -249,6 +242,24 @@ begin
     select j.* from loader.raw_logins r join loader.login_rejects j on j.message_id = r.message_id
      where r.id between range.lo and range.hi and r.purged_at is not null
     on conflict (message_id) do nothing;
+    -- The first range also carries the outcomes whose staged message is gone, as they were,
+    -- and counts them: a scan of both tables, here rather than in rebuild_start, where
+    -- committing batches wait. No batch can make such an outcome (it has a staged message).
+    if range.lo = 1 then
+        insert into loader_rebuild.user_logins_next
+        select u.* from public.user_logins u
+         where u.message_id is not null
+           and not exists (select from loader.raw_logins r where r.message_id = u.message_id)
+        on conflict (message_id) do nothing;
+        get diagnostics carried_rows = row_count;
+        insert into loader_rebuild.login_rejects_next
+        select j.* from loader.login_rejects j
+         where not exists (select from loader.raw_logins r where r.message_id = j.message_id)
+        on conflict (message_id) do nothing;
+        get diagnostics carried_rejects = row_count;
+        update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running;
+        kept := kept + carried_rows + carried_rejects;
+    end if;
     update loader.rebuild_ranges g set done = true where g.rebuild_id = running and g.lo = range.lo;
     return outcome.loaded + outcome.rejected + kept;
 end

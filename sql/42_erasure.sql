@@ -110,7 +110,8 @@ begin
       from unnest(user_ids) u, loader.erasure_key k;
     -- Their bits in the tag bitmap (the transform's first test of a body that is no login),
     -- set in one write of the 128 KiB row however many users the request names (the row
-    -- locked first, so two erasures at once each add to what the other wrote).
+    -- locked first, so two erasures at once each add to what the other wrote; the lock also
+    -- waits for the rebuild ranges being copied, which hold it FOR SHARE).
     select k.tag_bits into bits from loader.erasure_key k for update;
     for tag in select e.user_tag from loader.erased_users e where e.erasure_id = erasure loop
         bits := set_bit(bits, (tag & 1048575)::integer, 1);

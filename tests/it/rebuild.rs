@@ -339,3 +339,52 @@ async fn a_rotation_stopped_after_its_swap_is_finished_not_repeated() {
     db.cli().ok(&["keys", "rotate", "--workers", "1"]);
     assert_eq!(db.count("select count(*) from loader.mask_keys").await, keys + 1);
 }
+
+/// A transform batch that committed while a rebuild was starting (after the start had cut
+/// raw_logins' ids into ranges, before it rewrote the key row) wrote only the live tables, for
+/// rows above every range: the swap lost them. The start rewrites the key row first again, so
+/// such a batch waits for the start and is refused at COMMIT; its rows load with the copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_committing_while_a_rebuild_starts_loses_nothing_at_the_swap() {
+    let db = TestDb::migrated().await;
+    transformed(&db, 100).await;
+    // The DBA holds the range table, so the start stops between its first steps and its end.
+    let mut hold = db.admin.begin().await.unwrap();
+    sqlx::raw_sql("lock table loader.rebuild_ranges in access exclusive mode")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let starting = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            sqlx::raw_sql("select * from loader.rebuild_start()").execute(&pool).await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::support::stage(
+        &db,
+        &[("late-a".to_owned(), r#"{"user_id": "u-late", "ip": "10.0.0.9"}"#.to_owned())],
+        time::OffsetDateTime::now_utc(),
+    )
+    .await;
+    let transform = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_as::<_, (i64,)>("select loaded from loader.transform_batch(100, false)")
+                .fetch_one(&pool)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hold.commit().await.unwrap();
+    starting.await.unwrap();
+    // The batch saw no rebuild and one was copying at its COMMIT: refused, its row pending again.
+    let refused = transform.await.unwrap();
+    assert!(refused.is_err(), "the batch that spanned the start committed: {refused:?}");
+    db.cli().ok(&["transform"]);
+    db.cli().ok(&["transform", "--rebuild", "--workers", "1"]);
+    let late =
+        db.count("select count(*) from public.user_logins where message_id = 'late-a'").await;
+    assert_eq!(late, 1, "the row loaded during the start survived the swap");
+    assert_eq!(db.loaded().await + db.rejected().await, 101);
+}
