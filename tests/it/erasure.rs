@@ -223,3 +223,45 @@ async fn an_erasure_during_a_rebuild_holds_after_the_swap() {
             .unwrap();
     assert_eq!(reason, "erased");
 }
+
+/// A copy range still open when an erasure ran had read the person's bodies before it: the
+/// erasure took their rows out of the copies it could see, the range then committed its own,
+/// and the swap brought them back. A copy range now holds the erasure key row, so the erasure
+/// waits for it and then finds its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_waits_for_a_copy_range_in_flight_and_takes_its_rows_out_too() {
+    let db = TestDb::migrated().await;
+    let fixture = fixture_messages();
+    let person = user_of(&fixture, 5);
+    stage(&db, &fixture, SENT).await;
+    db.cli().ok(&["transform"]);
+    sqlx::raw_sql("select * from loader.rebuild_start()").execute(&db.pool).await.unwrap();
+    // One range copied in a transaction held open, as a slow copy would be.
+    let mut copying = db.pool.begin().await.unwrap();
+    sqlx::raw_sql("select loader.rebuild_copy_range()").execute(&mut *copying).await.unwrap();
+    let forget = db.cli().spawn(&["forget", "--user-id", &person, "--reference", "DSR-11"]);
+    // Until the erasure has finished without waiting, or waits on a lock.
+    let finished_or_waiting = "select (select count(*) from loader.erasures where finished_at is not null)
+                                    + (select count(*) from pg_stat_activity
+                                        where datname = current_database() and application_name = 'loader'
+                                          and wait_event_type = 'Lock')";
+    let seen = crate::support::wait_for_count(&db, finished_or_waiting, 1).await;
+    assert_eq!(seen, 1, "the erasure neither finished nor waited");
+    copying.commit().await.unwrap();
+    crate::support::wait_ok_within(forget, std::time::Duration::from_secs(60), "the erasure").await;
+    sqlx::raw_sql(
+        "do $$ begin while loader.rebuild_copy_range() is not null loop end loop; end $$;
+         select * from loader.rebuild_swap();
+         select loader.rebuild_drop_retired();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let back: i64 =
+        sqlx::query_scalar("select count(*) from public.user_logins where user_id = $1")
+            .bind(&person)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(back, 0, "nothing of the erased person came back with the swap");
+}
