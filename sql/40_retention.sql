@@ -88,3 +88,126 @@ end
 $$;
 comment on procedure loader.purge_staged(interval, bigint, integer) is
     'Purge bodies staged before now() - older_than that have an outcome, in committed batches';
+
+-- Retention of the masked data. Masked rows are personal data too (pseudonymised data is
+-- personal data under the GDPR: EDPB guidelines 01/2025), so each public.user_logins row ends
+-- once its create_date (the UTC day SQS received the message) is older than the period the
+-- deployment chooses: `loader purge --masked-older-than-months N`, `call
+-- loader.expire_masked(N)` in psql, or the pg_cron job. Rows from before loader (no message_id)
+-- go by the same rule; a row with no create_date is never expired (nothing says its age).
+--
+-- With the masked row, its staged body goes too (a raw body never outlives its mask) and the
+-- staged row is stamped expired_at: it stays, so a redelivery is still a duplicate that gets no
+-- outcome, and reconcile counts the message as accounted for. Each batch adds to the cutoff's
+-- row in loader.mask_expiries, the record of what ended when (no user id in it), which
+-- downstream copies can follow. login_rejects rows stay: they hold no personal data.
+--
+-- In bounded committed batches, oldest first, resumable like the purge. Owner only. Each batch
+-- takes loader.maintenance_lock (never beside a rebuild's start, a purge batch or a rotation's
+-- swap) and the erasure key's row FOR UPDATE, which every rebuild range holds FOR SHARE while
+-- it copies: a range in flight finishes first, and a range copied later recomputes nothing of
+-- an expired message (its body is gone). While an online rebuild copies, its copy loses the same
+-- rows, so the swap brings none back.
+
+-- _masked_cutoff: the first create_date kept when masked rows are kept `months` months: the
+-- UTC day, less the months (the session's TimeZone changes nothing).
+create or replace function loader._masked_cutoff(months integer) returns date
+language plpgsql stable as $$
+begin
+    if months is null or months < 1 or months > 1200 then
+        raise exception 'masked rows are kept 1 to 1200 months, not %', months
+            using errcode = 'invalid_parameter_value';
+    end if;
+    return ((now() at time zone 'UTC')::date - make_interval(months => months))::date;
+end
+$$;
+comment on function loader._masked_cutoff(integer) is
+    'Private: the first create_date kept when masked rows are kept this many months';
+
+-- expire_masked_batch: ends up to max_rows user_logins rows whose create_date is before
+-- `cutoff` (oldest first), in the live table and in a copying rebuild's copy; returns how many
+-- rows it deleted (a copy's row deleted after its live one counts again: the record in
+-- loader.mask_expiries counts each once), 0 when none is left (the record is then finished).
+create or replace function loader.expire_masked_batch(cutoff date, max_rows integer default 10000)
+returns bigint
+language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_variable
+declare
+    ids text[];
+    adopted bigint;
+    copied bigint := 0;
+begin
+    if cutoff is null or cutoff > loader._masked_cutoff(1) then
+        raise exception 'expire_masked_batch: masked rows are kept at least a month: the cutoff % is too late', cutoff
+            using errcode = 'invalid_parameter_value';
+    end if;
+    if max_rows is null or max_rows < 1 or max_rows > 100000 then
+        raise exception 'expire_masked_batch: 1 to 100000 rows per batch, not %', max_rows
+            using errcode = 'invalid_parameter_value';
+    end if;
+    insert into loader.mask_expiries (cutoff, started_at, requested_by)
+    values (cutoff, clock_timestamp(), session_user)
+    on conflict on constraint mask_expiries_pkey do nothing;
+    lock table loader.maintenance_lock in exclusive mode;
+    perform from loader.erasure_key for update;
+    with gone as (
+        delete from public.user_logins u
+         where u.ctid = any (array(select c.ctid from public.user_logins c
+                                    where c.create_date < cutoff
+                                    order by c.create_date limit max_rows))
+        returning u.message_id)
+    select coalesce(array_agg(g.message_id) filter (where g.message_id is not null), '{}'),
+           count(*) filter (where g.message_id is null)
+      into ids, adopted from gone g;
+    -- A copying rebuild's copy: the same rows, and what else of the cutoff it holds (rows it
+    -- carried at its start, rows before loader), a batch at a time.
+    if to_regclass('loader_rebuild.user_logins_next') is not null then
+        execute 'delete from loader_rebuild.user_logins_next u where u.message_id = any ($1)'
+          using ids;
+        execute 'delete from loader_rebuild.user_logins_next u
+                  where u.ctid = any (array(select c.ctid from loader_rebuild.user_logins_next c
+                                             where c.create_date < $1
+                                             order by c.create_date limit $2))'
+          using cutoff, max_rows;
+        get diagnostics copied = row_count;
+    end if;
+    update loader.raw_logins r
+       set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
+           expired_at = clock_timestamp()
+     where r.message_id = any (ids) and r.expired_at is null;
+    update loader.mask_expiries e
+       set expired = e.expired + cardinality(ids), before_loader = e.before_loader + adopted,
+           finished_at = case when cardinality(ids) + adopted + copied = 0
+                              then coalesce(e.finished_at, clock_timestamp()) end
+     where e.cutoff = expire_masked_batch.cutoff;
+    return cardinality(ids) + adopted + copied;
+end
+$$;
+comment on function loader.expire_masked_batch(date, integer) is
+    'End up to max_rows masked rows whose create_date is before cutoff; returns how many, 0 when none is left';
+
+-- expire_masked: every masked row older than `older_than_months` months, one committed batch at
+-- a time (for psql and pg_cron: CALL, outside a transaction block). The cutoff is fixed when it
+-- starts.
+create or replace procedure loader.expire_masked(
+    older_than_months integer,
+    inout expired bigint default null,
+    batch_size integer default 10000)
+language plpgsql as $$
+declare
+    upto date := loader._masked_cutoff(older_than_months);
+    before bigint;
+begin
+    before := coalesce((select e.expired + e.before_loader from loader.mask_expiries e
+                         where e.cutoff = upto), 0);
+    loop
+        commit;
+        exit when loader.expire_masked_batch(upto, batch_size) = 0;
+    end loop;
+    -- The rows the record counts (a batch's return also counts a copy's row it deleted).
+    expired := (select e.expired + e.before_loader from loader.mask_expiries e
+                 where e.cutoff = upto) - before;
+end
+$$;
+comment on procedure loader.expire_masked(integer, bigint, integer) is
+    'End the masked rows whose create_date is more than older_than_months months old, in committed batches';

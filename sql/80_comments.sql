@@ -51,6 +51,16 @@ comment on column loader.raw_logins.receive_count is 'SQS ApproximateReceiveCoun
 comment on column loader.raw_logins.queue is 'Queue the message came from (the run''s queue)';
 comment on column loader.raw_logins.ingest_run_id is 'loader.ingest_runs.id of the run that staged it';
 comment on column loader.raw_logins.staged_at is 'When it was staged (set by the server)';
+comment on column loader.raw_logins.expired_at is
+    'When retention of the masked data ended its user_logins row (loader purge --masked-older-than-months); its body went with it';
+comment on table loader.mask_expiries is
+    'Retention of the masked data: per cutoff, the user_logins rows ended (create_date before it); no user id';
+comment on column loader.mask_expiries.cutoff is 'Rows whose create_date is before this day were ended';
+comment on column loader.mask_expiries.started_at is 'When the first batch for this cutoff ran';
+comment on column loader.mask_expiries.finished_at is 'When a batch found nothing left before the cutoff; NULL while it runs or after a kill (rerun to finish)';
+comment on column loader.mask_expiries.requested_by is 'The login (session_user) of the first batch';
+comment on column loader.mask_expiries.expired is 'Rows of loader (with a message_id) ended';
+comment on column loader.mask_expiries.before_loader is 'Rows from before loader (no message_id) ended';
 comment on column loader.ingest_runs.id is 'Run id, as `loader ingest` prints it';
 comment on column loader.ingest_runs.started_at is 'When the run was registered';
 comment on column loader.ingest_runs.finished_at is 'When it ended; NULL while running, after a crash, and for Lambda runs';

@@ -32,7 +32,7 @@ grant execute on function loader.register_run(text, text, text),
 -- helper that hashes.
 grant select on public.user_logins to loader_analyst;
 grant select on loader.login_rejects, loader.transform_queue, loader.transform_state,
-    loader.mask_key_info, loader.pipeline_status, loader.refusals to loader_analyst;
+    loader.mask_key_info, loader.pipeline_status, loader.refusals, loader.mask_expiries to loader_analyst;
 grant select (id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted,
               delete_failures, loader_version, refused, registered_by, stopped_on_error,
               sent_at_replaced)

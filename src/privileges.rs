@@ -27,6 +27,7 @@ pub const DOCUMENTED: &[(&str, &[&str])] = &[
             "execute loader.transform_batch(integer,boolean)",
             "select loader.ingest_runs(id, started_at, finished_at, queue, mode, received, staged, duplicates, deleted, delete_failures, loader_version, refused, registered_by, stopped_on_error, sent_at_replaced)",
             "select loader.login_rejects",
+            "select loader.mask_expiries",
             "select loader.mask_key_info",
             "select loader.pipeline_status",
             "select loader.refusals",

@@ -35,6 +35,9 @@ pub struct StageCounts {
     pub silent_runs: i64,
     /// Staged messages erased (`loader forget`): no outcome, by design.
     pub erased: i64,
+    /// Staged messages whose masked row retention ended (`loader purge
+    /// --masked-older-than-months`): no outcome any more, by design.
+    pub expired: i64,
     /// Runs that stopped on an error (their deleted counter may be short; not held to
     /// `run_deletes_match`).
     pub stopped_runs: i64,
@@ -144,9 +147,9 @@ pub const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "staged_message_accounted_for",
-        "every staged message is loaded, rejected, pending in loader.transform_queue, or was erased on request",
+        "every staged message is loaded, rejected, pending in loader.transform_queue, was erased on request, or its masked row reached the end of its retention period",
         "select r.message_id from loader.raw_logins r
-          where r.staged_at >= {since} and r.erased_at is null
+          where r.staged_at >= {since} and r.erased_at is null and r.expired_at is null
             and not exists (select from public.user_logins u where u.message_id = r.message_id)
             and not exists (select from loader.login_rejects j where j.message_id = r.message_id)
             and not exists (select from loader.transform_queue q where q.raw_id = r.id)",
@@ -209,6 +212,8 @@ pub async fn reconcile(
                   where stopped_on_error and started_at >= {since}) as stopped_runs,
                 (select count(*) from loader.raw_logins
                   where erased_at is not null and staged_at >= {since}) as erased,
+                (select count(*) from loader.raw_logins
+                  where expired_at is not null and staged_at >= {since}) as expired,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start"
             .replace("{silent}", &SILENT_AFTER.as_secs().to_string()),

@@ -1,11 +1,13 @@
-//! Retention (`sql/40_retention.sql`): the raw body of every message staged before a cutoff
-//! that has an outcome becomes JSON null, in bounded committed batches. Owner role only.
+//! Retention (`sql/40_retention.sql`), in bounded committed batches, owner role only: the raw
+//! body of every message staged before a cutoff that has an outcome becomes JSON null
+//! ([`purge`]), and the masked rows whose create_date is older than a period end, their
+//! bodies with them ([`expire_masked`]).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
@@ -67,29 +69,142 @@ pub async fn purge(
     })
     .await
     .context("reading the database's clock")?;
-    let mut purged = 0;
+    let (bodies, finished) = batches(
+        pool,
+        "select loader.purge_staged_batch($1, $2)",
+        cutoff,
+        batch,
+        progress,
+        stopping,
+    )
+    .await
+    .context("purging staged bodies (only the owner role may)")?;
+    Ok(Purged { bodies, finished })
+}
+
+/// What an expiry of masked rows did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Masked rows with a create_date before this day were ended.
+    pub cutoff: Date,
+    /// `user_logins` rows ended by this call (a copying rebuild's copy loses them too).
+    pub rows: i64,
+    /// False when `stop` ended it before every old row was ended (run again to continue).
+    pub finished: bool,
+}
+
+/// The first `create_date` kept when masked rows are kept `months` months (the UTC day, less
+/// the months): `loader._masked_cutoff`, the one rule of every path.
+pub async fn masked_cutoff(pool: &PgPool, months: i32) -> Result<Date> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar("select loader._masked_cutoff($1)")
+            .bind(months)
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await
+    .context("computing the masked data's cutoff (only the owner role may)")
+}
+
+/// What [`expire_masked`] would do for `months`, changing nothing: its cutoff, the masked rows
+/// before it (it ends those), and the rows with no create_date (never expired: nothing says
+/// their age).
+pub async fn preview_masked(pool: &PgPool, months: i32) -> Result<(Date, i64, i64)> {
+    let cutoff = masked_cutoff(pool, months).await?;
+    let (rows, undated) = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select (select count(*) from public.user_logins where create_date < $1),
+                    (select count(*) from public.user_logins where create_date is null)",
+        )
+        .bind(cutoff)
+        .persistent(false)
+        .fetch_one(tx)
+        .await
+    })
+    .await
+    .context("counting the masked rows the expiry would end")?;
+    Ok((cutoff, rows, undated))
+}
+
+/// Ends every masked row whose create_date is more than `months` months old (the cutoff is
+/// fixed when it starts), `batch` rows per committed transaction, showing `progress` when
+/// given; stopped and rerun like [`purge`].
+pub async fn expire_masked(
+    pool: &PgPool,
+    months: i32,
+    batch: i32,
+    progress: Option<&Progress>,
+    stopping: &Shutdown,
+) -> Result<Expired> {
+    let cutoff = masked_cutoff(pool, months).await?;
+    let before = ended_before(pool, cutoff).await?;
+    let (_, finished) = batches(
+        pool,
+        "select loader.expire_masked_batch($1, $2)",
+        cutoff,
+        batch,
+        progress,
+        stopping,
+    )
+    .await
+    .context("ending masked rows past their retention (only the owner role may)")?;
+    let rows = ended_before(pool, cutoff).await? - before;
+    Ok(Expired { cutoff, rows, finished })
+}
+
+/// The rows ended so far for `cutoff`, as its record in `loader.mask_expiries` counts them (a
+/// batch's return also counts a row of a rebuild's copy it deleted after the live one).
+async fn ended_before(pool: &PgPool, cutoff: Date) -> Result<i64> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar(
+            "select coalesce((select expired + before_loader from loader.mask_expiries
+                               where cutoff = $1), 0)",
+        )
+        .bind(cutoff)
+        .persistent(false)
+        .fetch_one(tx)
+        .await
+    })
+    .await
+    .context("reading the record of the masked rows ended")
+}
+
+/// Runs `statement` (one batch, `$1` the cutoff, `$2` the batch size; returns the rows it did,
+/// 0 when none is left) in a committed transaction each until it returns 0 or `stopping` has
+/// begun; returns the rows done and whether it finished.
+async fn batches<T>(
+    pool: &PgPool,
+    statement: &'static str,
+    cutoff: T,
+    batch: i32,
+    progress: Option<&Progress>,
+    stopping: &Shutdown,
+) -> Result<(i64, bool), sqlx::Error>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Copy + Send,
+{
+    let mut done = 0;
     loop {
         if stopping.has_begun() {
-            return Ok(Purged { bodies: purged, finished: false });
+            return Ok((done, false));
         }
         let started = Instant::now();
-        // One committed batch: its own transaction.
         let n: i64 = crate::db::transaction(pool, async |tx| {
-            sqlx::query_scalar("select loader.purge_staged_batch($1, $2)")
+            sqlx::query_scalar(statement)
                 .bind(cutoff)
                 .bind(batch)
                 .persistent(false)
                 .fetch_one(tx)
                 .await
         })
-        .await
-        .context("purging staged bodies (only the owner role may)")?;
+        .await?;
         if n == 0 {
-            return Ok(Purged { bodies: purged, finished: true });
+            return Ok((done, true));
         }
-        purged += n;
+        done += n;
         let ms = started.elapsed().as_millis() as u64;
-        tracing::debug!(batch = n, purged, ms, "purge batch committed");
+        tracing::debug!(batch = n, done, ms, statement, "retention batch committed");
         if let Some(progress) = progress {
             progress.advance(n as u64, None);
         }

@@ -1,8 +1,8 @@
 //! The SQL side on pg_cron (`loader schedule`): where PostgreSQL can schedule its own work (RDS,
 //! most managed PostgreSQL, Debian's `postgresql-15-cron`), the incremental transform, the
-//! daily purge and the pruning of pg_cron's own history run as pg_cron jobs, with no loader
-//! process. Ingest still needs a process (or the Lambda handler): SQS does not push into
-//! PostgreSQL.
+//! daily purge, the end of masked rows past their retention period and the pruning of pg_cron's
+//! own history run as pg_cron jobs, with no loader process. Ingest still needs a process (or
+//! the Lambda handler): SQS does not push into PostgreSQL.
 //!
 //! The jobs run in this database as the role that installs them (the owner: the purge is
 //! owner-only), through pg_cron's libpq connection to `cron.host`, so that role must be able to
@@ -28,6 +28,8 @@ pub struct Timetable {
     pub transform_every: String,
     /// `(schedule, days)`: `call loader.purge_staged('days days')` on that schedule.
     pub purge: Option<(String, u32)>,
+    /// `(schedule, months)`: `call loader.expire_masked(months)` on that schedule.
+    pub expire_masked: Option<(String, u32)>,
     /// pg_cron's run history (`cron.job_run_details`) older than this many days is deleted
     /// daily.
     pub keep_history_days: u32,
@@ -87,6 +89,7 @@ pub async fn install(pool: &PgPool, timetable: &Timetable) -> Result<Vec<Job>> {
     .context("reading pg_cron's version")?;
     for schedule in std::iter::once(&timetable.transform_every)
         .chain(timetable.purge.as_ref().map(|(schedule, _)| schedule))
+        .chain(timetable.expire_masked.as_ref().map(|(schedule, _)| schedule))
     {
         if schedule.trim().ends_with("seconds") && !seconds_supported(&version) {
             anyhow::bail!(
@@ -106,6 +109,13 @@ pub async fn install(pool: &PgPool, timetable: &Timetable) -> Result<Vec<Job>> {
             format!("{PREFIX}purge"),
             schedule.clone(),
             format!("call loader.purge_staged(interval '{days} days')"),
+        ));
+    }
+    if let Some((schedule, months)) = &timetable.expire_masked {
+        jobs.push((
+            format!("{PREFIX}expire-masked"),
+            schedule.clone(),
+            format!("call loader.expire_masked({months})"),
         ));
     }
     jobs.push((

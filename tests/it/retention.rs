@@ -190,3 +190,153 @@ async fn a_killed_or_stopped_purge_kept_its_committed_batches_and_a_rerun_finish
     assert_eq!(db.loaded().await, ROWS, "outcomes stay");
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
+
+/// Rows from before loader (no message_id) in an adopted table: two old, one recent, one with
+/// no create_date.
+async fn rows_before_loader(db: &TestDb) {
+    sqlx::raw_sql(
+        "insert into public.user_logins (user_id, device_type, create_date) values
+             ('old-1', 'ios', '2019-05-01'), ('old-2', 'ios', '2019-05-02'),
+             ('recent', 'ios', current_date), ('undated', 'ios', null)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn masked_rows_end_after_their_period_with_their_bodies_and_reconcile_accounts_for_them() {
+    let db = TestDb::migrated().await;
+    let messages = fixture_messages();
+    let ids: Vec<String> = messages.iter().map(|(id, _)| id.clone()).collect();
+    // 60 sent in 2020 (create_date 2020-02-29; one of them is the malformed one, a reject), 40
+    // sent now.
+    stage(&db, &messages[..60], SENT).await;
+    stage(&db, &messages[60..], time::OffsetDateTime::now_utc()).await;
+    rows_before_loader(&db).await;
+    assert_eq!(db.cli().ok(&["transform"]).trim(), "transform: loaded 99, rejected 1, pending 0");
+    let cutoff: time::Date =
+        sqlx::query_scalar("select loader._masked_cutoff(12)").fetch_one(&db.pool).await.unwrap();
+
+    let out = db.cli().ok(&["purge", "--masked-older-than-months", "12", "--dry-run"]);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "dry run: would end 61 masked rows created before {cutoff} (older than 12 months); 1 \
+             rows without a create_date are kept\nnothing changed"
+        )
+    );
+    assert_eq!(db.count("select count(*) from public.user_logins").await, 103);
+
+    let out = db.cli().ok(&["purge", "--masked-older-than-months", "12", "--batch-size", "7"]);
+    assert_eq!(
+        out.trim(),
+        format!("ended 61 masked rows created before {cutoff} (older than 12 months)")
+    );
+    let kept: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "select message_id, user_id from public.user_logins
+          where message_id is null or message_id <> all ($1) order by 2",
+    )
+    .bind(&ids[60..])
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, [(None, Some("recent".into())), (None, Some("undated".into()))]);
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where message_id is not null").await,
+        40
+    );
+    // Each ended message keeps its staged row, without its body, stamped.
+    assert_eq!(
+        db.count(
+            "select count(*) from loader.raw_logins
+              where expired_at is not null and purged_at is not null and body = 'null'::jsonb"
+        )
+        .await,
+        59
+    );
+    assert_eq!(db.staged().await, 100);
+    assert_eq!(db.count("select count(*) from loader.login_rejects").await, 1, "rejects stay");
+    let record: (time::Date, i64, i64, bool, String) = sqlx::query_as(
+        "select cutoff, expired, before_loader, finished_at is not null, requested_by
+           from loader.mask_expiries",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(record, (cutoff, 59, 2, true, crate::support::OWNER.to_owned()));
+
+    // Reconcile accounts for every message: the ended ones by their stamp.
+    let report = db.cli().ok(&["reconcile", "--skip-queue"]);
+    assert!(report.contains("of which masks expired                59"), "{report}");
+
+    // A redelivery of an ended message is a duplicate: no outcome comes back.
+    stage(&db, &messages[..1], SENT).await;
+    assert_eq!(db.staged().await, 100);
+    assert_eq!(db.cli().ok(&["transform"]).trim(), "transform: loaded 0, rejected 0, pending 0");
+
+    // The SQL path (psql, pg_cron) under the same rule: nothing is left before the cutoff.
+    let (expired,): (i64,) =
+        sqlx::query_as("call loader.expire_masked(12)").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(expired, 0);
+    // An analyst reads the record (for downstream copies), and nothing else changed.
+    let analyst = crate::support::TestRole::new(&db, "loader_analyst").await;
+    let ended: i64 =
+        sqlx::query_scalar("select sum(expired + before_loader)::bigint from loader.mask_expiries")
+            .fetch_one(&analyst.pool)
+            .await
+            .unwrap();
+    assert_eq!(ended, 61);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+
+    // A period under a month, or a cutoff within the last month, is refused.
+    let out = db.cli().run(&["purge", "--masked-older-than-months", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = sqlx::query("select loader.expire_masked_batch(current_date)")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("kept at least a month"), "{err}");
+}
+
+#[tokio::test]
+async fn masked_rows_ended_while_a_rotation_copies_stay_ended_after_its_swap() {
+    let db = TestDb::migrated().await;
+    let messages = fixture_messages();
+    stage(&db, &messages[..60], SENT).await;
+    stage(&db, &messages[60..], time::OffsetDateTime::now_utc()).await;
+    rows_before_loader(&db).await;
+    db.cli().ok(&["transform"]);
+    // A rotation in ranges of 20 staged rows: the first copied before the expiry, the rest
+    // after; the rows before loader were carried into the copy at its start.
+    sqlx::query("select * from loader.rebuild_start(rotate => true, range_rows => 20)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let copied: Option<i64> =
+        sqlx::query_scalar("select loader.rebuild_copy_range()").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(copied, Some(20), "the first range");
+
+    let out = db.cli().ok(&["purge", "--masked-older-than-months", "12"]);
+    assert!(out.starts_with("ended 61 masked rows"), "{out}");
+    assert_eq!(
+        db.count("select count(*) from loader_rebuild.user_logins_next where create_date < current_date - 400").await,
+        0,
+        "the copy lost them too"
+    );
+    while sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    sqlx::query("select * from loader.rebuild_swap()").execute(&db.pool).await.unwrap();
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where create_date < current_date - 400")
+            .await,
+        0,
+        "no ended row came back with the swap"
+    );
+    assert_eq!(db.count("select count(*) from public.user_logins").await, 42);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}

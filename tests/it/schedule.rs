@@ -30,12 +30,15 @@ async fn pg_cron_transforms_staged_rows_with_no_loader_process() {
         "install",
         "--purge-older-than-days",
         "30",
+        "--masked-older-than-months",
+        "13",
         "--keep-history-days",
         "3",
     ]);
     for expected in [
         "loader-transform: '* * * * *' as loader_cron_owner: call loader.transform()",
         "loader-purge: '30 3 * * *' as loader_cron_owner: call loader.purge_staged(interval '30 days')",
+        "loader-expire-masked: '30 3 * * *' as loader_cron_owner: call loader.expire_masked(13)",
         "loader-prune-cron-history: '0 4 * * *'",
         "interval '3 days'",
     ] {

@@ -492,6 +492,9 @@ async fn analysts_cannot_read_pii_keys_or_hash_chosen_text() {
     denied("call loader.purge_staged('0 days')", analyst.pool.clone()).await;
     denied("call loader.purge_staged('0 days')", ingest.pool.clone()).await;
     denied("select loader.purge_staged_batch(now())", analyst.pool.clone()).await;
+    denied("call loader.expire_masked(1)", analyst.pool.clone()).await;
+    denied("select loader.expire_masked_batch('2000-01-01')", analyst.pool.clone()).await;
+    denied("select loader.expire_masked_batch('2000-01-01')", ingest.pool.clone()).await;
     // The online rebuild: neither starts one (with a key of its choosing), copies, swaps nor
     // abandons one.
     denied("select * from loader.rebuild_start()", analyst.pool.clone()).await;

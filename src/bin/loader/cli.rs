@@ -205,7 +205,10 @@ pub enum ScheduleCommand {
         /// Also purge, daily, the bodies staged more than this many days ago
         #[arg(long)]
         purge_older_than_days: Option<u32>,
-        /// pg_cron schedule of the purge
+        /// Also end, daily, the masked rows whose create_date is more than this many months old
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1200))]
+        masked_older_than_months: Option<u32>,
+        /// pg_cron schedule of the purge and of the masked rows' expiry
         #[arg(long, default_value = "30 3 * * *")]
         purge_at: String,
         /// Days of pg_cron run history (cron.job_run_details) to keep
@@ -325,17 +328,26 @@ impl TransformPlanArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("periods").required(true).multiple(true)
+    .args(["older_than_days", "masked_older_than_months"]))]
 pub struct PurgeArgs {
     /// Purge bodies staged more than this many days ago (0: every body with an outcome)
     #[arg(long, env = "LOADER_RETENTION_DAYS")]
-    pub older_than_days: u32,
+    pub older_than_days: Option<u32>,
+
+    /// End the masked rows (public.user_logins) whose create_date is more than this many months
+    /// old, with their staged bodies
+    #[arg(long, env = "LOADER_MASKED_RETENTION_MONTHS",
+          value_parser = clap::value_parser!(i32).range(1..=1200))]
+    pub masked_older_than_months: Option<i32>,
 
     /// Bodies per committed batch: the most one transaction holds
     #[arg(long, env = "LOADER_PURGE_BATCH", default_value_t = loader::retention::DEFAULT_BATCH,
           value_parser = clap::value_parser!(i32).range(1..))]
     pub batch_size: i32,
 
-    /// Count the bodies that would be purged (and the pending rows kept), and change nothing
+    /// Count the bodies that would be purged (and the pending rows kept) and the masked rows
+    /// that would end, and change nothing
     #[arg(long)]
     pub dry_run: bool,
 }

@@ -432,34 +432,70 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(exit::OK))
 }
 
-/// Retention (`sql/40_retention.sql`): old raw bodies with an outcome become JSON null.
+/// Retention (`sql/40_retention.sql`): old raw bodies with an outcome become JSON null, and
+/// masked rows past their period end. Bodies first: both are owner-only, and either may be
+/// asked for alone.
 async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
-    let days = i32::try_from(args.older_than_days).context("--older-than-days is too large")?;
+    let days = args
+        .older_than_days
+        .map(|days| i32::try_from(days).context("--older-than-days is too large"))
+        .transpose()?;
     if args.dry_run {
-        let (bodies, pending) = retention::preview(&pool, days).await?;
-        println!(
-            "dry run: would purge {bodies} staged bodies older than {days} days; {pending} \
-             pending rows among them are kept until transformed; nothing changed"
-        );
+        if let Some(days) = days {
+            let (bodies, pending) = retention::preview(&pool, days).await?;
+            println!(
+                "dry run: would purge {bodies} staged bodies older than {days} days; {pending} \
+                 pending rows among them are kept until transformed"
+            );
+        }
+        if let Some(months) = args.masked_older_than_months {
+            let (cutoff, rows, undated) = retention::preview_masked(&pool, months).await?;
+            println!(
+                "dry run: would end {rows} masked rows created before {cutoff} (older than \
+                 {months} months); {undated} rows without a create_date are kept"
+            );
+        }
+        println!("nothing changed");
         return Ok(ExitCode::from(exit::OK));
     }
-    let progress = Progress::on_terminal("bodies purged");
     let stop = stop_on_signal();
-    let purged = retention::purge(&pool, days, args.batch_size, progress.as_ref(), &stop).await?;
-    if let Some(progress) = progress {
-        progress.finish();
-    }
-    let bodies = purged.bodies;
-    if purged.finished {
+    if let Some(days) = days {
+        let progress = Progress::on_terminal("bodies purged");
+        let purged =
+            retention::purge(&pool, days, args.batch_size, progress.as_ref(), &stop).await?;
+        if let Some(progress) = progress {
+            progress.finish();
+        }
+        let bodies = purged.bodies;
+        if !purged.finished {
+            println!(
+                "stopped after purging {bodies} staged bodies older than {days} days; run again \
+                 to continue"
+            );
+            return Ok(ExitCode::from(exit::INTERRUPTED));
+        }
         println!("purged {bodies} staged bodies older than {days} days");
-        Ok(ExitCode::from(exit::OK))
-    } else {
-        println!(
-            "stopped after purging {bodies} staged bodies older than {days} days; run again to continue"
-        );
-        Ok(ExitCode::from(exit::INTERRUPTED))
     }
+    if let Some(months) = args.masked_older_than_months {
+        let progress = Progress::on_terminal("masked rows ended");
+        let expired =
+            retention::expire_masked(&pool, months, args.batch_size, progress.as_ref(), &stop)
+                .await?;
+        if let Some(progress) = progress {
+            progress.finish();
+        }
+        let (rows, cutoff) = (expired.rows, expired.cutoff);
+        if !expired.finished {
+            println!(
+                "stopped after ending {rows} masked rows created before {cutoff}; run again to \
+                 continue"
+            );
+            return Ok(ExitCode::from(exit::INTERRUPTED));
+        }
+        println!("ended {rows} masked rows created before {cutoff} (older than {months} months)");
+    }
+    Ok(ExitCode::from(exit::OK))
 }
 
 async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {
@@ -496,12 +532,14 @@ async fn schedule(settings: &Settings, command: &ScheduleCommand) -> Result<Exit
         ScheduleCommand::Install {
             transform_every,
             purge_older_than_days,
+            masked_older_than_months,
             purge_at,
             keep_history_days,
         } => {
             let plan = schedule::Timetable {
                 transform_every: transform_every.clone(),
                 purge: purge_older_than_days.map(|days| (purge_at.clone(), days)),
+                expire_masked: masked_older_than_months.map(|months| (purge_at.clone(), months)),
                 keep_history_days: *keep_history_days,
             };
             print!("{}", render::schedule(&schedule::install(&pool, &plan).await?));

@@ -44,6 +44,9 @@ fn write_stages(out: &mut impl fmt::Write, s: &StageCounts) -> fmt::Result {
     if s.erased > 0 {
         writeln!(out, "    of which erased (no outcome)  {:>10}", s.erased)?;
     }
+    if s.expired > 0 {
+        writeln!(out, "    of which masks expired        {:>10}", s.expired)?;
+    }
     writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded)?;
     writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected)?;
     writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending)?;
