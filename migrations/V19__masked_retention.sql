@@ -24,3 +24,16 @@ create table loader.mask_expiries (
 -- The batches walk user_logins by create_date. On a large adopted table, create it beforehand
 -- with CREATE INDEX CONCURRENTLY under the same name: this then only checks that it is there.
 create index if not exists user_logins_create_date on public.user_logins (create_date);
+-- IF NOT EXISTS goes by the name alone: make sure it is this index, valid, on this table (a
+-- relation of that name made beforehand by someone else would leave every batch a full scan).
+do $$
+begin
+    if not exists (select from pg_index i
+                    where i.indexrelid = to_regclass('public.user_logins_create_date')
+                      and i.indrelid = 'public.user_logins'::regclass and i.indisvalid
+                      and pg_get_indexdef(i.indexrelid) like '%USING btree (create_date)') then
+        raise exception 'public.user_logins_create_date is not a valid index on user_logins (create_date)'
+            using hint = 'drop or rename whatever has that name (or an invalid index left by a failed CREATE INDEX CONCURRENTLY), then run loader migrate again';
+    end if;
+end
+$$;

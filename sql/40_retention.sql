@@ -126,8 +126,8 @@ comment on function loader._masked_cutoff(integer) is
 
 -- expire_masked_batch: ends up to max_rows user_logins rows whose create_date is before
 -- `cutoff` (oldest first), in the live table and in a copying rebuild's copy; returns how many
--- rows it deleted (a copy's row deleted after its live one counts again: the record in
--- loader.mask_expiries counts each once), 0 when none is left (the record is then finished).
+-- rows it deleted (a copy's row before loader counts again: the record in loader.mask_expiries
+-- counts each once), 0 only when none is left before the cutoff (the record is then finished).
 create or replace function loader.expire_masked_batch(cutoff date, max_rows integer default 10000)
 returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -136,50 +136,75 @@ declare
     ids text[];
     adopted bigint;
     copied bigint := 0;
+    copy regclass;
+    left_in_copy boolean := false;
+    rounds integer := 0;
 begin
     if cutoff is null or cutoff > loader._masked_cutoff(1) then
         raise exception 'expire_masked_batch: masked rows are kept at least a month: the cutoff % is too late', cutoff
             using errcode = 'invalid_parameter_value';
     end if;
-    if max_rows is null or max_rows < 1 or max_rows > 100000 then
-        raise exception 'expire_masked_batch: 1 to 100000 rows per batch, not %', max_rows
+    if max_rows is null or max_rows < 1 or max_rows > 1000000 then
+        raise exception 'expire_masked_batch: 1 to 1000000 rows per batch, not %', max_rows
             using errcode = 'invalid_parameter_value';
     end if;
     insert into loader.mask_expiries (cutoff, started_at, requested_by)
     values (cutoff, clock_timestamp(), session_user)
     on conflict on constraint mask_expiries_pkey do nothing;
-    lock table loader.maintenance_lock in exclusive mode;
+    -- In _forget_start's order: the erasure key's row, then the maintenance lock.
     perform from loader.erasure_key for update;
-    with gone as (
-        delete from public.user_logins u
-         where u.ctid = any (array(select c.ctid from public.user_logins c
-                                    where c.create_date < cutoff
-                                    order by c.create_date limit max_rows))
-        returning u.message_id)
-    select coalesce(array_agg(g.message_id) filter (where g.message_id is not null), '{}'),
-           count(*) filter (where g.message_id is null)
-      into ids, adopted from gone g;
-    -- A copying rebuild's copy: the same rows, and what else of the cutoff it holds (rows it
-    -- carried at its start, rows before loader), a batch at a time.
-    if to_regclass('loader_rebuild.user_logins_next') is not null then
-        execute 'delete from loader_rebuild.user_logins_next u where u.message_id = any ($1)'
-          using ids;
-        execute 'delete from loader_rebuild.user_logins_next u
-                  where u.ctid = any (array(select c.ctid from loader_rebuild.user_logins_next c
-                                             where c.create_date < $1
-                                             order by c.create_date limit $2))'
-          using cutoff, max_rows;
-        get diagnostics copied = row_count;
-    end if;
-    update loader.raw_logins r
-       set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
-           expired_at = clock_timestamp()
-     where r.message_id = any (ids) and r.expired_at is null;
-    update loader.mask_expiries e
-       set expired = e.expired + cardinality(ids), before_loader = e.before_loader + adopted,
-           finished_at = case when cardinality(ids) + adopted + copied = 0
-                              then coalesce(e.finished_at, clock_timestamp()) end
-     where e.cutoff = expire_masked_batch.cutoff;
+    lock table loader.maintenance_lock in exclusive mode;
+    copy := to_regclass('loader_rebuild.user_logins_next');
+    loop
+        with gone as (
+            delete from public.user_logins u
+             where u.ctid = any (array(select c.ctid from public.user_logins c
+                                        where c.create_date < cutoff
+                                        order by c.create_date limit max_rows))
+            returning u.message_id)
+        select coalesce(array_agg(g.message_id) filter (where g.message_id is not null), '{}'),
+               count(*) filter (where g.message_id is null)
+          into ids, adopted from gone g;
+        -- A copying rebuild's copy: the same rows (each of its rows with a message_id has its
+        -- live one), and the rows before loader it carried at its start, which nothing else
+        -- finds there (counted in the live table: a swap first leaves them uncounted).
+        if copy is not null then
+            execute format('delete from %s u where u.message_id = any ($1)', copy) using ids;
+            execute format('delete from %1$s u
+                             where u.ctid = any (array(select c.ctid from %1$s c
+                                                        where c.message_id is null and c.create_date < $1
+                                                        order by c.create_date limit $2))', copy)
+              using cutoff, max_rows;
+            get diagnostics copied = row_count;
+        end if;
+        update loader.raw_logins r
+           set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, clock_timestamp()),
+               expired_at = clock_timestamp()
+         where r.message_id = any (ids) and r.expired_at is null;
+        update loader.mask_expiries e
+           set expired = e.expired + cardinality(ids), before_loader = e.before_loader + adopted,
+               finished_at = null
+         where e.cutoff = expire_masked_batch.cutoff and cardinality(ids) + adopted > 0;
+        exit when cardinality(ids) + adopted + copied > 0;
+        -- Nothing deleted: done, unless the rows picked were deleted under this batch by
+        -- another transaction (an erasure) that then committed, or that rolled back: pick again.
+        if copy is not null then
+            execute format('select exists (select from %s c where c.message_id is null and c.create_date < $1)',
+                           copy)
+              into left_in_copy using cutoff;
+        end if;
+        if not exists (select from public.user_logins c where c.create_date < cutoff)
+           and not left_in_copy then
+            update loader.mask_expiries e set finished_at = coalesce(e.finished_at, clock_timestamp())
+             where e.cutoff = expire_masked_batch.cutoff;
+            return 0;
+        end if;
+        rounds := rounds + 1;
+        if rounds > 100 then
+            raise exception 'expire_masked_batch: the rows before % keep changing under it; run it again', cutoff
+                using errcode = 'serialization_failure';
+        end if;
+    end loop;
     return cardinality(ids) + adopted + copied;
 end
 $$;

@@ -104,7 +104,7 @@ pub async fn masked_cutoff(pool: &PgPool, months: i32) -> Result<Date> {
             .await
     })
     .await
-    .context("computing the masked data's cutoff (only the owner role may)")
+    .context("computing the masked data's cutoff")
 }
 
 /// What [`expire_masked`] would do for `months`, changing nothing: its cutoff, the masked rows
@@ -148,7 +148,7 @@ pub async fn expire_masked(
         stopping,
     )
     .await
-    .context("ending masked rows past their retention (only the owner role may)")?;
+    .context("ending masked rows past their retention period")?;
     let rows = ended_before(pool, cutoff).await? - before;
     Ok(Expired { cutoff, rows, finished })
 }

@@ -16,7 +16,7 @@ fn through(env: &TestEnv, pooler_url_var: &str) -> String {
 
 /// The tour: migrate, send, ingest (small flushes: many statements), run, transform with four
 /// sessions, an online rebuild and a rotation, reconcile, doctor, the DLQ listed and redriven,
-/// purge; every message staged once and accounted for.
+/// purge and the masked data's retention; every message staged once and accounted for.
 async fn every_command_through(pooler_url_var: &str) {
     let env = TestEnv::new(2).await;
     let dlq: TestQueue = env.queue.attach_dead_letter_queue(2).await;
@@ -85,6 +85,17 @@ async fn every_command_through(pooler_url_var: &str) {
     assert!(purged.contains("purged 401"), "{purged}");
     assert_eq!(env.db.staged().await, 401);
     assert_eq!(env.db.pending().await, 0);
+    // The masked data's retention, in batches that move between server sessions too.
+    sqlx::query(
+        "update public.user_logins set create_date = '2020-01-01'
+          where message_id in (select message_id from public.user_logins order by message_id limit 120)",
+    )
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+    let ended = ok(&["purge", "--masked-older-than-months", "12", "--batch-size", "50"]);
+    assert!(ended.starts_with("ended 120 masked rows"), "{ended}");
+    ok(&["reconcile", "--skip-queue"]);
 }
 
 #[tokio::test]

@@ -340,3 +340,93 @@ async fn masked_rows_ended_while_a_rotation_copies_stay_ended_after_its_swap() {
     assert_eq!(db.count("select count(*) from public.user_logins").await, 42);
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
+
+#[tokio::test]
+async fn a_swap_between_two_expiry_batches_leaves_every_ended_message_stamped() {
+    let db = TestDb::migrated().await;
+    let messages = fixture_messages();
+    stage(&db, &messages[..60], SENT).await;
+    stage(&db, &messages[60..], time::OffsetDateTime::now_utc()).await;
+    rows_before_loader(&db).await;
+    db.cli().ok(&["transform"]);
+    sqlx::raw_sql(
+        "select * from loader.rebuild_start(rotate => true, range_rows => 1000);
+         select loader.rebuild_copy_range();
+         select loader.expire_masked_batch(loader._masked_cutoff(12), 10);
+         select * from loader.rebuild_swap();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // What the swap left: no message without an outcome, a stamp or a body to load again.
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+    db.cli().ok(&["purge", "--masked-older-than-months", "12"]);
+    db.cli().ok(&["transform", "--rebuild"]);
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where create_date < current_date - 400")
+            .await,
+        0,
+        "no ended row came back with the next rebuild"
+    );
+    assert_eq!(
+        db.count(
+            "select count(*) from loader.raw_logins where expired_at is not null and body <> 'null'"
+        )
+        .await,
+        0
+    );
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}
+
+#[tokio::test]
+async fn an_expiry_beside_an_erasure_neither_deadlocks_nor_stops_before_the_end() {
+    let db = TestDb::migrated().await;
+    stage(&db, &fixture_messages(), SENT).await;
+    db.cli().ok(&["transform"]);
+    // The oldest rows are one person's, whom an erasure is deleting (uncommitted) when the
+    // expiry's first batch picks them.
+    let user: String = sqlx::query_scalar(
+        "update public.user_logins set create_date = '2001-01-01'
+          where user_id = (select min(user_id) from public.user_logins) returning user_id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let erasure: i64 = sqlx::query_scalar("select loader._forget_start(array[$1], 'T-1')")
+        .bind(&user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut forgetting = db.pool.begin().await.unwrap();
+    sqlx::query("select loader._forget_batch($1, 1000)")
+        .bind(erasure)
+        .execute(&mut *forgetting)
+        .await
+        .unwrap();
+    let expiring =
+        db.cli().spawn(&["purge", "--masked-older-than-months", "12", "--batch-size", "1"]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    forgetting.commit().await.unwrap();
+    crate::support::wait_ok(expiring);
+    assert_eq!(
+        db.count("select count(*) from public.user_logins").await,
+        0,
+        "none left before the cutoff"
+    );
+
+    // Lock order: an expiry and an erasure's start both waiting on the maintenance lock.
+    stage(&db, &fixture_messages()[..1], SENT).await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("lock table loader.maintenance_lock in exclusive mode")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let expiring = db.cli().spawn(&["purge", "--masked-older-than-months", "12"]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let forgetting = db.cli().spawn(&["forget", "--user-id", "someone", "--reference", "T-2"]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holder.commit().await.unwrap();
+    crate::support::wait_ok(expiring);
+    crate::support::wait_ok(forgetting);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}

@@ -341,9 +341,9 @@ pub struct PurgeArgs {
           value_parser = clap::value_parser!(i32).range(1..=1200))]
     pub masked_older_than_months: Option<i32>,
 
-    /// Bodies per committed batch: the most one transaction holds
+    /// Bodies (or masked rows) per committed batch: the most one transaction holds
     #[arg(long, env = "LOADER_PURGE_BATCH", default_value_t = loader::retention::DEFAULT_BATCH,
-          value_parser = clap::value_parser!(i32).range(1..))]
+          value_parser = clap::value_parser!(i32).range(1..=1_000_000))]
     pub batch_size: i32,
 
     /// Count the bodies that would be purged (and the pending rows kept) and the masked rows
