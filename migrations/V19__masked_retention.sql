@@ -18,7 +18,8 @@ create table loader.mask_expiries (
     finished_at timestamptz,
     requested_by text not null,
     expired bigint not null default 0,
-    before_loader bigint not null default 0
+    before_loader bigint not null default 0,
+    bodies bigint not null default 0
 );
 
 -- The batches walk user_logins by create_date. On a large adopted table, create it beforehand

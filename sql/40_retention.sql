@@ -96,8 +96,9 @@ comment on procedure loader.purge_staged(interval, bigint, integer) is
 -- loader.expire_masked(N)` in psql, or the pg_cron job. Rows from before loader (no message_id)
 -- go by the same rule; a row with no create_date is never expired (nothing says its age).
 --
--- With the masked row, its staged body goes too (a raw body never outlives its mask) and the
--- staged row is stamped expired_at: it stays, so a redelivery is still a duplicate that gets no
+-- With the masked row, its staged body goes too (a raw body never outlives its mask), and so do
+-- the bodies of rejected messages staged before the cutoff (no raw body outlives the period);
+-- the staged row is stamped expired_at: it stays, so a redelivery is still a duplicate that gets no
 -- outcome, and reconcile counts the message as accounted for. Each batch adds to the cutoff's
 -- row in loader.mask_expiries, the record of what ended when (no user id in it), which
 -- downstream copies can follow. login_rejects rows stay: they hold no personal data.
@@ -137,6 +138,7 @@ declare
     adopted bigint;
     copied bigint := 0;
     copy regclass;
+    purged_bodies bigint;
     left_in_copy boolean := false;
     rounds integer := 0;
 begin
@@ -186,6 +188,15 @@ begin
                finished_at = null
          where e.cutoff = expire_masked_batch.cutoff and cardinality(ids) + adopted > 0;
         exit when cardinality(ids) + adopted + copied > 0;
+        -- No masked row left to end: then the bodies staged before the cutoff that have an
+        -- outcome but no masked row to end with (a reject's), so that no raw body outlives the
+        -- period whatever --older-than-days says.
+        purged_bodies := loader.purge_staged_batch(cutoff::timestamp at time zone 'UTC', max_rows);
+        if purged_bodies > 0 then
+            update loader.mask_expiries e set bodies = e.bodies + purged_bodies, finished_at = null
+             where e.cutoff = expire_masked_batch.cutoff;
+            return purged_bodies;
+        end if;
         -- Nothing deleted: done, unless the rows picked were deleted under this batch by
         -- another transaction (an erasure) that then committed, or that rolled back: pick again.
         if copy is not null then
@@ -195,8 +206,10 @@ begin
         end if;
         if not exists (select from public.user_logins c where c.create_date < cutoff)
            and not left_in_copy then
+            -- An earlier cutoff left unfinished (a run stopped, and rerun on a later day) is
+            -- covered too: nothing before this one is left.
             update loader.mask_expiries e set finished_at = coalesce(e.finished_at, clock_timestamp())
-             where e.cutoff = expire_masked_batch.cutoff;
+             where e.cutoff <= expire_masked_batch.cutoff;
             return 0;
         end if;
         rounds := rounds + 1;

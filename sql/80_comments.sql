@@ -57,10 +57,11 @@ comment on table loader.mask_expiries is
     'Retention of the masked data: per cutoff, the user_logins rows ended (create_date before it); no user id';
 comment on column loader.mask_expiries.cutoff is 'Rows whose create_date is before this day were ended';
 comment on column loader.mask_expiries.started_at is 'When the first batch for this cutoff ran';
-comment on column loader.mask_expiries.finished_at is 'When a batch found nothing left before the cutoff; NULL while it runs or after a kill (rerun to finish)';
-comment on column loader.mask_expiries.requested_by is 'The login (session_user) of the first batch';
+comment on column loader.mask_expiries.finished_at is 'When a batch found nothing left before the cutoff (or before a later one); NULL while it runs or after a kill (rerun to finish); moves when a rerun ends more';
+comment on column loader.mask_expiries.requested_by is 'The login (session_user) of the first batch (a rerun for the same cutoff adds to the row)';
 comment on column loader.mask_expiries.expired is 'Rows of loader (with a message_id) ended';
 comment on column loader.mask_expiries.before_loader is 'Rows from before loader (no message_id) ended';
+comment on column loader.mask_expiries.bodies is 'Staged bodies with no masked row (rejects) staged before the cutoff, purged with it';
 comment on column loader.ingest_runs.id is 'Run id, as `loader ingest` prints it';
 comment on column loader.ingest_runs.started_at is 'When the run was registered';
 comment on column loader.ingest_runs.finished_at is 'When it ended; NULL while running, after a crash, and for Lambda runs';

@@ -89,6 +89,9 @@ pub struct Expired {
     pub cutoff: Date,
     /// `user_logins` rows ended by this call (a copying rebuild's copy loses them too).
     pub rows: i64,
+    /// Bodies with no masked row to end with (rejects) staged before the cutoff, purged by this
+    /// call.
+    pub bodies: i64,
     /// False when `stop` ended it before every old row was ended (run again to continue).
     pub finished: bool,
 }
@@ -96,26 +99,39 @@ pub struct Expired {
 /// The first `create_date` kept when masked rows are kept `months` months (the UTC day, less
 /// the months): `loader._masked_cutoff`, the one rule of every path.
 pub async fn masked_cutoff(pool: &PgPool, months: i32) -> Result<Date> {
-    crate::db::transaction(pool, async |tx| {
+    let cutoff = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select loader._masked_cutoff($1)")
             .bind(months)
             .persistent(false)
             .fetch_one(tx)
             .await
     })
-    .await
-    .context("computing the masked data's cutoff")
+    .await;
+    crate::db::explained(cutoff, "computing the masked data's cutoff", "the owner role")
 }
 
-/// What [`expire_masked`] would do for `months`, changing nothing: its cutoff, the masked rows
-/// before it (it ends those), and the rows with no create_date (never expired: nothing says
-/// their age).
-pub async fn preview_masked(pool: &PgPool, months: i32) -> Result<(Date, i64, i64)> {
+/// What [`expire_masked`] would do, changing nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryPreview {
+    pub cutoff: Date,
+    /// Masked rows created before the cutoff (it ends those).
+    pub rows: i64,
+    /// Of those, rows from before loader (no message id).
+    pub before_loader: i64,
+    /// Rows with no create_date: never ended (nothing says their age).
+    pub undated: i64,
+}
+
+/// What [`expire_masked`] would do for `months`, changing nothing.
+pub async fn preview_masked(pool: &PgPool, months: i32) -> Result<ExpiryPreview> {
     let cutoff = masked_cutoff(pool, months).await?;
-    let (rows, undated) = crate::db::transaction(pool, async |tx| {
+    let (rows, before_loader, undated) = crate::db::transaction(pool, async |tx| {
         sqlx::query_as(
-            "select (select count(*) from public.user_logins where create_date < $1),
-                    (select count(*) from public.user_logins where create_date is null)",
+            "select count(*) filter (where create_date < $1),
+                    count(*) filter (where create_date < $1 and message_id is null),
+                    count(*) filter (where create_date is null)
+               from public.user_logins
+              where create_date < $1 or create_date is null",
         )
         .bind(cutoff)
         .persistent(false)
@@ -124,7 +140,7 @@ pub async fn preview_masked(pool: &PgPool, months: i32) -> Result<(Date, i64, i6
     })
     .await
     .context("counting the masked rows the expiry would end")?;
-    Ok((cutoff, rows, undated))
+    Ok(ExpiryPreview { cutoff, rows, before_loader, undated })
 }
 
 /// Ends every masked row whose create_date is more than `months` months old (the cutoff is
@@ -149,17 +165,17 @@ pub async fn expire_masked(
     )
     .await
     .context("ending masked rows past their retention period")?;
-    let rows = ended_before(pool, cutoff).await? - before;
-    Ok(Expired { cutoff, rows, finished })
+    let after = ended_before(pool, cutoff).await?;
+    Ok(Expired { cutoff, rows: after.0 - before.0, bodies: after.1 - before.1, finished })
 }
 
-/// The rows ended so far for `cutoff`, as its record in `loader.mask_expiries` counts them (a
-/// batch's return also counts a row of a rebuild's copy it deleted after the live one).
-async fn ended_before(pool: &PgPool, cutoff: Date) -> Result<i64> {
+/// The rows and bodies ended so far for `cutoff`, as its record in `loader.mask_expiries` counts
+/// them (a batch's return also counts a row of a rebuild's copy it deleted after the live one).
+async fn ended_before(pool: &PgPool, cutoff: Date) -> Result<(i64, i64)> {
     crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar(
-            "select coalesce((select expired + before_loader from loader.mask_expiries
-                               where cutoff = $1), 0)",
+        sqlx::query_as(
+            "select coalesce(sum(expired + before_loader), 0)::bigint, coalesce(sum(bodies), 0)::bigint
+               from loader.mask_expiries where cutoff = $1",
         )
         .bind(cutoff)
         .persistent(false)

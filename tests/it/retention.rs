@@ -222,16 +222,35 @@ async fn masked_rows_end_after_their_period_with_their_bodies_and_reconcile_acco
     assert_eq!(
         out.trim(),
         format!(
-            "dry run: would end 61 masked rows created before {cutoff} (older than 12 months); 1 \
-             rows without a create_date are kept\nnothing changed"
+            "dry run: would end 61 masked rows (2 of them from before loader) created before \
+             {cutoff} (older than 12 months), with their staged bodies and those of rejects \
+             staged before it; rows without a create_date, kept: 1\nnothing changed"
         )
     );
     assert_eq!(db.count("select count(*) from public.user_logins").await, 103);
+    // The reject's body, staged two years ago, has no masked row to end with: it goes too. And a
+    // run stopped on an earlier day left its cutoff unfinished: this one covers it.
+    sqlx::raw_sql(
+        "update loader.raw_logins set staged_at = now() - interval '2 years'
+          where message_id in (select message_id from loader.login_rejects);
+         insert into loader.mask_expiries (cutoff, started_at, requested_by)
+         values ('2001-01-01', now(), 'someone')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
 
     let out = db.cli().ok(&["purge", "--masked-older-than-months", "12", "--batch-size", "7"]);
     assert_eq!(
         out.trim(),
-        format!("ended 61 masked rows created before {cutoff} (older than 12 months)")
+        format!(
+            "ended 61 masked rows created before {cutoff} (older than 12 months), and purged 1 \
+             staged bodies with no masked row (rejects)"
+        )
+    );
+    assert_eq!(
+        db.count("select count(*) from loader.mask_expiries where finished_at is null").await,
+        0
     );
     let kept: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
         "select message_id, user_id from public.user_logins
@@ -257,18 +276,30 @@ async fn masked_rows_end_after_their_period_with_their_bodies_and_reconcile_acco
     );
     assert_eq!(db.staged().await, 100);
     assert_eq!(db.count("select count(*) from loader.login_rejects").await, 1, "rejects stay");
-    let record: (time::Date, i64, i64, bool, String) = sqlx::query_as(
-        "select cutoff, expired, before_loader, finished_at is not null, requested_by
-           from loader.mask_expiries",
+    assert_eq!(db.count("select count(*) from loader.raw_logins where body = 'null'").await, 60);
+    let record: (time::Date, i64, i64, i64, bool, String) = sqlx::query_as(
+        "select cutoff, expired, before_loader, bodies, finished_at is not null, requested_by
+           from loader.mask_expiries where cutoff = loader._masked_cutoff(12)",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(record, (cutoff, 59, 2, true, crate::support::OWNER.to_owned()));
+    assert_eq!(record, (cutoff, 59, 2, 1, true, crate::support::OWNER.to_owned()));
 
     // Reconcile accounts for every message: the ended ones by their stamp.
     let report = db.cli().ok(&["reconcile", "--skip-queue"]);
     assert!(report.contains("of which masks expired                59"), "{report}");
+    // Status says how far back the data goes now, and the last cutoff.
+    let status = db.cli().ok(&["status"]);
+    assert!(
+        status.contains(&format!("(retention last ended the rows created before {cutoff})"))
+            && status.contains("oldest body kept: staged "),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&db.cli().ok(&["status", "--json"])).unwrap();
+    assert_eq!(json["last_masked_cutoff"], cutoff.to_string(), "{json}");
+    assert!(json["oldest_masked_create_date"].as_str().unwrap() >= cutoff.to_string().as_str());
 
     // A redelivery of an ended message is a duplicate: no outcome comes back.
     stage(&db, &messages[..1], SENT).await;
@@ -282,7 +313,7 @@ async fn masked_rows_end_after_their_period_with_their_bodies_and_reconcile_acco
     // An analyst reads the record (for downstream copies), and nothing else changed.
     let analyst = crate::support::TestRole::new(&db, "loader_analyst").await;
     let ended: i64 =
-        sqlx::query_scalar("select sum(expired + before_loader)::bigint from loader.mask_expiries")
+        sqlx::query_scalar("select sum(expired + before_loader)::bigint from loader.mask_expiries where cutoff > '2001-01-01'")
             .fetch_one(&analyst.pool)
             .await
             .unwrap();

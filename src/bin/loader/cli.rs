@@ -135,9 +135,10 @@ pub enum Command {
     Run(RunArgs),
     /// Counts at every stage and the invariants; exit 3 when one breaks
     Reconcile(ReconcileArgs),
-    /// A short health summary: queue depth, pending rows, last run, active key
+    /// A short health summary: queue depth, pending rows, last run, active key, retention
     Status(StatusArgs),
-    /// Retention: replace raw bodies staged more than N days ago (with an outcome) by JSON null
+    /// Retention: purge raw bodies staged more than N days ago (with an outcome), end masked rows
+    /// created more than M months ago
     Purge(PurgeArgs),
     /// Erase every trace of some user ids (a data subject's request), recorded without them
     Forget(ForgetArgs),
@@ -149,7 +150,8 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Is this deployment set up right? One line per problem, with its fix; exit 0 when none
     Doctor(DoctorArgs),
-    /// The SQL side on pg_cron: transform, purge and history pruning as database jobs
+    /// The SQL side on pg_cron: transform, purge, masked data's retention and history pruning as
+    /// database jobs
     #[command(subcommand)]
     Schedule(ScheduleCommand),
     /// Benchmarks behind scripts/bench-ingest.sh: the queue's ceiling, staging alone
@@ -203,10 +205,11 @@ pub enum ScheduleCommand {
         #[arg(long, default_value = "* * * * *")]
         transform_every: String,
         /// Also purge, daily, the bodies staged more than this many days ago
-        #[arg(long)]
+        #[arg(long, env = "LOADER_RETENTION_DAYS")]
         purge_older_than_days: Option<u32>,
         /// Also end, daily, the masked rows whose create_date is more than this many months old
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1200))]
+        #[arg(long, env = "LOADER_MASKED_RETENTION_MONTHS",
+              value_parser = clap::value_parser!(u32).range(1..=1200))]
         masked_older_than_months: Option<u32>,
         /// pg_cron schedule of the purge and of the masked rows' expiry
         #[arg(long, default_value = "30 3 * * *")]

@@ -429,6 +429,22 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     }
     let key = status.active_key_id.map_or_else(|| "none".to_owned(), |k| k.to_string());
     println!("active key: {key}");
+    println!(
+        "oldest body kept: {}",
+        status
+            .oldest_body_staged_at
+            .map_or_else(|| "none".to_owned(), |t| format!("staged {}", when(Some(t))))
+    );
+    let last_cutoff = status
+        .last_masked_cutoff
+        .map(|d| format!(" (retention last ended the rows created before {d})"))
+        .unwrap_or_default();
+    println!(
+        "oldest masked row: {}{last_cutoff}",
+        status
+            .oldest_masked_create_date
+            .map_or_else(|| "none".to_owned(), |d| format!("created {d}"))
+    );
     Ok(ExitCode::from(exit::OK))
 }
 
@@ -450,10 +466,12 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
             );
         }
         if let Some(months) = args.masked_older_than_months {
-            let (cutoff, rows, undated) = retention::preview_masked(&pool, months).await?;
+            let p = retention::preview_masked(&pool, months).await?;
             println!(
-                "dry run: would end {rows} masked rows created before {cutoff} (older than \
-                 {months} months); {undated} rows without a create_date are kept"
+                "dry run: would end {} masked rows ({} of them from before loader) created before \
+                 {} (older than {months} months), with their staged bodies and those of rejects \
+                 staged before it; rows without a create_date, kept: {}",
+                p.rows, p.before_loader, p.cutoff, p.undated
             );
         }
         println!("nothing changed");
@@ -469,9 +487,13 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
         }
         let bodies = purged.bodies;
         if !purged.finished {
+            let expiry = match args.masked_older_than_months {
+                Some(_) => " (the masked rows' expiry has not started)",
+                None => "",
+            };
             println!(
-                "stopped after purging {bodies} staged bodies older than {days} days; run again \
-                 to continue"
+                "stopped after purging {bodies} staged bodies older than {days} days{expiry}; \
+                 run again to continue"
             );
             return Ok(ExitCode::from(exit::INTERRUPTED));
         }
@@ -486,14 +508,20 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
             progress.finish();
         }
         let (rows, cutoff) = (expired.rows, expired.cutoff);
+        let bodies = match expired.bodies {
+            0 => String::new(),
+            n => format!(", and purged {n} staged bodies with no masked row (rejects)"),
+        };
         if !expired.finished {
             println!(
-                "stopped after ending {rows} masked rows created before {cutoff}; run again to \
-                 continue"
+                "stopped after ending {rows} masked rows created before {cutoff}{bodies}; run \
+                 again to continue"
             );
             return Ok(ExitCode::from(exit::INTERRUPTED));
         }
-        println!("ended {rows} masked rows created before {cutoff} (older than {months} months)");
+        println!(
+            "ended {rows} masked rows created before {cutoff} (older than {months} months){bodies}"
+        );
     }
     Ok(ExitCode::from(exit::OK))
 }
