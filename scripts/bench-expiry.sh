@@ -15,20 +15,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 rows="${1:-1000000}"
-eval "$(bash scripts/postgres.sh)"
-admin_url="$DATABASE_URL"
-export DATABASE_URL="${admin_url%/*}/loader_expiry" RUST_LOG=warn
-cargo build --release --locked --quiet
-loader() { target/release/loader "$@"; }
-PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
-    -c 'drop database if exists loader_expiry' -c 'create database loader_expiry'
-loader migrate >/dev/null
+export RUST_LOG=warn
+scratch_database loader_expiry release
 
-sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
-now() { date +%s.%N; }
-took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
-wal() { sql -c "select pg_current_wal_lsn()"; }
-wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }
 size() { sql -c "select pg_size_pretty(pg_total_relation_size('$1'))"; }
 report() { printf '%-58s %s\n' "$1" "$2"; }
 

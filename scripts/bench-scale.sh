@@ -18,18 +18,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 rows="${1:-10000000}"
-eval "$(bash scripts/postgres.sh)"
-admin_url="$DATABASE_URL"
-export DATABASE_URL="${admin_url%/*}/loader_scale" RUST_LOG=warn
-cargo build --release --locked --quiet
-loader() { target/release/loader "$@"; }
-PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
-    -c 'drop database if exists loader_scale' -c 'create database loader_scale'
-loader migrate >/dev/null
+export RUST_LOG=warn
+scratch_database loader_scale release
 
-sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
-now() { date +%s.%N; }
-took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
 sizes() {
     sql -c "select string_agg(format('%s %s', c.relname, pg_size_pretty(pg_total_relation_size(c.oid))), ', ' order by c.relname)
               from pg_class c where c.oid in ('loader.raw_logins'::regclass, 'public.user_logins'::regclass,
@@ -87,8 +78,6 @@ report "  key ids in user_logins after it" "$(sql -c "select count(distinct mask
 # pg_partman would keep it), timed as the staging it would replace; then the batched purge of
 # the bodies older than 30 days (stopped after PURGE_SECONDS, default 1200: it resumes), and
 # dropping the copy's partitions of the same days. WAL volume from pg_current_wal_lsn().
-wal() { sql -c "select pg_current_wal_lsn()"; }
-wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }
 sql >/dev/null <<'SQL'
 create table loader.parts (like loader.raw_logins) partition by range (staged_at);
 select format('create table loader.parts_%s partition of loader.parts for values from (%L) to (%L)',
@@ -104,7 +93,7 @@ report "  copy into 62 daily partitions (INSERT ... SELECT)" "$(took "$t"); WAL 
 
 t=$(now); w=$(wal)
 purged=$(RUST_LOG=loader::retention=debug timeout -s INT "${PURGE_SECONDS:-1200}" \
-             target/release/loader purge --older-than-days 30 2>"$stop.purge-log") || true
+             "$loader_bin" purge --older-than-days 30 2>"$stop.purge-log") || true
 report "purge, 10,000-row batches: $purged" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
 # Seconds per batch, by tenth of the batches run: a rate that falls as the purge advances shows.
 # (The log is JSON lines: stderr is not a terminal.)

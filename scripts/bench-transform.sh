@@ -21,16 +21,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 rows="${1:-1000000}"
-eval "$(bash scripts/postgres.sh)"
-admin_url="$DATABASE_URL"
-export DATABASE_URL="${admin_url%/*}/loader_bench"
-cargo build --locked --quiet
-PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
-    -c 'drop database if exists loader_bench' -c 'create database loader_bench'
-target/debug/loader migrate >/dev/null
+scratch_database loader_bench
 
-sql() { psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
-now() { date +%s.%N; }
 rate() { awk -v n="$rows" -v a="$1" -v b="$2" 'BEGIN { printf "%6.2f s  %9.0f rows/s", b - a, n / (b - a) }'; }
 
 if [ "$erased" -gt 0 ]; then
@@ -76,7 +68,7 @@ for workers in "" ${WORKERS:-2 4}; do
     reset >/dev/null
     log "loader transform ${workers:+--workers $workers}"
     t4=$(now)
-    out=$(target/debug/loader transform ${workers:+--workers "$workers"})
+    out=$(loader transform ${workers:+--workers "$workers"})
     t5=$(now)
     label="loader transform ${workers:+--workers $workers}"
     [ -z "$workers" ] && label="loader transform (defaults)"

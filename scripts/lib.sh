@@ -79,3 +79,32 @@ select '$prefix-' || g,
   from generate_series(1, $rows) as g
 SQL
 }
+
+# For the benchmarks (scripts/bench-*.sh). scratch_database NAME [release]: the PostgreSQL that
+# postgres.sh finds (or starts), with a new, empty database NAME in it (dropped first) that
+# DATABASE_URL names (admin_url: the server's own), loader built (debug, or release) and
+# migrated there; `loader` runs that build.
+scratch_database() {
+    eval "$(bash scripts/postgres.sh)"
+    admin_url="$DATABASE_URL"
+    export DATABASE_URL="${admin_url%/*}/$1"
+    if [ "${2:-}" = release ]; then
+        cargo build --release --locked --quiet
+        loader_bin=target/release/loader
+    else
+        cargo build --locked --quiet
+        loader_bin=target/debug/loader
+    fi
+    PGOPTIONS="-c client_min_messages=warning" psql "$admin_url" -Xq \
+        -c "drop database if exists $1" -c "create database $1"
+    loader migrate >/dev/null
+}
+loader() { "$LOADER_ROOT/$loader_bin" "$@"; }
+# sql ARGS...: psql in DATABASE_URL, unaligned, stopping at the first error.
+sql() { PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
+now() { date +%s.%N; }
+# took START: seconds since START (a `now`), with $took_digits decimals (default 1).
+took() { awk -v a="$1" -v b="$(now)" -v d="${took_digits:-1}" 'BEGIN { printf "%.*f s", d, b - a }'; }
+# wal, wal_since LSN: the WAL position, and the WAL written since LSN.
+wal() { sql -c "select pg_current_wal_lsn()"; }
+wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }
