@@ -67,8 +67,11 @@ stream() {
     echo "$worst" >"$1.worst"
 }
 stop=$(mktemp -u)
+# The stream ends with the script, whatever ends it (a failed rotation included).
+trap 'touch "$stop"' EXIT
 stream "$stop" &
-t=$(now); loader keys rotate >/dev/null 2>&1
+# The rotation's log (the sessions a swap waited for, by pid) is shown when it fails.
+t=$(now); loader keys rotate >/dev/null 2>"$stop.rotate-log" || { cat "$stop.rotate-log" >&2; exit 1; }
 report "key rotation, online (default workers)" "$(took "$t"); $(sizes)"
 touch "$stop"; wait
 report "  longest wait of a new login for its outcome meanwhile" "$(cat "$stop.worst") s"
@@ -114,4 +117,5 @@ report "  drop the $dropped daily partitions older than 30 days instead" "$(took
 sql -c "drop table loader.parts"
 
 t=$(now); loader reconcile --skip-queue --since 1d >/dev/null; report "reconcile --since 1d (after the rotation rewrote loaded_at)" "$(took "$t")"
-rm -f "$stop" "$stop.worst" "$stop.purge-log"
+trap - EXIT
+rm -f "$stop" "$stop.worst" "$stop.purge-log" "$stop.rotate-log"
