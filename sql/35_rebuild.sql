@@ -296,8 +296,10 @@ begin
         raise exception 'rebuild %: % ranges are not copied yet', running.id, left_to_copy
             using errcode = 'object_not_in_prerequisite_state';
     end if;
-    lock table public.user_logins, loader.login_rejects, loader_rebuild.user_logins_next,
-               loader_rebuild.login_rejects_next in access exclusive mode;
+    -- In the order a transform batch takes them (it writes the copies first, then the live
+    -- tables): taking the live tables first deadlocked with a batch between its two writes.
+    lock table loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next,
+               public.user_logins, loader.login_rejects in access exclusive mode;
     blockers := loader._rebuild_blockers();
     if blockers is not null then
         raise exception 'rebuild %: the tables cannot be swapped: %', running.id, blockers

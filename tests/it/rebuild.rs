@@ -388,3 +388,43 @@ async fn a_batch_committing_while_a_rebuild_starts_loses_nothing_at_the_swap() {
     assert_eq!(late, 1, "the row loaded during the start survived the swap");
     assert_eq!(db.loaded().await + db.rejected().await, 101);
 }
+
+#[tokio::test]
+async fn a_swap_waits_for_a_batch_between_its_copy_and_live_writes_instead_of_deadlocking() {
+    let db = TestDb::migrated().await;
+    for sql in [
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         select 'dl-' || g, jsonb_build_object('user_id', 'u' || g, 'device_id', 'd' || g), true, 'q'
+           from generate_series(1, 50) g",
+        "call loader.transform()",
+        "select * from loader.rebuild_start(rotate => true)",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    while sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    // A transform batch while the rebuild copies writes the copies first, then the live tables:
+    // here, one between its two writes.
+    let mut batch = db.pool.begin().await.unwrap();
+    sqlx::query("lock table loader_rebuild.user_logins_next in row exclusive mode")
+        .execute(&mut *batch)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    let swap = tokio::spawn(async move {
+        sqlx::query("select * from loader.rebuild_swap()").execute(&pool).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("set local lock_timeout = '5s'").execute(&mut *batch).await.unwrap();
+    sqlx::query("lock table public.user_logins in row exclusive mode")
+        .execute(&mut *batch)
+        .await
+        .expect("the batch reaches the live table: the swap holds it up nowhere");
+    batch.commit().await.unwrap();
+    swap.await.unwrap().expect("then the swap goes through, no deadlock");
+    assert_eq!(db.count("select count(*) from loader.rebuilds where state = 'swapped'").await, 1);
+}
