@@ -51,12 +51,6 @@ log=$(mktemp)
 t=$(now); w=$(wal)
 out=$(RUST_LOG=loader::retention=debug loader purge --masked-older-than-months 12 2>"$log")
 report "expiry, 10,000-row batches: $out" "$(took "$t"); WAL $(wal_since "$w")"
-{ grep -o '"ms":[0-9]*' "$log" || true; } | cut -d: -f2 | awk '
-    { ms[NR] = $1 }
-    END { if (NR == 0) exit; line = "";
-          for (d = 0; d < 10; d++) { lo = int(d * NR / 10) + 1; hi = int((d + 1) * NR / 10); s = 0; n = 0;
-              for (i = lo; i <= hi; i++) { s += ms[i]; n++ }
-              if (n) line = line sprintf(" %.2f", s / n / 1000) }
-          printf "  seconds per batch, by tenth of the %d batches:%s\n", NR, line }'
+batch_seconds "$log"
 rm -f "$log"
 t=$(now); loader reconcile --skip-queue >/dev/null; report "reconcile, full audit, after it" "$(took "$t")"

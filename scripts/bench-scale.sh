@@ -98,15 +98,8 @@ t=$(now); w=$(wal)
 purged=$(RUST_LOG=loader::retention=debug timeout -s INT "${PURGE_SECONDS:-1200}" \
              "$loader_bin" purge --older-than-days 30 2>"$stop.purge-log") || true
 report "purge, 10,000-row batches: $purged" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
-# Seconds per batch, by tenth of the batches run: a rate that falls as the purge advances shows.
 # (The log is JSON lines: stderr is not a terminal.)
-{ grep -o '"ms":[0-9]*' "$stop.purge-log" || true; } | cut -d: -f2 | awk '
-    { ms[NR] = $1 }
-    END { if (NR == 0) exit; line = "";
-          for (d = 0; d < 10; d++) { lo = int(d * NR / 10) + 1; hi = int((d + 1) * NR / 10); s = 0; n = 0;
-              for (i = lo; i <= hi; i++) { s += ms[i]; n++ }
-              if (n) line = line sprintf(" %.2f", s / n / 1000) }
-          printf "  seconds per batch, by tenth of the %d batches:%s\n", NR, line }'
+batch_seconds "$stop.purge-log"
 t=$(now); w=$(wal)
 old_parts="select format('drop table loader.%I', c.relname) from pg_inherits i join pg_class c on c.oid = i.inhrelid
             where i.inhparent = 'loader.parts'::regclass

@@ -105,6 +105,17 @@ sql() { PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -XAtq -v
 now() { date +%s.%N; }
 # took START: seconds since START (a `now`), with $took_digits decimals (default 1).
 took() { awk -v a="$1" -v b="$(now)" -v d="${took_digits:-1}" 'BEGIN { printf "%.*f s", d, b - a }'; }
+# batch_seconds LOG: from a retention command's debug log (JSON lines with "ms"), the mean
+# seconds per batch by tenth of the batches run: a rate that falls as it advances shows.
+batch_seconds() {
+    { grep -o '"ms":[0-9]*' "$1" || true; } | cut -d: -f2 | awk '
+        { ms[NR] = $1 }
+        END { if (NR == 0) exit; line = "";
+              for (d = 0; d < 10; d++) { lo = int(d * NR / 10) + 1; hi = int((d + 1) * NR / 10); s = 0; n = 0;
+                  for (i = lo; i <= hi; i++) { s += ms[i]; n++ }
+                  if (n) line = line sprintf(" %.2f", s / n / 1000) }
+              printf "  seconds per batch, by tenth of the %d batches:%s\n", NR, line }'
+}
 # wal, wal_since LSN: the WAL position, and the WAL written since LSN.
 wal() { sql -c "select pg_current_wal_lsn()"; }
 wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }

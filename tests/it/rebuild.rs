@@ -401,12 +401,7 @@ async fn a_swap_waits_for_a_batch_between_its_copy_and_live_writes_instead_of_de
     ] {
         sqlx::query(sql).execute(&db.pool).await.unwrap();
     }
-    while sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        .is_some()
-    {}
+    crate::support::copy_every_range(&db).await;
     // A transform batch while the rebuild copies writes the copies first, then the live tables:
     // here, one between its two writes.
     let mut batch = db.pool.begin().await.unwrap();

@@ -355,12 +355,7 @@ async fn masked_rows_ended_while_a_rotation_copies_stay_ended_after_its_swap() {
         0,
         "the copy lost them too"
     );
-    while sqlx::query_scalar::<_, Option<i64>>("select loader.rebuild_copy_range()")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-        .is_some()
-    {}
+    crate::support::copy_every_range(&db).await;
     sqlx::query("select * from loader.rebuild_swap()").execute(&db.pool).await.unwrap();
     assert_eq!(
         db.count("select count(*) from public.user_logins where create_date < current_date - 400")

@@ -78,14 +78,26 @@ pub async fn wait_until_visible(q: &TestQueue, expected: u64) {
 /// copy, swap), so masks come out the same in every run.
 pub async fn install_key(db: &TestDb, byte: u8) {
     sqlx::raw_sql(&format!(
-        "select * from loader.rebuild_start(decode(repeat('{byte:02x}', 32), 'hex'), true);
-         do $$ begin while loader.rebuild_copy_range() is not null loop end loop; end $$;
-         select * from loader.rebuild_swap();
-         select loader.rebuild_drop_retired();"
+        "select * from loader.rebuild_start(decode(repeat('{byte:02x}', 32), 'hex'), true)"
     ))
     .execute(&db.pool)
     .await
     .expect("installing a key");
+    copy_every_range(db).await;
+    sqlx::raw_sql("select * from loader.rebuild_swap(); select loader.rebuild_drop_retired();")
+        .execute(&db.pool)
+        .await
+        .expect("installing a key");
+}
+
+/// Copies every range the copying online rebuild has left, in one session.
+pub async fn copy_every_range(db: &TestDb) {
+    sqlx::raw_sql(
+        "do $$ begin while loader.rebuild_copy_range() is not null loop end loop; end $$",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("copying the rebuild's ranges");
 }
 
 pub async fn stage(db: &TestDb, messages: &[(String, String)], sent_at: time::OffsetDateTime) {
