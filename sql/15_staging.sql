@@ -67,11 +67,33 @@ comment on function loader.register_run(text, text, text) is
 -- _insert_staged: the set-based insert of stage(), one entry per distinct message_id; returns
 -- the rows newly staged. A body is stored as jsonb when `is_json`, else as a JSON string of its
 -- exact text. Private (owner only): stage() calls it after checking the run.
+--
+-- Idempotency (docs/decisions.md "Staging by day"): a message id is new when no generation of
+-- loader.staged_ids holds it and no row staged before the cutover (the legacy partition, whose
+-- own unique index keeps its ids) has it; the insert into the current generation, ON CONFLICT
+-- on its unique index, decides between two copies staged at once (the second waits for the
+-- first to commit, and stages nothing). Reading the current generation takes the lock on
+-- loader.staged_id_generations that a switch to the next one waits for, so every id of an
+-- older generation is committed when a stager reads it.
 create or replace function loader._insert_staged(
     run_id bigint, stamp timestamptz, message_ids text[], bodies text[], is_json boolean[],
     sent_at timestamptz[], receive_counts integer[]) returns bigint
 language sql volatile as $$
-    with inserted as (
+    with m as (
+        select u.* from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
+                   as u(message_id, body, is_json, sent_at, receive_count)
+         where not exists (select from loader.staged_ids i where i.message_id = u.message_id)
+           and not exists (select from loader.raw_logins r
+                            where r.message_id = u.message_id
+                              and r.staged_at < (select l.cutover from loader.staging_layout l))
+    ), ids as (
+        insert into loader.staged_ids (message_id, generation)
+        select m.message_id, g.generation
+          from m, loader.staged_id_generations g
+         where g.ended_at is null
+        on conflict (message_id, generation) do nothing
+        returning message_id
+    ), inserted as (
         insert into loader.raw_logins
             (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id,
              staged_at)
@@ -79,16 +101,16 @@ language sql volatile as $$
                case when m.is_json then m.body::jsonb else to_jsonb(m.body) end,
                m.is_json, m.sent_at, m.receive_count,
                (select r.queue from loader.ingest_runs r where r.id = run_id), run_id, stamp
-          from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
-                   as m(message_id, body, is_json, sent_at, receive_count)
-        on conflict (message_id) do nothing
+          from m join ids using (message_id)
+        -- Before the move to partitions, a copy staged at once by a loader of the version
+        -- before (which writes no id here) meets the old table's unique message_id.
+        on conflict do nothing
         returning 1
     )
     select count(*) from inserted
 $$;
 comment on function loader._insert_staged(bigint, timestamptz, text[], text[], boolean[], timestamptz[], integer[]) is
     'Private: the set-based insert of loader.stage';
-
 -- stage: one batch of messages (column arrays, one entry per distinct message_id; `copies`
 -- says how many copies of each the caller received) into loader.raw_logins, idempotent on
 -- message_id, with the run's counters in the same transaction. Returns how many rows were new

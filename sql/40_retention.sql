@@ -78,6 +78,13 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     purged := 0;
+    -- The daily job is also what keeps raw_logins' day partitions ahead (sql/16_partitions.sql).
+    begin
+        perform loader.create_staging_days();
+    exception when lock_not_available then
+        raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
+    end;
+    commit;
     loop
         batch := loader.purge_staged_batch(cutoff, batch_size);
         purged := purged + batch;

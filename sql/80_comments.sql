@@ -42,8 +42,27 @@ comment on column public.user_logins.loaded_xid is
     'Id of the transaction that wrote the row: with the snapshot''s xmin, a commit-ordered cursor for downstream copies (NULL for rows from before V14)';
 
 -- Staging and runs.
-comment on column loader.raw_logins.id is 'Identity, in staging order (the work list refers to it)';
-comment on column loader.raw_logins.message_id is 'SQS MessageId: one row per message ever staged';
+comment on table loader.raw_logins is
+    'Every SQS message ever staged (raw, holds PII): one row per message_id, partitioned by UTC day of staged_at';
+comment on table loader.staged_id_generations is
+    'Generations of loader.staged_ids: stage() writes the current one (ended_at NULL) and reads them all';
+comment on column loader.staged_id_generations.generation is 'Generation number (its partition is loader.staged_ids_g<n>)';
+comment on column loader.staged_id_generations.started_at is 'When stage() began writing to it';
+comment on column loader.staged_id_generations.ended_at is 'When the next generation took over (NULL: the current one)';
+comment on table loader.staged_ids is
+    'The message ids staged, for idempotency across raw_logins'' partitions (by generation; no body, no PII)';
+comment on column loader.staged_ids.message_id is 'SQS MessageId';
+comment on column loader.staged_ids.generation is 'The generation that was current when it was first staged';
+comment on table loader.staged_ids_g1 is 'The message ids staged while generation 1 was current';
+comment on column loader.staged_ids_g1.message_id is 'SQS MessageId';
+comment on column loader.staged_ids_g1.generation is 'Always 1';
+comment on table loader.staging_layout is 'How loader.raw_logins is partitioned (one row)';
+comment on column loader.staging_layout.singleton is 'Always true: one row';
+comment on column loader.staging_layout.cutover is
+    'Rows staged before it are in loader.raw_logins_legacy (from before V20); day partitions start here';
+comment on column loader.staging_layout.partitioned_at is 'When loader migrate made raw_logins partitioned (NULL: not yet)';
+comment on column loader.raw_logins.id is 'In staging order (the work list refers to it); unique across partitions (one sequence)';
+comment on column loader.raw_logins.message_id is 'SQS MessageId: one row per message ever staged (loader.staged_ids keeps it unique)';
 comment on column loader.raw_logins.body is
     'The body as jsonb, or a JSON string of its exact text (body_is_json false); JSON null once purged';
 comment on column loader.raw_logins.sent_at is 'SQS SentTimestamp';

@@ -122,7 +122,7 @@ pub async fn staging(
 }
 
 /// The COPY alternative to [`staging::stage`]: rows go into a temporary table by COPY (CSV),
-/// then into `loader.raw_logins` with the same INSERT ... ON CONFLICT and counter update. Four
+/// then into `loader.raw_logins` by the same set-based insert as `loader.stage`, and the counters. Four
 /// round trips (begin, copy, insert, commit) where UNNEST needs one. It writes the tables
 /// directly, so it needs the owner role: a comparison, not a write path (`loader_ingest` has
 /// only `loader.stage`).
@@ -155,23 +155,19 @@ async fn stage_by_copy(
     copy.finish().await?;
     let staged: i64 = sqlx::query_scalar(
         "with inserted as (
-             insert into loader.raw_logins
-                 (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id)
-             select distinct on (message_id) message_id,
-                    case when is_json then body::jsonb else to_jsonb(body) end,
-                    is_json, sent_at, receive_count, 'bench', $1
-               from bench_copy
-             on conflict (message_id) do nothing
-             returning 1
+             select loader._insert_staged($1, clock_timestamp(),
+                        array_agg(b.message_id), array_agg(b.body), array_agg(b.is_json),
+                        array_agg(b.sent_at), array_agg(b.receive_count)) as n
+               from (select distinct on (message_id) * from bench_copy) b
          ), counted as (
              update loader.ingest_runs
                 set received = received + (select count(*) from bench_copy),
-                    staged = staged + (select count(*) from inserted),
+                    staged = staged + (select n from inserted),
                     duplicates = duplicates + (select count(*) from bench_copy)
-                                            - (select count(*) from inserted)
+                                            - (select n from inserted)
               where id = $1
          )
-         select count(*) from inserted",
+         select n from inserted",
     )
     .bind(run_id)
     .persistent(false)

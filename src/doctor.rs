@@ -162,6 +162,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     findings.push(Finding::from("pinned settings", pinned_settings(pool).await));
     findings.push(Finding::from("pii access log", pii_access_log(pool).await));
     findings.push(Finding::from("retired tables", retired_tables(pool).await));
+    findings.push(Finding::from("staging days", staging_days(pool).await));
     findings
 }
 
@@ -438,6 +439,43 @@ async fn retired_tables(pool: &PgPool) -> Problem {
             "select loader.rebuild_drop_retired() as the owner (or run the next rotation, which \
              drops them)",
         ),
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
+}
+
+/// `loader.raw_logins` is partitioned (sql/16_partitions.sql), tomorrow's partition exists, and
+/// the default partition, the net for a day without one, holds nothing.
+async fn staging_days(pool: &PgPool) -> Problem {
+    const KEEP_AHEAD: &str = "keep the days ahead: schedule the daily purge (loader schedule \
+                              install) or run `select loader.create_staging_days()` as the owner \
+                              every day";
+    let shape: Result<(bool, bool), _> = scalar(
+        pool,
+        "select (c.relkind = 'p', to_regclass(format('loader.raw_logins_p%s',
+                    to_char((now() at time zone 'UTC')::date + 1, 'YYYYMMDD'))) is not null
+                    or (select l.cutover > now() + interval '1 day' from loader.staging_layout l))
+           from pg_class c where c.oid = 'loader.raw_logins'::regclass",
+    )
+    .await;
+    match shape {
+        Ok((false, _)) => problem(
+            "loader.raw_logins is not partitioned by day yet (a migrate stopped before moving it)",
+            "run `loader migrate` as the owner: it goes on from where it stopped",
+        ),
+        Ok((true, false)) => problem("no partition of loader.raw_logins for tomorrow", KEEP_AHEAD),
+        Ok((true, true)) => {
+            match scalar::<i64>(pool, "select count(*) from loader.raw_logins_default").await {
+                Ok(0) => None,
+                Ok(n) => problem(
+                    format!(
+                        "{n} rows in loader.raw_logins_default: no day partition existed when they \
+                     were staged (they stay, and retention purges them in batches)"
+                    ),
+                    KEEP_AHEAD,
+                ),
+                Err(e) => problem(format!("{e:#}"), "check the connection"),
+            }
+        }
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }
 }

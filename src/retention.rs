@@ -69,6 +69,7 @@ pub async fn purge(
     })
     .await
     .context("reading the database's clock")?;
+    create_staging_days(pool).await?;
     let (bodies, finished) = batches(
         pool,
         "select loader.purge_staged_batch($1, $2)",
@@ -80,6 +81,29 @@ pub async fn purge(
     .await
     .context("purging staged bodies (only the owner role may)")?;
     Ok(Purged { bodies, finished })
+}
+
+/// Creates `loader.raw_logins`' day partitions ahead (sql/16_partitions.sql), as the daily
+/// purge job does: a purge is the owner's daily maintenance. A lock it waited on too long is a
+/// warning, not a failure: the days ahead are many, and the next run creates them.
+async fn create_staging_days(pool: &PgPool) -> Result<()> {
+    let created = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar::<_, i32>("select loader.create_staging_days()")
+            .persistent(false)
+            .fetch_one(tx)
+            .await
+    })
+    .await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if crate::retry::sqlstate(&e).as_deref() == Some("55P03") => {
+            tracing::warn!(
+                "the staging days ahead waited too long for a lock; the next purge creates them"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e).context("creating the staging days ahead (only the owner role may)"),
+    }
 }
 
 /// What an expiry of masked rows did.

@@ -54,6 +54,9 @@ pub struct MigrateReport {
     pub sql_files: Vec<String>,
     /// Sessions of other roles ended because they held up the migration ([`evict`]).
     pub evicted: Vec<evict::Evicted>,
+    /// True when this run moved an unpartitioned `loader.raw_logins` (from before V20) into
+    /// the partitioned shape.
+    pub partitioned_staging: bool,
 }
 
 /// Applies pending migrations, then the `sql/` files that changed (create-or-replace, grants
@@ -82,6 +85,24 @@ pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
 }
 
 async fn migrate_once(pool: &PgPool, evict_after: Duration) -> Result<MigrateReport> {
+    let (applied, sql_files, mut evicted) = migrate_schema(pool, evict_after).await?;
+    let (moved, more) = partition_staging(pool, evict_after).await?;
+    evicted.extend(more);
+    Ok(MigrateReport { applied, sql_files, evicted, partitioned_staging: moved })
+}
+
+/// Migrations and sql/ files, without the move of an unpartitioned `loader.raw_logins` that
+/// [`migrate`] makes next: what a migrate killed right after them leaves. Tests build the state
+/// of a deployment upgraded from before V20 with it.
+#[doc(hidden)]
+pub async fn migrate_leaving_staging_unpartitioned(pool: &PgPool) -> Result<()> {
+    migrate_schema(pool, evict::DEFAULT_AFTER).await.map(|_| ())
+}
+
+async fn migrate_schema(
+    pool: &PgPool,
+    evict_after: Duration,
+) -> Result<(Vec<String>, Vec<String>, Vec<evict::Evicted>)> {
     let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
     bootstrap(&mut conn).await?;
     let mut tx = conn.begin().await?;
@@ -91,7 +112,101 @@ async fn migrate_once(pool: &PgPool, evict_after: Duration) -> Result<MigrateRep
     let evicted = watch.stop().await;
     let (applied, sql_files) = migrated?;
     tx.commit().await.context("committing the migration")?;
-    Ok(MigrateReport { applied, sql_files, evicted })
+    Ok((applied, sql_files, evicted))
+}
+
+/// The move of an unpartitioned `loader.raw_logins` (from before V20) into the partitioned
+/// shape, in steps that each commit, so a kill anywhere leaves a state the next migrate goes on
+/// from (sql/16_partitions.sql): the cutover pushed a day ahead when it came near; the cutover
+/// constraint validated (a scan of the whole table, under a lock no writer or reader waits on);
+/// then one short transaction under [`MIGRATE_LOCK_TABLE`] that attaches the table as the legacy
+/// partition and applies the sql/ files again (the trigger and the views follow the new table).
+/// On a partitioned table, creates the day partitions ahead. Returns whether it moved the table.
+async fn partition_staging(
+    pool: &PgPool,
+    evict_after: Duration,
+) -> Result<(bool, Vec<evict::Evicted>)> {
+    let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+    let partitioned: bool = sqlx::query_scalar(
+        "select c.relkind = 'p' from pg_catalog.pg_class c where c.oid = 'loader.raw_logins'::regclass",
+    )
+    .persistent(false)
+    .fetch_one(&mut *conn)
+    .await
+    .context("reading the shape of loader.raw_logins")?;
+    let mut evicted = Vec::new();
+    let watch = evict::Watch::start(pool, "loader migrate", evict_after);
+    watch.follow(evict::backend_pid(&mut conn).await?);
+    if partitioned {
+        // Attaching a day locks the default partition, which a session below the owner may
+        // hold open: the watch ends it after the grace period.
+        let created = sqlx::query("select loader.create_staging_days()")
+            .persistent(false)
+            .execute(&mut *conn)
+            .await
+            .context("creating the staging days ahead");
+        evicted.extend(watch.stop().await);
+        created?;
+        return Ok((false, evicted));
+    }
+    let validated = async {
+        sqlx::raw_sql(&format!(
+            "set lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
+             select loader._move_staging_cutover();"
+        ))
+        .execute(&mut *conn)
+        .await
+        .context("moving the staging cutover ahead")?;
+        let valid: bool = sqlx::query_scalar(
+            "select k.convalidated from pg_catalog.pg_constraint k
+              where k.conrelid = 'loader.raw_logins'::regclass
+                and k.conname = 'raw_logins_before_cutover'",
+        )
+        .persistent(false)
+        .fetch_one(&mut *conn)
+        .await
+        .context("reading the staging cutover constraint")?;
+        if !valid {
+            sqlx::raw_sql(
+                "alter table loader.raw_logins validate constraint raw_logins_before_cutover",
+            )
+            .execute(&mut *conn)
+            .await
+            .context("validating that every staged row is before the cutover")?;
+        }
+        sqlx::raw_sql("reset lock_timeout").execute(&mut *conn).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    evicted.extend(watch.stop().await);
+    validated?;
+
+    let mut tx = conn.begin().await?;
+    let watch = evict::Watch::start(pool, "loader migrate", evict_after);
+    watch.follow(evict::backend_pid(&mut tx).await?);
+    let moved = async {
+        sqlx::raw_sql(&format!(
+            "set local lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
+             lock table {MIGRATE_LOCK_TABLE} in exclusive mode"
+        ))
+        .execute(&mut *tx)
+        .await
+        .context("waiting for another `loader migrate` (lock_timeout reached)")?;
+        let moved: bool = sqlx::query_scalar("select loader._partition_staging()")
+            .persistent(false)
+            .fetch_one(&mut *tx)
+            .await
+            .context("attaching loader.raw_logins as the first partition of its new shape")?;
+        if moved {
+            apply_sql_files(&mut tx, true).await?;
+        }
+        anyhow::Ok(moved)
+    }
+    .await;
+    evicted.extend(watch.stop().await);
+    let moved = moved?;
+    tx.commit().await.context("committing the move of loader.raw_logins")?;
+    Ok((moved, evicted))
 }
 
 /// The migration's work inside its transaction: pending migrations, then the changed sql/
@@ -117,8 +232,14 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
     let applied: Vec<String> =
         report.applied_migrations().iter().map(ToString::to_string).collect();
 
-    // The sql/ files that differ from what the last migrate applied (all of them after a
-    // migration: V14, which records them, is one).
+    let changed = apply_sql_files(&mut *tx, !applied.is_empty()).await?;
+    Ok((applied, changed))
+}
+
+/// Applies the sql/ files that differ from what the last migrate applied, or all of them when
+/// `all` (after a migration: V14, which records them, is one), and those of [`EVERY_TIME`];
+/// returns the names of the changed ones.
+async fn apply_sql_files(tx: &mut PgConnection, all: bool) -> Result<Vec<String>> {
     let names: Vec<&str> = SQL_FILES.iter().map(|(name, _)| *name).collect();
     let texts: Vec<&str> = SQL_FILES.iter().map(|(_, sql)| *sql).collect();
     let changed: Vec<String> = sqlx::query_scalar(
@@ -129,7 +250,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
     )
     .bind(&names)
     .bind(&texts)
-    .bind(!applied.is_empty())
+    .bind(all)
     .persistent(false)
     .fetch_all(&mut *tx)
     .await
@@ -161,7 +282,7 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
             .await
             .context("forgetting sql/ files this loader no longer has")?;
     }
-    Ok((applied, changed))
+    Ok(changed)
 }
 
 /// Creates schema `loader` (refinery's history table lives there) and the migrate lock table,

@@ -10,7 +10,10 @@ use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-pub use migrate::{MigrateReport, SchemaState, migrate, migrate_evicting, schema_state};
+pub use migrate::{
+    MigrateReport, SchemaState, migrate, migrate_evicting, migrate_leaving_staging_unpartitioned,
+    schema_state,
+};
 
 use crate::config::DatabaseUrl;
 use crate::retry::sqlstate;

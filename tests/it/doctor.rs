@@ -74,6 +74,35 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     crate::support::Cli::new(&db.url, queue).ok(&["migrate"]);
     assert_eq!(failing(&db.url, queue, &[]), healthy);
 
+    // A row staged on a day no partition was made for (the daily job stopped for weeks), then
+    // a tomorrow that does not exist.
+    sql(
+        &db.pool,
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
+         values ('no-day', 'null', true, 'direct', now() + interval '60 days')",
+    )
+    .await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("staging days"));
+    sql(
+        &db.pool,
+        "delete from loader.transform_queue q using loader.raw_logins r
+          where r.id = q.raw_id and r.message_id = 'no-day';
+         delete from loader.raw_logins where message_id = 'no-day'",
+    )
+    .await;
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+    sql(
+        &db.pool,
+        "do $$ begin
+             execute format('drop table loader.raw_logins_p%s',
+                            to_char((now() at time zone 'UTC')::date + 1, 'YYYYMMDD'));
+         end $$",
+    )
+    .await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("staging days"));
+    sql(&db.pool, "select loader.create_staging_days()").await;
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
+
     // The access log's guard disabled, then dropped: the fix doctor names (migrate) works.
     sql(&db.pool, "alter table loader.pii_access_log disable trigger pii_access_log_append_only")
         .await;

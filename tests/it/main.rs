@@ -16,6 +16,7 @@ mod ingest;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod observability;
+mod partitions;
 mod pooler;
 mod rebuild;
 mod reconcile;

@@ -91,6 +91,12 @@ async fn migrate(settings: &Settings, evict_after: Duration) -> Result<ExitCode>
     } else {
         println!("sql functions: applied {}", report.sql_files.join(", "));
     }
+    if report.partitioned_staging {
+        println!(
+            "staging: loader.raw_logins is now partitioned by day; the rows staged before stay \
+             in loader.raw_logins_legacy"
+        );
+    }
     print_evicted(&report.evicted);
     Ok(ExitCode::from(exit::OK))
 }

@@ -1,0 +1,197 @@
+-- loader.raw_logins by UTC day of staged_at (docs/decisions.md "Staging by day"): the day
+-- partitions loader creates ahead of time, and the one-time move of an unpartitioned table
+-- into that shape. Owner only, every function here: none is granted to a lesser role
+-- (sql/90_privileges.sql), and each takes locks only the owner's maintenance may take.
+--
+-- Shape: loader.raw_logins is partitioned by range of staged_at. Its partitions:
+-- - loader.raw_logins_legacy: every row staged before the move, from (minvalue) to the
+--   cutover (loader.staging_layout), with its own indexes; it stays until retention empties it;
+-- - loader.raw_logins_pYYYYMMDD: one UTC day each, created ahead by create_staging_days;
+-- - loader.raw_logins_default: the net for a day no partition was created for, so a missing
+--   day never fails staging (doctor reports rows there).
+-- Each partition has its own indexes, none on the parent: the legacy table keeps those it has,
+-- and no index is ever built over rows already staged.
+--
+-- Reruns cleanly: psql -v ON_ERROR_STOP=1 -f sql/16_partitions.sql (applied by `loader migrate`).
+--
+--   select loader.create_staging_days();      -- as the owner; the partitions created
+
+-- _comment_like: copies the comments of `parent`'s columns onto the same columns of `child`,
+-- and gives `child` its own table comment.
+create or replace function loader._comment_like(child regclass, parent regclass, about text)
+returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    col record;
+begin
+    execute format('comment on table %s is %L', child, about);
+    for col in select a.attname, col_description(parent, a.attnum) as said
+                 from pg_attribute a
+                where a.attrelid = parent and a.attnum > 0 and not a.attisdropped
+    loop
+        execute format('comment on column %s.%I is %L', child, col.attname, col.said);
+    end loop;
+end
+$$;
+comment on function loader._comment_like(regclass, regclass, text) is
+    'Private: a partition''s comments, its columns'' copied from its parent''s';
+
+-- _add_staging_partition: one partition of loader.raw_logins, with its indexes, attached for
+-- [lo, hi), or as the DEFAULT partition when both are NULL. Built empty beside the table and
+-- then attached: ATTACH PARTITION takes SHARE UPDATE EXCLUSIVE on raw_logins, which no stager,
+-- transform or reader waits on (CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE), and
+-- a lock on the DEFAULT partition, which it scans for rows of the new day (none, as a rule).
+create or replace function loader._add_staging_partition(
+    part_name text, lo timestamptz, hi timestamptz) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    part text := format('loader.%I', part_name);
+begin
+    execute format('create table %s (like loader.raw_logins including defaults)', part);
+    execute format('alter table %s add constraint %I foreign key (ingest_run_id)
+                        references loader.ingest_runs (id)', part, part_name || '_ingest_run_fkey');
+    execute format('create unique index %I on %s (id)', part_name || '_id', part);
+    execute format('create index %I on %s (message_id)', part_name || '_message_id', part);
+    execute format('create index %I on %s (staged_at) where purged_at is null',
+                   part_name || '_unpurged_staged_at', part);
+    execute format('create index %I on %s (message_id) where erased_at is not null',
+                   part_name || '_erased', part);
+    if lo is null then
+        execute format('alter table loader.raw_logins attach partition %s default', part);
+        perform loader._comment_like(part::regclass, 'loader.raw_logins'::regclass,
+            'Staged messages of a day no partition was created for (the net: loader doctor reports rows here)');
+    else
+        -- A constraint the bound is proved from, so ATTACH scans nothing (the table is empty
+        -- anyway); dropped once attached.
+        execute format('alter table %s add constraint %I check (staged_at >= %L and staged_at < %L)',
+                       part, part_name || '_bound', lo, hi);
+        execute format('alter table loader.raw_logins attach partition %s for values from (%L) to (%L)',
+                       part, lo, hi);
+        execute format('alter table %s drop constraint %I', part, part_name || '_bound');
+        perform loader._comment_like(part::regclass, 'loader.raw_logins'::regclass,
+            format('Messages staged on %s (UTC)', to_char(lo at time zone 'UTC', 'YYYY-MM-DD')));
+    end if;
+end
+$$;
+comment on function loader._add_staging_partition(text, timestamptz, timestamptz) is
+    'Private: build a partition of loader.raw_logins with its indexes and attach it (a UTC day, or the DEFAULT one)';
+
+-- create_staging_days: the day partitions from today (UTC) to `days_ahead` days from now that do
+-- not exist yet (staging_days_ahead in loader.settings, default 14). Called by every `loader
+-- migrate` and by loader.purge_staged (the daily pg_cron job, `loader purge`), so the days
+-- exist long before a row arrives; a day the default partition already holds rows of is
+-- skipped (reported by loader doctor), never failed. Waits at most lock_timeout (10 s) on a
+-- lock, then raises: the next call creates what this one did not. Returns how many it created.
+create or replace function loader.create_staging_days(days_ahead integer default null)
+returns integer
+language plpgsql set search_path = pg_catalog, pg_temp set lock_timeout = '10s' as $$
+declare
+    ahead integer := coalesce(days_ahead, loader._setting_int('staging_days_ahead', 14));
+    first date;
+    d date;
+    lo timestamptz;
+    created integer := 0;
+begin
+    if ahead is null or ahead < 1 or ahead > 366 then
+        raise exception 'create_staging_days: 1 to 366 days ahead' using errcode = 'invalid_parameter_value';
+    end if;
+    if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) <> 'p' then
+        return 0;
+    end if;
+    -- Nothing before the cutover: those rows are the legacy partition's.
+    select greatest((now() at time zone 'UTC')::date, (l.cutover at time zone 'UTC')::date)
+      into first from loader.staging_layout l;
+    for d in select generate_series(first, (now() at time zone 'UTC')::date + ahead, interval '1 day')::date
+    loop
+        continue when to_regclass(format('loader.raw_logins_p%s', to_char(d, 'YYYYMMDD'))) is not null;
+        lo := d::timestamp at time zone 'UTC';
+        continue when exists (select from loader.raw_logins_default r
+                               where r.staged_at >= lo and r.staged_at < lo + interval '1 day');
+        perform loader._add_staging_partition(format('raw_logins_p%s', to_char(d, 'YYYYMMDD')),
+                                              lo, lo + interval '1 day');
+        created := created + 1;
+    end loop;
+    return created;
+end
+$$;
+comment on function loader.create_staging_days(integer) is
+    'Create loader.raw_logins'' day partitions up to days_ahead days ahead (owner; migrate and the purge call it)';
+
+-- _move_staging_cutover: before the move, when the cutover is less than an hour away (a
+-- migrate killed between V20 and the move, and not run again for a day), a later one: stagings
+-- must never reach it while the table is not partitioned yet. The new constraint is NOT VALID
+-- again (validated by the next step). Returns the cutover in force.
+create or replace function loader._move_staging_cutover() returns timestamptz
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    cut timestamptz;
+begin
+    select l.cutover into cut from loader.staging_layout l for update;
+    if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) = 'p'
+       or cut > now() + interval '1 hour' then
+        return cut;
+    end if;
+    cut := date_trunc('day', now() at time zone 'UTC') at time zone 'UTC' + interval '2 days';
+    alter table loader.raw_logins drop constraint if exists raw_logins_before_cutover;
+    execute format('alter table loader.raw_logins add constraint raw_logins_before_cutover
+                    check (staged_at < %L) not valid', cut);
+    update loader.staging_layout set cutover = cut;
+    return cut;
+end
+$$;
+comment on function loader._move_staging_cutover() is
+    'Private: push the cutover of a not yet partitioned raw_logins a day or more ahead';
+
+-- _partition_staging: the move itself, in the caller's transaction, after
+-- raw_logins_before_cutover was validated: raw_logins becomes raw_logins_legacy, attached for
+-- (minvalue, cutover) to a new partitioned raw_logins (nothing scanned: the validated
+-- constraint proves the bound), whose ids continue from the legacy ones (a sequence; the
+-- legacy identity is dropped), with the default partition and the days ahead. Holds ACCESS
+-- EXCLUSIVE on the table for those catalog changes only. The caller then applies the sql/
+-- files again (the trigger and the views follow the new table). Returns false when already done.
+create or replace function loader._partition_staging() returns boolean
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    cut timestamptz;
+    top bigint;
+begin
+    lock table loader.raw_logins in access exclusive mode;
+    if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) = 'p' then
+        return false;
+    end if;
+    if not exists (select from pg_constraint k
+                    where k.conrelid = 'loader.raw_logins'::regclass
+                      and k.conname = 'raw_logins_before_cutover' and k.convalidated) then
+        raise exception 'raw_logins_before_cutover is not validated yet'
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'loader migrate validates it first';
+    end if;
+    select l.cutover into cut from loader.staging_layout l for update;
+    if not exists (select from loader.raw_logins) then
+        -- Nothing to keep apart: the days start today.
+        cut := least(cut, date_trunc('day', now() at time zone 'UTC') at time zone 'UTC');
+    end if;
+    select coalesce(max(r.id), 0) into top from loader.raw_logins r;
+    alter table loader.raw_logins rename to raw_logins_legacy;
+    drop trigger if exists raw_logins_queue_for_transform on loader.raw_logins_legacy;
+    alter table loader.raw_logins_legacy alter column id drop identity if exists;
+    execute format('create sequence loader.raw_logins_id_seq as bigint start with %s', top + 1);
+    create table loader.raw_logins (like loader.raw_logins_legacy including defaults)
+        partition by range (staged_at);
+    alter table loader.raw_logins alter column id set default nextval('loader.raw_logins_id_seq');
+    alter sequence loader.raw_logins_id_seq owned by loader.raw_logins.id;
+    execute format('alter table loader.raw_logins attach partition loader.raw_logins_legacy
+                    for values from (minvalue) to (%L)', cut);
+    alter table loader.raw_logins_legacy drop constraint raw_logins_before_cutover;
+    update loader.staging_layout set cutover = cut, partitioned_at = now();
+    perform loader._comment_like('loader.raw_logins'::regclass, 'loader.raw_logins_legacy'::regclass,
+        'Every SQS message ever staged (raw, holds PII): one row per message_id, partitioned by UTC day of staged_at');
+    comment on table loader.raw_logins_legacy is
+        'Messages staged before raw_logins was partitioned (its first partition, up to loader.staging_layout.cutover)';
+    perform loader._add_staging_partition('raw_logins_default', null, null);
+    perform loader.create_staging_days();
+    return true;
+end
+$$;
+comment on function loader._partition_staging() is
+    'Private: move an unpartitioned raw_logins into the partitioned shape (loader migrate, once)';
