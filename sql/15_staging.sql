@@ -23,7 +23,7 @@
 create or replace function loader._queue_staged_rows() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 begin
-    insert into loader.transform_queue (raw_id) select s.id from staged s;
+    insert into loader.transform_queue (raw_id, staged_at) select s.id, s.staged_at from staged s;
     return null;
 end
 $$;
@@ -69,8 +69,10 @@ comment on function loader.register_run(text, text, text) is
 -- exact text. Private (owner only): stage() calls it after checking the run.
 --
 -- Idempotency (docs/decisions.md "Staging by day"): a message id is new when no generation of
--- loader.staged_ids holds it and no row staged before the cutover (the legacy partition, whose
--- own unique index keeps its ids) has it; the insert into the current generation, ON CONFLICT
+-- loader.staged_ids holds it and the legacy partition (rows staged before the cutover, whose
+-- own unique index keeps their ids; a view of the whole table until it is partitioned) has
+-- no row of it: named directly, so a staging locks those two and the partition it writes to,
+-- never every day's; the insert into the current generation, ON CONFLICT
 -- on its unique index, decides between two copies staged at once (the second waits for the
 -- first to commit, and stages nothing). Reading the current generation takes the lock on
 -- loader.staged_id_generations that a switch to the next one waits for, so every id of an
@@ -83,14 +85,14 @@ language sql volatile as $$
         select u.* from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
                    as u(message_id, body, is_json, sent_at, receive_count)
          where not exists (select from loader.staged_ids i where i.message_id = u.message_id)
-           and not exists (select from loader.raw_logins r
-                            where r.message_id = u.message_id
-                              and r.staged_at < (select l.cutover from loader.staging_layout l))
+           and not exists (select from loader.raw_logins_legacy l where l.message_id = u.message_id)
     ), ids as (
+        -- No current generation (an owner's slip) is a NULL generation: the insert fails, and
+        -- stage() refuses the messages (left on the queue), never counts them as duplicates.
         insert into loader.staged_ids (message_id, generation)
-        select m.message_id, g.generation
-          from m, loader.staged_id_generations g
-         where g.ended_at is null
+        select m.message_id,
+               (select g.generation from loader.staged_id_generations g where g.ended_at is null)
+          from m
         on conflict (message_id, generation) do nothing
         returning message_id
     ), inserted as (
@@ -260,6 +262,12 @@ begin
     end;
     refused_ids := oversized || refused_ids;
     received := all_copies - refused_copies;
+    -- A body is held again after none was: loader.pipeline_status's oldest body (otherwise
+    -- written by the purge; no row is written while one is held).
+    if staged > 0 then
+        update loader.retention_state s set oldest_body_staged_at = stamp, measured_at = stamp
+         where s.oldest_body_staged_at is null;
+    end if;
     update loader.ingest_runs r
        set received = r.received + received,
            staged = r.staged + staged,

@@ -5,7 +5,8 @@
 --
 -- Shape: loader.raw_logins is partitioned by range of staged_at. Its partitions:
 -- - loader.raw_logins_legacy: every row staged before the move, from (minvalue) to the
---   cutover (loader.staging_layout), with its own indexes; it stays until retention empties it;
+--   cutover (loader.staging_layout), with its own indexes; it stays until retention empties it
+--   (on a new database it is empty and its range too: the cutover is -infinity);
 -- - loader.raw_logins_pYYYYMMDD: one UTC day each, created ahead by create_staging_days;
 -- - loader.raw_logins_default: the net for a day no partition was created for, so a missing
 --   day never fails staging (doctor reports rows there).
@@ -20,7 +21,7 @@
 -- and gives `child` its own table comment.
 create or replace function loader._comment_like(child regclass, parent regclass, about text)
 returns void
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     col record;
 begin
@@ -43,13 +44,11 @@ comment on function loader._comment_like(regclass, regclass, text) is
 -- a lock on the DEFAULT partition, which it scans for rows of the new day (none, as a rule).
 create or replace function loader._add_staging_partition(
     part_name text, lo timestamptz, hi timestamptz) returns void
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     part text := format('loader.%I', part_name);
 begin
     execute format('create table %s (like loader.raw_logins including defaults)', part);
-    execute format('alter table %s add constraint %I foreign key (ingest_run_id)
-                        references loader.ingest_runs (id)', part, part_name || '_ingest_run_fkey');
     execute format('create unique index %I on %s (id)', part_name || '_id', part);
     execute format('create index %I on %s (message_id)', part_name || '_message_id', part);
     execute format('create index %I on %s (staged_at) where purged_at is null',
@@ -80,11 +79,13 @@ comment on function loader._add_staging_partition(text, timestamptz, timestamptz
 -- not exist yet (staging_days_ahead in loader.settings, default 14). Called by every `loader
 -- migrate` and by loader.purge_staged (the daily pg_cron job, `loader purge`), so the days
 -- exist long before a row arrives; a day the default partition already holds rows of is
--- skipped (reported by loader doctor), never failed. Waits at most lock_timeout (10 s) on a
--- lock, then raises: the next call creates what this one did not. Returns how many it created.
+-- skipped (reported by loader doctor), never failed. Waits at most lock_timeout (2 s) on a
+-- lock, then raises lock_not_available: `loader migrate` and `loader purge` try again, ending a
+-- lesser role's session that blocks them past --evict-after (src/evict.rs); the pg_cron job
+-- warns and the next run creates what this one did not. Returns how many it created.
 create or replace function loader.create_staging_days(days_ahead integer default null)
 returns integer
-language plpgsql set search_path = pg_catalog, pg_temp set lock_timeout = '10s' as $$
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' set lock_timeout = '2s' as $$
 declare
     ahead integer := coalesce(days_ahead, loader._setting_int('staging_days_ahead', 14));
     first date;
@@ -106,9 +107,10 @@ begin
         continue when to_regclass(format('loader.raw_logins_p%s', to_char(d, 'YYYYMMDD'))) is not null;
         lo := d::timestamp at time zone 'UTC';
         continue when exists (select from loader.raw_logins_default r
-                               where r.staged_at >= lo and r.staged_at < lo + interval '1 day');
+                               where r.staged_at >= lo
+                                 and r.staged_at < (d + 1)::timestamp at time zone 'UTC');
         perform loader._add_staging_partition(format('raw_logins_p%s', to_char(d, 'YYYYMMDD')),
-                                              lo, lo + interval '1 day');
+                                              lo, (d + 1)::timestamp at time zone 'UTC');
         created := created + 1;
     end loop;
     return created;
@@ -122,7 +124,7 @@ comment on function loader.create_staging_days(integer) is
 -- must never reach it while the table is not partitioned yet. The new constraint is NOT VALID
 -- again (validated by the next step). Returns the cutover in force.
 create or replace function loader._move_staging_cutover() returns timestamptz
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     cut timestamptz;
 begin
@@ -150,7 +152,7 @@ comment on function loader._move_staging_cutover() is
 -- EXCLUSIVE on the table for those catalog changes only. The caller then applies the sql/
 -- files again (the trigger and the views follow the new table). Returns false when already done.
 create or replace function loader._partition_staging() returns boolean
-language plpgsql set search_path = pg_catalog, pg_temp as $$
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     cut timestamptz;
     top bigint;
@@ -168,10 +170,13 @@ begin
     end if;
     select l.cutover into cut from loader.staging_layout l for update;
     if not exists (select from loader.raw_logins) then
-        -- Nothing to keep apart: the days start today.
-        cut := least(cut, date_trunc('day', now() at time zone 'UTC') at time zone 'UTC');
+        -- Nothing to keep apart (a new database): the legacy partition holds no time at all,
+        -- and every day, past ones included, may have a partition of its own.
+        cut := '-infinity';
     end if;
     select coalesce(max(r.id), 0) into top from loader.raw_logins r;
+    -- Until now the name was a view of this table, for stage()'s probe (V21).
+    drop view if exists loader.raw_logins_legacy;
     alter table loader.raw_logins rename to raw_logins_legacy;
     drop trigger if exists raw_logins_queue_for_transform on loader.raw_logins_legacy;
     alter table loader.raw_logins_legacy alter column id drop identity if exists;
@@ -195,3 +200,170 @@ end
 $$;
 comment on function loader._partition_staging() is
     'Private: move an unpartitioned raw_logins into the partitioned shape (loader migrate, once)';
+
+-- Retention by dropping whole days (loader purge --older-than-days, the pg_cron purge job).
+
+-- _staged_days_due: the day partitions whose whole day is before `cutoff`, oldest first.
+create or replace function loader._staged_days_due(cutoff timestamptz) returns setof date
+language sql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
+    select to_date(substr(c.relname, 13), 'YYYYMMDD') as day
+      from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = 'loader.raw_logins'::regclass
+       and c.relname ~ '^raw_logins_p[0-9]{8}$'
+       and (to_date(substr(c.relname, 13), 'YYYYMMDD') + 1)::timestamp at time zone 'UTC' <= cutoff
+     order by 1
+$$;
+comment on function loader._staged_days_due(timestamptz) is
+    'Private: the day partitions of loader.raw_logins whose whole day is before the cutoff';
+
+-- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
+-- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
+-- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
+--   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
+--   outcome); 'unaccounted' (a row with no outcome, or two: loader reconcile names it; the day
+--   stays); 'copying' (an online rebuild has not copied its rows yet); 'missing'.
+-- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
+-- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
+-- catalog change only. Waits at most lock_timeout (2 s) for either, then raises
+-- lock_not_available (retried as create_staging_days is). Owner only.
+create or replace function loader.drop_staged_day(d date) returns text
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' set lock_timeout = '2s' as $$
+declare
+    part text := format('loader.%I', format('raw_logins_p%s', to_char(d, 'YYYYMMDD')));
+    c record;
+    copying bigint;
+begin
+    if to_regclass(part) is null then
+        return 'missing';
+    end if;
+    -- No rebuild's transaction in between (as every retention batch).
+    lock table loader.maintenance_lock in exclusive mode;
+    execute format('lock table %s in share mode', part);
+    execute format(
+        'select count(*) as staged, min(r.id) as lo, max(r.id) as hi,
+                count(*) filter (where r.erased_at is not null) as erased,
+                count(*) filter (where r.erased_at is null and r.expired_at is not null) as expired,
+                count(*) filter (where o.loaded) as loaded,
+                count(*) filter (where o.rejected) as rejected,
+                count(*) filter (where o.pending) as pending,
+                count(*) filter (where (r.erased_at is not null or r.expired_at is not null)::int
+                                       + o.loaded::int + o.rejected::int <> 1
+                                   and not o.pending) as unaccounted
+           from %s r
+          cross join lateral (
+                select exists (select from public.user_logins u where u.message_id = r.message_id) as loaded,
+                       exists (select from loader.login_rejects j where j.message_id = r.message_id) as rejected,
+                       exists (select from loader.transform_queue q where q.raw_id = r.id) as pending) o',
+        part) into c;
+    if c.pending > 0 then
+        return 'pending';
+    end if;
+    if c.unaccounted > 0 then
+        return 'unaccounted';
+    end if;
+    select b.id into copying from loader.rebuilds b where b.state = 'copying';
+    if copying is not null and exists (select from loader.rebuild_ranges g
+                                        where g.rebuild_id = copying and not g.done
+                                          and g.lo <= c.hi and g.hi >= c.lo) then
+        return 'copying';
+    end if;
+    insert into loader.staged_days (day, dropped_by, staged, loaded, rejected, erased, expired)
+    values (d, session_user, c.staged, c.loaded, c.rejected, c.erased, c.expired);
+    execute format('insert into loader.staged_day_runs (day, ingest_run_id, staged)
+                    select %L, r.ingest_run_id, count(*) from %s r group by r.ingest_run_id', d, part);
+    execute format('drop table %s', part);
+    return 'dropped';
+end
+$$;
+comment on function loader.drop_staged_day(date) is
+    'Drop one day of loader.raw_logins whose rows all have their outcome, keeping its counts (owner; purge calls it)';
+
+-- _switch_staged_ids: once the current generation of loader.staged_ids is a week old, the next
+-- one becomes current; a generation that ended more than sent_at_max_age_days + 1 days ago is
+-- dropped (no copy of a message it holds can still come: SQS keeps a message at most 14 days,
+-- 28 after a FIFO dead-letter queue restarted its clock, and sent_at_max_age_days bounds that).
+-- The switch takes ACCESS EXCLUSIVE on loader.staged_id_generations, which every stager reads
+-- (and so holds) until it commits: no two copies of one message are staged in two generations
+-- at once. Waits at most lock_timeout (2 s), then raises lock_not_available (retried as
+-- create_staging_days is). Returns the current generation.
+create or replace function loader._switch_staged_ids() returns integer
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' set lock_timeout = '2s' as $$
+declare
+    cur integer;
+    began timestamptz;
+    old integer;
+begin
+    select g.generation, g.started_at into cur, began
+      from loader.staged_id_generations g where g.ended_at is null;
+    if began <= now() - interval '7 days' then
+        lock table loader.staged_id_generations in access exclusive mode;
+        execute format('create table loader.%I partition of loader.staged_ids for values in (%s)',
+                       'staged_ids_g' || (cur + 1), cur + 1);
+        perform loader._comment_like(format('loader.%I', 'staged_ids_g' || (cur + 1))::regclass,
+            'loader.staged_ids'::regclass,
+            format('The message ids staged while generation %s was current', cur + 1));
+        update loader.staged_id_generations set ended_at = now() where generation = cur;
+        insert into loader.staged_id_generations (generation) values (cur + 1);
+        cur := cur + 1;
+    end if;
+    for old in select g.generation from loader.staged_id_generations g
+                where g.ended_at < now() - make_interval(
+                          days => loader._setting_int('sent_at_max_age_days', 28) + 1)
+                order by 1
+    loop
+        execute format('drop table if exists loader.%I', 'staged_ids_g' || old);
+        delete from loader.staged_id_generations where generation = old;
+    end loop;
+    return cur;
+end
+$$;
+comment on function loader._switch_staged_ids() is
+    'Private: the weekly switch of loader.staged_ids'' generation, and the drop of those no message can outlive';
+
+-- _oldest_body_staged_at: when the oldest body still held in loader.raw_logins was staged
+-- (NULL: none). Reads the default partition, the legacy one, then the days up to today oldest
+-- first, and stops at the first that holds a body (along each partition's index of the bodies
+-- held), so it locks a few partitions, not every day's. Owner only: the purge records it in
+-- loader.retention_state, which loader.pipeline_status shows.
+create or replace function loader._oldest_body_staged_at() returns timestamptz
+language plpgsql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' as $$
+declare
+    part record;
+    found timestamptz;
+    oldest timestamptz;
+begin
+    if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) <> 'p' then
+        return (select min(r.staged_at) from loader.raw_logins r where r.purged_at is null);
+    end if;
+    for part in select c.oid::regclass as rel, c.relname
+                  from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                 where i.inhparent = 'loader.raw_logins'::regclass
+                   -- Not the days ahead: stage() stamps the server's time, so they are empty.
+                   and case when c.relname ~ '^raw_logins_p[0-9]{8}$'
+                            then to_date(substr(c.relname, 13), 'YYYYMMDD')
+                                 <= (now() at time zone 'UTC')::date
+                            else true end
+                 order by c.relname <> 'raw_logins_default', c.relname <> 'raw_logins_legacy',
+                          c.relname
+    loop
+        execute format('select min(r.staged_at) from %s r where r.purged_at is null', part.rel)
+           into found;
+        oldest := least(oldest, found);
+        -- Every day's rows are later than the legacy partition's and an earlier day's.
+        exit when found is not null and part.relname <> 'raw_logins_default';
+    end loop;
+    return oldest;
+end
+$$;
+comment on function loader._oldest_body_staged_at() is
+    'Private: when the oldest body still held in loader.raw_logins was staged (a few partitions read, not all)';
+
+-- _note_oldest_body: records _oldest_body_staged_at in loader.retention_state (the end of
+-- every purge and expiry).
+create or replace function loader._note_oldest_body() returns void
+language sql volatile set search_path = pg_catalog, pg_temp as $$
+    update loader.retention_state
+       set oldest_body_staged_at = loader._oldest_body_staged_at(), measured_at = now()
+$$;
+comment on function loader._note_oldest_body() is
+    'Private: record when the oldest body still held was staged (loader.retention_state)';

@@ -34,7 +34,8 @@
 create or replace function loader._outcome_rows(ids bigint[], for_rebuild boolean default false)
 returns table (message_id text, reason text, detail text, user_id text, device_type text,
                masked_ip text, masked_device_id text, locale text, app_version integer,
-               create_date date, ip_network cidr, app_version_text text, mask_key_id integer)
+               create_date date, ip_network cidr, app_version_text text, mask_key_id integer,
+               staged_on date)
 language sql stable as $$
     -- The key is read inside the statement (active_key), never into a variable: PL/pgSQL
     -- passes variables to a statement as parameters, and a custom plan folds a parameter into
@@ -81,7 +82,8 @@ language sql stable as $$
            j.create_date,
            loader._ip_network(j.parsed),
            j.app_version,
-           k.id
+           k.id,
+           j.staged_on
       from (select c.*,
                    case when c.reason is null then
                        case when c.ip_plain then c.ip::inet else loader._inet_other(c.ip) end
@@ -139,7 +141,8 @@ language sql stable as $$
                                    l.login ->> 'locale' as locale,
                                    l.login ->> 'device_id' as device_id,
                                    l.login ->> 'app_version' as app_version,
-                                   l.create_date
+                                   l.create_date,
+                                   l.staged_on
                               from (select r.message_id, r.body_is_json, e.envelope,
                                            loader._unwrap(r.body, e.envelope) as login,
                                            r.body as staged_body, r.staged_at,
@@ -147,7 +150,10 @@ language sql stable as $$
                                            -- The UTC day SQS received it (wrapped or not), not
                                            -- the day of the transform: reruns must not move it.
                                            (coalesce(r.sent_at, r.staged_at) at time zone 'UTC')::date
-                                               as create_date
+                                               as create_date,
+                                           -- The partition its staged row is in (reconcile
+                                           -- counts an outcome of a dropped day by it).
+                                           (r.staged_at at time zone 'UTC')::date as staged_on
                                       from staged r
                                       cross join lateral (select loader._envelope(r.body) as envelope) e
                                     offset 0) l
@@ -186,17 +192,17 @@ begin
     ), loads as (
         insert into %2$s
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
-             message_id, ip_network, app_version_text, mask_key_id)
+             message_id, ip_network, app_version_text, mask_key_id, staged_on)
         select o.user_id, o.device_type, o.masked_ip, o.masked_device_id, o.locale,
                o.app_version, o.create_date, o.message_id, o.ip_network, o.app_version_text,
-               o.mask_key_id
+               o.mask_key_id, o.staged_on
           from outcome o
          where o.reason is null
         %4$s
         returning mask_key_id
     ), rejects as (
-        insert into %3$s (message_id, reason, detail)
-        select o.message_id, o.reason, o.detail from outcome o where o.reason is not null
+        insert into %3$s (message_id, reason, detail, staged_on)
+        select o.message_id, o.reason, o.detail, o.staged_on from outcome o where o.reason is not null
         %4$s
         returning reason
     ), ticket as (

@@ -63,7 +63,10 @@ comment on function loader.purge_staged_batch(timestamptz, integer) is
     'Purge up to max_rows bodies staged before cutoff that have an outcome; returns how many';
 
 -- purge_staged: every body staged more than `older_than` ago, one committed batch at a time
--- (for psql: CALL, outside a transaction block). The cutoff is fixed when it starts.
+-- (for psql: CALL, outside a transaction block). The cutoff is fixed when it starts. Whole days
+-- before it are dropped first (loader.drop_staged_day: a day with a pending row stays, with a
+-- WARNING); the batches then purge the rest (the partial day at the cutoff, rows staged before
+-- raw_logins was partitioned, the default partition's). `purged` counts the bodies of batches.
 create or replace procedure loader.purge_staged(
     older_than interval,
     inout purged bigint default null,
@@ -72,25 +75,47 @@ language plpgsql as $$
 declare
     cutoff timestamptz := now() - older_than;
     batch bigint;
+    day date;
+    outcome text;
 begin
     if older_than is null or older_than < interval '0' then
         raise exception 'purge_staged: older_than must be a non-negative interval'
             using errcode = 'invalid_parameter_value';
     end if;
     purged := 0;
-    -- The daily job is also what keeps raw_logins' day partitions ahead (sql/16_partitions.sql).
+    -- The daily job is also what keeps raw_logins' day partitions ahead, switches the staged
+    -- ids' generation, and drops whole days (sql/16_partitions.sql), each committed apart.
     begin
         perform loader.create_staging_days();
     exception when lock_not_available then
         raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
     end;
     commit;
+    begin
+        perform loader._switch_staged_ids();
+    exception when lock_not_available then
+        raise warning 'purge_staged: the staged ids'' generation waited too long for a lock; the next run switches';
+    end;
+    commit;
+    for day in select * from loader._staged_days_due(cutoff) loop
+        begin
+            outcome := loader.drop_staged_day(day);
+        exception when lock_not_available then
+            outcome := 'busy';
+        end;
+        if outcome <> 'dropped' and outcome <> 'missing' then
+            raise warning 'purge_staged: day % stays (%)', day, outcome;
+        end if;
+        commit;
+    end loop;
     loop
         batch := loader.purge_staged_batch(cutoff, batch_size);
         purged := purged + batch;
         commit;
         exit when batch = 0;
     end loop;
+    perform loader._note_oldest_body();
+    commit;
 end
 $$;
 comment on procedure loader.purge_staged(interval, bigint, integer) is
@@ -252,6 +277,7 @@ begin
     -- The rows the record counts (a batch's return also counts a copy's row it deleted).
     expired := (select e.expired + e.before_loader from loader.mask_expiries e
                  where e.cutoff = upto) - before;
+    perform loader._note_oldest_body();
 end
 $$;
 comment on procedure loader.expire_masked(integer, bigint, integer) is

@@ -38,6 +38,8 @@ comment on column public.user_logins.create_date is
     'UTC date of the SQS SentTimestamp (of staging when missing), never of the transform';
 comment on column public.user_logins.loaded_at is
     'Start of the transaction that wrote the row (not commit order: copy downstream by loaded_xid)';
+comment on column public.user_logins.staged_on is
+    'UTC day its message was staged on (reconcile finds a dropped day''s counts by it); NULL before V21 and for rows from before loader';
 comment on column public.user_logins.loaded_xid is
     'Id of the transaction that wrote the row: with the snapshot''s xmin, a commit-ordered cursor for downstream copies (NULL for rows from before V14)';
 
@@ -100,6 +102,29 @@ comment on column loader.login_rejects.reason is
     'erased, sns_message_not_object, eventbridge_detail_not_object, body_not_json, body_not_object, field_not_scalar, user_id_missing, user_id_empty or value_too_long';
 comment on column loader.login_rejects.detail is 'Human detail naming fields and sizes, never values';
 comment on column loader.login_rejects.rejected_at is 'When the transform rejected it';
+comment on column loader.login_rejects.staged_on is
+    'UTC day its message was staged on (its raw_logins partition); NULL before V21';
+comment on column loader.transform_queue.staged_at is
+    'When the row was staged (filled by the staging trigger; the time it was put back for a row queued by hand)';
+comment on table loader.retention_state is 'When the oldest body still held was staged (one row; for loader.pipeline_status)';
+comment on column loader.retention_state.singleton is 'Always true: one row';
+comment on column loader.retention_state.oldest_body_staged_at is
+    'As the last purge or expiry found it; set by the first staging while it is NULL (no body held)';
+comment on column loader.retention_state.measured_at is 'When it was last written';
+comment on table loader.staged_days is
+    'Days of loader.raw_logins dropped by retention, with their counts (proved when dropped: every row had its outcome)';
+comment on column loader.staged_days.day is 'The UTC day of staged_at';
+comment on column loader.staged_days.dropped_at is 'When its partition was dropped';
+comment on column loader.staged_days.dropped_by is 'The login (session_user) that dropped it';
+comment on column loader.staged_days.staged is 'Rows it held';
+comment on column loader.staged_days.loaded is 'Of which loaded into public.user_logins';
+comment on column loader.staged_days.rejected is 'Of which rejected (loader.login_rejects)';
+comment on column loader.staged_days.erased is 'Of which erased (no outcome kept)';
+comment on column loader.staged_days.expired is 'Of which their masked row had reached the end of its retention period';
+comment on table loader.staged_day_runs is 'Per dropped day, the rows each ingest run had staged in it';
+comment on column loader.staged_day_runs.day is 'The dropped day (loader.staged_days)';
+comment on column loader.staged_day_runs.ingest_run_id is 'The run (NULL: rows staged without one)';
+comment on column loader.staged_day_runs.staged is 'Its rows in that day';
 comment on column loader.transform_queue.raw_id is 'loader.raw_logins.id of a staged row without an outcome';
 comment on table loader.transform_log is
     'Transform progress: a row per batch (insert-only, old rows folded together); read loader.transform_state';

@@ -255,3 +255,48 @@ pub async fn watched<T>(
     watch.stop().await;
     result
 }
+
+/// Runs one piece of owner maintenance that takes brief strong locks (creating or dropping a
+/// partition, switching a generation): `sql` returns one text value and takes `day` as `$1`
+/// when given. Each attempt is a transaction of its own that waits at most the lock_timeout its
+/// function pins (2 s), so no stager or reader queues behind it for longer; between attempts a
+/// [`Watch`] keeps counting how long a session of a lesser role has blocked it, and ends it once
+/// that passes `after`. Returns `Ok(None)` when the lock was still refused after `after` and
+/// five more seconds (a superuser's session, or no `pg_signal_backend`): the next run tries
+/// again.
+pub async fn retrying(
+    pool: &PgPool,
+    after: Duration,
+    work: &'static str,
+    sql: &str,
+    day: Option<time::Date>,
+) -> anyhow::Result<(Option<String>, Vec<Evicted>)> {
+    let watch = Watch::start(pool, work, after);
+    let deadline = Instant::now() + after + Duration::from_secs(5);
+    let outcome = loop {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            watch.follow(backend_pid(&mut tx).await?);
+            let mut query = sqlx::query_scalar::<_, String>(sql).persistent(false);
+            if let Some(day) = day {
+                query = query.bind(day);
+            }
+            let value = query.fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            sqlx::Result::Ok(value)
+        }
+        .await;
+        match attempt {
+            Ok(value) => break Ok(Some(value)),
+            Err(e) if crate::retry::sqlstate(&e).as_deref() == Some("55P03") => {
+                if Instant::now() >= deadline {
+                    break Ok(None);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => break Err(anyhow::Error::new(e).context(work)),
+        }
+    };
+    let evicted = watch.stop().await;
+    outcome.map(|value| (value, evicted))
+}

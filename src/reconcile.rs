@@ -41,6 +41,9 @@ pub struct StageCounts {
     /// Runs that stopped on an error (their deleted counter may be short; not held to
     /// `run_deletes_match`).
     pub stopped_runs: i64,
+    /// Staged rows (counted in `staged`, and in `purged`, `erased` and `expired` as they were)
+    /// of the days retention dropped (`loader.staged_days`).
+    pub dropped: i64,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_drained_at: Option<OffsetDateTime>,
     /// With `--since`: the start of the window the counts and checks cover (None: everything).
@@ -137,13 +140,15 @@ pub const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "outcome_has_staged_message",
-        "every user_logins row with a message_id, and every reject, has its staged message",
+        "every user_logins row with a message_id, and every reject, has its staged message, or the day it was staged on was dropped by retention after its count was kept (loader.staged_days)",
         "select o.message_id
-           from (select message_id from public.user_logins
+           from (select message_id, staged_on from public.user_logins
                   where message_id is not null and loaded_at >= {since}
                  union all
-                 select message_id from loader.login_rejects where rejected_at >= {since}) o
-          where not exists (select from loader.raw_logins r where r.message_id = o.message_id)",
+                 select message_id, staged_on from loader.login_rejects
+                  where rejected_at >= {since}) o
+          where not exists (select from loader.raw_logins r where r.message_id = o.message_id)
+            and not exists (select from loader.staged_days d where d.day = o.staged_on)",
     ),
     (
         "staged_message_accounted_for",
@@ -175,13 +180,16 @@ pub const CHECKS: &[(&str, &str, &str)] = &[
     ),
     (
         "run_staged_matches_rows",
-        "per ingest run: its staged counter equals the rows in raw_logins that name the run",
+        "per ingest run: its staged counter equals the rows in raw_logins that name the run, with those of the days retention dropped (loader.staged_day_runs)",
         // One pass over the window's rows, grouped by run (not a count per run).
         "select i.id::text from loader.ingest_runs i
            left join (select r.ingest_run_id, count(*) as n from loader.raw_logins r
                        where r.staged_at >= {since} group by r.ingest_run_id) c
              on c.ingest_run_id = i.id
-          where i.started_at >= {since} and i.staged <> coalesce(c.n, 0)",
+           left join (select d.ingest_run_id, sum(d.staged) as n from loader.staged_day_runs d
+                       group by d.ingest_run_id) k
+             on k.ingest_run_id = i.id
+          where i.started_at >= {since} and i.staged <> coalesce(c.n, 0) + coalesce(k.n, 0)",
     ),
 ];
 
@@ -195,9 +203,16 @@ pub async fn reconcile(
 ) -> Result<Report> {
     let since_seconds = since.map(|d| d.as_secs_f64());
     let stages_sql = with_params(&
-        " select (select count(*) from loader.raw_logins where staged_at >= {since}) as staged,
+        ", dropped as (select coalesce(sum(d.staged), 0)::bigint as staged,
+                              coalesce(sum(d.erased), 0)::bigint as erased,
+                              coalesce(sum(d.expired), 0)::bigint as expired
+                         from loader.staged_days d
+                        where (d.day + 1)::timestamp at time zone 'UTC' > {since})
+         select (select count(*) from loader.raw_logins where staged_at >= {since})
+                    + (select staged from dropped) as staged,
                 (select count(*) from loader.raw_logins
-                  where purged_at is not null and staged_at >= {since}) as purged,
+                  where purged_at is not null and staged_at >= {since})
+                    + (select staged from dropped) as purged,
                 (select count(*) from public.user_logins
                   where message_id is not null and loaded_at >= {since}) as loaded,
                 (select count(*) from loader.login_rejects where rejected_at >= {since}) as rejected,
@@ -211,9 +226,12 @@ pub async fn reconcile(
                 (select count(*) from loader.ingest_runs
                   where stopped_on_error and started_at >= {since}) as stopped_runs,
                 (select count(*) from loader.raw_logins
-                  where erased_at is not null and staged_at >= {since}) as erased,
+                  where erased_at is not null and staged_at >= {since})
+                    + (select erased from dropped) as erased,
                 (select count(*) from loader.raw_logins
-                  where expired_at is not null and staged_at >= {since}) as expired,
+                  where expired_at is not null and staged_at >= {since})
+                    + (select expired from dropped) as expired,
+                (select staged from dropped) as dropped,
                 (select last_drained_at from loader.transform_state) as last_drained_at,
                 (select nullif(since, '-infinity') from params) as window_start"
             .replace("{silent}", &SILENT_AFTER.as_secs().to_string()),
@@ -278,10 +296,13 @@ async fn refusal_account(
                              where refused_at >= {since})
              select (select count(*) from refused),
                     (select count(*) from refused f
-                      where exists (select from loader.raw_logins r where r.message_id = f.message_id)),
+                      where exists (select from loader.raw_logins r where r.message_id = f.message_id)
+                         or exists (select from loader.staged_ids i where i.message_id = f.message_id)),
                     coalesce((select array_agg(f.message_id order by f.message_id) from refused f
                                where not exists (select from loader.raw_logins r
-                                                  where r.message_id = f.message_id)), '{}')",
+                                                  where r.message_id = f.message_id)
+                                 and not exists (select from loader.staged_ids i
+                                                  where i.message_id = f.message_id)), '{}')",
         ))
         .bind(0.0)
         .bind(since_seconds)

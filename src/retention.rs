@@ -3,12 +3,13 @@
 //! ([`purge`]), and the masked rows whose create_date is older than a period end, their
 //! bodies with them ([`expire_masked`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sqlx::PgPool;
 use time::{Date, OffsetDateTime};
 
+use crate::evict;
 use crate::progress::Progress;
 use crate::shutdown::Shutdown;
 
@@ -16,12 +17,21 @@ use crate::shutdown::Shutdown;
 pub const DEFAULT_BATCH: i32 = 10_000;
 
 /// What a purge did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purged {
-    /// Bodies purged by this call.
+    /// Days of `loader.raw_logins` dropped whole (their counts kept in `loader.staged_days`).
+    pub days_dropped: Vec<Date>,
+    /// Days due that stay, with why: `pending` (a row waits for the transform), `unaccounted`
+    /// (a row has no outcome, or two: `loader reconcile` names it), `copying` (an online
+    /// rebuild has not copied them yet), `busy` (a lock was held too long; the next run).
+    pub days_kept: Vec<(Date, String)>,
+    /// Bodies purged by this call, in the days not dropped whole (the partial day at the
+    /// cutoff, rows staged before loader was partitioned, the default partition's).
     pub bodies: i64,
     /// False when `stop` ended it before every old body was purged (run again to continue).
     pub finished: bool,
+    /// Sessions of lesser roles ended for holding a lock the days' maintenance needed.
+    pub evicted: Vec<evict::Evicted>,
 }
 
 /// What `purge` would do for `days`, changing nothing: the bodies staged more than `days` ago
@@ -48,17 +58,22 @@ pub async fn preview(pool: &PgPool, days: i32) -> Result<(i64, i64)> {
 }
 
 /// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
-/// `batch` rows per committed transaction, showing `progress` when given.
+/// `batch` rows per committed transaction, showing `progress` when given. First, as the daily
+/// maintenance of `loader.raw_logins` (sql/16_partitions.sql): the day partitions ahead, the
+/// staged ids' weekly generation, and the drop of every whole day before the cutoff whose rows
+/// all have their outcome; a session of a lesser role that holds a lock one of those needs is
+/// ended after `evict_after` ([`evict::retrying`]).
 ///
-/// Once `stopping` has begun (a signal, say), the batch in hand commits and the purge returns
-/// with `finished: false`; killed outright, it loses at most the batch in progress. Either way,
-/// running it again continues.
+/// Once `stopping` has begun (a signal, say), the batch or day in hand commits and the purge
+/// returns with `finished: false`; killed outright, it loses at most the batch in progress.
+/// Either way, running it again continues.
 pub async fn purge(
     pool: &PgPool,
     days: i32,
     batch: i32,
     progress: Option<&Progress>,
     stopping: &Shutdown,
+    evict_after: Duration,
 ) -> Result<Purged> {
     let cutoff: OffsetDateTime = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select now() - make_interval(days => $1)")
@@ -69,7 +84,52 @@ pub async fn purge(
     })
     .await
     .context("reading the database's clock")?;
-    create_staging_days(pool).await?;
+    let mut evicted = Vec::new();
+    for (work, sql) in [
+        ("creating the staging days ahead", "select loader.create_staging_days()::text"),
+        ("switching the staged ids' generation", "select loader._switch_staged_ids()::text"),
+    ] {
+        let (done, ended) = evict::retrying(pool, evict_after, work, sql, None)
+            .await
+            .context("only the owner role may")?;
+        evicted.extend(ended);
+        if done.is_none() {
+            tracing::warn!(work, "a lock stayed held past --evict-after; the next purge does it");
+        }
+    }
+    let due: Vec<Date> = crate::db::transaction(pool, async |tx| {
+        sqlx::query_scalar("select loader._staged_days_due($1)")
+            .bind(cutoff)
+            .persistent(false)
+            .fetch_all(tx)
+            .await
+    })
+    .await
+    .context("listing the staged days due (only the owner role may)")?;
+    let (mut days_dropped, mut days_kept) = (Vec::new(), Vec::new());
+    for day in due {
+        if stopping.has_begun() {
+            break;
+        }
+        let (outcome, ended) = evict::retrying(
+            pool,
+            evict_after,
+            "dropping a staged day",
+            "select loader.drop_staged_day($1)",
+            Some(day),
+        )
+        .await?;
+        evicted.extend(ended);
+        match outcome.as_deref() {
+            Some("dropped") => days_dropped.push(day),
+            Some("missing") => {}
+            Some(why) => days_kept.push((day, why.to_owned())),
+            None => days_kept.push((day, "busy".to_owned())),
+        }
+    }
+    if stopping.has_begun() {
+        return Ok(Purged { days_dropped, days_kept, bodies: 0, finished: false, evicted });
+    }
     let (bodies, finished) = batches(
         pool,
         "select loader.purge_staged_batch($1, $2)",
@@ -80,30 +140,19 @@ pub async fn purge(
     )
     .await
     .context("purging staged bodies (only the owner role may)")?;
-    Ok(Purged { bodies, finished })
+    note_oldest_body(pool).await?;
+    Ok(Purged { days_dropped, days_kept, bodies, finished, evicted })
 }
 
-/// Creates `loader.raw_logins`' day partitions ahead (sql/16_partitions.sql), as the daily
-/// purge job does: a purge is the owner's daily maintenance. A lock it waited on too long is a
-/// warning, not a failure: the days ahead are many, and the next run creates them.
-async fn create_staging_days(pool: &PgPool) -> Result<()> {
-    let created = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar::<_, i32>("select loader.create_staging_days()")
-            .persistent(false)
-            .fetch_one(tx)
-            .await
+/// Records when the oldest body still held was staged, for `loader.pipeline_status`
+/// (`loader._note_oldest_body`): at the end of every purge and expiry.
+async fn note_oldest_body(pool: &PgPool) -> Result<()> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query("select loader._note_oldest_body()").persistent(false).execute(tx).await
     })
-    .await;
-    match created {
-        Ok(_) => Ok(()),
-        Err(e) if crate::retry::sqlstate(&e).as_deref() == Some("55P03") => {
-            tracing::warn!(
-                "the staging days ahead waited too long for a lock; the next purge creates them"
-            );
-            Ok(())
-        }
-        Err(e) => Err(e).context("creating the staging days ahead (only the owner role may)"),
-    }
+    .await
+    .context("noting the oldest body still held")?;
+    Ok(())
 }
 
 /// What an expiry of masked rows did.
@@ -190,6 +239,7 @@ pub async fn expire_masked(
     .await
     .context("ending masked rows past their retention period")?;
     let after = ended_before(pool, cutoff).await?;
+    note_oldest_body(pool).await?;
     Ok(Expired { cutoff, rows: after.0 - before.0, bodies: after.1 - before.1, finished })
 }
 

@@ -134,21 +134,29 @@ async fn partition_staging(
     .fetch_one(&mut *conn)
     .await
     .context("reading the shape of loader.raw_logins")?;
+    if partitioned {
+        drop(conn);
+        // Attaching a day locks the default partition, which a session below the owner may
+        // hold open: ended after the grace period (evict::retrying).
+        let (created, evicted) = evict::retrying(
+            pool,
+            evict_after,
+            "creating the staging days ahead",
+            "select loader.create_staging_days()::text",
+            None,
+        )
+        .await?;
+        if created.is_none() {
+            anyhow::bail!(
+                "creating the staging days ahead: a lock stayed held past --evict-after (a \
+                 superuser's session, or the owner lacks pg_signal_backend: loader doctor)"
+            );
+        }
+        return Ok((false, evicted));
+    }
     let mut evicted = Vec::new();
     let watch = evict::Watch::start(pool, "loader migrate", evict_after);
     watch.follow(evict::backend_pid(&mut conn).await?);
-    if partitioned {
-        // Attaching a day locks the default partition, which a session below the owner may
-        // hold open: the watch ends it after the grace period.
-        let created = sqlx::query("select loader.create_staging_days()")
-            .persistent(false)
-            .execute(&mut *conn)
-            .await
-            .context("creating the staging days ahead");
-        evicted.extend(watch.stop().await);
-        created?;
-        return Ok((false, evicted));
-    }
     let validated = async {
         sqlx::raw_sql(&format!(
             "set lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';

@@ -241,3 +241,303 @@ async fn a_populated_table_from_before_v20_moves_to_day_partitions_killed_half_w
     .unwrap();
     assert!(partitions(&db).await.contains(&first_day));
 }
+
+/// Runs `loader reconcile --skip-queue --json`: (exit code, report).
+fn reconcile(db: &TestDb) -> (Option<i32>, serde_json::Value) {
+    let out = db.cli().run(&["reconcile", "--skip-queue", "--json"]);
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), report)
+}
+
+/// The UTC day `days` from today.
+async fn utc_day(db: &TestDb, days: i32) -> time::Date {
+    sqlx::query_scalar("select (now() at time zone 'UTC')::date + $1")
+        .bind(days)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Makes the partitions of the UTC days `from` to `to` days from today (negative: past).
+async fn past_days(db: &TestDb, from: i32, to: i32) {
+    sqlx::query(
+        "select loader._add_staging_partition('raw_logins_p' || to_char(d, 'YYYYMMDD'),
+                    d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC')
+           from generate_series((now() at time zone 'UTC')::date + $1,
+                                (now() at time zone 'UTC')::date + $2, interval '1 day') g,
+                lateral (select g::date as d) x",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_across_them() {
+    let db = TestDb::migrated().await;
+    past_days(&db, -40, -36).await;
+    let messages = support::fixture_messages();
+    // Staged through loader.stage, then moved back in time (as if staged 38 and 37 days ago).
+    assert_eq!(stage_new(&db, &messages).await, 100);
+    let late: Vec<(String, String)> = (0..5)
+        .map(|i| {
+            let body = format!(
+                r#"{{"user_id": "late-user-{i}", "device_type": "ios", "ip": "10.0.0.{i}",
+                    "device_id": "device-{i}", "locale": "en_GB", "app_version": "1.2.3"}}"#
+            );
+            (format!("late-{i}"), body)
+        })
+        .collect();
+    assert_eq!(stage_new(&db, &late).await, 5);
+    sqlx::raw_sql(
+        "update loader.raw_logins set staged_at = staged_at - interval '38 days'
+          where message_id like 'fixture-%';
+         update loader.raw_logins set staged_at = staged_at - interval '37 days'
+          where message_id like 'late-%';",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (old_day, late_day) = (utc_day(&db, -38).await, utc_day(&db, -37).await);
+    // The fixture transformed (on its day), one person erased; the late ones still pending.
+    let held: Vec<i64> =
+        sqlx::query_scalar("select id from loader.raw_logins where message_id like 'late-%'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    sqlx::query("delete from loader.transform_queue where raw_id = any ($1)")
+        .bind(&held)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.cli().ok(&["transform"]);
+    sqlx::query("insert into loader.transform_queue (raw_id) select unnest($1::bigint[])")
+        .bind(&held)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // As if no transform had drained since the late ones were staged (else reconcile rightly
+    // calls them stuck).
+    sqlx::raw_sql(
+        "update loader.transform_log
+            set at = (select min(staged_at) from loader.raw_logins
+                       where message_id like 'late-%') - interval '1 hour'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let person: String = sqlx::query_scalar(
+        "select body ->> 'user_id' from loader.raw_logins where message_id = 'fixture-5'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    db.cli().ok(&["forget", "--user-id", &person, "--reference", "DSR-days"]);
+    let erased =
+        db.count("select count(*) from loader.raw_logins where erased_at is not null").await;
+    let (loaded, rejected) = (db.loaded().await, db.rejected().await);
+    assert_eq!(loaded + rejected + erased, 100);
+    assert_eq!(db.pending().await, 5);
+
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(out.contains("dropped 4 staged days"), "{out}"); // the empty ones too
+    assert!(
+        out.contains(&format!("kept staged day {late_day}: a row waits for the transform")),
+        "{out}"
+    );
+    let parts = partitions(&db).await;
+    assert!(!parts.iter().any(|p| p.ends_with(&old_day.to_string().replace('-', ""))), "{parts:?}");
+    let kept: (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "select staged, loaded, rejected, erased, expired from loader.staged_days where day = $1",
+    )
+    .bind(old_day)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, (100, loaded, rejected, erased, 0));
+    assert_eq!(db.staged().await, 5, "only the pending day's rows are left");
+
+    // Reconcile still accounts for every message, the dropped ones by their day's counts.
+    let (code, report) = reconcile(&db);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["stages"]["staged"], 105);
+    assert_eq!(report["stages"]["dropped"], 100);
+    assert_eq!(report["stages"]["erased"], erased);
+    // A redelivery of a message whose day was dropped is still a duplicate.
+    assert_eq!(stage_new(&db, &messages[3..4]).await, 0);
+    // And an outcome that lost its staged message outside any dropped day is still named.
+    sqlx::raw_sql(
+        "update public.user_logins set staged_on = staged_on + 1 where message_id = 'fixture-7'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&db);
+    assert_eq!(code, Some(3));
+    let failing: Vec<&serde_json::Value> =
+        report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
+    assert_eq!(failing.len(), 1, "{report:#}");
+    assert_eq!(failing[0]["name"], "outcome_has_staged_message");
+    assert_eq!(failing[0]["offenders"], serde_json::json!(["fixture-7"]));
+    sqlx::raw_sql(
+        "update public.user_logins set staged_on = staged_on - 1 where message_id = 'fixture-7'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // Once transformed, the pending day goes too, by the psql and pg_cron path.
+    db.cli().ok(&["transform"]);
+    sqlx::raw_sql("call loader.purge_staged(interval '30 days')").execute(&db.pool).await.unwrap();
+    assert_eq!(db.staged().await, 0);
+    assert_eq!(db.count("select count(*) from loader.staged_days").await, 5);
+    let (code, report) = reconcile(&db);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["stages"]["dropped"], 105);
+}
+
+#[tokio::test]
+async fn a_switch_of_the_ids_generation_waits_for_stagers_so_no_copy_straddles_it() {
+    let db = TestDb::migrated().await;
+    let messages = support::fixture_messages();
+    assert_eq!(stage_new(&db, &messages[..10]).await, 10);
+    // Too young to switch.
+    let current: i32 =
+        sqlx::query_scalar("select loader._switch_staged_ids()").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(current, 1);
+    sqlx::raw_sql("update loader.staged_id_generations set started_at = now() - interval '8 days'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // A stager in flight (uncommitted) in generation 1: the switch waits for it.
+    let run = loader::staging::IngestRun::register(&db.pool, "direct", "drain").await.unwrap();
+    let mut stager = db.pool.begin().await.unwrap();
+    let straddler = loader::staging::RawMessage {
+        message_id: "straddler".into(),
+        body: messages[20].1.clone(),
+        sent_at: Some(OffsetDateTime::now_utc()),
+        receive_count: Some(1),
+    };
+    let staged =
+        loader::staging::stage(&mut stager, &run, std::slice::from_ref(&straddler)).await.unwrap();
+    assert_eq!(staged.outcome.staged, 1);
+    let pool = db.pool.clone();
+    let switch = tokio::spawn(async move {
+        sqlx::query_scalar::<_, i32>("select loader._switch_staged_ids()")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    });
+    wait_for_lock_wait(&db, "%_switch_staged_ids%").await;
+    stager.commit().await.unwrap();
+    assert_eq!(switch.await.unwrap(), 2);
+    // The copy that comes after the switch finds the first in generation 1.
+    assert_eq!(stage_new(&db, &[("straddler".into(), messages[20].1.clone())]).await, 0);
+    assert_eq!(stage_new(&db, &messages[..12]).await, 2, "two new, ten duplicates");
+    assert_eq!(db.count("select count(*) from loader.staged_ids_g2").await, 2);
+    assert_eq!(db.staged().await, 13);
+
+    // A generation that ended longer ago than any message lives (sent_at_max_age_days + 1) goes.
+    sqlx::raw_sql(
+        "update loader.staged_id_generations set ended_at = now() - interval '30 days'
+          where generation = 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let current: i32 =
+        sqlx::query_scalar("select loader._switch_staged_ids()").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(current, 2);
+    assert_eq!(db.count("select count(*) from pg_class where relname = 'staged_ids_g1'").await, 0);
+    assert_eq!(db.count("select count(*) from loader.staged_id_generations").await, 1);
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}
+
+#[tokio::test]
+async fn the_days_maintenance_ends_a_lesser_role_that_holds_it_up_and_keeps_utc_days() {
+    let db = TestDb::migrated().await;
+    let transformer = support::TestRole::new(&db, "loader_transformer").await;
+    let tomorrow = day_partition(&db, 1).await;
+    sqlx::raw_sql(&format!("drop table loader.{tomorrow}")).execute(&db.pool).await.unwrap();
+    assert_eq!(stage_new(&db, &support::fixture_messages()[..3]).await, 3);
+    // A transformer's batch left open holds every partition (a batch reads staged rows by id),
+    // the default one too, which attaching a day locks.
+    let mut held = transformer.pool.begin().await.unwrap();
+    sqlx::raw_sql("select * from loader.transform_batch(10, false)")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let out = db.cli().ok(&["--evict-after", "2s", "migrate"]);
+    assert!(partitions(&db).await.contains(&tomorrow), "{out}");
+    assert!(sqlx::raw_sql("select 1").execute(&mut *held).await.is_err(), "the holder was ended");
+
+    // A session in another time zone (psql, pg_cron) makes UTC days all the same: the day of
+    // next November's change of clocks in New York is 24 hours like any other.
+    let mut owner = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("set timezone = 'America/New_York'; set datestyle = 'Postgres, DMY'")
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    sqlx::query("select loader.create_staging_days(366)").execute(&mut *owner).await.unwrap();
+    drop(owner);
+    db.cli().ok(&["migrate"]);
+    let wrong: i64 = db
+        .count(
+            "select count(*) from (select c.oid, c.relpartbound, to_date(substr(c.relname, 13), 'YYYYMMDD') as d
+                                    from pg_class c join pg_inherits i on i.inhrelid = c.oid
+                                   where i.inhparent = 'loader.raw_logins'::regclass
+                                     and c.relname ~ '^raw_logins_p[0-9]{8}$' offset 0) p
+              where pg_get_expr(p.relpartbound, p.oid) <> format('FOR VALUES FROM (%L) TO (%L)',
+                        p.d::timestamp at time zone 'UTC', (p.d + 1)::timestamp at time zone 'UTC')",
+        )
+        .await;
+    assert_eq!(wrong, 0, "every day partition is one UTC day");
+}
+
+#[tokio::test]
+async fn a_staging_locks_the_partition_it_writes_not_every_day() {
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql("select loader.create_staging_days(200)").execute(&db.pool).await.unwrap();
+    let run = loader::staging::IngestRun::register(&db.pool, "direct", "drain").await.unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let message = loader::staging::RawMessage {
+        message_id: "one".into(),
+        body: support::fixture_messages()[0].1.clone(),
+        sent_at: Some(OffsetDateTime::now_utc()),
+        receive_count: Some(1),
+    };
+    loader::staging::stage(&mut tx, &run, std::slice::from_ref(&message)).await.unwrap();
+    let partitions_locked: i64 = sqlx::query_scalar(
+        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
+          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    // Today's (written) and the legacy one (looked up): not the 200 days ahead.
+    assert!(partitions_locked <= 2, "{partitions_locked} partitions locked");
+
+    // Nor does an analyst's read of the status, held open in a transaction: it reads none.
+    let analyst = support::TestRole::new(&db, "loader_analyst").await;
+    let mut tx = analyst.pool.begin().await.unwrap();
+    let oldest: Option<OffsetDateTime> =
+        sqlx::query_scalar("select oldest_body_staged_at from loader.pipeline_status")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert!(oldest.is_none(), "the staging was rolled back");
+    let partitions_locked: i64 = sqlx::query_scalar(
+        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
+          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(partitions_locked, 0);
+}

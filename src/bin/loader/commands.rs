@@ -60,7 +60,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run_pipeline(&settings, &args, queue_metrics).await,
         Command::Reconcile(args) => reconcile(&settings, &args).await,
         Command::Status(args) => status(&settings, &args).await,
-        Command::Purge(args) => purge(&settings, &args).await,
+        Command::Purge(args) => purge(&settings, &args, evict_after).await,
         Command::Forget(args) => forget(&settings, &args, evict_after).await,
         Command::Reveal(args) => reveal(&settings, &args).await,
         Command::Dlq(command) => dlq(&settings, &command).await,
@@ -310,8 +310,9 @@ async fn rebuild(
             );
             if f.carried > 0 {
                 println!(
-                    "carried {} outcomes as they were: their staged message is gone, so they \
-                     could not be recomputed (they keep their key id)",
+                    "carried {} outcomes as they were: their staged message is gone (a day \
+                     retention dropped, or a row deleted by hand), so they could not be \
+                     recomputed (they keep their key id)",
                     f.carried
                 );
             }
@@ -457,7 +458,7 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
 /// Retention (`sql/40_retention.sql`): old raw bodies with an outcome become JSON null, and
 /// masked rows past their period end. Bodies first: both are owner-only, and either may be
 /// asked for alone.
-async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
+async fn purge(settings: &Settings, args: &PurgeArgs, evict_after: Duration) -> Result<ExitCode> {
     let pool = db::connect(settings.database_url()?, 1).await?;
     let days = args
         .older_than_days
@@ -487,10 +488,23 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
     if let Some(days) = days {
         let progress = Progress::on_terminal("bodies purged");
         let purged =
-            retention::purge(&pool, days, args.batch_size, progress.as_ref(), &stop).await?;
+            retention::purge(&pool, days, args.batch_size, progress.as_ref(), &stop, evict_after)
+                .await?;
         if let Some(progress) = progress {
             progress.finish();
         }
+        if !purged.days_dropped.is_empty() {
+            let (first, last) =
+                (purged.days_dropped[0], purged.days_dropped[purged.days_dropped.len() - 1]);
+            println!(
+                "dropped {} staged days ({first} to {last}), their counts kept in loader.staged_days",
+                purged.days_dropped.len()
+            );
+        }
+        for (day, why) in &purged.days_kept {
+            println!("kept staged day {day}: {}", day_kept_because(why));
+        }
+        print_evicted(&purged.evicted);
         let bodies = purged.bodies;
         if !purged.finished {
             let expiry = match args.masked_older_than_months {
@@ -530,6 +544,17 @@ async fn purge(settings: &Settings, args: &PurgeArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::from(exit::OK))
+}
+
+/// Why `loader purge` kept a day due for dropping, for its reader.
+fn day_kept_because(why: &str) -> &'static str {
+    match why {
+        "pending" => "a row waits for the transform (it is dropped once transformed)",
+        "unaccounted" => "a row has no outcome, or two (`loader reconcile` names it)",
+        "copying" => "an online rebuild has not copied its rows yet",
+        "busy" => "a lock was held too long (the next purge drops it)",
+        _ => "not droppable",
+    }
 }
 
 async fn doctor(settings: &Settings, args: &DoctorArgs) -> Result<ExitCode> {

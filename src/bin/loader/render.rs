@@ -47,6 +47,9 @@ fn write_stages(out: &mut impl fmt::Write, s: &StageCounts) -> fmt::Result {
     if s.expired > 0 {
         writeln!(out, "    of which masks expired        {:>10}", s.expired)?;
     }
+    if s.dropped > 0 {
+        writeln!(out, "    of which in dropped days      {:>10}", s.dropped)?;
+    }
     writeln!(out, "  loaded (public.user_logins)     {:>10}", s.loaded)?;
     writeln!(out, "  rejected (loader.login_rejects) {:>10}", s.rejected)?;
     writeln!(out, "  pending (loader.transform_queue){:>10}", s.pending)?;
