@@ -221,12 +221,15 @@ comment on function loader._staged_days_due(timestamptz) is
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
 --   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
 --   outcome); 'unaccounted' (a row with no outcome, or two: loader reconcile names it; the day
---   stays); 'copying' (an online rebuild has not copied its rows yet); 'missing'.
+--   stays); 'copying' (an online rebuild has not copied its rows yet); 'missing'. With
+--   dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
 -- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
 -- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
 -- catalog change only. Waits at most lock_timeout (2 s) for either, then raises
 -- lock_not_available (retried as create_staging_days is). Owner only.
-create or replace function loader.drop_staged_day(d date) returns text
+drop function if exists loader.drop_staged_day(date);
+create or replace function loader.drop_staged_day(d date, dry_run boolean default false)
+returns text
 language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' set lock_timeout = '2s' as $$
 declare
     part text := format('loader.%I', format('raw_logins_p%s', to_char(d, 'YYYYMMDD')));
@@ -236,9 +239,11 @@ begin
     if to_regclass(part) is null then
         return 'missing';
     end if;
-    -- No rebuild's transaction in between (as every retention batch).
-    lock table loader.maintenance_lock in exclusive mode;
-    execute format('lock table %s in share mode', part);
+    if not dry_run then
+        -- No rebuild's transaction in between (as every retention batch).
+        lock table loader.maintenance_lock in exclusive mode;
+        execute format('lock table %s in share mode', part);
+    end if;
     execute format(
         'select count(*) as staged, min(r.id) as lo, max(r.id) as hi,
                 count(*) filter (where r.erased_at is not null) as erased,
@@ -267,6 +272,9 @@ begin
                                           and g.lo <= c.hi and g.hi >= c.lo) then
         return 'copying';
     end if;
+    if dry_run then
+        return 'droppable';
+    end if;
     insert into loader.staged_days (day, dropped_by, staged, loaded, rejected, erased, expired)
     values (d, session_user, c.staged, c.loaded, c.rejected, c.erased, c.expired);
     execute format('insert into loader.staged_day_runs (day, ingest_run_id, staged)
@@ -275,13 +283,14 @@ begin
     return 'dropped';
 end
 $$;
-comment on function loader.drop_staged_day(date) is
+comment on function loader.drop_staged_day(date, boolean) is
     'Drop one day of loader.raw_logins whose rows all have their outcome, keeping its counts (owner; purge calls it)';
 
 -- _switch_staged_ids: once the current generation of loader.staged_ids is a week old, the next
 -- one becomes current; a generation that ended more than sent_at_max_age_days + 1 days ago is
 -- dropped (no copy of a message it holds can still come: SQS keeps a message at most 14 days,
--- 28 after a FIFO dead-letter queue restarted its clock, and sent_at_max_age_days bounds that).
+-- 28 after a FIFO dead-letter queue restarted its clock, and sent_at_max_age_days bounds that),
+-- once no day partition of its time is left.
 -- The switch takes ACCESS EXCLUSIVE on loader.staged_id_generations, which every stager reads
 -- (and so holds) until it commits: no two copies of one message are staged in two generations
 -- at once. Waits at most lock_timeout (2 s), then raises lock_not_available (retried as
@@ -292,10 +301,14 @@ declare
     cur integer;
     began timestamptz;
     old integer;
+    first_day date;
 begin
     select g.generation, g.started_at into cur, began
       from loader.staged_id_generations g where g.ended_at is null;
     if began <= now() - interval '7 days' then
+        -- In a stager's order: loader.staged_ids (its lookup), then the generations (its
+        -- insert); the other order deadlocks with a stager that starts meanwhile.
+        lock table loader.staged_ids in access exclusive mode;
         lock table loader.staged_id_generations in access exclusive mode;
         execute format('create table loader.%I partition of loader.staged_ids for values in (%s)',
                        'staged_ids_g' || (cur + 1), cur + 1);
@@ -306,9 +319,16 @@ begin
         insert into loader.staged_id_generations (generation) values (cur + 1);
         cur := cur + 1;
     end if;
+    -- And only once the days it was current in are dropped: while a staged row of its time is
+    -- kept, its id stays (else an id staged anew, by a caller choosing it, would be staged
+    -- twice).
+    select min(to_date(substr(c.relname, 13), 'YYYYMMDD')) into first_day
+      from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = 'loader.raw_logins'::regclass and c.relname ~ '^raw_logins_p[0-9]{8}$';
     for old in select g.generation from loader.staged_id_generations g
                 where g.ended_at < now() - make_interval(
                           days => loader._setting_int('sent_at_max_age_days', 28) + 1)
+                  and (g.ended_at at time zone 'UTC')::date < coalesce(first_day, 'infinity')
                 order by 1
     loop
         execute format('drop table if exists loader.%I', 'staged_ids_g' || old);

@@ -87,23 +87,28 @@ begin
     -- ids' generation, and drops whole days (sql/16_partitions.sql), each committed apart.
     begin
         perform loader.create_staging_days();
-    exception when lock_not_available then
+    exception when lock_not_available or deadlock_detected then
         raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
     end;
     commit;
     begin
         perform loader._switch_staged_ids();
-    exception when lock_not_available then
+    exception when lock_not_available or deadlock_detected then
         raise warning 'purge_staged: the staged ids'' generation waited too long for a lock; the next run switches';
     end;
     commit;
     for day in select * from loader._staged_days_due(cutoff) loop
+        -- No watch here (loader purge has one): a lesser role's write transaction held past
+        -- evict_after_seconds, which would hold the day's lock, is ended first.
+        perform loader._end_held_transactions();
         begin
             outcome := loader.drop_staged_day(day);
-        exception when lock_not_available then
+        exception when lock_not_available or deadlock_detected then
             outcome := 'busy';
         end;
-        if outcome <> 'dropped' and outcome <> 'missing' then
+        if outcome = 'dropped' then
+            raise notice 'purge_staged: dropped the staged day % (its counts: loader.staged_days)', day;
+        elsif outcome <> 'missing' then
             raise warning 'purge_staged: day % stays (%)', day, outcome;
         end if;
         commit;

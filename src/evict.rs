@@ -288,7 +288,8 @@ pub async fn retrying(
         .await;
         match attempt {
             Ok(value) => break Ok(Some(value)),
-            Err(e) if crate::retry::sqlstate(&e).as_deref() == Some("55P03") => {
+            // A lock refused, or a deadlock PostgreSQL broke by aborting this side.
+            Err(e) if matches!(crate::retry::sqlstate(&e).as_deref(), Some("55P03" | "40P01")) => {
                 if Instant::now() >= deadline {
                     break Ok(None);
                 }

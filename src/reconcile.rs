@@ -151,6 +151,13 @@ pub const CHECKS: &[(&str, &str, &str)] = &[
             and not exists (select from loader.staged_days d where d.day = o.staged_on)",
     ),
     (
+        "message_staged_once",
+        "no message id is staged twice (raw_logins' partitions share no unique index: loader.staged_ids keeps ids apart)",
+        "select r.message_id from loader.raw_logins r
+          where r.staged_at >= {since}
+          group by r.message_id having count(*) > 1",
+    ),
+    (
         "staged_message_accounted_for",
         "every staged message is loaded, rejected, pending in loader.transform_queue, was erased on request, or its masked row reached the end of its retention period",
         "select r.message_id from loader.raw_logins r

@@ -57,6 +57,24 @@ pub async fn preview(pool: &PgPool, days: i32) -> Result<(i64, i64)> {
     .context("counting what the purge would take (only the owner role may)")
 }
 
+/// What `purge` would do with the whole days before its cutoff, changing nothing: each day
+/// partition due, oldest first, with `droppable` or why it would stay (as in
+/// [`Purged::days_kept`]).
+pub async fn preview_days(pool: &PgPool, days: i32) -> Result<Vec<(Date, String)>> {
+    crate::db::transaction(pool, async |tx| {
+        sqlx::query_as(
+            "select d, loader.drop_staged_day(d, true)
+               from loader._staged_days_due(now() - make_interval(days => $1)) d order by d",
+        )
+        .bind(days)
+        .persistent(false)
+        .fetch_all(tx)
+        .await
+    })
+    .await
+    .context("looking at the staged days due (only the owner role may)")
+}
+
 /// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
 /// `batch` rows per committed transaction, showing `progress` when given. First, as the daily
 /// maintenance of `loader.raw_logins` (sql/16_partitions.sql): the day partitions ahead, the
@@ -89,9 +107,7 @@ pub async fn purge(
         ("creating the staging days ahead", "select loader.create_staging_days()::text"),
         ("switching the staged ids' generation", "select loader._switch_staged_ids()::text"),
     ] {
-        let (done, ended) = evict::retrying(pool, evict_after, work, sql, None)
-            .await
-            .context("only the owner role may")?;
+        let (done, ended) = evict::retrying(pool, evict_after, work, sql, None).await?;
         evicted.extend(ended);
         if done.is_none() {
             tracing::warn!(work, "a lock stayed held past --evict-after; the next purge does it");

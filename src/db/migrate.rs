@@ -193,13 +193,7 @@ async fn partition_staging(
     let watch = evict::Watch::start(pool, "loader migrate", evict_after);
     watch.follow(evict::backend_pid(&mut tx).await?);
     let moved = async {
-        sqlx::raw_sql(&format!(
-            "set local lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
-             lock table {MIGRATE_LOCK_TABLE} in exclusive mode"
-        ))
-        .execute(&mut *tx)
-        .await
-        .context("waiting for another `loader migrate` (lock_timeout reached)")?;
+        take_migrate_lock(&mut tx).await?;
         let moved: bool = sqlx::query_scalar("select loader._partition_staging()")
             .persistent(false)
             .fetch_one(&mut *tx)
@@ -217,9 +211,8 @@ async fn partition_staging(
     Ok((moved, evicted))
 }
 
-/// The migration's work inside its transaction: pending migrations, then the changed sql/
-/// files; returns the names of both.
-async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)> {
+/// [`MIGRATE_LOCK_TABLE`], for the rest of the caller's transaction: one migrate at a time.
+async fn take_migrate_lock(tx: &mut PgConnection) -> Result<()> {
     sqlx::raw_sql(&format!(
         "set local lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
          lock table {MIGRATE_LOCK_TABLE} in exclusive mode"
@@ -227,6 +220,13 @@ async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)>
     .execute(&mut *tx)
     .await
     .context("waiting for another `loader migrate` (lock_timeout reached)")?;
+    Ok(())
+}
+
+/// The migration's work inside its transaction: pending migrations, then the changed sql/
+/// files; returns the names of both.
+async fn migrate_in(tx: &mut PgConnection) -> Result<(Vec<String>, Vec<String>)> {
+    take_migrate_lock(tx).await?;
 
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name(HISTORY_TABLE);

@@ -342,6 +342,13 @@ async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_a
     assert_eq!(loaded + rejected + erased, 100);
     assert_eq!(db.pending().await, 5);
 
+    let dry = db.cli().ok(&["purge", "--older-than-days", "30", "--dry-run"]);
+    assert!(
+        dry.contains("would drop 4 staged days")
+            && dry.contains(&format!("would keep staged day {late_day}: a row waits")),
+        "{dry}"
+    );
+    assert_eq!(db.count("select count(*) from loader.staged_days").await, 0, "a dry run");
     let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert!(out.contains("dropped 4 staged days"), "{out}"); // the empty ones too
     assert!(
@@ -455,6 +462,47 @@ async fn a_switch_of_the_ids_generation_waits_for_stagers_so_no_copy_straddles_i
     assert_eq!(db.count("select count(*) from pg_class where relname = 'staged_ids_g1'").await, 0);
     assert_eq!(db.count("select count(*) from loader.staged_id_generations").await, 1);
     db.cli().ok(&["reconcile", "--skip-queue"]);
+
+    // A generation whose days are still kept stays, whenever it ended: its ids are what keeps
+    // an id staged anew (a caller may choose one) from being staged twice.
+    past_days(&db, -45, -45).await;
+    assert_eq!(stage_new(&db, &[("kept-old".into(), messages[30].1.clone())]).await, 1);
+    sqlx::raw_sql(
+        "update loader.raw_logins set staged_at = staged_at - interval '45 days'
+          where message_id = 'kept-old';
+         update loader.staged_id_generations set started_at = now() - interval '8 days';",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(
+        "select loader._switch_staged_ids();
+         update loader.staged_id_generations set ended_at = now() - interval '40 days'
+          where generation = 2;
+         select loader._switch_staged_ids();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(db.count("select count(*) from pg_class where relname = 'staged_ids_g2'").await, 1);
+    assert_eq!(stage_new(&db, &[("kept-old".into(), messages[30].1.clone())]).await, 0);
+
+    // And should a message id be staged twice all the same (here by the owner's hand),
+    // reconcile names it.
+    sqlx::raw_sql(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue)
+         values ('kept-old', '{}', true, 'direct')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&db);
+    assert_eq!(code, Some(3));
+    let failing: Vec<&serde_json::Value> =
+        report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
+    assert_eq!(failing.len(), 1, "{report:#}");
+    assert_eq!(failing[0]["name"], "message_staged_once");
+    assert_eq!(failing[0]["offenders"], serde_json::json!(["kept-old"]));
 }
 
 #[tokio::test]
@@ -498,6 +546,17 @@ async fn the_days_maintenance_ends_a_lesser_role_that_holds_it_up_and_keeps_utc_
     assert_eq!(wrong, 0, "every day partition is one UTC day");
 }
 
+/// How many partitions of raw_logins this session holds a lock on.
+async fn locked_partitions(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
+          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_staging_locks_the_partition_it_writes_not_every_day() {
     let db = TestDb::migrated().await;
@@ -511,13 +570,7 @@ async fn a_staging_locks_the_partition_it_writes_not_every_day() {
         receive_count: Some(1),
     };
     loader::staging::stage(&mut tx, &run, std::slice::from_ref(&message)).await.unwrap();
-    let partitions_locked: i64 = sqlx::query_scalar(
-        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
-          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
+    let partitions_locked = locked_partitions(&mut tx).await;
     tx.rollback().await.unwrap();
     // Today's (written) and the legacy one (looked up): not the 200 days ahead.
     assert!(partitions_locked <= 2, "{partitions_locked} partitions locked");
@@ -531,13 +584,7 @@ async fn a_staging_locks_the_partition_it_writes_not_every_day() {
             .await
             .unwrap();
     assert!(oldest.is_none(), "the staging was rolled back");
-    let partitions_locked: i64 = sqlx::query_scalar(
-        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
-          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
+    let partitions_locked = locked_partitions(&mut tx).await;
     tx.rollback().await.unwrap();
     assert_eq!(partitions_locked, 0);
 }

@@ -466,10 +466,23 @@ async fn purge(settings: &Settings, args: &PurgeArgs, evict_after: Duration) -> 
         .transpose()?;
     if args.dry_run {
         if let Some(days) = days {
+            let day_states = retention::preview_days(&pool, days).await?;
+            let droppable: Vec<_> =
+                day_states.iter().filter(|(_, s)| s == "droppable").map(|(d, _)| *d).collect();
+            if let (Some(first), Some(last)) = (droppable.first(), droppable.last()) {
+                println!(
+                    "dry run: would drop {} staged days ({first} to {last}), keeping their counts",
+                    droppable.len()
+                );
+            }
+            for (day, why) in day_states.iter().filter(|(_, s)| s != "droppable") {
+                println!("dry run: would keep staged day {day}: {}", day_kept_because(why));
+            }
             let (bodies, pending) = retention::preview(&pool, days).await?;
             println!(
-                "dry run: would purge {bodies} staged bodies older than {days} days; {pending} \
-                 pending rows among them are kept until transformed"
+                "dry run: would purge {bodies} staged bodies older than {days} days (those of \
+                 the days dropped go with them); {pending} pending rows among them are kept until \
+                 transformed"
             );
         }
         if let Some(months) = args.masked_older_than_months {
