@@ -440,13 +440,29 @@ async fn a_switch_of_the_ids_generation_waits_for_stagers_so_no_copy_straddles_i
             .unwrap()
     });
     wait_for_lock_wait(&db, "%_switch_staged_ids%").await;
+    // A second stager that starts while the switch waits queues behind it, and neither is
+    // aborted as a deadlock (the switch locks in a stager's order).
+    let pool = db.pool.clone();
+    let second = tokio::spawn(async move {
+        let run = loader::staging::IngestRun::register(&pool, "direct", "drain").await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let message = loader::staging::RawMessage {
+            message_id: "second".into(),
+            body: "{}".into(),
+            sent_at: Some(OffsetDateTime::now_utc()),
+            receive_count: Some(1),
+        };
+        loader::staging::stage(&mut conn, &run, &[message]).await.unwrap().outcome.staged
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stager.commit().await.unwrap();
     assert_eq!(switch.await.unwrap(), 2);
+    assert_eq!(second.await.unwrap(), 1);
     // The copy that comes after the switch finds the first in generation 1.
     assert_eq!(stage_new(&db, &[("straddler".into(), messages[20].1.clone())]).await, 0);
     assert_eq!(stage_new(&db, &messages[..12]).await, 2, "two new, ten duplicates");
-    assert_eq!(db.count("select count(*) from loader.staged_ids_g2").await, 2);
-    assert_eq!(db.staged().await, 13);
+    assert_eq!(db.count("select count(*) from loader.staged_ids_g2").await, 3);
+    assert_eq!(db.staged().await, 14);
 
     // A generation that ended longer ago than any message lives (sent_at_max_age_days + 1) goes.
     sqlx::raw_sql(
