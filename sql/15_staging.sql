@@ -35,6 +35,24 @@ create or replace trigger raw_logins_queue_for_transform
     referencing new table as staged
     for each statement execute function loader._queue_staged_rows();
 
+-- A row queued by hand (`insert into loader.transform_queue (raw_id) ...`, as the owner) gets its
+-- staged row's time: a transform batch reads only the days between its rows' first and last
+-- (sql/30_transform.sql). The staging trigger above sets it itself, so this one never fires
+-- for staging.
+create or replace function loader._queue_row_staged_at() returns trigger
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    new.staged_at := (select r.staged_at from loader.raw_logins r where r.id = new.raw_id);
+    return new;
+end
+$$;
+comment on function loader._queue_row_staged_at() is
+    'Trigger: a row queued by hand gets the staging time of its staged row';
+
+create or replace trigger transform_queue_staged_at
+    before insert on loader.transform_queue
+    for each row when (new.staged_at is null) execute function loader._queue_row_staged_at();
+
 -- register_run: a new open run for `queue`; returns its id and its token.
 -- Each argument is checked first, so a bad one is a clear error, never a failing row quoted
 -- back in a constraint's DETAIL.

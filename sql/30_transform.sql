@@ -31,7 +31,10 @@
 -- statement of _write_outcomes (a single SELECT, stable, no SET), so the key is read inside
 -- that statement.
 -- Private (owner only): its rows carry masks, so granted it would be a masking oracle.
-create or replace function loader._outcome_rows(ids bigint[], for_rebuild boolean default false)
+drop function if exists loader._outcome_rows(bigint[], boolean);
+create or replace function loader._outcome_rows(
+    ids bigint[], for_rebuild boolean default false,
+    staged_from timestamptz default null, staged_to timestamptz default null)
 returns table (message_id text, reason text, detail text, user_id text, device_type text,
                masked_ip text, masked_device_id text, locale text, app_version integer,
                create_date date, ip_network cidr, app_version_text text, mask_key_id integer,
@@ -58,11 +61,15 @@ language sql stable as $$
     ), staged as (
         -- Dense: one index range scan. Otherwise = any(ids): an index probe per id (a range
         -- scan could read any number of rows that are not in ids).
+        -- Between the batch's first and last staging time, when given: constants in the
+        -- caller's one-shot plan, so only those days' partitions are read, and locked.
         select r.* from span s join loader.raw_logins r on r.id between s.lo and s.hi
-         where s.dense
+         where s.dense and r.staged_at >= coalesce(staged_from, '-infinity')
+           and r.staged_at <= coalesce(staged_to, 'infinity')
         union all
         select r.* from span s join loader.raw_logins r on r.id = any (ids)
-         where not s.dense
+         where not s.dense and r.staged_at >= coalesce(staged_from, '-infinity')
+           and r.staged_at <= coalesce(staged_to, 'infinity')
     )
     -- Each level below is a subquery fenced by OFFSET 0, so the planner cannot flatten it and
     -- repeat its expressions: a body field is extracted once, the reason is decided once, the
@@ -162,7 +169,7 @@ language sql stable as $$
             offset 0) j
       cross join active_key k
 $$;
-comment on function loader._outcome_rows(bigint[], boolean) is
+comment on function loader._outcome_rows(bigint[], boolean, timestamptz, timestamptz) is
     'Private: the outcomes (masked values or reject reasons) of the staged rows with these ids, unwritten';
 
 -- _write_outcomes: writes the outcome of each staged row in `ids`: a user_logins row masked
@@ -181,14 +188,16 @@ comment on function loader._outcome_rows(bigint[], boolean) is
 -- built once per call (the target tables differ) and passed only the ids: the key is read
 -- inside it. jit off: the dense range scan is estimated at a fixed share of raw_logins (its
 -- bounds are parameters), so on a big table the planner would JIT-compile every batch.
+drop function if exists loader._write_outcomes(bigint[], boolean, boolean);
 create or replace function loader._write_outcomes(
     ids bigint[], into_copies boolean default false, fresh boolean default false,
+    staged_from timestamptz default null, staged_to timestamptz default null,
     out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
 language plpgsql volatile set jit = off as $f$
 begin
     execute format($q$
     with outcome as (
-        select * from loader._outcome_rows($1, %1$L)
+        select * from loader._outcome_rows($1, %1$L, $2, $3)
     ), loads as (
         insert into %2$s
             (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date,
@@ -213,6 +222,7 @@ begin
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
          where o.reason = 'erased' and r.message_id = o.message_id and not %1$L
+           and r.staged_at >= coalesce($2, '-infinity') and r.staged_at <= coalesce($3, 'infinity')
     ), fingerprints as (
         -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
         -- still holding the same fingerprint uncommitted. A rare duplicate costs nothing.
@@ -220,6 +230,8 @@ begin
         select distinct loader._body_hash(r.body, k.key), now()
           from outcome o
           join loader.raw_logins r on r.message_id = o.message_id
+                                  and r.staged_at >= coalesce($2, '-infinity')
+                                  and r.staged_at <= coalesce($3, 'infinity')
          cross join loader.erasure_key k
          where o.reason = 'erased' and r.purged_at is null and not %1$L
            and not exists (select from loader.erased_bodies b
@@ -234,11 +246,11 @@ begin
         case when into_copies then 'loader_rebuild.user_logins_next' else 'public.user_logins' end,
         case when into_copies then 'loader_rebuild.login_rejects_next' else 'loader.login_rejects' end,
         case when fresh then '' else 'on conflict (message_id) do nothing' end)
-    using ids
+    using ids, staged_from, staged_to
     into loaded, rejected, rejected_by_reason;
 end
 $f$;
-comment on function loader._write_outcomes(bigint[], boolean, boolean) is
+comment on function loader._write_outcomes(bigint[], boolean, boolean, timestamptz, timestamptz) is
     'Private: write the outcomes (masked rows or rejects) of these staged rows, into the live tables or the rebuild''s copies';
 
 -- _confirm_batch_key: the COMMIT-time check behind loader.batch_keys (constraint trigger,
@@ -356,6 +368,11 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     claimed bigint[];
+    staged_from timestamptz;
+    staged_to timestamptz;
+    more_loaded bigint;
+    more_rejected bigint;
+    more_reasons jsonb;
     rebuilding bigint;
 begin
     if not exists (select from loader.mask_keys k where k.retired_at is null) then
@@ -386,16 +403,20 @@ begin
                    select t.ctid from loader.transform_queue t
                     order by t.raw_id limit max_rows
                       for update skip locked))
-        returning q.raw_id
+        returning q.raw_id, q.staged_at
     )
-    select coalesce(array_agg(raw_id), '{}') into claimed from taken;
+    -- The claimed rows' first and last staging time: the batch reads, and locks, only the
+    -- days between (a transaction left open locks no other day, which retention may drop).
+    select coalesce(array_agg(t.raw_id), '{}'), min(t.staged_at), max(t.staged_at)
+      into claimed, staged_from, staged_to
+      from taken t;
     -- While an online rebuild copies, its copies get these outcomes too (with its key), written
     -- first, from the bodies as staged: the live write empties an erased person's. A ticket
     -- says which rebuild this batch saw: at COMMIT it must still be the one copying.
     if cardinality(claimed) > 0 then
         select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
         if rebuilding is not null then
-            perform loader._write_outcomes(claimed, true);
+            perform loader._write_outcomes(claimed, true, false, staged_from, staged_to);
         end if;
     end if;
     -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
@@ -404,11 +425,27 @@ begin
     -- that outcome as it is.
     begin
         select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._write_outcomes(claimed, false, true) o;
+          from loader._write_outcomes(claimed, false, true, staged_from, staged_to) o;
     exception when unique_violation then
         select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._write_outcomes(claimed) o;
+          from loader._write_outcomes(claimed, false, false, staged_from, staged_to) o;
     end;
+    -- Every claimed row that is staged has its outcome now, unless its staged row's time is
+    -- not the one queued with it (an owner's UPDATE of staged_at): then it was outside the days
+    -- read. Those are written from every day, rather than leave the work list without one.
+    if loaded + rejected < cardinality(claimed) then
+        select o.loaded, o.rejected, o.rejected_by_reason into more_loaded, more_rejected, more_reasons
+          from loader._write_outcomes(claimed) o;
+        loaded := loaded + more_loaded;
+        rejected := rejected + more_rejected;
+        rejected_by_reason := (
+            select coalesce(jsonb_object_agg(x.reason, x.n), '{}')
+              from (select e.key as reason, sum(e.value::bigint) as n
+                      from (select * from jsonb_each_text(rejected_by_reason)
+                            union all
+                            select * from jsonb_each_text(more_reasons)) e
+                     group by e.key) x);
+    end if;
     if cardinality(claimed) > 0 then
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
     end if;

@@ -105,7 +105,7 @@ comment on column loader.login_rejects.rejected_at is 'When the transform reject
 comment on column loader.login_rejects.staged_on is
     'UTC day its message was staged on (its raw_logins partition); NULL before V21';
 comment on column loader.transform_queue.staged_at is
-    'When the row was staged (filled by the staging trigger; the time it was put back for a row queued by hand)';
+    'When the row was staged (a transform batch reads only the days between its rows'' first and last)';
 comment on table loader.retention_state is 'When the oldest body still held was staged (one row; for loader.pipeline_status)';
 comment on column loader.retention_state.singleton is 'Always true: one row';
 comment on column loader.retention_state.oldest_body_staged_at is

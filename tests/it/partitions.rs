@@ -111,6 +111,21 @@ async fn a_new_database_stages_into_day_partitions_made_ahead() {
         .unwrap();
     assert_eq!(created, 24, "every day from 21 to 45 ahead but the 40th");
     assert!(!partitions(&db).await.contains(&day_partition(&db, 40).await));
+
+    // A batch reads the days its rows were queued with; a row whose staging time an owner moved
+    // since is still transformed (from every day), not dropped from the work list without one.
+    assert_eq!(stage_new(&db, &[("moved".into(), messages[2].1.clone())]).await, 1);
+    sqlx::raw_sql(
+        "update loader.raw_logins set staged_at = staged_at + interval '2 days' where message_id = 'moved'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.cli().ok(&["transform"]);
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where message_id = 'moved'").await,
+        1
+    );
 }
 
 /// Waits until a session of this database waits on a lock running a statement like `like`.
@@ -296,7 +311,9 @@ async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_a
         "update loader.raw_logins set staged_at = staged_at - interval '38 days'
           where message_id like 'fixture-%';
          update loader.raw_logins set staged_at = staged_at - interval '37 days'
-          where message_id like 'late-%';",
+          where message_id like 'late-%';
+         update loader.transform_queue q set staged_at = r.staged_at
+           from loader.raw_logins r where r.id = q.raw_id;",
     )
     .execute(&db.pool)
     .await
@@ -527,9 +544,15 @@ async fn the_days_maintenance_ends_a_lesser_role_that_holds_it_up_and_keeps_utc_
     let transformer = support::TestRole::new(&db, "loader_transformer").await;
     let tomorrow = day_partition(&db, 1).await;
     sqlx::raw_sql(&format!("drop table loader.{tomorrow}")).execute(&db.pool).await.unwrap();
-    assert_eq!(stage_new(&db, &support::fixture_messages()[..3]).await, 3);
-    // A transformer's batch left open holds every partition (a batch reads staged rows by id),
-    // the default one too, which attaching a day locks.
+    // A row in the default partition (a day nobody created), then a transformer's batch that
+    // claims it, left open: it holds the default partition, which attaching a day locks.
+    sqlx::raw_sql(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
+         values ('no-day', '{}', true, 'direct', now() + interval '40 days')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let mut held = transformer.pool.begin().await.unwrap();
     sqlx::raw_sql("select * from loader.transform_batch(10, false)")
         .execute(&mut *held)
@@ -565,7 +588,7 @@ async fn the_days_maintenance_ends_a_lesser_role_that_holds_it_up_and_keeps_utc_
 /// How many partitions of raw_logins this session holds a lock on.
 async fn locked_partitions(conn: &mut sqlx::PgConnection) -> i64 {
     sqlx::query_scalar(
-        "select count(*) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
+        "select count(distinct l.relation) from pg_locks l join pg_inherits i on i.inhrelid = l.relation
           where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
     )
     .fetch_one(conn)
@@ -603,4 +626,17 @@ async fn a_staging_locks_the_partition_it_writes_not_every_day() {
     let partitions_locked = locked_partitions(&mut tx).await;
     tx.rollback().await.unwrap();
     assert_eq!(partitions_locked, 0);
+
+    // Nor does a transform batch held open: it reads the days its rows were staged on.
+    assert_eq!(stage_new(&db, &[("one".into(), message.body.clone())]).await, 1);
+    let transformer = support::TestRole::new(&db, "loader_transformer").await;
+    let mut tx = transformer.pool.begin().await.unwrap();
+    let loaded: i64 = sqlx::query_scalar("select loaded from loader.transform_batch(10, false)")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(loaded, 1);
+    let partitions_locked = locked_partitions(&mut tx).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(partitions_locked, 1, "today's");
 }
