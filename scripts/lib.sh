@@ -83,12 +83,16 @@ SQL
 # For the benchmarks (scripts/bench-*.sh). scratch_database NAME [release]: the PostgreSQL that
 # postgres.sh finds (or starts), with a new, empty database NAME in it (dropped first) that
 # DATABASE_URL names (admin_url: the server's own), loader built (debug, or release) and
-# migrated there; `loader` runs that build.
+# migrated there; `loader` runs that build, or the binary LOADER_BIN names (an absolute path:
+# another commit's build, to compare with in the same run).
 scratch_database() {
     eval "$(bash scripts/postgres.sh)"
     admin_url="$DATABASE_URL"
     export DATABASE_URL="${admin_url%/*}/$1"
-    if [ "${2:-}" = release ]; then
+    if [ -n "${LOADER_BIN:-}" ]; then
+        # Another build's binary (to compare with it in the same run): no build here.
+        loader_bin="$LOADER_BIN"
+    elif [ "${2:-}" = release ]; then
         cargo build --release --locked --quiet
         loader_bin=target/release/loader
     else
@@ -99,7 +103,7 @@ scratch_database() {
         -c "drop database if exists $1" -c "create database $1"
     loader migrate >/dev/null
 }
-loader() { "$LOADER_ROOT/$loader_bin" "$@"; }
+loader() { case "$loader_bin" in /*) "$loader_bin" "$@" ;; *) "$LOADER_ROOT/$loader_bin" "$@" ;; esac; }
 # sql ARGS...: psql in DATABASE_URL, unaligned, stopping at the first error.
 sql() { PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -XAtq -v ON_ERROR_STOP=1 "$@"; }
 now() { date +%s.%N; }

@@ -98,36 +98,42 @@ comment on function loader.register_run(text, text, text) is
 create or replace function loader._insert_staged(
     run_id bigint, stamp timestamptz, message_ids text[], bodies text[], is_json boolean[],
     sent_at timestamptz[], receive_counts integer[]) returns bigint
-language sql volatile as $$
-    with m as (
-        select u.* from unnest(message_ids, bodies, is_json, sent_at, receive_counts)
-                   as u(message_id, body, is_json, sent_at, receive_count)
-         where not exists (select from loader.staged_ids i where i.message_id = u.message_id)
-           and not exists (select from loader.raw_logins_legacy l where l.message_id = u.message_id)
-    ), ids as (
-        -- No current generation (an owner's slip) is a NULL generation: the insert fails, and
-        -- stage() refuses the messages (left on the queue), never counts them as duplicates.
+language plpgsql volatile set search_path = pg_catalog, pg_temp as $$
+declare
+    new_ids text[];
+    inserted bigint;
+begin
+    -- No current generation (an owner's slip) is a NULL generation: the insert fails, and
+    -- stage() refuses the messages (left on the queue), never counts them as duplicates.
+    with ids as (
         insert into loader.staged_ids (message_id, generation)
-        select m.message_id,
-               (select g.generation from loader.staged_id_generations g where g.ended_at is null)
-          from m
+        select u.m, (select g.generation from loader.staged_id_generations g where g.ended_at is null)
+          from unnest(message_ids) as u(m)
+         where not exists (select from loader.staged_ids i where i.message_id = u.m)
+           and not exists (select from loader.raw_logins_legacy l where l.message_id = u.m)
         on conflict (message_id, generation) do nothing
         returning message_id
-    ), inserted as (
+    )
+    select coalesce(array_agg(ids.message_id), '{}') into new_ids from ids;
+    if cardinality(new_ids) = 0 then
+        return 0;
+    end if;
+    -- The new ones only: the list is a constant of this one-shot plan, looked up in a hash
+    -- table (a join with the ids just inserted went row by row through both lists).
+    execute $q$
         insert into loader.raw_logins
             (message_id, body, body_is_json, sent_at, receive_count, queue, ingest_run_id,
              staged_at)
         select m.message_id,
                case when m.is_json then m.body::jsonb else to_jsonb(m.body) end,
                m.is_json, m.sent_at, m.receive_count,
-               (select r.queue from loader.ingest_runs r where r.id = run_id), run_id, stamp
-          from m join ids using (message_id)
-        -- Before the move to partitions, a copy staged at once by a loader of the version
-        -- before (which writes no id here) meets the old table's unique message_id.
-        on conflict do nothing
-        returning 1
-    )
-    select count(*) from inserted
+               (select r.queue from loader.ingest_runs r where r.id = $6), $6, $7
+          from unnest($1, $2, $3, $4, $5) as m(message_id, body, is_json, sent_at, receive_count)
+         where m.message_id = any ($8)
+    $q$ using message_ids, bodies, is_json, sent_at, receive_counts, run_id, stamp, new_ids;
+    get diagnostics inserted = row_count;
+    return inserted;
+end
 $$;
 comment on function loader._insert_staged(bigint, timestamptz, text[], text[], boolean[], timestamptz[], integer[]) is
     'Private: the set-based insert of loader.stage';
