@@ -260,10 +260,9 @@ pub async fn watched<T>(
 /// partition, switching a generation): `sql` returns one text value and takes `day` as `$1`
 /// when given. Each attempt is a transaction of its own that waits at most the lock_timeout its
 /// function pins (2 s), so no stager or reader queues behind it for longer; between attempts a
-/// [`Watch`] keeps counting how long a session of a lesser role has blocked it, and ends it once
-/// that passes `after`. Returns `Ok(None)` when the lock was still refused after `after` and
-/// five more seconds (a superuser's session, or no `pg_signal_backend`): the next run tries
-/// again.
+/// [`Watch`] keeps counting how long a session has blocked it, and ends it once that passes
+/// `after`. Returns `Ok(None)` when the lock was still refused after `after` and five more
+/// seconds (a superuser's session, or no `pg_signal_backend`): the next run tries again.
 pub async fn retrying(
     pool: &PgPool,
     after: Duration,
@@ -272,8 +271,23 @@ pub async fn retrying(
     day: Option<time::Date>,
 ) -> anyhow::Result<(Option<String>, Vec<Evicted>)> {
     let watch = Watch::start(pool, work, after);
+    let outcome = retrying_under(&watch, pool, after, work, sql, day).await;
+    let evicted = watch.stop().await;
+    outcome.map(|value| (value, evicted))
+}
+
+/// [`retrying`] under a [`Watch`] the caller started (one for many pieces of work, so each
+/// does not open a connection of its own to watch from).
+pub async fn retrying_under(
+    watch: &Watch,
+    pool: &PgPool,
+    after: Duration,
+    work: &'static str,
+    sql: &str,
+    day: Option<time::Date>,
+) -> anyhow::Result<Option<String>> {
     let deadline = Instant::now() + after + Duration::from_secs(5);
-    let outcome = loop {
+    loop {
         let attempt = async {
             let mut tx = pool.begin().await?;
             watch.follow(backend_pid(&mut tx).await?);
@@ -287,17 +301,15 @@ pub async fn retrying(
         }
         .await;
         match attempt {
-            Ok(value) => break Ok(Some(value)),
+            Ok(value) => return Ok(Some(value)),
             // A lock refused, or a deadlock PostgreSQL broke by aborting this side.
             Err(e) if matches!(crate::retry::sqlstate(&e).as_deref(), Some("55P03" | "40P01")) => {
                 if Instant::now() >= deadline {
-                    break Ok(None);
+                    return Ok(None);
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => break Err(anyhow::Error::new(e).context(work)),
+            Err(e) => return Err(anyhow::Error::new(e).context(work)),
         }
-    };
-    let evicted = watch.stop().await;
-    outcome.map(|value| (value, evicted))
+    }
 }

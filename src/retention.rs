@@ -123,26 +123,28 @@ pub async fn purge(
     .await
     .context("listing the staged days due (only the owner role may)")?;
     let (mut days_dropped, mut days_kept) = (Vec::new(), Vec::new());
-    for day in due {
-        if stopping.has_begun() {
-            break;
+    let work = "dropping a staged day";
+    let watch = evict::Watch::start(pool, work, evict_after);
+    let dropped = async {
+        for day in due {
+            if stopping.has_begun() {
+                break;
+            }
+            let sql = "select loader.drop_staged_day($1)";
+            let outcome =
+                evict::retrying_under(&watch, pool, evict_after, work, sql, Some(day)).await?;
+            match outcome.as_deref() {
+                Some("dropped") => days_dropped.push(day),
+                Some("missing") => {}
+                Some(why) => days_kept.push((day, why.to_owned())),
+                None => days_kept.push((day, "busy".to_owned())),
+            }
         }
-        let (outcome, ended) = evict::retrying(
-            pool,
-            evict_after,
-            "dropping a staged day",
-            "select loader.drop_staged_day($1)",
-            Some(day),
-        )
-        .await?;
-        evicted.extend(ended);
-        match outcome.as_deref() {
-            Some("dropped") => days_dropped.push(day),
-            Some("missing") => {}
-            Some(why) => days_kept.push((day, why.to_owned())),
-            None => days_kept.push((day, "busy".to_owned())),
-        }
+        anyhow::Ok(())
     }
+    .await;
+    evicted.extend(watch.stop().await);
+    dropped?;
     if stopping.has_begun() {
         return Ok(Purged { days_dropped, days_kept, bodies: 0, finished: false, evicted });
     }
