@@ -265,6 +265,17 @@ fn reconcile(db: &TestDb) -> (Option<i32>, serde_json::Value) {
     (out.status.code(), report)
 }
 
+/// Reconcile exits 3 with `check` its only failing check, naming `id` alone.
+fn expect_only_failure(db: &TestDb, check: &str, id: &str) {
+    let (code, report) = reconcile(db);
+    assert_eq!(code, Some(3));
+    let failing: Vec<&serde_json::Value> =
+        report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
+    assert_eq!(failing.len(), 1, "{report:#}");
+    assert_eq!(failing[0]["name"], check);
+    assert_eq!(failing[0]["offenders"], serde_json::json!([id]));
+}
+
 /// The UTC day `days` from today.
 async fn utc_day(db: &TestDb, days: i32) -> time::Date {
     sqlx::query_scalar("select (now() at time zone 'UTC')::date + $1")
@@ -399,13 +410,7 @@ async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_a
     .execute(&db.pool)
     .await
     .unwrap();
-    let (code, report) = reconcile(&db);
-    assert_eq!(code, Some(3));
-    let failing: Vec<&serde_json::Value> =
-        report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
-    assert_eq!(failing.len(), 1, "{report:#}");
-    assert_eq!(failing[0]["name"], "outcome_has_staged_message");
-    assert_eq!(failing[0]["offenders"], serde_json::json!(["fixture-7"]));
+    expect_only_failure(&db, "outcome_has_staged_message", "fixture-7");
     sqlx::raw_sql(
         "update public.user_logins set staged_on = staged_on - 1 where message_id = 'fixture-7'",
     )
@@ -529,13 +534,7 @@ async fn a_switch_of_the_ids_generation_waits_for_stagers_so_no_copy_straddles_i
     .execute(&db.pool)
     .await
     .unwrap();
-    let (code, report) = reconcile(&db);
-    assert_eq!(code, Some(3));
-    let failing: Vec<&serde_json::Value> =
-        report["checks"].as_array().unwrap().iter().filter(|c| c["ok"] == false).collect();
-    assert_eq!(failing.len(), 1, "{report:#}");
-    assert_eq!(failing[0]["name"], "message_staged_once");
-    assert_eq!(failing[0]["offenders"], serde_json::json!(["kept-old"]));
+    expect_only_failure(&db, "message_staged_once", "kept-old");
 }
 
 #[tokio::test]
