@@ -5,13 +5,16 @@
 #   scripts/bench-retention.sh [ROWS]      (default 1000000)
 #
 # Two scratch databases hold the same ROWS synthetic logins spread over the last 60 days, each
-# row with an outcome (a reject: the drop's count looks both outcome tables up whatever the
-# outcome is) and the work list empty:
+# row with its outcome from `loader transform` (99% loaded, 1% rejected) and the work list
+# empty:
 #   loader_days: a partition per UTC day, as loader keeps raw_logins since V20;
 #   loader_flat: no partition for those days, so every row is in one table (the default
 #                partition), which the batched purge works through as it did before V20.
 # Then `loader purge --older-than-days 30` in each: its output, seconds, WAL, and the size of
-# raw_logins (all partitions, indexes included) before and after.
+# raw_logins (all partitions, indexes included) before and after. In loader_days, first the
+# proof the drop made before V23 (each row looked up in both outcome tables and the work list),
+# read-only over the same days, as the reference for the proof by day that replaced it, and
+# that proof alone (drop_staged_day's dry run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -26,21 +29,39 @@ raw_size() {
 # prepare DAYS: the rows, with a partition per past day when DAYS is true.
 prepare() {
     if [ "$1" = true ]; then
-        sql -c "select loader._add_staging_partition('raw_logins_p' || to_char(d, 'YYYYMMDD'),
-                           d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC')
-                  from (select g::date as d
-                          from generate_series((now() at time zone 'UTC')::date - 61,
-                                               (now() at time zone 'UTC')::date - 1, interval '1 day') g) x" \
-            >/dev/null
+        past_days 61
     fi
     local t
     t=$(now)
     sql -c "$(synthetic_logins_sql "$rows" scale "now() - (($rows - g) * interval '60 days' / $rows)")" \
-        -c "insert into loader.login_rejects (message_id, reason, detail, staged_on)
-            select message_id, 'bench', 'bench', (staged_at at time zone 'UTC')::date from loader.raw_logins" \
-        -c "truncate loader.transform_queue" \
-        -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.login_rejects" -c "checkpoint"
-    report "  staged $rows rows with their outcomes" "$(took "$t"); raw_logins $(raw_size)"
+        -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" >/dev/null
+    loader transform >/dev/null
+    sql -c "vacuum analyze loader.raw_logins" -c "vacuum analyze public.user_logins" \
+        -c "vacuum analyze loader.login_rejects" -c "vacuum analyze loader.transform_queue" -c "checkpoint"
+    report "  staged and transformed $rows rows" "$(took "$t"); raw_logins $(raw_size)"
+}
+
+# per_row_proof: the count drop_staged_day made before V23, over the days the purge drops.
+per_row_proof() {
+    local t
+    t=$(now)
+    sql >/dev/null <<'SQL'
+select format('select count(*) filter (where o.pending), count(*) filter (where o.loaded), count(*) filter (where o.rejected)
+                 from loader.%I r
+                cross join lateral (
+                      select exists (select from public.user_logins u where u.message_id = r.message_id) as loaded,
+                             exists (select from loader.login_rejects j where j.message_id = r.message_id) as rejected,
+                             exists (select from loader.transform_queue q where q.raw_id = r.id) as pending) o', c.relname)
+  from pg_inherits i join pg_class c on c.oid = i.inhrelid
+ where i.inhparent = 'loader.raw_logins'::regclass and c.relname ~ '^raw_logins_p[0-9]{8}$'
+   and to_date(substr(c.relname, 13), 'YYYYMMDD') < (now() at time zone 'UTC' - interval '30 days')::date
+\gexec
+SQL
+    report "  the proof before V23 alone (a lookup per row)" "$(took "$t")"
+    t=$(now)
+    sql -c "select count(*) filter (where loader.drop_staged_day(d, true) = 'droppable')
+              from loader._staged_days_due(now() - interval '30 days') d" >/dev/null
+    report "  the proof by day alone (drop_staged_day's dry run)" "$(took "$t")"
 }
 
 # purge LABEL: loader purge --older-than-days 30, timed.
@@ -57,6 +78,7 @@ echo "cores: $(nproc); rows: $rows; $(psql --version | head -n1); autovacuum $(s
 echo "day partitions (since V20):"
 scratch_database loader_days release
 prepare true
+per_row_proof
 purge "purge 30 days: whole days dropped"
 echo "one table (before V20):"
 scratch_database loader_flat release

@@ -4,14 +4,15 @@
 #   scripts/bench-scale.sh [ROWS]      (default 10000000)
 #
 # In a scratch database (loader_scale, recreated): stages ROWS synthetic logins (the generator
-# of bench-transform.sh, spread over the last 60 days), then times, with table and index sizes
-# before and after each step:
+# of bench-transform.sh, spread over the last 60 days, each in its day's partition), then times,
+# with table and index sizes before and after each step:
 #   transform with 1 worker, then (reset) with the default workers;
 #   an online key rotation (`loader keys rotate`) while a second process stages 1,000 new
 #   logins a second and transforms them, reporting the longest any of them waited for its
 #   outcome;
-#   `loader purge --older-than-days 30` (about half the rows), with its WAL and seconds per batch
-#   as it advances, against dropping the same days' partitions of a daily-partitioned copy;
+#   `loader purge --older-than-days 30` (about half the rows): the 30 days wholly before the
+#   cutoff dropped (the proof, then the drop), the day at the cutoff purged in batches, with its
+#   WAL, and the seconds a dropped day took;
 #   `loader reconcile --skip-queue --since 1d` and the full audit (after the transform, and the
 #   scoped one again at the end: a rotation gives every row a new loaded_at).
 set -euo pipefail
@@ -22,14 +23,18 @@ export RUST_LOG=warn
 scratch_database loader_scale release
 
 sizes() {
-    sql -c "select string_agg(format('%s %s', c.relname, pg_size_pretty(pg_total_relation_size(c.oid))), ', ' order by c.relname)
-              from pg_class c where c.oid in ('loader.raw_logins'::regclass, 'public.user_logins'::regclass,
-                                              'loader.login_rejects'::regclass)"
+    sql -c "select string_agg(format('%s %s', c.relname, pg_size_pretty(c.bytes)), ', ' order by c.relname)
+              from (select 'raw_logins' as relname, (select sum(pg_total_relation_size(p.relid))
+                                                       from pg_partition_tree('loader.raw_logins') p) as bytes
+                    union all
+                    select c.relname, pg_total_relation_size(c.oid)
+                      from pg_class c where c.oid in ('public.user_logins'::regclass, 'loader.login_rejects'::regclass)) c"
 }
 report() { printf '%-58s %s\n' "$1" "$2"; }
 
 echo "cores: $(nproc); rows: $rows; $(psql --version | head -n1); autovacuum $(sql -c 'show autovacuum')"
 t=$(now)
+past_days 61
 sql -c "$(synthetic_logins_sql "$rows" scale "now() - (($rows - g) * interval '60 days' / $rows)")" \
     -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue"
 report "stage $rows rows (one INSERT ... SELECT)" "$(took "$t"); $(sizes)"
@@ -77,38 +82,15 @@ touch "$stop"; wait
 report "  longest wait of a new login for its outcome meanwhile" "$(cat "$stop.worst") s"
 report "  key ids in user_logins after it" "$(sql -c "select count(distinct mask_key_id) from public.user_logins")"
 
-# Purge or partitions, on the same rows: first a copy of raw_logins partitioned by day (as
-# pg_partman would keep it), timed as the staging it would replace; then the batched purge of
-# the bodies older than 30 days (stopped after PURGE_SECONDS, default 1200: it resumes), and
-# dropping the copy's partitions of the same days. WAL volume from pg_current_wal_lsn().
-sql >/dev/null <<'SQL'
-create table loader.parts (like loader.raw_logins) partition by range (staged_at);
-select format('create table loader.parts_%s partition of loader.parts for values from (%L) to (%L)',
-              to_char(d, 'YYYYMMDD'), d, d + interval '1 day')
-  from generate_series(date_trunc('day', now() - interval '61 days'), now(), interval '1 day') d
-\gexec
-alter table loader.parts add primary key (id, staged_at);
-create index on loader.parts (message_id);
-SQL
+# Retention of 30 days: whole days dropped, each after its proof, then the day at the cutoff in
+# batches (stopped after PURGE_SECONDS, default 1200: it resumes). WAL from pg_current_wal_lsn().
 t=$(now); w=$(wal)
-sql -c "insert into loader.parts select * from loader.raw_logins" -c "checkpoint"
-report "  copy into 62 daily partitions (INSERT ... SELECT)" "$(took "$t"); WAL $(wal_since "$w")"
-
-t=$(now); w=$(wal)
-purged=$(RUST_LOG=loader::retention=debug timeout -s INT "${PURGE_SECONDS:-1200}" \
-             "$loader_bin" purge --older-than-days 30 2>"$stop.purge-log") || true
-report "purge, 10,000-row batches: $purged" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
-# (The log is JSON lines: stderr is not a terminal.)
-batch_seconds "$stop.purge-log"
-t=$(now); w=$(wal)
-old_parts="select format('drop table loader.%I', c.relname) from pg_inherits i join pg_class c on c.oid = i.inhrelid
-            where i.inhparent = 'loader.parts'::regclass
-              and c.relname < 'parts_' || to_char(now() - interval '30 days', 'YYYYMMDD')"
-dropped=$(sql -c "select count(*) from ($old_parts) p")
-printf '%s\n\\gexec\n' "$old_parts" | sql >/dev/null
-report "  drop the $dropped daily partitions older than 30 days instead" "$(took "$t"); WAL $(wal_since "$w")"
-sql -c "drop table loader.parts"
+purged=$(timeout -s INT "${PURGE_SECONDS:-1200}" "$loader_bin" purge --older-than-days 30 \
+             | tr '\n' ';') || true
+report "purge --older-than-days 30" "$(took "$t"); WAL $(wal_since "$w"); $(sizes)"
+echo "  ($purged)"
+report "  rows in the days dropped" "$(sql -c "select sum(staged) from loader.staged_days")"
 
 t=$(now); loader reconcile --skip-queue --since 1d >/dev/null; report "reconcile --since 1d (after the rotation rewrote loaded_at)" "$(took "$t")"
 trap - EXIT
-rm -f "$stop" "$stop.worst" "$stop.purge-log" "$stop.rotate-log"
+rm -f "$stop" "$stop.worst" "$stop.rotate-log"

@@ -123,3 +123,13 @@ batch_seconds() {
 # wal, wal_since LSN: the WAL position, and the WAL written since LSN.
 wal() { sql -c "select pg_current_wal_lsn()"; }
 wal_since() { sql -c "select pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), '$1'))"; }
+# past_days DAYS: a partition of loader.raw_logins for each of the last DAYS UTC days (those a
+# benchmark stages into, as the days ahead of them were once made).
+past_days() {
+    sql -c "select count(loader._add_staging_partition('raw_logins_p' || to_char(d, 'YYYYMMDD'),
+                       d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC'))
+              from (select g::date as d
+                      from generate_series((now() at time zone 'UTC')::date - $1,
+                                           (now() at time zone 'UTC')::date - 1, interval '1 day') g) x" \
+        >/dev/null
+}

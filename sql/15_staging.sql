@@ -192,6 +192,16 @@ begin
         raise exception 'stage: message ids must be distinct (count copies in `copies`)'
             using errcode = 'invalid_parameter_value';
     end if;
+    -- Idempotency needs each lookup to see every id committed before it (the switch of
+    -- loader.staged_ids' generation makes it wait for one in flight). A snapshot taken earlier
+    -- (REPEATABLE READ, SERIALIZABLE) would miss an id staged in the new generation meanwhile
+    -- and stage the message again.
+    if current_setting('transaction_isolation') <> 'read committed' then
+        raise exception 'stage: staging runs in READ COMMITTED transactions, not %',
+            current_setting('transaction_isolation')
+            using errcode = 'invalid_transaction_state',
+                  hint = 'set default_transaction_isolation to read committed for the ingest role';
+    end if;
     perform loader._check_run(run_id, run_token);
     -- The server owns sent_at: below the owner, a SentTimestamp in the future (beyond a minute of
     -- clock skew) or older than a message can live on SQS (sent_at_max_age_days, default 28:
@@ -286,12 +296,6 @@ begin
     end;
     refused_ids := oversized || refused_ids;
     received := all_copies - refused_copies;
-    -- A body is held again after none was: loader.pipeline_status's oldest body (otherwise
-    -- written by the purge; no row is written while one is held).
-    if staged > 0 then
-        update loader.retention_state s set oldest_body_staged_at = stamp, measured_at = stamp
-         where s.oldest_body_staged_at is null;
-    end if;
     update loader.ingest_runs r
        set received = r.received + received,
            staged = r.staged + staged,

@@ -175,8 +175,18 @@ begin
         cut := '-infinity';
     end if;
     select coalesce(max(r.id), 0) into top from loader.raw_logins r;
-    -- Until now the name was a view of this table, for stage()'s probe (V21).
-    drop view if exists loader.raw_logins_legacy;
+    -- Until now the name was a view of this table, for stage()'s probe (V21): dropped with
+    -- others' temporary objects on it (which would otherwise stop the move until their
+    -- sessions end); a permanent one is named.
+    if to_regclass('loader.raw_logins_legacy') is not null then
+        if loader._permanent_dependents('loader.raw_logins_legacy') is not null then
+            raise exception 'cannot move raw_logins to day partitions: %',
+                loader._permanent_dependents('loader.raw_logins_legacy')
+                using errcode = 'dependent_objects_still_exist',
+                      hint = 'drop that object, then run loader migrate again';
+        end if;
+        drop view loader.raw_logins_legacy cascade;
+    end if;
     alter table loader.raw_logins rename to raw_logins_legacy;
     drop trigger if exists raw_logins_queue_for_transform on loader.raw_logins_legacy;
     alter table loader.raw_logins_legacy alter column id drop identity if exists;
@@ -216,12 +226,34 @@ $$;
 comment on function loader._staged_days_due(timestamptz) is
     'Private: the day partitions of loader.raw_logins whose whole day is before the cutoff';
 
+-- _drop_with_temporary_dependents: drops table `rel` with the temporary objects of other
+-- sessions that depend on it or its row type (a temporary table with a column of that type, or a
+-- default naming it: any role that can connect may make one, and a plain DROP would then fail
+-- until that session ends), unless a permanent object does (loader._permanent_dependents,
+-- sql/35_rebuild.sql): then nothing is dropped and what depends on it is returned. NULL when
+-- dropped.
+create or replace function loader._drop_with_temporary_dependents(rel regclass) returns text
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    blockers text := loader._permanent_dependents(rel);
+begin
+    if blockers is null then
+        execute format('drop table %s cascade', rel);
+    end if;
+    return blockers;
+end
+$$;
+comment on function loader._drop_with_temporary_dependents(regclass) is
+    'Private: drop a table with others'' temporary objects on it, unless a permanent one depends on it (returned)';
+
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
 --   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
 --   outcome); 'unaccounted' (a row with no outcome, or two: loader reconcile names it; the day
---   stays); 'copying' (an online rebuild has not copied its rows yet); 'missing'. With
+--   stays); 'copying' (an online rebuild has not copied its rows yet); 'depended' (a permanent
+--   object outside loader depends on the partition or its row type:
+--   loader._permanent_dependents names it; others' temporary ones go with the day); 'missing'. With
 --   dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
 -- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
 -- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
@@ -244,8 +276,26 @@ begin
         lock table loader.maintenance_lock in exclusive mode;
         execute format('lock table %s in share mode', part);
     end if;
+    -- The day's outcomes by staged_on (BRIN, V23), joined to its rows: a read of the day, not an
+    -- index descent per row into the whole of user_logins and login_rejects. What that finds
+    -- is so (message_id is unique in each); a row it finds nothing for (an outcome without
+    -- staged_on, from before V21; a work-list row whose staged_at is not its row's; an erased
+    -- or expired row) is looked up one by one, as every row was before V23. (A second outcome
+    -- without staged_on beside one with it is not seen here: only the owner can write one,
+    -- and reconcile's single_outcome names it, before the drop and after.)
     execute format(
-        'select count(*) as staged, min(r.id) as lo, max(r.id) as hi,
+        'with u as materialized (select u.message_id from public.user_logins u where u.staged_on = $1),
+              j as materialized (select j.message_id from loader.login_rejects j where j.staged_on = $1),
+              q as materialized (select q.raw_id from loader.transform_queue q
+                                  where q.staged_at >= $1::timestamptz and q.staged_at < ($1 + 1)::timestamptz),
+              f as (select r.id, r.message_id, r.erased_at, r.expired_at,
+                           u.message_id is not null as loaded, j.message_id is not null as rejected,
+                           q.raw_id is not null as pending
+                      from %s r
+                      left join u on u.message_id = r.message_id
+                      left join j on j.message_id = r.message_id
+                      left join q on q.raw_id = r.id)
+         select count(*) as staged, min(r.id) as lo, max(r.id) as hi,
                 count(*) filter (where r.erased_at is not null) as erased,
                 count(*) filter (where r.erased_at is null and r.expired_at is not null) as expired,
                 count(*) filter (where o.loaded) as loaded,
@@ -254,12 +304,18 @@ begin
                 count(*) filter (where (r.erased_at is not null or r.expired_at is not null)::int
                                        + o.loaded::int + o.rejected::int <> 1
                                    and not o.pending) as unaccounted
-           from %s r
+           from f r
           cross join lateral (
-                select exists (select from public.user_logins u where u.message_id = r.message_id) as loaded,
-                       exists (select from loader.login_rejects j where j.message_id = r.message_id) as rejected,
-                       exists (select from loader.transform_queue q where q.raw_id = r.id) as pending) o',
-        part) into c;
+                select r.loaded or exists (select from public.user_logins x
+                                            where not (r.loaded or r.rejected or r.pending)
+                                              and x.message_id = r.message_id) as loaded,
+                       r.rejected or exists (select from loader.login_rejects x
+                                              where not (r.loaded or r.rejected or r.pending)
+                                                and x.message_id = r.message_id) as rejected,
+                       r.pending or exists (select from loader.transform_queue x
+                                             where not (r.loaded or r.rejected or r.pending)
+                                               and x.raw_id = r.id) as pending) o',
+        part) using d into c;
     if c.pending > 0 then
         return 'pending';
     end if;
@@ -272,6 +328,9 @@ begin
                                           and g.lo <= c.hi and g.hi >= c.lo) then
         return 'copying';
     end if;
+    if loader._permanent_dependents(part::regclass) is not null then
+        return 'depended';
+    end if;
     if dry_run then
         return 'droppable';
     end if;
@@ -279,7 +338,8 @@ begin
     values (d, session_user, c.staged, c.loaded, c.rejected, c.erased, c.expired);
     execute format('insert into loader.staged_day_runs (day, ingest_run_id, staged)
                     select %L, r.ingest_run_id, count(*) from %s r group by r.ingest_run_id', d, part);
-    execute format('drop table %s', part);
+    -- (Its permanent dependents were checked just above, under the day's SHARE lock.)
+    perform loader._drop_with_temporary_dependents(part::regclass);
     return 'dropped';
 end
 $$;
@@ -302,6 +362,7 @@ declare
     began timestamptz;
     old integer;
     first_day date;
+    blockers text;
 begin
     select g.generation, g.started_at into cur, began
       from loader.staged_id_generations g where g.ended_at is null;
@@ -331,7 +392,14 @@ begin
                   and (g.ended_at at time zone 'UTC')::date < coalesce(first_day, 'infinity')
                 order by 1
     loop
-        execute format('drop table if exists loader.%I', 'staged_ids_g' || old);
+        -- Kept (with a warning) while a permanent object outside loader depends on it.
+        blockers := case when to_regclass(format('loader.%I', 'staged_ids_g' || old)) is not null
+                         then loader._drop_with_temporary_dependents(
+                                  format('loader.%I', 'staged_ids_g' || old)::regclass) end;
+        if blockers is not null then
+            raise warning 'the staged ids of generation % stay: %', old, blockers;
+            continue;
+        end if;
         delete from loader.staged_id_generations where generation = old;
     end loop;
     return cur;

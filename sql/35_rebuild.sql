@@ -44,7 +44,7 @@
 comment on schema loader_rebuild is
     'loader: the online rebuild''s copies and the tables swaps retired (owner only; see sql/35_rebuild.sql)';
 
--- _permanent_dependents: what depends on `rel` (a table) or its row type and is neither part of
+-- _permanent_dependents: what depends on `rel` (a table, or a view) or its row type and is neither part of
 -- the table nor temporary (a temporary object lives only as long as its session, and a drop
 -- with CASCADE may take it): views, rules, triggers, policies, publications, foreign keys,
 -- inheritance, columns, functions and types of the row type. NULL when there is none.
@@ -64,6 +64,11 @@ language sql stable as $$
                and not (d.classid = 'pg_catalog.pg_attrdef'::regclass
                         and exists (select from pg_catalog.pg_attrdef a
                                      where a.oid = d.objid and a.adrelid = rel))
+               -- A view's own query (tables have none).
+               and not (d.classid = 'pg_catalog.pg_rewrite'::regclass
+                        and exists (select from pg_catalog.pg_rewrite w
+                                     where w.oid = d.objid and w.ev_class = rel
+                                       and w.rulename = '_RETURN'))
                and not exists (select from pg_catalog.pg_namespace n
                                 where n.oid = case d.classid
                                     when 'pg_catalog.pg_rewrite'::regclass then

@@ -25,13 +25,15 @@ select (select count(*) from loader.transform_queue) as pending,
        (select k.id from loader.mask_keys k where k.retired_at is null) as active_key_id,
        (select max(b.finished_at) from loader.rebuilds b where b.state = 'swapped')
            as last_rebuilt_at,
-       -- Retention at work: the oldest body still held (as the last purge found it, and
-       -- since then the first staged when none was held: loader.retention_state), and the last
+       -- Retention at work: the oldest body still held, as the last purge or expiry found it
+       -- (loader.retention_state: stage() writes nothing there, so no staging holds a row the
+       -- purge waits on), and when that was; and the last
        -- cutoff the masked data's retention finished. (Not the oldest masked row:
        -- a view that reads user_logins would stop every rebuild's swap.)
        (select s.oldest_body_staged_at from loader.retention_state s) as oldest_body_staged_at,
        (select max(e.cutoff) from loader.mask_expiries e where e.finished_at is not null)
-           as last_masked_cutoff
+           as last_masked_cutoff,
+       (select s.measured_at from loader.retention_state s) as oldest_body_measured_at
   -- Neither reads raw_logins whole: a reader would lock every day's partition (and an
   -- analyst's idle transaction would hold those locks).
   from (select min(q.staged_at) as oldest_pending_staged_at from loader.transform_queue q) as p;
@@ -45,7 +47,9 @@ comment on column loader.pipeline_status.active_key_id is 'loader.mask_keys.id o
 comment on column loader.pipeline_status.last_rebuilt_at is
     'When a rebuild or key rotation last swapped in rewritten outcomes (NULL: never): copy user_logins downstream in full after it changes';
 comment on column loader.pipeline_status.oldest_body_staged_at is
-    'When the oldest body still held in loader.raw_logins was staged, as the last purge or expiry found it (loader purge ends bodies)';
+    'When the oldest body still held in loader.raw_logins was staged, as the last purge or expiry found it (NULL: none then; loader purge ends bodies)';
+comment on column loader.pipeline_status.oldest_body_measured_at is
+    'When the last purge or expiry looked for the oldest body (bodies staged since are not in oldest_body_staged_at)';
 comment on column loader.pipeline_status.last_masked_cutoff is
     'The latest cutoff the masked data''s retention finished (loader.mask_expiries): no row created before it is kept';
 

@@ -109,7 +109,7 @@ comment on column loader.transform_queue.staged_at is
 comment on table loader.retention_state is 'When the oldest body still held was staged (one row; for loader.pipeline_status)';
 comment on column loader.retention_state.singleton is 'Always true: one row';
 comment on column loader.retention_state.oldest_body_staged_at is
-    'As the last purge or expiry found it; set by the first staging while it is NULL (no body held)';
+    'As the last purge or expiry found it (NULL: none was held then)';
 comment on column loader.retention_state.measured_at is 'When it was last written';
 comment on table loader.staged_days is
     'Days of loader.raw_logins dropped by retention, with their counts (proved when dropped: every row had its outcome)';

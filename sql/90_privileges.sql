@@ -114,7 +114,7 @@ language sql immutable as $$
         ('trace_notify', 'off', 'LOG lines the caller could cause'),
         ('trace_sort', 'off', 'LOG lines the caller could cause'),
         -- Not pinned, each for its reason.
-        ('transaction_isolation', null, 'the caller''s transaction; cannot be set inside it, and the functions hold under each level (locking reads, 40001 under REPEATABLE READ)'),
+        ('transaction_isolation', null, 'the caller''s transaction; cannot be set inside it, and the functions hold under each level (locking reads, 40001 under REPEATABLE READ; stage() refuses all but READ COMMITTED)'),
         ('transaction_read_only', null, 'the caller''s transaction: a read-only one only fails its own call'),
         ('transaction_deferrable', null, 'the caller''s transaction'),
         ('default_transaction_%', null, 'defaults of the caller''s later transactions'),

@@ -23,7 +23,8 @@ pub struct Purged {
     pub days_dropped: Vec<Date>,
     /// Days due that stay, with why: `pending` (a row waits for the transform), `unaccounted`
     /// (a row has no outcome, or two: `loader reconcile` names it), `copying` (an online
-    /// rebuild has not copied them yet), `busy` (a lock was held too long; the next run).
+    /// rebuild has not copied them yet), `depended` (a permanent object outside loader depends
+    /// on the partition), `busy` (a lock was held too long; the next run).
     pub days_kept: Vec<(Date, String)>,
     /// Bodies purged by this call, in the days not dropped whole (the partial day at the
     /// cutoff, rows staged before loader was partitioned, the default partition's).

@@ -23,9 +23,13 @@ pub struct Status {
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_drained_at: Option<OffsetDateTime>,
     pub active_key_id: Option<i32>,
-    /// When the oldest body still held was staged (`loader purge` ends bodies).
+    /// When the oldest body still held was staged, as the last purge or expiry found it
+    /// (`loader purge` ends bodies; None: none was held then).
     #[serde(with = "time::serde::rfc3339::option")]
     pub oldest_body_staged_at: Option<OffsetDateTime>,
+    /// When that purge or expiry looked.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub oldest_body_measured_at: Option<OffsetDateTime>,
     /// `create_date` of the oldest masked row (`loader purge --masked-older-than-months`).
     #[serde(with = "day::option")]
     pub oldest_masked_create_date: Option<Date>,
@@ -43,6 +47,7 @@ struct Row {
     last_drained_at: Option<OffsetDateTime>,
     active_key_id: Option<i32>,
     oldest_body_staged_at: Option<OffsetDateTime>,
+    oldest_body_measured_at: Option<OffsetDateTime>,
     oldest_masked_create_date: Option<Date>,
     last_masked_cutoff: Option<Date>,
 }
@@ -52,7 +57,7 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     let status = crate::db::transaction(pool, async |tx| {
         sqlx::query_as::<_, Row>(
             "select pending, oldest_pending_staged_at, last_drained_at, active_key_id,
-                    oldest_body_staged_at, last_masked_cutoff,
+                    oldest_body_staged_at, oldest_body_measured_at, last_masked_cutoff,
                     (select min(create_date) from public.user_logins) as oldest_masked_create_date
                from loader.pipeline_status",
         )
@@ -69,6 +74,7 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
         last_drained_at: row.last_drained_at,
         active_key_id: row.active_key_id,
         oldest_body_staged_at: row.oldest_body_staged_at,
+        oldest_body_measured_at: row.oldest_body_measured_at,
         oldest_masked_create_date: row.oldest_masked_create_date,
         last_masked_cutoff: row.last_masked_cutoff,
         last_run,

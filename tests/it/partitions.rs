@@ -209,6 +209,15 @@ async fn a_populated_table_from_before_v20_moves_to_day_partitions_killed_half_w
     blocker.rollback().await.unwrap();
     assert_eq!(relkind(&db).await, "r");
 
+    // An ingest login's idle session with a temporary table of the view the move replaces
+    // (stage()'s lookup until then): it neither stops the move nor is needed for it.
+    let ingest = support::TestRole::new(&db, "loader_ingest").await;
+    let mut idle = ingest.pool.acquire().await.unwrap();
+    sqlx::raw_sql("create temp table mine (x loader.raw_logins_legacy)")
+        .execute(&mut *idle)
+        .await
+        .unwrap();
+
     // The same command again finishes it.
     let out = db.cli().ok(&["migrate"]);
     assert!(out.contains("raw_logins is now partitioned"), "{out}");
@@ -370,6 +379,20 @@ async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_a
     assert_eq!(loaded + rejected + erased, 100);
     assert_eq!(db.pending().await, 5);
 
+    // An outcome without staged_on (as written before V21) is not in its day's join: the drop
+    // looks it up by itself, and its day is still due.
+    let (undated, doubled): (String, String) = sqlx::query_as(
+        "select min(message_id), max(message_id) from public.user_logins
+          where message_id like 'fixture-%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("update public.user_logins set staged_on = null where message_id = $1")
+        .bind(&undated)
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let dry = db.cli().ok(&["purge", "--older-than-days", "30", "--dry-run"]);
     assert!(
         dry.contains("would drop 4 staged days")
@@ -377,6 +400,34 @@ async fn retention_drops_whole_days_keeps_a_pending_one_and_reconcile_accounts_a
         "{dry}"
     );
     assert_eq!(db.count("select count(*) from loader.staged_days").await, 0, "a dry run");
+    // A message with two outcomes keeps its day, and the dry run says why.
+    sqlx::query(
+        "insert into loader.login_rejects (message_id, reason, detail, staged_on)
+         select message_id, 'test', 'a second outcome', staged_on from public.user_logins
+          where message_id = $1",
+    )
+    .bind(&doubled)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let dry = db.cli().ok(&["purge", "--older-than-days", "30", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("would keep staged day {old_day}: a row has no outcome, or two")),
+        "{dry}"
+    );
+    sqlx::query("delete from loader.login_rejects where detail = 'a second outcome'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // (After the drop, reconcile would rightly name an outcome without staged_on whose message
+    // is gone: before V21, such rows were in the legacy partition, which is never dropped.)
+    sqlx::query("update public.user_logins set staged_on = $1 where message_id = $2")
+        .bind(old_day)
+        .bind(&undated)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
     let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert!(out.contains("dropped 4 staged days"), "{out}"); // the empty ones too
     assert!(
@@ -638,4 +689,139 @@ async fn a_staging_locks_the_partition_it_writes_not_every_day() {
     let partitions_locked = locked_partitions(&mut tx).await;
     tx.rollback().await.unwrap();
     assert_eq!(partitions_locked, 1, "today's");
+}
+
+#[tokio::test]
+async fn a_lesser_roles_objects_on_a_due_day_or_generation_neither_fail_nor_hold_up_the_purge() {
+    let db = TestDb::migrated().await;
+    past_days(&db, -40, -40).await;
+    let (due, due_day) = (day_partition(&db, -40).await, utc_day(&db, -40).await);
+    sqlx::raw_sql(
+        "update loader.staged_id_generations set started_at = now() - interval '50 days'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // An analyst's idle session (no transaction open: nothing to evict) whose temporary table
+    // has a column of the due day's row type and a default naming the ids' generation.
+    let analyst = support::TestRole::new(&db, "loader_analyst").await;
+    let mut idle = analyst.pool.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "create temp table mine (x loader.{due}, g regclass default 'loader.staged_ids_g1'::regclass)"
+    ))
+    .execute(&mut *idle)
+    .await
+    .unwrap();
+    // And a permanent table of the owner's own, outside loader, with a column of that type.
+    sqlx::raw_sql(&format!(
+        "create schema elsewhere; create table elsewhere.kept (x loader.{due})"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // The permanent object keeps the day, named; the purge goes on and finishes.
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(
+        out.contains(&format!(
+            "kept staged day {due_day}: an object outside loader depends on it or its row type"
+        )),
+        "{out}"
+    );
+    assert!(partitions(&db).await.contains(&due));
+    let dependents: Option<String> =
+        sqlx::query_scalar(&format!("select loader._permanent_dependents('loader.{due}')"))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(dependents.unwrap_or_default().contains("elsewhere.kept"));
+
+    // Without it, the day goes, and the temporary table's column with it; the session lives.
+    sqlx::raw_sql("drop schema elsewhere cascade").execute(&db.pool).await.unwrap();
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(out.contains(&format!("dropped 1 staged days ({due_day} to {due_day})")), "{out}");
+    assert!(!partitions(&db).await.contains(&due));
+    let columns: Vec<String> = sqlx::query_scalar(
+        "select attname::text from pg_attribute
+          where attrelid = 'pg_temp.mine'::regclass and attnum > 0 and not attisdropped",
+    )
+    .fetch_all(&mut *idle)
+    .await
+    .unwrap();
+    assert_eq!(columns, ["g"]);
+
+    // The generation the first purge ended, once no copy of its messages can come: dropped with
+    // the default that named it.
+    sqlx::raw_sql(
+        "update loader.staged_id_generations set ended_at = now() - interval '40 days'
+          where generation = 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    db.cli().ok(&["purge", "--older-than-days", "30"]);
+    let generations: Vec<i32> =
+        sqlx::query_scalar("select generation from loader.staged_id_generations")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(generations, [2]);
+    let default: Option<String> = sqlx::query_scalar(
+        "select pg_get_expr(d.adbin, d.adrelid) from pg_attrdef d
+          where d.adrelid = 'pg_temp.mine'::regclass",
+    )
+    .fetch_optional(&mut *idle)
+    .await
+    .unwrap();
+    assert_eq!(default, None);
+}
+
+#[tokio::test]
+async fn staging_refuses_an_older_snapshot_and_holds_no_row_a_purge_waits_on() {
+    let db = TestDb::migrated().await;
+    let ingest = support::TestRole::new(&db, "loader_ingest").await;
+    let run = loader::staging::IngestRun::register(&ingest.pool, "direct", "drain").await.unwrap();
+    let message = loader::staging::RawMessage {
+        message_id: "snapshot".into(),
+        body: support::fixture_messages()[0].1.clone(),
+        sent_at: Some(OffsetDateTime::now_utc()),
+        receive_count: Some(1),
+    };
+    // Under REPEATABLE READ a lookup would miss an id staged in a new generation since the
+    // snapshot (and stage it twice): refused.
+    for level in ["repeatable read", "serializable"] {
+        let mut tx = ingest.pool.begin().await.unwrap();
+        sqlx::raw_sql(&format!("set transaction isolation level {level}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let err = loader::staging::stage(&mut tx, &run, std::slice::from_ref(&message))
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("staging runs in READ COMMITTED"), "{err:#}");
+    }
+    // At READ COMMITTED it stages, and the open transaction holds no row of
+    // loader.retention_state (which every purge writes last): none was held before it either.
+    let before: Option<OffsetDateTime> =
+        sqlx::query_scalar("select oldest_body_staged_at from loader.retention_state")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(before, None);
+    let mut tx = ingest.pool.begin().await.unwrap();
+    let staged =
+        loader::staging::stage(&mut tx, &run, std::slice::from_ref(&message)).await.unwrap();
+    assert_eq!(staged.outcome.staged, 1);
+    sqlx::raw_sql("select from loader.retention_state for update nowait")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = db.cli().ok(&["purge", "--older-than-days", "0"]);
+    assert!(out.contains("purged 0 staged bodies"), "{out}");
+    tx.commit().await.unwrap();
+    let status = db.cli().ok(&["status"]);
+    assert!(
+        status.contains("oldest body kept: none (as the last purge or expiry found it"),
+        "{status}"
+    );
 }

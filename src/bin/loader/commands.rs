@@ -437,10 +437,11 @@ async fn status(settings: &Settings, args: &StatusArgs) -> Result<ExitCode> {
     let key = status.active_key_id.map_or_else(|| "none".to_owned(), |k| k.to_string());
     println!("active key: {key}");
     println!(
-        "oldest body kept: {}",
+        "oldest body kept: {} (as the last purge or expiry found it, {})",
         status
             .oldest_body_staged_at
-            .map_or_else(|| "none".to_owned(), |t| format!("staged {}", when(Some(t))))
+            .map_or_else(|| "none".to_owned(), |t| format!("staged {}", when(Some(t)))),
+        when(status.oldest_body_measured_at)
     );
     let last_cutoff = status
         .last_masked_cutoff
@@ -565,6 +566,10 @@ fn day_kept_because(why: &str) -> &'static str {
         "pending" => "a row waits for the transform (it is dropped once transformed)",
         "unaccounted" => "a row has no outcome, or two (`loader reconcile` names it)",
         "copying" => "an online rebuild has not copied its rows yet",
+        "depended" => {
+            "an object outside loader depends on it or its row type (drop that object; \
+             `select loader._permanent_dependents('loader.raw_logins_pYYYYMMDD')` names it)"
+        }
         "busy" => "a lock was held too long (the next purge drops it)",
         _ => "not droppable",
     }
