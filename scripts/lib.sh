@@ -133,3 +133,7 @@ past_days() {
                                            (now() at time zone 'UTC')::date - 1, interval '1 day') g) x" \
         >/dev/null
 }
+# cold: empties the kernel's page cache (root only) so the next read comes from disk, as it would
+# for tables larger than memory; prints "cold", or "warm" where it may not (shared_buffers keeps
+# what it holds either way).
+cold() { { sync && echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null && echo cold || echo warm; }

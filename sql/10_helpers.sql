@@ -441,3 +441,21 @@ language sql stable parallel safe as $$
 $$;
 comment on function loader._suppressed(text[], jsonb, timestamptz, timestamptz) is
     'Private: whether a staged message is an erased person''s that must not load';
+
+-- _read_committed: raises unless the caller's transaction is READ COMMITTED. For the functions
+-- whose guarantee needs each statement to see what committed before it: under an older
+-- snapshot (REPEATABLE READ, SERIALIZABLE) stage() would miss an id staged since and stage the
+-- message twice, and a reveal would return values an erasure or purge has since ended.
+create or replace function loader._read_committed(caller text) returns void
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    if current_setting('transaction_isolation') <> 'read committed' then
+        raise exception '%: runs in READ COMMITTED transactions, not %',
+            caller, current_setting('transaction_isolation')
+            using errcode = 'invalid_transaction_state',
+                  hint = 'set default_transaction_isolation to read committed for this login';
+    end if;
+end
+$$;
+comment on function loader._read_committed(text) is
+    'Private: refuse a caller whose transaction is not READ COMMITTED (an older snapshot would see erased or staged rows wrongly)';

@@ -196,12 +196,7 @@ begin
     -- loader.staged_ids' generation makes it wait for one in flight). A snapshot taken earlier
     -- (REPEATABLE READ, SERIALIZABLE) would miss an id staged in the new generation meanwhile
     -- and stage the message again.
-    if current_setting('transaction_isolation') <> 'read committed' then
-        raise exception 'stage: staging runs in READ COMMITTED transactions, not %',
-            current_setting('transaction_isolation')
-            using errcode = 'invalid_transaction_state',
-                  hint = 'set default_transaction_isolation to read committed for the ingest role';
-    end if;
+    perform loader._read_committed('stage');
     perform loader._check_run(run_id, run_token);
     -- The server owns sent_at: below the owner, a SentTimestamp in the future (beyond a minute of
     -- clock skew) or older than a message can live on SQS (sent_at_max_age_days, default 28:

@@ -44,6 +44,27 @@
 comment on schema loader_rebuild is
     'loader: the online rebuild''s copies and the tables swaps retired (owner only; see sql/35_rebuild.sql)';
 
+-- _is_temporary: whether the object (classid, objid) is in a temporary schema or depends on
+-- one through up to five links (normal, automatic or internal dependencies: a cast on a
+-- temporary type, a policy, rule, trigger or default of a temporary table, an operator taking
+-- a temporary type, ...). Such an object ends with its session.
+create or replace function loader._is_temporary(cls oid, obj oid) returns boolean
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    with recursive up (classid, objid, depth) as (
+        select cls, obj, 0
+        union
+        select d.refclassid, d.refobjid, u.depth + 1
+          from up u join pg_catalog.pg_depend d on d.classid = u.classid and d.objid = u.objid
+         where u.depth < 5 and d.deptype in ('n', 'a', 'i')
+    )
+    select exists (select from up u
+                    where u.classid = 'pg_catalog.pg_namespace'::regclass
+                      and (u.objid = pg_catalog.pg_my_temp_schema()
+                           or pg_catalog.pg_is_other_temp_schema(u.objid)))
+$$;
+comment on function loader._is_temporary(oid, oid) is
+    'Private: whether an object is temporary (in a temporary schema, or depending on something that is)';
+
 -- _permanent_dependents: what depends on `rel` (a table, or a view) or its row type and is neither part of
 -- the table nor temporary (a temporary object lives only as long as its session, and a drop
 -- with CASCADE may take it): views, rules, triggers, policies, publications, foreign keys,
@@ -69,32 +90,10 @@ language sql stable as $$
                         and exists (select from pg_catalog.pg_rewrite w
                                      where w.oid = d.objid and w.ev_class = rel
                                        and w.rulename = '_RETURN'))
-               and not exists (select from pg_catalog.pg_namespace n
-                                where n.oid = case d.classid
-                                    when 'pg_catalog.pg_rewrite'::regclass then
-                                        (select c.relnamespace from pg_catalog.pg_rewrite w
-                                           join pg_catalog.pg_class c on c.oid = w.ev_class
-                                          where w.oid = d.objid)
-                                    when 'pg_catalog.pg_class'::regclass then
-                                        (select c.relnamespace from pg_catalog.pg_class c where c.oid = d.objid)
-                                    when 'pg_catalog.pg_type'::regclass then
-                                        (select t.typnamespace from pg_catalog.pg_type t where t.oid = d.objid)
-                                    when 'pg_catalog.pg_proc'::regclass then
-                                        (select p.pronamespace from pg_catalog.pg_proc p where p.oid = d.objid)
-                                    when 'pg_catalog.pg_attrdef'::regclass then
-                                        (select c.relnamespace from pg_catalog.pg_attrdef a
-                                           join pg_catalog.pg_class c on c.oid = a.adrelid
-                                          where a.oid = d.objid)
-                                    when 'pg_catalog.pg_constraint'::regclass then
-                                        (select coalesce(c.connamespace, 0) from pg_catalog.pg_constraint c
-                                          where c.oid = d.objid)
-                                    when 'pg_catalog.pg_trigger'::regclass then
-                                        (select c.relnamespace from pg_catalog.pg_trigger t
-                                           join pg_catalog.pg_class c on c.oid = t.tgrelid
-                                          where t.oid = d.objid)
-                                end
-                                  and (n.oid = pg_catalog.pg_my_temp_schema()
-                                       or pg_catalog.pg_is_other_temp_schema(n.oid)))
+               -- Temporary: in a temporary schema, or depending (a cast on a temporary type,
+               -- a policy or rule of a temporary table, ...) on something that is: it goes
+               -- when its session ends, and a drop with CASCADE may take it.
+               and not loader._is_temporary(d.classid, d.objid)
             union all
             select format('%s inherits from %s', i.inhrelid::regclass, i.inhparent::regclass)
               from pg_catalog.pg_inherits i

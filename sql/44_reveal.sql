@@ -79,6 +79,7 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     perform loader._reveal_encoding();
+    perform loader._read_committed('reveal');
     if coalesce(cardinality(message_ids), 0) = 0 then
         raise exception 'a reveal needs at least one message id'
             using errcode = 'invalid_parameter_value';
@@ -118,6 +119,8 @@ declare
     request loader.pii_access_log;
 begin
     perform loader._reveal_encoding();
+    -- Under an older snapshot it would return values an erasure or purge has since ended.
+    perform loader._read_committed('reveal');
     select * into request from loader.pii_access_log a where a.id = access;
     if request.id is null or request.role <> session_user
        or request.xact = pg_current_xact_id()

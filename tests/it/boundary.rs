@@ -555,6 +555,33 @@ async fn a_reveal_honours_erasure_and_returns_no_more_than_its_record_says() {
         .await,
         1
     );
+
+    // A snapshot taken before an erasure would still see the erased body: a reveal under
+    // REPEATABLE READ is refused, and once the erasure commits a read says erased.
+    let (access,): (i64,) = sqlx::query_as("select loader._reveal_log(array['early'], 'INC-4')")
+        .fetch_one(&reader.pool)
+        .await
+        .unwrap();
+    let mut old = reader.pool.begin().await.unwrap();
+    sqlx::raw_sql("set transaction isolation level repeatable read; select 1")
+        .execute(&mut *old)
+        .await
+        .unwrap();
+    db.cli().ok(&["forget", "--user-id", "erin", "--reference", "DSR-5"]);
+    let refused = sqlx::query("select loader._reveal_read($1)")
+        .bind(access)
+        .execute(&mut *old)
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&refused), "25000", "{refused}");
+    old.rollback().await.unwrap();
+    let (read,): (serde_json::Value,) = sqlx::query_as("select loader._reveal_read($1)")
+        .bind(access)
+        .fetch_one(&reader.pool)
+        .await
+        .unwrap();
+    assert_eq!(read[0]["status"], "erased", "{read}");
+    assert!(read[0]["ip"].is_null(), "{read}");
 }
 
 /// An analyst that claimed the whole work list in a transaction it left

@@ -712,6 +712,21 @@ async fn a_lesser_roles_objects_on_a_due_day_or_generation_neither_fail_nor_hold
     .execute(&mut *idle)
     .await
     .unwrap();
+    // And objects that are temporary only through what they depend on: a cast to a temporary
+    // type, an operator, a policy of a temporary table, extended statistics.
+    sqlx::raw_sql(&format!(
+        "create type pg_temp.tt as (a int);
+         create cast (loader.{due} as pg_temp.tt) with inout;
+         create function pg_temp.opf(loader.{due}, int) returns boolean language sql as 'select true';
+         create operator pg_temp.=== (leftarg = loader.{due}, rightarg = int, function = pg_temp.opf);
+         create temp table pt (a int);
+         create policy pp on pg_temp.pt using ((null::loader.{due}) is null);
+         create temp table st (a int, b int);
+         create statistics pg_temp.sx on (row(null::loader.{due})::text), a from pg_temp.st;"
+    ))
+    .execute(&mut *idle)
+    .await
+    .unwrap();
     // And a permanent table of the owner's own, outside loader, with a column of that type.
     sqlx::raw_sql(&format!(
         "create schema elsewhere; create table elsewhere.kept (x loader.{due})"
@@ -749,6 +764,16 @@ async fn a_lesser_roles_objects_on_a_due_day_or_generation_neither_fail_nor_hold
     .await
     .unwrap();
     assert_eq!(columns, ["g"]);
+    let left: i64 = sqlx::query_scalar(
+        "select (select count(*) from pg_cast where casttarget = 'pg_temp.tt'::regtype)
+              + (select count(*) from pg_operator where oprname = '===')
+              + (select count(*) from pg_policy where polname = 'pp')
+              + (select count(*) from pg_statistic_ext where stxname = 'sx')",
+    )
+    .fetch_one(&mut *idle)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "they went with the day");
 
     // The generation the first purge ended, once no copy of its messages can come: dropped with
     // the default that named it.
@@ -798,7 +823,7 @@ async fn staging_refuses_an_older_snapshot_and_holds_no_row_a_purge_waits_on() {
         let err = loader::staging::stage(&mut tx, &run, std::slice::from_ref(&message))
             .await
             .unwrap_err();
-        assert!(format!("{err:#}").contains("staging runs in READ COMMITTED"), "{err:#}");
+        assert!(format!("{err:#}").contains("stage: runs in READ COMMITTED"), "{err:#}");
     }
     // At READ COMMITTED it stages, and the open transaction holds no row of
     // loader.retention_state (which every purge writes last): none was held before it either.

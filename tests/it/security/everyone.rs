@@ -160,6 +160,12 @@ async fn temporary_objects_of_lesser_roles_stop_no_rotation_rebuild_or_purge() {
     // Idle, outside a transaction: only the objects hold on.
     let mut _column = session(&stranger, "create temp table t (x public.user_logins)").await;
     let _view = session(&analyst, "create temp view v as select * from public.user_logins").await;
+    // Temporary only through what it depends on: a cast from the row type to a temporary type.
+    let _cast = session(
+        &stranger,
+        "create type pg_temp.tt as (a int); create cast (public.user_logins as pg_temp.tt) with inout",
+    )
+    .await;
     // In a transaction that used its temporary table: the drop must wait for it, then end it.
     let _holding =
         session(&analyst, "create temp table t3 (x public.user_logins); begin; select * from t3")
