@@ -6,7 +6,8 @@
 #
 # Two scratch databases hold the same ROWS synthetic logins spread over the last 60 days, each
 # row with its outcome from `loader transform` (99% loaded, 1% rejected) and the work list
-# empty:
+# empty; message ids are UUIDs, as SQS's are (so a day's ids are spread over the whole of each
+# message_id index, not side by side):
 #   loader_days: a partition per UTC day, as loader keeps raw_logins since V20;
 #   loader_flat: no partition for those days, so every row is in one table (the default
 #                partition), which the batched purge works through as it did before V20.
@@ -35,7 +36,7 @@ prepare() {
     fi
     local t
     t=$(now)
-    sql -c "$(synthetic_logins_sql "$rows" scale "now() - (($rows - g) * interval '60 days' / $rows)")" \
+    sql -c "$(synthetic_logins_sql "$rows" scale "now() - (($rows - g) * interval '60 days' / $rows)" uuid)" \
         -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" >/dev/null
     loader transform >/dev/null
     sql -c "vacuum analyze loader.raw_logins" -c "vacuum analyze public.user_logins" \
@@ -69,6 +70,16 @@ SQL
                   from loader._staged_days_due(now() - interval '30 days') d" >/dev/null
         report "  the proof by day (drop_staged_day's dry run), $state" "$(took "$t")"
     done
+}
+
+# purge LABEL: loader purge --older-than-days 30, timed.
+purge() {
+    local t w before out
+    before=$(raw_size)
+    t=$(now); w=$(wal)
+    out=$(loader purge --older-than-days 30 | tr '\n' ';')
+    report "  $1" "$(took "$t"); WAL $(wal_since "$w"); raw_logins $before -> $(raw_size)"
+    echo "    ($out)"
 }
 
 echo "cores: $(nproc); rows: $rows; $(psql --version | head -n1); autovacuum $(sql -c 'show autovacuum' 2>/dev/null || echo '?')"

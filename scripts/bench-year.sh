@@ -3,8 +3,8 @@
 #
 #   scripts/bench-year.sh [ROWS]      (default 4000000: 10,000 logins a day)
 #
-# In a scratch database (loader_year, recreated): ROWS synthetic logins spread evenly over the
-# last 400 days, each in its day's partition, their ids in weekly generations of
+# In a scratch database (loader_year, recreated): ROWS synthetic logins (UUID message ids, as
+# SQS's) spread evenly over the last 400 days, each in its day's partition, their ids in weekly generations of
 # loader.staged_ids as a year of stagings would have left them, every one transformed. Then
 # `loader purge --older-than-days 30 --masked-older-than-months 12`, as the daily job runs it
 # for the first time: its seconds and WAL, and the size of each table (indexes included) and
@@ -25,8 +25,9 @@ tables() {
     for t in loader.raw_logins loader.staged_ids public.user_logins loader.login_rejects; do
         sql -c "select format('  %-22s %10s %12s rows %6s bytes a row', '$t', pg_size_pretty(b), n,
                               case when n > 0 then round(b::numeric / n) end)
-                  from (select (select sum(pg_total_relation_size(p.relid))
-                                  from pg_partition_tree('$t'::regclass) p) as b,
+                  from (select coalesce((select sum(pg_total_relation_size(p.relid))
+                                           from pg_partition_tree('$t'::regclass) p),
+                                        pg_total_relation_size('$t'::regclass)) as b,
                                (select count(*) from $t) as n) x"
     done
 }
@@ -49,7 +50,7 @@ select format('create table loader.staged_ids_g%s partition of loader.staged_ids
   from generate_series(1, 57) w
 \gexec
 SQL
-sql -c "$(synthetic_logins_sql "$rows" year "'$t0'::timestamptz - (($rows - g) * interval '400 days' / $rows) - interval '1 hour'")" \
+sql -c "$(synthetic_logins_sql "$rows" year "'$t0'::timestamptz - (($rows - g) * interval '400 days' / $rows) - interval '1 hour'" uuid)" \
     -c "insert into loader.staged_ids (message_id, generation)
         select r.message_id,
                1 + floor(extract(epoch from r.staged_at - ('$t0'::timestamptz - interval '401 days')) / (7 * 86400))::int
@@ -81,3 +82,4 @@ t=$(now); w=$(wal)
 out=$(loader purge --older-than-days 29 --masked-older-than-months 12 | tr '\n' ';')
 report "the next day's purge (one day more of bodies)" "$(took "$t"); WAL $(wal_since "$w")"
 echo "  ($out)"
+tables

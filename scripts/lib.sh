@@ -57,15 +57,17 @@ stop_daemon() {
     log "$name stopped"
 }
 
-# synthetic_logins_sql ROWS PREFIX STAGED_AT: an INSERT of ROWS synthetic logins into
-# loader.raw_logins (for the transform and scale benchmarks): message ids PREFIX-1..ROWS, 1% not
+# synthetic_logins_sql ROWS PREFIX STAGED_AT [uuid]: an INSERT of ROWS synthetic logins into
+# loader.raw_logins (for the transform and scale benchmarks): message ids PREFIX-1..ROWS (with
+# `uuid`, a UUID made from that, as SQS's MessageIds are: random, not in staging order), 1% not
 # a login (rejected), 5% IPv6, a sixth without locale; STAGED_AT is an SQL expression of g (the
 # row number) for staged_at and sent_at.
 synthetic_logins_sql() {
-    local rows="$1" prefix="$2" staged_at="$3"
+    local rows="$1" prefix="$2" staged_at="$3" id="'$2-' || g"
+    [ "${4:-}" != uuid ] || id="md5('$2-' || g)::uuid::text"
     cat <<SQL
 insert into loader.raw_logins (message_id, body, body_is_json, sent_at, receive_count, queue, staged_at)
-select '$prefix-' || g,
+select $id,
        case when g % 100 = 0 then jsonb_build_object('foo', 'oops')
             else jsonb_build_object(
                 'user_id', md5(g::text),

@@ -17,6 +17,20 @@
 -- ranges it has not copied yet (it recomputes them from their bodies) and purges the rest, so a
 -- rebuild never holds retention up.
 
+-- _purge_cutoff: the cutoff of a purge of bodies older than `older_than`: the UTC midnight at
+-- or before now() - older_than, so retention goes by whole staged days (a body staged on day D
+-- goes with D's partition once D ended more than older_than ago: kept N to N+1 days, never a
+-- part of a day purged row by row, which would write a new version of each row); 0 is every
+-- body with an outcome, now. The one rule of every path (loader purge, its dry run,
+-- purge_staged).
+create or replace function loader._purge_cutoff(older_than interval) returns timestamptz
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select case when older_than <= interval '0' then now()
+                else date_trunc('day', (now() - older_than) at time zone 'UTC') at time zone 'UTC' end
+$$;
+comment on function loader._purge_cutoff(interval) is
+    'Private: the cutoff of a purge of bodies older than this: a UTC midnight (whole staged days), or now for 0';
+
 -- purge_staged_batch: purges up to max_rows bodies staged before `cutoff` (oldest first) and
 -- returns how many; 0 when none is left. Rows another purge holds are skipped, not waited for.
 create or replace function loader.purge_staged_batch(cutoff timestamptz, max_rows integer default 10000)
@@ -63,17 +77,18 @@ comment on function loader.purge_staged_batch(timestamptz, integer) is
     'Purge up to max_rows bodies staged before cutoff that have an outcome; returns how many';
 
 -- purge_staged: every body staged more than `older_than` ago, one committed batch at a time
--- (for psql: CALL, outside a transaction block). The cutoff is fixed when it starts. Whole days
--- before it are dropped first (loader.drop_staged_day: a day with a pending row stays, with a
--- WARNING); the batches then purge the rest (the partial day at the cutoff, rows staged before
--- raw_logins was partitioned, the default partition's). `purged` counts the bodies of batches.
+-- (for psql: CALL, outside a transaction block). The cutoff (loader._purge_cutoff, a UTC
+-- midnight) is fixed when it starts. Whole days before it are dropped first
+-- (loader.drop_staged_day: a day with a pending row stays, with a WARNING); the batches then
+-- purge the rest (the bodies with an outcome of a day kept, rows staged before raw_logins was
+-- partitioned, the default partition's). `purged` counts the bodies of batches.
 create or replace procedure loader.purge_staged(
     older_than interval,
     inout purged bigint default null,
     batch_size integer default 10000)
 language plpgsql as $$
 declare
-    cutoff timestamptz := now() - older_than;
+    cutoff timestamptz := loader._purge_cutoff(older_than);
     batch bigint;
     day date;
     outcome text;
@@ -83,18 +98,12 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     purged := 0;
-    -- The daily job is also what keeps raw_logins' day partitions ahead, switches the staged
-    -- ids' generation, and drops whole days (sql/16_partitions.sql), each committed apart.
+    -- The daily job is also what keeps raw_logins' day partitions ahead, drops whole days,
+    -- and switches the staged ids' generation (sql/16_partitions.sql), each committed apart.
     begin
         perform loader.create_staging_days();
     exception when lock_not_available or deadlock_detected then
         raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
-    end;
-    commit;
-    begin
-        perform loader._switch_staged_ids();
-    exception when lock_not_available or deadlock_detected then
-        raise warning 'purge_staged: the staged ids'' generation waited too long for a lock; the next run switches';
     end;
     commit;
     for day in select * from loader._staged_days_due(cutoff) loop
@@ -113,6 +122,13 @@ begin
         end if;
         commit;
     end loop;
+    -- After the drops: a generation of ids goes once the days of its time are gone.
+    begin
+        perform loader._switch_staged_ids();
+    exception when lock_not_available or deadlock_detected then
+        raise warning 'purge_staged: the staged ids'' generation waited too long for a lock; the next run switches';
+    end;
+    commit;
     loop
         batch := loader.purge_staged_batch(cutoff, batch_size);
         purged := purged + batch;

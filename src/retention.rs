@@ -26,8 +26,8 @@ pub struct Purged {
     /// rebuild has not copied them yet), `depended` (a permanent object outside loader depends
     /// on the partition), `busy` (a lock was held too long; the next run).
     pub days_kept: Vec<(Date, String)>,
-    /// Bodies purged by this call, in the days not dropped whole (the partial day at the
-    /// cutoff, rows staged before loader was partitioned, the default partition's).
+    /// Bodies purged by this call, in the days not dropped whole (a day kept, rows staged
+    /// before loader was partitioned, the default partition's).
     pub bodies: i64,
     /// False when `stop` ended it before every old body was purged (run again to continue).
     pub finished: bool,
@@ -47,7 +47,7 @@ pub async fn preview(pool: &PgPool, days: i32) -> Result<(i64, i64)> {
                                 as pending
                        from loader.raw_logins r
                       where r.purged_at is null
-                        and r.staged_at < now() - make_interval(days => $1)) as c",
+                        and r.staged_at < loader._purge_cutoff(make_interval(days => $1))) as c",
         )
         .bind(days)
         .persistent(false)
@@ -65,7 +65,8 @@ pub async fn preview_days(pool: &PgPool, days: i32) -> Result<Vec<(Date, String)
     crate::db::transaction(pool, async |tx| {
         sqlx::query_as(
             "select d, loader.drop_staged_day(d, true)
-               from loader._staged_days_due(now() - make_interval(days => $1)) d order by d",
+               from loader._staged_days_due(loader._purge_cutoff(make_interval(days => $1))) d
+              order by d",
         )
         .bind(days)
         .persistent(false)
@@ -76,12 +77,13 @@ pub async fn preview_days(pool: &PgPool, days: i32) -> Result<Vec<(Date, String)
     .context("looking at the staged days due (only the owner role may)")
 }
 
-/// Purges every body staged more than `days` days ago (the cutoff is fixed when it starts),
-/// `batch` rows per committed transaction, showing `progress` when given. First, as the daily
-/// maintenance of `loader.raw_logins` (sql/16_partitions.sql): the day partitions ahead, the
-/// staged ids' weekly generation, and the drop of every whole day before the cutoff whose rows
-/// all have their outcome; a session of a lesser role that holds a lock one of those needs is
-/// ended after `evict_after` ([`evict::retrying`]).
+/// Purges every body staged on a UTC day that ended more than `days` days ago (every body with
+/// an outcome when `days` is 0; `loader._purge_cutoff`, fixed when it starts), `batch` rows per
+/// committed transaction, showing `progress` when given. First, as the daily maintenance of
+/// `loader.raw_logins` (sql/16_partitions.sql): the day partitions ahead, the drop of every
+/// whole day before the cutoff whose rows all have their outcome, then the staged ids' weekly
+/// generation; a session of a lesser role that holds a lock one of those needs is ended after
+/// `evict_after` ([`evict::retrying`]).
 ///
 /// Once `stopping` has begun (a signal, say), the batch or day in hand commits and the purge
 /// returns with `finished: false`; killed outright, it loses at most the batch in progress.
@@ -95,7 +97,7 @@ pub async fn purge(
     evict_after: Duration,
 ) -> Result<Purged> {
     let cutoff: OffsetDateTime = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar("select now() - make_interval(days => $1)")
+        sqlx::query_scalar("select loader._purge_cutoff(make_interval(days => $1))")
             .bind(days)
             .persistent(false)
             .fetch_one(tx)
@@ -104,16 +106,14 @@ pub async fn purge(
     .await
     .context("reading the database's clock")?;
     let mut evicted = Vec::new();
-    for (work, sql) in [
-        ("creating the staging days ahead", "select loader.create_staging_days()::text"),
-        ("switching the staged ids' generation", "select loader._switch_staged_ids()::text"),
-    ] {
-        let (done, ended) = evict::retrying(pool, evict_after, work, sql, None).await?;
-        evicted.extend(ended);
-        if done.is_none() {
-            tracing::warn!(work, "a lock stayed held past --evict-after; the next purge does it");
-        }
-    }
+    maintain(
+        pool,
+        evict_after,
+        &mut evicted,
+        "creating the staging days ahead",
+        "create_staging_days",
+    )
+    .await?;
     let due: Vec<Date> = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select loader._staged_days_due($1)")
             .bind(cutoff)
@@ -149,6 +149,15 @@ pub async fn purge(
     if stopping.has_begun() {
         return Ok(Purged { days_dropped, days_kept, bodies: 0, finished: false, evicted });
     }
+    // After the drops: a generation of ids goes once the days of its time are gone.
+    maintain(
+        pool,
+        evict_after,
+        &mut evicted,
+        "switching the staged ids' generation",
+        "_switch_staged_ids",
+    )
+    .await?;
     let (bodies, finished) = batches(
         pool,
         "select loader.purge_staged_batch($1, $2)",
@@ -161,6 +170,25 @@ pub async fn purge(
     .context("purging staged bodies (only the owner role may)")?;
     note_oldest_body(pool).await?;
     Ok(Purged { days_dropped, days_kept, bodies, finished, evicted })
+}
+
+/// One step of the daily staging maintenance (`loader.<function>()`, owner only), retried and
+/// evicting as [`evict::retrying`] does; a lock held past `evict_after` leaves it to the next
+/// purge, with a warning.
+async fn maintain(
+    pool: &PgPool,
+    evict_after: Duration,
+    evicted: &mut Vec<evict::Evicted>,
+    work: &'static str,
+    function: &str,
+) -> Result<()> {
+    let sql = format!("select loader.{function}()::text");
+    let (done, ended) = evict::retrying(pool, evict_after, work, &sql, None).await?;
+    evicted.extend(ended);
+    if done.is_none() {
+        tracing::warn!(work, "a lock stayed held past --evict-after; the next purge does it");
+    }
+    Ok(())
 }
 
 /// Records when the oldest body still held was staged, for `loader.pipeline_status`

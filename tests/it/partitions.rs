@@ -850,3 +850,34 @@ async fn staging_refuses_an_older_snapshot_and_holds_no_row_a_purge_waits_on() {
         "{status}"
     );
 }
+
+#[tokio::test]
+async fn retention_goes_by_whole_utc_days_and_zero_means_every_body_now() {
+    let db = TestDb::migrated().await;
+    let messages = support::fixture_messages();
+    assert_eq!(stage_new(&db, &messages[..2]).await, 2);
+    db.cli().ok(&["transform"]);
+    // One staged a minute before the UTC midnight a day before now, one a minute after it.
+    sqlx::raw_sql(
+        "update loader.raw_logins
+            set staged_at = date_trunc('day', (now() - interval '1 day') at time zone 'UTC')
+                                at time zone 'UTC'
+                            + case when message_id = 'fixture-0' then interval '-1 minute'
+                                   else interval '1 minute' end",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let held = "select string_agg(message_id, ',' order by message_id) from loader.raw_logins
+                 where purged_at is null";
+    let out = db.cli().ok(&["purge", "--older-than-days", "1"]);
+    assert!(out.contains("purged 1 staged bodies"), "{out}");
+    assert_eq!(
+        sqlx::query_scalar::<_, String>(held).fetch_one(&db.pool).await.unwrap(),
+        "fixture-1"
+    );
+    let out = db.cli().ok(&["purge", "--older-than-days", "0"]);
+    assert!(out.contains("purged 1 staged bodies"), "{out}");
+    let left: Option<String> = sqlx::query_scalar(held).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(left, None);
+}

@@ -334,7 +334,8 @@ impl TransformPlanArgs {
 #[command(group = clap::ArgGroup::new("periods").required(true).multiple(true)
     .args(["older_than_days", "masked_older_than_months"]))]
 pub struct PurgeArgs {
-    /// Purge bodies staged more than this many days ago (0: every body with an outcome)
+    /// Purge bodies staged on UTC days that ended more than this many days ago, whole days at
+    /// a time (0: every body with an outcome, now)
     #[arg(long, env = "LOADER_RETENTION_DAYS")]
     pub older_than_days: Option<u32>,
 
