@@ -382,10 +382,15 @@ begin
     end if;
     -- And only once the days it was current in are dropped: while a staged row of its time is
     -- kept, its id stays (else an id staged anew, by a caller choosing it, would be staged
-    -- twice).
+    -- twice). The default partition's rows count too (a day that had no partition; stage()
+    -- looks an id up in the generations and the legacy partition, not there).
     select min(to_date(substr(c.relname, 13), 'YYYYMMDD')) into first_day
       from pg_inherits i join pg_class c on c.oid = i.inhrelid
      where i.inhparent = 'loader.raw_logins'::regclass and c.relname ~ '^raw_logins_p[0-9]{8}$';
+    if to_regclass('loader.raw_logins_default') is not null then
+        first_day := least(first_day, (select min(r.staged_at at time zone 'UTC')::date
+                                         from loader.raw_logins_default r));
+    end if;
     for old in select g.generation from loader.staged_id_generations g
                 where g.ended_at < now() - make_interval(
                           days => loader._setting_int('sent_at_max_age_days', 28) + 1)
