@@ -147,15 +147,15 @@ comment on function loader._move_staging_cutover() is
 -- _partition_staging: the move itself, in the caller's transaction, after
 -- raw_logins_before_cutover was validated: raw_logins becomes raw_logins_legacy, attached for
 -- (minvalue, cutover) to a new partitioned raw_logins (nothing scanned: the validated
--- constraint proves the bound), whose ids continue from the legacy ones (a sequence; the
--- legacy identity is dropped), with the default partition and the days ahead. Holds ACCESS
+-- constraint proves the bound), whose ids continue from the legacy ones (its default draws on
+-- the legacy partition's identity sequence, which stays: dropping it would fail while any
+-- session's temporary default names it), with the default partition and the days ahead. Holds ACCESS
 -- EXCLUSIVE on the table for those catalog changes only. The caller then applies the sql/
 -- files again (the trigger and the views follow the new table). Returns false when already done.
 create or replace function loader._partition_staging() returns boolean
 language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     cut timestamptz;
-    top bigint;
 begin
     lock table loader.raw_logins in access exclusive mode;
     if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) = 'p' then
@@ -174,7 +174,6 @@ begin
         -- and every day, past ones included, may have a partition of its own.
         cut := '-infinity';
     end if;
-    select coalesce(max(r.id), 0) into top from loader.raw_logins r;
     -- Until now the name was a view of this table, for stage()'s probe (V21): dropped with
     -- others' temporary objects on it (which would otherwise stop the move until their
     -- sessions end); a permanent one is named.
@@ -189,12 +188,12 @@ begin
     end if;
     alter table loader.raw_logins rename to raw_logins_legacy;
     drop trigger if exists raw_logins_queue_for_transform on loader.raw_logins_legacy;
-    alter table loader.raw_logins_legacy alter column id drop identity if exists;
-    execute format('create sequence loader.raw_logins_id_seq as bigint start with %s', top + 1);
     create table loader.raw_logins (like loader.raw_logins_legacy including defaults)
         partition by range (staged_at);
-    alter table loader.raw_logins alter column id set default nextval('loader.raw_logins_id_seq');
-    alter sequence loader.raw_logins_id_seq owned by loader.raw_logins.id;
+    -- Partitioned tables have identity columns only from PostgreSQL 17: the legacy identity's
+    -- sequence (still named after the table it was made for) numbers every row.
+    execute format('alter table loader.raw_logins alter column id set default nextval(%L::regclass)',
+                   pg_get_serial_sequence('loader.raw_logins_legacy', 'id'));
     execute format('alter table loader.raw_logins attach partition loader.raw_logins_legacy
                     for values from (minvalue) to (%L)', cut);
     alter table loader.raw_logins_legacy drop constraint raw_logins_before_cutover;

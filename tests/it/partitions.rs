@@ -210,13 +210,17 @@ async fn a_populated_table_from_before_v20_moves_to_day_partitions_killed_half_w
     assert_eq!(relkind(&db).await, "r");
 
     // An ingest login's idle session with a temporary table of the view the move replaces
-    // (stage()'s lookup until then): it neither stops the move nor is needed for it.
+    // (stage()'s lookup until then), and a default naming the table's identity sequence: they
+    // neither stop the move nor are needed for it.
     let ingest = support::TestRole::new(&db, "loader_ingest").await;
     let mut idle = ingest.pool.acquire().await.unwrap();
-    sqlx::raw_sql("create temp table mine (x loader.raw_logins_legacy)")
-        .execute(&mut *idle)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "create temp table mine (x loader.raw_logins_legacy,
+                                 n bigint default nextval('loader.raw_logins_id_seq'))",
+    )
+    .execute(&mut *idle)
+    .await
+    .unwrap();
 
     // The same command again finishes it.
     let out = db.cli().ok(&["migrate"]);
