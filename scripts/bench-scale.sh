@@ -41,7 +41,7 @@ report "stage $rows rows (one INSERT ... SELECT)" "$(took "$t"); $(sizes)"
 
 reset() {
     sql -c "truncate public.user_logins, loader.login_rejects" \
-        -c "insert into loader.transform_queue (raw_id) select id from loader.raw_logins" \
+        -c "insert into loader.transform_queue (raw_id, staged_at) select id, staged_at from loader.raw_logins" \
         -c "vacuum analyze loader.transform_queue" >/dev/null
 }
 t=$(now); loader transform --workers 1 >/dev/null; report "transform, 1 worker" "$(took "$t")"

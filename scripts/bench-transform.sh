@@ -50,7 +50,7 @@ t1=$(now)
 # Back to "nothing transformed": every staged row pending again, no outcome.
 reset() {
     sql -c "truncate public.user_logins, loader.login_rejects" \
-        -c "insert into loader.transform_queue (raw_id) select id from loader.raw_logins" \
+        -c "insert into loader.transform_queue (raw_id, staged_at) select id, staged_at from loader.raw_logins" \
         -c "vacuum analyze public.user_logins" -c "vacuum analyze loader.transform_queue"
 }
 ratio() { awk -v f="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v a="$1" -v b="$2" \
