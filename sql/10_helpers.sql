@@ -459,3 +459,14 @@ end
 $$;
 comment on function loader._read_committed(text) is
     'Private: refuse a caller whose transaction is not READ COMMITTED (an older snapshot would see erased or staged rows wrongly)';
+
+-- _add_counts: two {"key": count} objects added key by key (a batch's counts to a total).
+create or replace function loader._add_counts(a jsonb, b jsonb) returns jsonb
+language sql immutable set search_path = pg_catalog, pg_temp as $$
+    select coalesce(jsonb_object_agg(c.key, c.n), '{}')
+      from (select e.key, sum(e.value::bigint) as n
+              from (select * from jsonb_each_text(a) union all select * from jsonb_each_text(b)) e
+             group by e.key) c
+$$;
+comment on function loader._add_counts(jsonb, jsonb) is
+    'Private: two {"key": count} objects added key by key';

@@ -149,13 +149,14 @@ comment on function loader._move_staging_cutover() is
 -- (minvalue, cutover) to a new partitioned raw_logins (nothing scanned: the validated
 -- constraint proves the bound), whose ids continue from the legacy ones (its default draws on
 -- the legacy partition's identity sequence, which stays: dropping it would fail while any
--- session's temporary default names it), with the default partition and the days ahead. Holds ACCESS
--- EXCLUSIVE on the table for those catalog changes only. The caller then applies the sql/
+-- session's temporary default names it), with the default partition and the days ahead.
+-- Holds ACCESS EXCLUSIVE on the table for those catalog changes only. The caller then applies the sql/
 -- files again (the trigger and the views follow the new table). Returns false when already done.
 create or replace function loader._partition_staging() returns boolean
 language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
 declare
     cut timestamptz;
+    blockers text;
 begin
     lock table loader.raw_logins in access exclusive mode;
     if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) = 'p' then
@@ -178,13 +179,12 @@ begin
     -- others' temporary objects on it (which would otherwise stop the move until their
     -- sessions end); a permanent one is named.
     if to_regclass('loader.raw_logins_legacy') is not null then
-        if loader._permanent_dependents('loader.raw_logins_legacy') is not null then
-            raise exception 'cannot move raw_logins to day partitions: %',
-                loader._permanent_dependents('loader.raw_logins_legacy')
+        blockers := loader._drop_with_temporary_dependents('loader.raw_logins_legacy');
+        if blockers is not null then
+            raise exception 'cannot move raw_logins to day partitions: %', blockers
                 using errcode = 'dependent_objects_still_exist',
                       hint = 'drop that object, then run loader migrate again';
         end if;
-        drop view loader.raw_logins_legacy cascade;
     end if;
     alter table loader.raw_logins rename to raw_logins_legacy;
     drop trigger if exists raw_logins_queue_for_transform on loader.raw_logins_legacy;
@@ -225,7 +225,7 @@ $$;
 comment on function loader._staged_days_due(timestamptz) is
     'Private: the day partitions of loader.raw_logins whose whole day is before the cutoff';
 
--- _drop_with_temporary_dependents: drops table `rel` with the temporary objects of other
+-- _drop_with_temporary_dependents: drops table (or view) `rel` with the temporary objects of other
 -- sessions that depend on it or its row type (a temporary table with a column of that type, or a
 -- default naming it: any role that can connect may make one, and a plain DROP would then fail
 -- until that session ends), unless a permanent object does (loader._permanent_dependents,
@@ -237,13 +237,15 @@ declare
     blockers text := loader._permanent_dependents(rel);
 begin
     if blockers is null then
-        execute format('drop table %s cascade', rel);
+        execute format('drop %s %s cascade',
+                       case (select c.relkind from pg_class c where c.oid = rel)
+                           when 'v' then 'view' else 'table' end, rel);
     end if;
     return blockers;
 end
 $$;
 comment on function loader._drop_with_temporary_dependents(regclass) is
-    'Private: drop a table with others'' temporary objects on it, unless a permanent one depends on it (returned)';
+    'Private: drop a table or view with others'' temporary objects on it, unless a permanent one depends on it (returned)';
 
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
@@ -361,6 +363,7 @@ declare
     began timestamptz;
     old integer;
     first_day date;
+    gen_table regclass;
     blockers text;
 begin
     select g.generation, g.started_at into cur, began
@@ -397,9 +400,9 @@ begin
                 order by 1
     loop
         -- Kept (with a warning) while a permanent object outside loader depends on it.
-        blockers := case when to_regclass(format('loader.%I', 'staged_ids_g' || old)) is not null
-                         then loader._drop_with_temporary_dependents(
-                                  format('loader.%I', 'staged_ids_g' || old)::regclass) end;
+        gen_table := to_regclass(format('loader.%I', 'staged_ids_g' || old));
+        blockers := case when gen_table is not null
+                         then loader._drop_with_temporary_dependents(gen_table) end;
         if blockers is not null then
             raise warning 'the staged ids of generation % stay: %', old, blockers;
             continue;

@@ -438,13 +438,7 @@ begin
           from loader._write_outcomes(claimed) o;
         loaded := loaded + more_loaded;
         rejected := rejected + more_rejected;
-        rejected_by_reason := (
-            select coalesce(jsonb_object_agg(x.reason, x.n), '{}')
-              from (select e.key as reason, sum(e.value::bigint) as n
-                      from (select * from jsonb_each_text(rejected_by_reason)
-                            union all
-                            select * from jsonb_each_text(more_reasons)) e
-                     group by e.key) x);
+        rejected_by_reason := loader._add_counts(rejected_by_reason, more_reasons);
     end if;
     if cardinality(claimed) > 0 then
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);

@@ -65,8 +65,8 @@ $$;
 comment on function loader._is_temporary(oid, oid) is
     'Private: whether an object is temporary (in a temporary schema, or depending on something that is)';
 
--- _permanent_dependents: what depends on `rel` (a table, or a view) or its row type and is neither part of
--- the table nor temporary (a temporary object lives only as long as its session, and a drop
+-- _permanent_dependents: what depends on `rel` (a table, or a view) or its row type and is
+-- neither part of the table nor temporary (a temporary object lives only as long as its session, and a drop
 -- with CASCADE may take it): views, rules, triggers, policies, publications, foreign keys,
 -- inheritance, columns, functions and types of the row type. NULL when there is none.
 create or replace function loader._permanent_dependents(rel regclass) returns text
@@ -371,6 +371,7 @@ create or replace function loader.rebuild_drop_retired() returns integer
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     retired regclass;
+    blockers text;
     dropped integer := 0;
 begin
     for retired in select c.oid::regclass from pg_catalog.pg_class c
@@ -380,11 +381,11 @@ begin
     loop
         -- Nobody but the owner can reach loader_rebuild, and the swap refused permanent
         -- dependents; should one have come anyway, it is named, not dropped.
-        if loader._permanent_dependents(retired) is not null then
-            raise exception 'cannot drop %: %', retired, loader._permanent_dependents(retired)
+        blockers := loader._drop_with_temporary_dependents(retired);
+        if blockers is not null then
+            raise exception 'cannot drop %: %', retired, blockers
                 using errcode = 'dependent_objects_still_exist';
         end if;
-        execute format('drop table %s cascade', retired);
         dropped := dropped + 1;
     end loop;
     return dropped;

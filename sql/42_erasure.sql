@@ -197,12 +197,7 @@ begin
     delete from loader.erasure_work w where w.erasure_id = erasure and w.message_id = any (ids);
     -- The counts so far, key by key.
     update loader.erasures e
-       set counts = (select jsonb_object_agg(k, v)
-                       from (select c.key as k, sum(c.value::bigint) as v
-                               from (select * from jsonb_each_text(e.counts)
-                                     union all
-                                     select * from jsonb_each_text(erased)) c
-                              group by c.key) s)
+       set counts = loader._add_counts(e.counts, erased)
      where e.id = erasure;
     return cardinality(ids);
 end
