@@ -68,14 +68,20 @@ comment on function loader._is_temporary(oid, oid) is
 -- _permanent_dependents: what depends on `rel` (a table, or a view) or its row type and is
 -- neither part of the table nor temporary (a temporary object lives only as long as its session, and a drop
 -- with CASCADE may take it): views, rules, triggers, policies, publications, foreign keys,
--- inheritance, columns, functions and types of the row type. NULL when there is none.
+-- inheritance, columns, functions and types of the row type or of its array type. NULL when
+-- there is none.
 create or replace function loader._permanent_dependents(rel regclass) returns text
 language sql stable as $$
     select string_agg(what, '; ' order by what)
       from (select format('%s depends on %s', pg_describe_object(d.classid, d.objid, d.objsubid),
                           rel) as what
               from pg_catalog.pg_depend d
-             where d.refobjid in (rel::oid, (select c.reltype from pg_catalog.pg_class c where c.oid = rel))
+             -- The table, its row type, and that type's array type (a column of `rel[]`).
+             where d.refobjid in (rel::oid,
+                                  (select c.reltype from pg_catalog.pg_class c where c.oid = rel),
+                                  (select t.typarray from pg_catalog.pg_class c
+                                     join pg_catalog.pg_type t on t.oid = c.reltype
+                                    where c.oid = rel))
                and d.refclassid in ('pg_catalog.pg_class'::regclass, 'pg_catalog.pg_type'::regclass)
                and d.deptype = 'n'
                -- The table's own parts: its constraints and defaults.

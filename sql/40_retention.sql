@@ -21,10 +21,11 @@
 -- or before now() - older_than, so retention goes by whole staged days (a body staged on day D
 -- goes with D's partition once D ended more than older_than ago: kept N to N+1 days, never a
 -- part of a day purged row by row, which would write a new version of each row); 0 is every
--- body with an outcome, now. The one rule of every path (loader purge, its dry run,
+-- body with an outcome, now. In UTC whatever the session's time zone (days of an interval
+-- move with the zone's clock changes). The one rule of every path (loader purge, its dry run,
 -- purge_staged).
 create or replace function loader._purge_cutoff(older_than interval) returns timestamptz
-language sql stable set search_path = pg_catalog, pg_temp as $$
+language sql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' as $$
     select case when older_than <= interval '0' then now()
                 else date_trunc('day', (now() - older_than) at time zone 'UTC') at time zone 'UTC' end
 $$;

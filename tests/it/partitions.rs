@@ -731,9 +731,11 @@ async fn a_lesser_roles_objects_on_a_due_day_or_generation_neither_fail_nor_hold
     .execute(&mut *idle)
     .await
     .unwrap();
-    // And a permanent table of the owner's own, outside loader, with a column of that type.
+    // And permanent tables of the owner's own, outside loader, with a column of that type and
+    // one of its array type.
     sqlx::raw_sql(&format!(
-        "create schema elsewhere; create table elsewhere.kept (x loader.{due})"
+        "create schema elsewhere; create table elsewhere.kept (x loader.{due});
+         create table elsewhere.kept_array (x loader.{due}[])"
     ))
     .execute(&db.pool)
     .await
@@ -753,7 +755,12 @@ async fn a_lesser_roles_objects_on_a_due_day_or_generation_neither_fail_nor_hold
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert!(dependents.unwrap_or_default().contains("elsewhere.kept"));
+    let dependents = dependents.unwrap_or_default();
+    assert!(
+        dependents.contains("table elsewhere.kept depends")
+            && dependents.contains("table elsewhere.kept_array depends"),
+        "{dependents}"
+    );
 
     // Without it, the day goes, and the temporary table's column with it; the session lives.
     sqlx::raw_sql("drop schema elsewhere cascade").execute(&db.pool).await.unwrap();
