@@ -37,6 +37,29 @@ $$;
 comment on function loader._comment_like(regclass, regclass, text) is
     'Private: a partition''s comments, its columns'' copied from its parent''s';
 
+-- _staging_partitions: every partition of loader.raw_logins with the staging times it holds,
+-- [staged_from, staged_to): a day partition its UTC day (`day`), the legacy one everything before
+-- the cutover, the default one NULLs (whatever no other takes). Oldest first, the default one
+-- last; nothing while raw_logins is not partitioned yet. The one reading of loader's partition
+-- names: every listing of the days goes through it.
+create or replace function loader._staging_partitions()
+returns table (rel regclass, day date, staged_from timestamptz, staged_to timestamptz)
+language sql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
+    select c.oid::regclass, p.day,
+           case when p.day is not null then p.day::timestamp at time zone 'UTC'
+                when c.relname = 'raw_logins_legacy' then '-infinity' end,
+           case when p.day is not null then (p.day + 1)::timestamp at time zone 'UTC'
+                when c.relname = 'raw_logins_legacy' then (select l.cutover from loader.staging_layout l) end
+      from pg_inherits i
+      join pg_class c on c.oid = i.inhrelid
+     cross join lateral (select case when c.relname ~ '^raw_logins_p[0-9]{8}$'
+                                     then to_date(substr(c.relname, 13), 'YYYYMMDD') end as day) p
+     where i.inhparent = 'loader.raw_logins'::regclass
+     order by 3 nulls last, 1
+$$;
+comment on function loader._staging_partitions() is
+    'Private: the partitions of loader.raw_logins with the staging times each holds, oldest first';
+
 -- _add_staging_partition: one partition of loader.raw_logins, with its indexes, attached for
 -- [lo, hi), or as the DEFAULT partition when both are NULL. Built empty beside the table and
 -- then attached: ATTACH PARTITION takes SHARE UPDATE EXCLUSIVE on raw_logins, which no stager,
@@ -215,11 +238,8 @@ comment on function loader._partition_staging() is
 -- _staged_days_due: the day partitions whose whole day is before `cutoff`, oldest first.
 create or replace function loader._staged_days_due(cutoff timestamptz) returns setof date
 language sql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
-    select to_date(substr(c.relname, 13), 'YYYYMMDD') as day
-      from pg_inherits i join pg_class c on c.oid = i.inhrelid
-     where i.inhparent = 'loader.raw_logins'::regclass
-       and c.relname ~ '^raw_logins_p[0-9]{8}$'
-       and (to_date(substr(c.relname, 13), 'YYYYMMDD') + 1)::timestamp at time zone 'UTC' <= cutoff
+    select p.day from loader._staging_partitions() p
+     where p.day is not null and p.staged_to <= cutoff
      order by 1
 $$;
 comment on function loader._staged_days_due(timestamptz) is
@@ -386,9 +406,7 @@ begin
     -- kept, its id stays (else an id staged anew, by a caller choosing it, would be staged
     -- twice). The default partition's rows count too (a day that had no partition; stage()
     -- looks an id up in the generations and the legacy partition, not there).
-    select min(to_date(substr(c.relname, 13), 'YYYYMMDD')) into first_day
-      from pg_inherits i join pg_class c on c.oid = i.inhrelid
-     where i.inhparent = 'loader.raw_logins'::regclass and c.relname ~ '^raw_logins_p[0-9]{8}$';
+    select min(p.day) into first_day from loader._staging_partitions() p;
     if to_regclass('loader.raw_logins_default') is not null then
         first_day := least(first_day, (select min(r.staged_at at time zone 'UTC')::date
                                          from loader.raw_logins_default r));
@@ -430,22 +448,17 @@ begin
     if (select c.relkind from pg_class c where c.oid = 'loader.raw_logins'::regclass) <> 'p' then
         return (select min(r.staged_at) from loader.raw_logins r where r.purged_at is null);
     end if;
-    for part in select c.oid::regclass as rel, c.relname
-                  from pg_inherits i join pg_class c on c.oid = i.inhrelid
-                 where i.inhparent = 'loader.raw_logins'::regclass
-                   -- Not the days ahead: stage() stamps the server's time, so they are empty.
-                   and case when c.relname ~ '^raw_logins_p[0-9]{8}$'
-                            then to_date(substr(c.relname, 13), 'YYYYMMDD')
-                                 <= (now() at time zone 'UTC')::date
-                            else true end
-                 order by c.relname <> 'raw_logins_default', c.relname <> 'raw_logins_legacy',
-                          c.relname
+    -- The default partition first (its rows may be of any time), then oldest first; not the
+    -- days ahead: stage() stamps the server's time, so they are empty.
+    for part in select p.rel, p.staged_from from loader._staging_partitions() p
+                 where p.staged_from is null or p.staged_from <= now()
+                 order by p.staged_from nulls first
     loop
         execute format('select min(r.staged_at) from %s r where r.purged_at is null', part.rel)
            into found;
         oldest := least(oldest, found);
         -- Every day's rows are later than the legacy partition's and an earlier day's.
-        exit when found is not null and part.relname <> 'raw_logins_default';
+        exit when found is not null and part.staged_from is not null;
     end loop;
     return oldest;
 end

@@ -214,14 +214,28 @@ begin
         select o.message_id, o.reason, o.detail, o.staged_on from outcome o where o.reason is not null
         %4$s
         returning reason
-    ), ticket as (
+    )
+    %5$s
+    -- (ticket, erased and fingerprints, like every data-modifying CTE, run unreferenced.)
+    select (select count(*) from loads), (select count(*) from rejects),
+           (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
+              from (select reason, count(*) as n from rejects group by reason) as j)
+    $q$,
+        into_copies,
+        case when into_copies then 'loader_rebuild.user_logins_next' else 'public.user_logins' end,
+        case when into_copies then 'loader_rebuild.login_rejects_next' else 'loader.login_rejects' end,
+        case when fresh then '' else 'on conflict (message_id) do nothing' end,
+        -- Into the live tables only: the key's ticket, and an erased person's bodies emptied
+        -- and fingerprinted. Left out of the copies' statement, not made false in it: an
+        -- UPDATE of raw_logins under a false condition still locks every partition.
+        case when not into_copies then $live$, ticket as (
         insert into loader.batch_keys (key_id)
-        select distinct l.mask_key_id from loads l where not %1$L
+        select distinct l.mask_key_id from loads l
     ), erased as (
         update loader.raw_logins r
            set body = 'null'::jsonb, purged_at = coalesce(r.purged_at, now()), erased_at = now()
           from outcome o
-         where o.reason = 'erased' and r.message_id = o.message_id and not %1$L
+         where o.reason = 'erased' and r.message_id = o.message_id
            and r.staged_at >= coalesce($2, '-infinity') and r.staged_at <= coalesce($3, 'infinity')
     ), fingerprints as (
         -- No unique index, no ON CONFLICT: a speculative insert would wait on another batch
@@ -233,19 +247,10 @@ begin
                                   and r.staged_at >= coalesce($2, '-infinity')
                                   and r.staged_at <= coalesce($3, 'infinity')
          cross join loader.erasure_key k
-         where o.reason = 'erased' and r.purged_at is null and not %1$L
+         where o.reason = 'erased' and r.purged_at is null
            and not exists (select from loader.erased_bodies b
                             where b.body_hash = loader._body_hash(r.body, k.key))
-    )
-    -- (ticket, erased and fingerprints, like every data-modifying CTE, run unreferenced.)
-    select (select count(*) from loads), (select count(*) from rejects),
-           (select coalesce(jsonb_object_agg(j.reason, j.n), '{}')
-              from (select reason, count(*) as n from rejects group by reason) as j)
-    $q$,
-        into_copies,
-        case when into_copies then 'loader_rebuild.user_logins_next' else 'public.user_logins' end,
-        case when into_copies then 'loader_rebuild.login_rejects_next' else 'loader.login_rejects' end,
-        case when fresh then '' else 'on conflict (message_id) do nothing' end)
+    )$live$ else '' end)
     using ids, staged_from, staged_to
     into loaded, rejected, rejected_by_reason;
 end

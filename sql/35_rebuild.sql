@@ -13,17 +13,19 @@
 --
 -- How it stays consistent without stopping anything:
 -- - rebuild_start creates the copies, records the rebuild (with a rotation's new key, which
---   stays here, owner-only, until the swap) and cuts raw_logins' ids up to the current maximum
---   into ranges. It rewrites the active key's row, the row every committing transform batch
---   holds FOR SHARE: batches that committed before it are in the live tables when the ranges
---   are copied; a batch that commits after it must have written the copies too.
+--   stays here, owner-only, until the swap) and cuts each partition's ids of raw_logins, up to
+--   its current maximum, into ranges: a range reads and locks one day (V24). Each day retention
+--   dropped is a range too. It rewrites the active key's row, the row every committing
+--   transform batch holds FOR SHARE: batches that committed before it are in the live tables
+--   when the ranges are copied; a batch that commits after it must have written the copies too.
 -- - Workers claim ranges with SKIP LOCKED and copy each in one transaction: rows that have an
---   outcome are recomputed from raw_logins with the rebuild's key; purged rows (nothing to
---   recompute from) keep theirs. Rows still in the work list are left to the transform. An
---   outcome whose staged message is gone (deleted by hand: loader never deletes one) has
---   nothing to recompute from either: the first range carries it into the copies as it was,
---   with its key id, and counts it (loader.rebuilds.carried), rather than refusing a
---   rotation (which may be urgent) or dropping a row without a word.
+--   outcome are recomputed from raw_logins with the rebuild's key; purged rows, and the
+--   outcomes of a dropped day (nothing to recompute from), keep theirs. Rows still in the work
+--   list are left to the transform. An outcome whose staged message is gone otherwise (deleted
+--   by hand: loader never deletes one) has nothing to recompute from either: the first range
+--   carries it into the copies as it was, with its key id, and counts it
+--   (loader.rebuilds.carried), rather than refusing a rotation (which may be urgent) or
+--   dropping a row without a word.
 -- - Every transform batch, while a rebuild is copying, writes its outcomes to the live tables
 --   (active key) and to the copies (the rebuild's key), and leaves a ticket naming the rebuild
 --   it saw; at COMMIT _confirm_batch_key refuses (40001) a batch whose rebuild is no longer the
@@ -140,6 +142,14 @@ declare
     blockers text;
     active_id integer;
     top bigint;
+    part record;
+    lo bigint;
+    hi bigint;
+    parts text[] := '{}';
+    froms timestamptz[] := '{}';
+    tos timestamptz[] := '{}';
+    los bigint[] := '{}';
+    his bigint[] := '{}';
 begin
     lock table loader.maintenance_lock in exclusive mode;
     select * into running from loader.rebuilds b where b.state = 'copying';
@@ -179,7 +189,25 @@ begin
         drop table if exists loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next;
         create table loader_rebuild.user_logins_next (like public.user_logins including all);
         create table loader_rebuild.login_rejects_next (like loader.login_rejects including all);
-        select coalesce(max(r.id), 0) into top from loader.raw_logins r;
+        -- Each partition's ids up to its current maximum, in ranges of its own (its first and
+        -- last id: two index descents), so a range reads and locks one day; the ids of every
+        -- row committed so far, in any partition, are below `top`.
+        for part in select p.rel, p.staged_from, p.staged_to from loader._staging_partitions() p
+                    union all
+                    -- Not partitioned yet (before loader migrate's move): the table itself.
+                    select 'loader.raw_logins'::regclass, null, null
+                     where not exists (select from pg_inherits i
+                                        where i.inhparent = 'loader.raw_logins'::regclass)
+        loop
+            execute format('select min(r.id), max(r.id) from %s r', part.rel) into lo, hi;
+            continue when lo is null;
+            parts := parts || part.rel::text;
+            froms := froms || part.staged_from;
+            tos := tos || part.staged_to;
+            los := los || lo;
+            his := his || hi;
+        end loop;
+        select coalesce(max(h), 0) into top from unnest(his) h;
         insert into loader.rebuilds (key_id, new_key, new_key_source, upto)
         values (case when rotate then nextval(pg_get_serial_sequence('loader.mask_keys', 'id'))::integer
                      else active_id end,
@@ -189,9 +217,17 @@ begin
         returning * into running;
         -- At least one range (1..0 when nothing is staged): the first carries the outcomes
         -- whose staged message is gone (rebuild_copy_range).
-        insert into loader.rebuild_ranges (rebuild_id, lo, hi)
-        select running.id, g, least(g + range_rows - 1, top)
-          from generate_series(1::bigint, greatest(top, 1), range_rows) g;
+        insert into loader.rebuild_ranges (rebuild_id, lo, hi, part, staged_from, staged_to, carries)
+        select running.id, g, least(g + range_rows - 1, p.hi), p.part, p.staged_from, p.staged_to,
+               row_number() over (order by p.staged_from nulls last, g) = 1
+          from unnest(parts, froms, tos, los, his) p(part, staged_from, staged_to, lo, hi)
+         cross join generate_series(p.lo, p.hi, range_rows) g
+        union all
+        select running.id, 1, 0, null, null, null, true
+         where cardinality(parts) = 0;
+        -- Each day retention dropped: its outcomes, kept as they are (an empty id range).
+        insert into loader.rebuild_ranges (rebuild_id, lo, hi, dropped_day)
+        select running.id, 0, -1, d.day from loader.staged_days d;
         -- Rows from before loader (no message_id): nothing to recompute, carried as they are
         -- (the unique index on message_id finds them).
         insert into loader_rebuild.user_logins_next select * from public.user_logins u where u.message_id is null;
@@ -216,6 +252,7 @@ language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     running bigint;
     range record;
+    rel regclass;
     ids bigint[];
     outcome record;
     kept bigint;
@@ -229,48 +266,81 @@ begin
     if running is null then
         raise exception 'no online rebuild is copying' using errcode = 'object_not_in_prerequisite_state';
     end if;
-    select g.lo, g.hi into range from loader.rebuild_ranges g
+    select g.id, g.lo, g.hi, g.part, g.staged_from, g.staged_to, g.dropped_day, g.carries into range
+      from loader.rebuild_ranges g
      where g.rebuild_id = running and not g.done
      order by g.lo limit 1
        for update skip locked;
     if not found then
         return null;
     end if;
+    -- A day retention dropped: its outcomes as they are (nothing to recompute them from),
+    -- found by staged_on along the BRIN indexes (V23). staged_on is the day of the outcome's
+    -- staged row, which the dropped day held: no other range recomputes them.
+    if range.dropped_day is not null then
+        insert into loader_rebuild.user_logins_next
+        select u.* from public.user_logins u where u.staged_on = range.dropped_day
+        on conflict (message_id) do nothing;
+        get diagnostics kept = row_count;
+        insert into loader_rebuild.login_rejects_next
+        select j.* from loader.login_rejects j where j.staged_on = range.dropped_day
+        on conflict (message_id) do nothing;
+        get diagnostics carried_rejects = row_count;
+        update loader.rebuild_ranges g set done = true where g.id = range.id;
+        return kept + carried_rejects;
+    end if;
+    -- The range's partition (no retention drop takes a day with ranges left to copy), or
+    -- every partition for a range cut before V24.
+    rel := coalesce(to_regclass(range.part), 'loader.raw_logins'::regclass);
+    if range.part is not null and to_regclass(range.part) is null then
+        raise exception 'rebuild %: the partition % of a range not yet copied is gone', running, range.part
+            using errcode = 'object_not_in_prerequisite_state',
+                  hint = 'abandon the rebuild (select loader.rebuild_abandon()) and start it again';
+    end if;
     -- Rows with an outcome to recompute; pending ones are the transform's.
-    ids := array(select r.id from loader.raw_logins r
-                  where r.id between range.lo and range.hi and r.purged_at is null
-                    and not exists (select from loader.transform_queue q where q.raw_id = r.id)
-                  order by r.id);
-    select * into outcome from loader._write_outcomes(ids, true);
+    execute format('select array(select r.id from %s r
+                                  where r.id between $1 and $2 and r.purged_at is null
+                                    and not exists (select from loader.transform_queue q where q.raw_id = r.id)
+                                  order by r.id)', rel)
+       into ids using range.lo, range.hi;
+    -- Between the partition's staging times (the last microsecond of its range: the bound is
+    -- exclusive, _outcome_rows' inclusive), so only that partition is read, and locked.
+    select * into outcome from loader._write_outcomes(ids, true, false, range.staged_from,
+                                                       range.staged_to - interval '1 microsecond');
     -- Purged rows keep their outcome as it is.
-    insert into loader_rebuild.user_logins_next
-    select u.* from loader.raw_logins r join public.user_logins u on u.message_id = r.message_id
-     where r.id between range.lo and range.hi and r.purged_at is not null
-    on conflict (message_id) do nothing;
+    execute format('insert into loader_rebuild.user_logins_next
+                    select u.* from %s r join public.user_logins u on u.message_id = r.message_id
+                     where r.id between $1 and $2 and r.purged_at is not null
+                    on conflict (message_id) do nothing', rel)
+       using range.lo, range.hi;
     get diagnostics kept = row_count;
-    insert into loader_rebuild.login_rejects_next
-    select j.* from loader.raw_logins r join loader.login_rejects j on j.message_id = r.message_id
-     where r.id between range.lo and range.hi and r.purged_at is not null
-    on conflict (message_id) do nothing;
-    -- The first range also carries the outcomes whose staged message is gone, as they were,
-    -- and counts them: a scan of both tables, here rather than in rebuild_start, where
-    -- committing batches wait. No batch can make such an outcome (it has a staged message).
-    if range.lo = 1 then
+    execute format('insert into loader_rebuild.login_rejects_next
+                    select j.* from %s r join loader.login_rejects j on j.message_id = r.message_id
+                     where r.id between $1 and $2 and r.purged_at is not null
+                    on conflict (message_id) do nothing', rel)
+       using range.lo, range.hi;
+    -- One range (the first cut) also carries the outcomes whose staged message is gone, but not
+    -- by retention (deleted by hand: loader never deletes one), as they were, and counts them: a
+    -- scan of both tables, here rather than in rebuild_start, where committing batches wait. No
+    -- batch can make such an outcome (it has a staged message).
+    if range.carries then
         insert into loader_rebuild.user_logins_next
         select u.* from public.user_logins u
          where u.message_id is not null
            and not exists (select from loader.raw_logins r where r.message_id = u.message_id)
+           and not exists (select from loader.staged_days d where d.day = u.staged_on)
         on conflict (message_id) do nothing;
         get diagnostics carried_rows = row_count;
         insert into loader_rebuild.login_rejects_next
         select j.* from loader.login_rejects j
          where not exists (select from loader.raw_logins r where r.message_id = j.message_id)
+           and not exists (select from loader.staged_days d where d.day = j.staged_on)
         on conflict (message_id) do nothing;
         get diagnostics carried_rejects = row_count;
         update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running;
         kept := kept + carried_rows + carried_rejects;
     end if;
-    update loader.rebuild_ranges g set done = true where g.rebuild_id = running and g.lo = range.lo;
+    update loader.rebuild_ranges g set done = true where g.id = range.id;
     return outcome.loaded + outcome.rejected + kept;
 end
 $$;

@@ -906,3 +906,130 @@ async fn retention_goes_by_whole_utc_days_and_zero_means_every_body_now() {
     let left: Option<String> = sqlx::query_scalar(held).fetch_one(&db.pool).await.unwrap();
     assert_eq!(left, None);
 }
+
+/// The next range a rebuild's copy will claim (one session copying): its id and whether it
+/// carries the outcomes whose staged message was deleted by hand.
+async fn next_range(db: &TestDb) -> Option<(i64, bool)> {
+    sqlx::query_as(
+        "select g.id, g.carries from loader.rebuild_ranges g join loader.rebuilds b on b.id = g.rebuild_id
+          where b.state = 'copying' and not g.done order by g.lo, g.id limit 1",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// A key rotation reads one day of staging a range (each range locks one partition, where it
+/// read, and locked, every day), keeps the outcomes of a day retention dropped as they are in
+/// ranges of their own (before, one range carried them all in one transaction, counted as if
+/// their messages had been deleted by hand), and still carries and counts an outcome whose
+/// staged message was deleted by hand. Two days' ids interleave, as a staging that began
+/// before midnight and committed after it makes them; and ranges cut before V24 (every
+/// partition read) still copy every row.
+#[tokio::test]
+async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_they_are() {
+    let db = TestDb::migrated().await;
+    past_days(&db, -38, -2).await;
+    // ids: today 1-100, 38 days ago 101-400, 2 days ago 401-600, today again 601-800.
+    let mut first = 0;
+    for (rows, days) in [(100, 0), (300, -38), (200, -2), (200, 0)] {
+        sqlx::query(
+            "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
+             select 'rot-' || ($1 + g),
+                    jsonb_build_object('user_id', 'u' || ($1 + g), 'ip', '10.2.' || (g % 250) || '.9',
+                                       'device_id', 'd' || ($1 + g)),
+                    true, 'q', now() + make_interval(days => $3)
+               from generate_series(1, $2) g",
+        )
+        .bind(first)
+        .bind(rows)
+        .bind(days)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        first += rows;
+    }
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    assert_eq!(db.loaded().await, 800);
+    let old_key =
+        db.count("select id::bigint from loader.mask_keys where retired_at is null").await;
+    db.cli().ok(&["purge", "--older-than-days", "30"]);
+    let dropped = db.count("select count(*) from loader.staged_days").await;
+    assert!(dropped >= 1, "the day 38 days ago was dropped");
+    assert_eq!(
+        db.count("select coalesce(sum(staged), 0)::bigint from loader.staged_days").await,
+        300
+    );
+    sqlx::query("delete from loader.raw_logins where message_id = 'rot-5'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // Today's ids 1-800 (8 ranges of 100, some of them empty), the other day's 401-600 (2), and
+    // a range per dropped day.
+    let ranges: i64 = sqlx::query_scalar(
+        "select ranges from loader.rebuild_start(rotate => true, range_rows => 100)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(ranges, 10 + dropped);
+    let mut carrying = 0;
+    while let Some((range, carries)) = next_range(&db).await {
+        let mut tx = db.pool.begin().await.unwrap();
+        let rows: Option<i64> = sqlx::query_scalar("select loader.rebuild_copy_range()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert!(rows.is_some());
+        let locked = locked_partitions(&mut tx).await;
+        tx.commit().await.unwrap();
+        if carries {
+            carrying += 1;
+        } else {
+            assert!(locked <= 1, "range {range} locked {locked} partitions of raw_logins");
+        }
+    }
+    assert_eq!(carrying, 1, "one range carries what was deleted by hand");
+    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
+    assert!(out.contains("carried 1 outcomes as they were"), "{out}");
+    assert_eq!(db.count("select carried from loader.rebuilds order by id desc limit 1").await, 1);
+    assert_eq!(db.loaded().await, 800, "nothing lost or doubled");
+    assert_eq!(
+        db.count("select count(*) from public.user_logins where message_id like 'rot-%' and message_id <> 'rot-5'
+                   and staged_on = (now() at time zone 'UTC')::date - 38 and mask_key_id <> (
+                       select id from loader.mask_keys where retired_at is null)")
+            .await,
+        300,
+        "the dropped day's outcomes are kept as they were (nothing to recompute them from)"
+    );
+    let old_key = i32::try_from(old_key).unwrap();
+    let kept: i64 = sqlx::query_scalar(
+        "select count(*) from public.user_logins where message_id = 'rot-5' and mask_key_id = $1",
+    )
+    .bind(old_key)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 1, "the outcome deleted by hand is carried with its key");
+    assert_eq!(db.off_the_active_key().await, 301, "every other row is on the new key");
+
+    // A rotation whose ranges were cut before V24 (ids 1 to the maximum, every partition read,
+    // the range from id 1 carrying) and the dropped days' ranges V24 adds to it.
+    let rebuild: i64 = sqlx::query_scalar(
+        "select rebuild_id from loader.rebuild_start(rotate => true, range_rows => 100)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    for statement in [
+        "delete from loader.rebuild_ranges where rebuild_id = $1 and dropped_day is null",
+        "insert into loader.rebuild_ranges (rebuild_id, lo, hi, carries)
+         select $1, g, g + 99, g = 1 from generate_series(1, 800, 100) g",
+    ] {
+        sqlx::query(statement).bind(rebuild).execute(&db.pool).await.unwrap();
+    }
+    db.cli().ok(&["keys", "rotate", "--workers", "2"]);
+    assert_eq!(db.loaded().await, 800);
+    assert_eq!(db.off_the_active_key().await, 301);
+}

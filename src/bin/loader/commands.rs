@@ -310,9 +310,9 @@ async fn rebuild(
             );
             if f.carried > 0 {
                 println!(
-                    "carried {} outcomes as they were: their staged message is gone (a day \
-                     retention dropped, or a row deleted by hand), so they could not be \
-                     recomputed (they keep their key id)",
+                    "carried {} outcomes as they were: their staged message is gone (deleted \
+                     by hand, not by retention), so they could not be recomputed (they keep \
+                     their key id)",
                     f.carried
                 );
             }
