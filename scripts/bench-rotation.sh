@@ -40,7 +40,7 @@ rotate() {
         most=0
         while [ ! -f "$stop" ]; do
             n=$(sql -c "select coalesce(max(n), 0) from (
-                          select count(*) as n from pg_locks l join pg_inherits i on i.inhrelid = l.relation
+                          select count(distinct l.relation) as n from pg_locks l join pg_inherits i on i.inhrelid = l.relation
                            where i.inhparent = 'loader.raw_logins'::regclass group by l.pid) c")
             [ "$n" -le "$most" ] || most=$n
             sleep 0.2

@@ -267,12 +267,38 @@ $$;
 comment on function loader._drop_with_temporary_dependents(regclass) is
     'Private: drop a table or view with others'' temporary objects on it, unless a permanent one depends on it (returned)';
 
+-- _summarize_staged_on: summarizes the block ranges of the BRIN indexes on staged_on (V23) that
+-- rows written since their last summary filled; returns how many. A BRIN index returns every
+-- block range not summarized yet as a match, so a day's outcomes read by staged_on would read
+-- all of them: the day's new rows (the transform's since the last vacuum), and after a
+-- rebuild's swap the whole table. Called before those reads, so each run reads those pages
+-- once, not once a day. Takes SHARE UPDATE EXCLUSIVE on the tables (as vacuum does), which no
+-- writer or reader waits on.
+create or replace function loader._summarize_staged_on() returns integer
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    ix regclass;
+    summarized integer := 0;
+begin
+    foreach ix in array array[to_regclass('public.user_logins_staged_on_brin'),
+                              to_regclass('loader.login_rejects_staged_on_brin')]
+    loop
+        continue when ix is null;
+        summarized := summarized + brin_summarize_new_values(ix);
+    end loop;
+    return summarized;
+end
+$$;
+comment on function loader._summarize_staged_on() is
+    'Private: summarize what the BRIN indexes on staged_on have not yet (before a day''s outcomes are read by it)';
+
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
 --   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
 --   outcome); 'unaccounted' (a row with no outcome, or two: loader reconcile names it; the day
---   stays); 'copying' (an online rebuild has not copied its rows yet); 'depended' (a permanent
+--   stays); 'copying' (an online rebuild has not copied its rows yet, or not yet carried the
+--   outcomes whose message was deleted by hand); 'depended' (a permanent
 --   object outside loader depends on the partition or its row type:
 --   loader._permanent_dependents names it; others' temporary ones go with the day); 'missing'. With
 --   dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
@@ -296,6 +322,7 @@ begin
         -- No rebuild's transaction in between (as every retention batch).
         lock table loader.maintenance_lock in exclusive mode;
         execute format('lock table %s in share mode', part);
+        perform loader._summarize_staged_on();
     end if;
     -- The day's outcomes by staged_on (BRIN, V23), joined to its rows: a read of the day, not an
     -- index descent per row into the whole of user_logins and login_rejects. What that finds
@@ -343,10 +370,13 @@ begin
     if c.unaccounted > 0 then
         return 'unaccounted';
     end if;
+    -- A copying rebuild still to copy a range of this day's ids, or still to carry the
+    -- outcomes whose message was deleted by hand (it leaves a day dropped before it started
+    -- to that day's own range: one dropped meanwhile would be copied by none).
     select b.id into copying from loader.rebuilds b where b.state = 'copying';
     if copying is not null and exists (select from loader.rebuild_ranges g
                                         where g.rebuild_id = copying and not g.done
-                                          and g.lo <= c.hi and g.hi >= c.lo) then
+                                          and (g.lo <= c.hi and g.hi >= c.lo or g.carries)) then
         return 'copying';
     end if;
     if loader._permanent_dependents(part::regclass) is not null then

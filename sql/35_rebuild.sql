@@ -277,13 +277,24 @@ begin
     -- A day retention dropped: its outcomes as they are (nothing to recompute them from),
     -- found by staged_on along the BRIN indexes (V23). staged_on is the day of the outcome's
     -- staged row, which the dropped day held: no other range recomputes them.
+    -- Not an outcome an erasure has still to erase (its work list commits before any range
+    -- that can miss its batch starts), nor one whose message has a row in the default
+    -- partition after all (staged on that day by a transaction still open once the day was
+    -- gone): the default partition's range recomputes that one.
     if range.dropped_day is not null then
+        perform loader._summarize_staged_on();
         insert into loader_rebuild.user_logins_next
-        select u.* from public.user_logins u where u.staged_on = range.dropped_day
+        select u.* from public.user_logins u
+         where u.staged_on = range.dropped_day
+           and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
+           and not exists (select from loader.raw_logins_default r where r.message_id = u.message_id)
         on conflict (message_id) do nothing;
         get diagnostics kept = row_count;
         insert into loader_rebuild.login_rejects_next
-        select j.* from loader.login_rejects j where j.staged_on = range.dropped_day
+        select j.* from loader.login_rejects j
+         where j.staged_on = range.dropped_day
+           and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
+           and not exists (select from loader.raw_logins_default r where r.message_id = j.message_id)
         on conflict (message_id) do nothing;
         get diagnostics carried_rejects = row_count;
         update loader.rebuild_ranges g set done = true where g.id = range.id;
@@ -304,19 +315,31 @@ begin
                                   order by r.id)', rel)
        into ids using range.lo, range.hi;
     -- Between the partition's staging times (the last microsecond of its range: the bound is
-    -- exclusive, _outcome_rows' inclusive), so only that partition is read, and locked.
-    select * into outcome from loader._write_outcomes(ids, true, false, range.staged_from,
-                                                       range.staged_to - interval '1 microsecond');
-    -- Purged rows keep their outcome as it is.
+    -- exclusive, _outcome_rows' inclusive), so only that partition is read, and locked. The
+    -- default partition holds any time no day partition does: its rows' own first and last.
+    if range.part is not null and range.staged_from is null then
+        execute format('select min(r.staged_at), max(r.staged_at) + interval ''1 microsecond''
+                          from %s r where r.id = any ($1)', rel)
+           into range.staged_from, range.staged_to using ids;
+    end if;
+    if cardinality(ids) > 0 then
+        select * into outcome from loader._write_outcomes(ids, true, false, range.staged_from,
+                                                           range.staged_to - interval '1 microsecond');
+    else
+        select 0::bigint as loaded, 0::bigint as rejected into outcome;
+    end if;
+    -- Purged rows keep their outcome as it is (but not one an erasure has still to erase).
     execute format('insert into loader_rebuild.user_logins_next
                     select u.* from %s r join public.user_logins u on u.message_id = r.message_id
                      where r.id between $1 and $2 and r.purged_at is not null
+                       and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
                     on conflict (message_id) do nothing', rel)
        using range.lo, range.hi;
     get diagnostics kept = row_count;
     execute format('insert into loader_rebuild.login_rejects_next
                     select j.* from %s r join loader.login_rejects j on j.message_id = r.message_id
                      where r.id between $1 and $2 and r.purged_at is not null
+                       and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
                     on conflict (message_id) do nothing', rel)
        using range.lo, range.hi;
     -- One range (the first cut) also carries the outcomes whose staged message is gone, but not
@@ -328,13 +351,17 @@ begin
         select u.* from public.user_logins u
          where u.message_id is not null
            and not exists (select from loader.raw_logins r where r.message_id = u.message_id)
-           and not exists (select from loader.staged_days d where d.day = u.staged_on)
+           and not exists (select from loader.rebuild_ranges g
+                            where g.rebuild_id = running and g.dropped_day = u.staged_on)
+           and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
         on conflict (message_id) do nothing;
         get diagnostics carried_rows = row_count;
         insert into loader_rebuild.login_rejects_next
         select j.* from loader.login_rejects j
          where not exists (select from loader.raw_logins r where r.message_id = j.message_id)
-           and not exists (select from loader.staged_days d where d.day = j.staged_on)
+           and not exists (select from loader.rebuild_ranges g
+                            where g.rebuild_id = running and g.dropped_day = j.staged_on)
+           and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
         on conflict (message_id) do nothing;
         get diagnostics carried_rejects = row_count;
         update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running;

@@ -565,7 +565,7 @@ fn day_kept_because(why: &str) -> &'static str {
     match why {
         "pending" => "a row waits for the transform (it is dropped once transformed)",
         "unaccounted" => "a row has no outcome, or two (`loader reconcile` names it)",
-        "copying" => "an online rebuild has not copied its rows yet",
+        "copying" => "an online rebuild is copying (its rows, or the outcomes it carries, not yet)",
         "depended" => {
             "an object outside loader depends on it or its row type (drop that object; \
              `select loader._permanent_dependents('loader.raw_logins_pYYYYMMDD')` names it)"
