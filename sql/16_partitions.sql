@@ -296,8 +296,8 @@ comment on function loader._summarize_staged_on() is
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
 --   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
---   outcome); 'unaccounted' (a row with no outcome, or two: loader reconcile names it; the day
---   stays); 'copying' (an online rebuild has not copied its rows yet, or not yet carried the
+--   outcome); 'unaccounted' (a row with no outcome, or two, or an outcome of the day with no row
+--   in it: loader reconcile names it; the day stays); 'copying' (an online rebuild has not copied its rows yet, or not yet carried the
 --   outcomes whose message was deleted by hand); 'depended' (a permanent
 --   object outside loader depends on the partition or its row type:
 --   loader._permanent_dependents names it; others' temporary ones go with the day); 'missing'. With
@@ -330,7 +330,10 @@ begin
     -- staged_on, from before V21; a work-list row whose staged_at is not its row's; an erased
     -- or expired row) is looked up one by one, as every row was before V23. (A second outcome
     -- without staged_on beside one with it is not seen here: only the owner can write one,
-    -- and reconcile's single_outcome names it, before the drop and after.)
+    -- and reconcile's single_outcome names it, before the drop and after.) An outcome of the
+    -- day that no row of it has (`strays`: its staged row deleted by hand) keeps the day too:
+    -- once the day is gone, nothing would tell it from the day's own, and reconcile would stop
+    -- naming it.
     execute format(
         'with u as materialized (select u.message_id from public.user_logins u where u.staged_on = $1),
               j as materialized (select j.message_id from loader.login_rejects j where j.staged_on = $1),
@@ -344,6 +347,8 @@ begin
                       left join j on j.message_id = r.message_id
                       left join q on q.raw_id = r.id)
          select count(*) as staged, min(r.id) as lo, max(r.id) as hi,
+                (select count(*) from u) + (select count(*) from j)
+                    - count(*) filter (where r.loaded) - count(*) filter (where r.rejected) as strays,
                 count(*) filter (where r.erased_at is not null) as erased,
                 count(*) filter (where r.erased_at is null and r.expired_at is not null) as expired,
                 count(*) filter (where o.loaded) as loaded,
@@ -367,7 +372,7 @@ begin
     if c.pending > 0 then
         return 'pending';
     end if;
-    if c.unaccounted > 0 then
+    if c.unaccounted > 0 or c.strays > 0 then
         return 'unaccounted';
     end if;
     -- A copying rebuild still to copy a range of this day's ids, or still to carry the

@@ -22,8 +22,8 @@ pub struct Purged {
     /// Days of `loader.raw_logins` dropped whole (their counts kept in `loader.staged_days`).
     pub days_dropped: Vec<Date>,
     /// Days due that stay, with why: `pending` (a row waits for the transform), `unaccounted`
-    /// (a row has no outcome, or two: `loader reconcile` names it), `copying` (an online
-    /// rebuild has not copied them yet), `depended` (a permanent object outside loader depends
+    /// (a row has no outcome, or two, or an outcome of the day lost its staged row: `loader
+    /// reconcile` names it), `copying` (an online rebuild has not copied them yet), `depended` (a permanent object outside loader depends
     /// on the partition), `busy` (a lock was held too long; the next run).
     pub days_kept: Vec<(Date, String)>,
     /// Bodies purged by this call, in the days not dropped whole (a day kept, rows staged

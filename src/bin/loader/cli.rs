@@ -453,11 +453,12 @@ pub struct TransformArgs {
 pub enum KeysCommand {
     /// Show key ids, dates and which is active (never the key bytes)
     List,
-    /// Make a new random key active and re-mask every row: online, in new copies of the
-    /// tables swapped in at once (resumable: run it again after a kill)
+    /// Make a new random key active and re-mask every row whose body is still kept (the rest
+    /// keep their key): online, in new copies of the tables swapped in at once (resumable:
+    /// run it again after a kill)
     Rotate(TransformPlanArgs),
-    /// Make a given key active and re-mask every row, so two environments produce joinable
-    /// masks. The key (64 hex characters) is read from LOADER_MASK_KEY, else from stdin; never
+    /// Make a given key active and re-mask every row whose body is still kept, so two
+    /// environments produce joinable masks. The key (64 hex characters) is read from LOADER_MASK_KEY, else from stdin; never
     /// from the command line.
     Install(TransformPlanArgs),
 }

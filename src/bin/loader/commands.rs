@@ -564,7 +564,10 @@ async fn purge(settings: &Settings, args: &PurgeArgs, evict_after: Duration) -> 
 fn day_kept_because(why: &str) -> &'static str {
     match why {
         "pending" => "a row waits for the transform (it is dropped once transformed)",
-        "unaccounted" => "a row has no outcome, or two (`loader reconcile` names it)",
+        "unaccounted" => {
+            "a row has no outcome, or two, or an outcome of the day has lost its staged row \
+             (`loader reconcile` names it)"
+        }
         "copying" => "an online rebuild is copying (its rows, or the outcomes it carries, not yet)",
         "depended" => {
             "an object outside loader depends on it or its row type (drop that object; \
