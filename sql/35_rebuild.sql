@@ -125,6 +125,17 @@ $$;
 comment on function loader._rebuild_blockers() is
     'Private: permanent objects a swap could not carry over (views, foreign keys, ...), or NULL';
 
+-- _id_bounds: the first and last id of a partition of raw_logins (two index descents), or NULLs
+-- when it is empty.
+create or replace function loader._id_bounds(rel regclass, out lo bigint, out hi bigint)
+language plpgsql stable set search_path = pg_catalog, pg_temp as $$
+begin
+    execute format('select min(r.id), max(r.id) from %s r', rel) into lo, hi;
+end
+$$;
+comment on function loader._id_bounds(regclass) is
+    'Private: the first and last id of a partition of loader.raw_logins (NULLs when empty)';
+
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
 -- key), or returns the one already copying when it is the same request (resumed = true);
 -- refuses when another is copying. `range_rows` raw_logins ids per range. key_id is NULL when
@@ -141,15 +152,6 @@ declare
     running loader.rebuilds;
     blockers text;
     active_id integer;
-    top bigint;
-    part record;
-    lo bigint;
-    hi bigint;
-    parts text[] := '{}';
-    froms timestamptz[] := '{}';
-    tos timestamptz[] := '{}';
-    los bigint[] := '{}';
-    his bigint[] := '{}';
 begin
     lock table loader.maintenance_lock in exclusive mode;
     select * into running from loader.rebuilds b where b.state = 'copying';
@@ -189,42 +191,36 @@ begin
         drop table if exists loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next;
         create table loader_rebuild.user_logins_next (like public.user_logins including all);
         create table loader_rebuild.login_rejects_next (like loader.login_rejects including all);
-        -- Each partition's ids up to its current maximum, in ranges of its own (its first and
-        -- last id: two index descents), so a range reads and locks one day; the ids of every
-        -- row committed so far, in any partition, are below `top`.
-        for part in select p.rel, p.staged_from, p.staged_to from loader._staging_partitions() p
-                    union all
-                    -- Not partitioned yet (before loader migrate's move): the table itself.
-                    select 'loader.raw_logins'::regclass, null, null
-                     where not exists (select from pg_inherits i
-                                        where i.inhparent = 'loader.raw_logins'::regclass)
-        loop
-            execute format('select min(r.id), max(r.id) from %s r', part.rel) into lo, hi;
-            continue when lo is null;
-            parts := parts || part.rel::text;
-            froms := froms || part.staged_from;
-            tos := tos || part.staged_to;
-            los := los || lo;
-            his := his || hi;
-        end loop;
-        select coalesce(max(h), 0) into top from unnest(his) h;
         insert into loader.rebuilds (key_id, new_key, new_key_source, upto)
         values (case when rotate then nextval(pg_get_serial_sequence('loader.mask_keys', 'id'))::integer
                      else active_id end,
                 case when rotate then coalesce(new_key, public.gen_random_bytes(32)) end,
                 case when rotate then case when new_key is null then 'generated' else 'installed' end end,
-                top)
+                0)
         returning * into running;
-        -- At least one range (1..0 when nothing is staged): the first carries the outcomes
-        -- whose staged message is gone (rebuild_copy_range).
+        -- Each partition's ids up to its current maximum, in ranges of its own, so a range
+        -- reads and locks one day; the first carries the outcomes whose staged message is gone
+        -- (rebuild_copy_range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi, part, staged_from, staged_to, carries)
-        select running.id, g, least(g + range_rows - 1, p.hi), p.part, p.staged_from, p.staged_to,
+        select running.id, g, least(g + range_rows - 1, s.hi), p.rel::text, p.staged_from, p.staged_to,
                row_number() over (order by p.staged_from nulls last, g) = 1
-          from unnest(parts, froms, tos, los, his) p(part, staged_from, staged_to, lo, hi)
-         cross join generate_series(p.lo, p.hi, range_rows) g
-        union all
-        select running.id, 1, 0, null, null, null, true
-         where cardinality(parts) = 0;
+          from (select p.rel, p.staged_from, p.staged_to from loader._staging_partitions() p
+                union all
+                -- Not partitioned yet (before loader migrate's move): the table itself.
+                select 'loader.raw_logins'::regclass, null, null
+                 where not exists (select from pg_inherits i
+                                    where i.inhparent = 'loader.raw_logins'::regclass)) p
+         cross join lateral loader._id_bounds(p.rel) s
+         cross join generate_series(s.lo, s.hi, range_rows) g;
+        -- At least one range (1..0 when nothing is staged), the carrying one.
+        if not found then
+            insert into loader.rebuild_ranges (rebuild_id, lo, hi, carries) values (running.id, 1, 0, true);
+        end if;
+        -- The ids of every row committed so far, in any partition, are at most this.
+        update loader.rebuilds b
+           set upto = coalesce((select max(g.hi) from loader.rebuild_ranges g
+                                 where g.rebuild_id = running.id), 0)
+         where b.id = running.id;
         -- Each day retention dropped: its outcomes, kept as they are (an empty id range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi, dropped_day)
         select running.id, 0, -1, d.day from loader.staged_days d;
@@ -302,8 +298,8 @@ begin
     end if;
     -- The range's partition (no retention drop takes a day with ranges left to copy), or
     -- every partition for a range cut before V24.
-    rel := coalesce(to_regclass(range.part), 'loader.raw_logins'::regclass);
-    if range.part is not null and to_regclass(range.part) is null then
+    rel := case when range.part is null then 'loader.raw_logins'::regclass else to_regclass(range.part) end;
+    if rel is null then
         raise exception 'rebuild %: the partition % of a range not yet copied is gone', running, range.part
             using errcode = 'object_not_in_prerequisite_state',
                   hint = 'abandon the rebuild (select loader.rebuild_abandon()) and start it again';

@@ -931,23 +931,10 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     let db = TestDb::migrated().await;
     past_days(&db, -38, -2).await;
     // ids: today 1-100, 38 days ago 101-400, 2 days ago 401-600, today again 601-800.
-    let mut first = 0;
-    for (rows, days) in [(100, 0), (300, -38), (200, -2), (200, 0)] {
-        sqlx::query(
-            "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
-             select 'rot-' || ($1 + g),
-                    jsonb_build_object('user_id', 'u' || ($1 + g), 'ip', '10.2.' || (g % 250) || '.9',
-                                       'device_id', 'd' || ($1 + g)),
-                    true, 'q', now() + make_interval(days => $3)
-               from generate_series(1, $2) g",
-        )
-        .bind(first)
-        .bind(rows)
-        .bind(days)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-        first += rows;
+    for (prefix, rows, days) in
+        [("rot-a", 100, 0), ("rot-b", 300, -38), ("rot-c", 200, -2), ("rot-d", 200, 0)]
+    {
+        staged_on_day(&db, prefix, rows, days, 0).await;
     }
     sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
     assert_eq!(db.loaded().await, 800);
@@ -960,7 +947,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
         db.count("select coalesce(sum(staged), 0)::bigint from loader.staged_days").await,
         300
     );
-    sqlx::query("delete from loader.raw_logins where message_id = 'rot-5'")
+    sqlx::query("delete from loader.raw_logins where message_id = 'rot-a5'")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -996,7 +983,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     assert_eq!(db.count("select carried from loader.rebuilds order by id desc limit 1").await, 1);
     assert_eq!(db.loaded().await, 800, "nothing lost or doubled");
     assert_eq!(
-        db.count("select count(*) from public.user_logins where message_id like 'rot-%' and message_id <> 'rot-5'
+        db.count("select count(*) from public.user_logins where message_id like 'rot-%' and message_id <> 'rot-a5'
                    and staged_on = (now() at time zone 'UTC')::date - 38 and mask_key_id <> (
                        select id from loader.mask_keys where retired_at is null)")
             .await,
@@ -1005,7 +992,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     );
     let old_key = i32::try_from(old_key).unwrap();
     let kept: i64 = sqlx::query_scalar(
-        "select count(*) from public.user_logins where message_id = 'rot-5' and mask_key_id = $1",
+        "select count(*) from public.user_logins where message_id = 'rot-a5' and mask_key_id = $1",
     )
     .bind(old_key)
     .fetch_one(&db.pool)
@@ -1034,14 +1021,14 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     assert_eq!(db.off_the_active_key().await, 301);
 }
 
-/// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`-N,
-/// the user of each N in `victims` named `victim`; returns nothing (they are transformed after).
+/// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
+/// the user of each N up to `victims` named `victim` (not transformed yet).
 async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {
     sqlx::query(
         "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
          select $1 || g,
                 jsonb_build_object('user_id', case when g <= $4 then 'victim' else 'u' || $1 || g end,
-                                   'ip', '10.3.0.' || g, 'device_id', 'd' || g),
+                                   'ip', '10.3.' || (g % 250) || '.9', 'device_id', 'd' || g),
                 true, 'q', now() + make_interval(days => $3)
            from generate_series(1, $2) g",
     )
