@@ -415,37 +415,40 @@ begin
     select coalesce(array_agg(t.raw_id), '{}'), min(t.staged_at), max(t.staged_at)
       into claimed, staged_from, staged_to
       from taken t;
-    -- While an online rebuild copies, its copies get these outcomes too (with its key), written
-    -- first, from the bodies as staged: the live write empties an erased person's. A ticket
-    -- says which rebuild this batch saw: at COMMIT it must still be the one copying.
+    -- Nothing claimed, nothing written: a write without the claimed rows' days would read, and
+    -- lock, every day partition (an idle batch held open would hold up retention's drops).
+    loaded := 0;
+    rejected := 0;
+    rejected_by_reason := '{}';
     if cardinality(claimed) > 0 then
+        -- While an online rebuild copies, its copies get these outcomes too (with its key),
+        -- written first, from the bodies as staged: the live write empties an erased person's.
+        -- A ticket says which rebuild this batch saw: at COMMIT it must still be the one copying.
         select b.id into rebuilding from loader.rebuilds b where b.state = 'copying';
         if rebuilding is not null then
             perform loader._write_outcomes(claimed, true, false, staged_from, staged_to);
         end if;
-    end if;
-    -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
-    -- transaction), so the cheaper fresh write; should one have an outcome after all, its
-    -- unique_violation rolls it back (this block's subtransaction) and the second write leaves
-    -- that outcome as it is.
-    begin
-        select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._write_outcomes(claimed, false, true, staged_from, staged_to) o;
-    exception when unique_violation then
-        select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
-          from loader._write_outcomes(claimed, false, false, staged_from, staged_to) o;
-    end;
-    -- Every claimed row that is staged has its outcome now, unless its staged row's time is
-    -- not the one queued with it (an owner's UPDATE of staged_at): then it was outside the days
-    -- read. Those are written from every day, rather than leave the work list without one.
-    if loaded + rejected < cardinality(claimed) then
-        select o.loaded, o.rejected, o.rejected_by_reason into more_loaded, more_rejected, more_reasons
-          from loader._write_outcomes(claimed) o;
-        loaded := loaded + more_loaded;
-        rejected := rejected + more_rejected;
-        rejected_by_reason := loader._add_counts(rejected_by_reason, more_reasons);
-    end if;
-    if cardinality(claimed) > 0 then
+        -- Claimed rows have no outcome yet (a row leaves the work list with its outcome, in one
+        -- transaction), so the cheaper fresh write; should one have an outcome after all, its
+        -- unique_violation rolls it back (this block's subtransaction) and the second write
+        -- leaves that outcome as it is.
+        begin
+            select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
+              from loader._write_outcomes(claimed, false, true, staged_from, staged_to) o;
+        exception when unique_violation then
+            select o.loaded, o.rejected, o.rejected_by_reason into loaded, rejected, rejected_by_reason
+              from loader._write_outcomes(claimed, false, false, staged_from, staged_to) o;
+        end;
+        -- Every claimed row that is staged has its outcome now, unless its staged row's time is
+        -- not the one queued with it (an owner's UPDATE of staged_at): then it was outside the
+        -- days read. Those are written from every day, rather than leave the work list without one.
+        if loaded + rejected < cardinality(claimed) then
+            select o.loaded, o.rejected, o.rejected_by_reason into more_loaded, more_rejected, more_reasons
+              from loader._write_outcomes(claimed) o;
+            loaded := loaded + more_loaded;
+            rejected := rejected + more_rejected;
+            rejected_by_reason := loader._add_counts(rejected_by_reason, more_reasons);
+        end if;
         insert into loader.batch_keys (rebuild_check, rebuild_id) values (true, rebuilding);
     end if;
 

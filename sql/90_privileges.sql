@@ -133,6 +133,7 @@ language sql immutable as $$
         ('wal_sender_timeout', null, 'replication connections'),
         ('default_toast_compression', null, 'how values are stored, not what they are'),
         ('default_statistics_target', null, 'plans: how fast, never what a statement returns or says'),
+        ('enable_partition_pruning', 'on', 'which day partitions a statement reads and locks: off, one batch held open would lock every day and hold up retention'),
         ('enable_%', null, 'plans: how fast, never what a statement returns or says'),
         ('%_cost', null, 'plans: how fast, never what a statement returns or says'),
         ('jit_%', null, 'plans (jit itself is pinned off)'),

@@ -693,6 +693,30 @@ async fn a_staging_locks_the_partition_it_writes_not_every_day() {
     let partitions_locked = locked_partitions(&mut tx).await;
     tx.rollback().await.unwrap();
     assert_eq!(partitions_locked, 1, "today's");
+
+    // Whatever the caller sets, and when it claims nothing (found by an attack: a batch with
+    // partition pruning turned off, or one that claimed nothing, locked every day partition,
+    // and short overlapping ones held up every drop of retention).
+    let mut tx = transformer.pool.begin().await.unwrap();
+    sqlx::raw_sql("set local enable_partition_pruning = off").execute(&mut *tx).await.unwrap();
+    let loaded: i64 = sqlx::query_scalar("select loaded from loader.transform_batch(10, false)")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(loaded, 1);
+    let partitions_locked = locked_partitions(&mut tx).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(partitions_locked, 1, "today's, with pruning turned off by the caller");
+    db.cli().ok(&["transform"]);
+    let mut tx = transformer.pool.begin().await.unwrap();
+    let loaded: i64 = sqlx::query_scalar("select loaded from loader.transform_batch(10, false)")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(loaded, 0);
+    let partitions_locked = locked_partitions(&mut tx).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(partitions_locked, 0, "a batch that claimed nothing");
 }
 
 #[tokio::test]
