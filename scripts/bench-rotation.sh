@@ -9,7 +9,8 @@
 # workers), timed, with what it carried and the most partitions of raw_logins one range held
 # locked (sampled from pg_locks every 0.2 s while it copies): first with LOADER_BEFORE's
 # binary (migrated with it), when given, then with this checkout's release build (which
-# migrates the database on to its own version first).
+# migrates the database on to its own version first); after each, `loader reconcile --since 1d`
+# timed (a read by time of the tables the swap put in).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -59,6 +60,10 @@ rotate() {
         "$(sql -c "select carried from loader.rebuilds order by id desc limit 1")"
     rm -f "$stop" "$stop.most"
     echo "  ($out)"
+    # A read by time right after the swap (BRIN indexes on the new tables).
+    t=$(now)
+    loader reconcile --since 1d --skip-queue >/dev/null
+    report "  then reconcile --since 1d --skip-queue" "$(took "$t")"
 }
 if [ -n "${LOADER_BEFORE:-}" ]; then
     rotate "before ($LOADER_BEFORE)"

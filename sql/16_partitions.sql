@@ -297,11 +297,11 @@ comment on function loader._summarize_staged_on() is
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
 --   'dropped'; 'pending' (a row waits for the transform: the day stays until it has its
 --   outcome); 'unaccounted' (a row with no outcome, or two, or an outcome of the day with no row
---   in it: loader reconcile names it; the day stays); 'copying' (an online rebuild has not copied its rows yet, or not yet carried the
---   outcomes whose message was deleted by hand); 'depended' (a permanent
---   object outside loader depends on the partition or its row type:
---   loader._permanent_dependents names it; others' temporary ones go with the day); 'missing'. With
---   dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
+--   in it: loader reconcile names it; the day stays); 'copying' (an online rebuild has not
+--   copied its rows yet, nor carried its outcomes whose message was deleted by hand);
+--   'depended' (a permanent object outside loader depends on the partition or its row type:
+--   loader._permanent_dependents names it; others' temporary ones go with the day); 'missing'.
+--   With dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
 -- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
 -- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
 -- catalog change only. Waits at most lock_timeout (2 s) for either, then raises
@@ -375,13 +375,12 @@ begin
     if c.unaccounted > 0 or c.strays > 0 then
         return 'unaccounted';
     end if;
-    -- A copying rebuild still to copy a range of this day's ids, or still to carry the
-    -- outcomes whose message was deleted by hand (it leaves a day dropped before it started
-    -- to that day's own range: one dropped meanwhile would be copied by none).
+    -- A copying rebuild still to copy a range of this day's ids (the first of which also carries
+    -- the day's outcomes whose message was deleted by hand).
     select b.id into copying from loader.rebuilds b where b.state = 'copying';
     if copying is not null and exists (select from loader.rebuild_ranges g
                                         where g.rebuild_id = copying and not g.done
-                                          and (g.lo <= c.hi and g.hi >= c.lo or g.carries)) then
+                                          and g.lo <= c.hi and g.hi >= c.lo) then
         return 'copying';
     end if;
     if loader._permanent_dependents(part::regclass) is not null then

@@ -22,8 +22,9 @@
 --   outcome are recomputed from raw_logins with the rebuild's key; purged rows, and the
 --   outcomes of a dropped day (nothing to recompute from), keep theirs. Rows still in the work
 --   list are left to the transform. An outcome whose staged message is gone otherwise (deleted
---   by hand: loader never deletes one) has nothing to recompute from either: the first range
---   carries it into the copies as it was, with its key id, and counts it
+--   by hand: loader never deletes one) has nothing to recompute from either: the first range of
+--   its day (found by staged_on; the very first range for what no day range holds) carries it
+--   into the copies as it was, with its key id, and counts it
 --   (loader.rebuilds.carried), rather than refusing a rotation (which may be urgent) or
 --   dropping a row without a word.
 -- - Every transform batch, while a rebuild is copying, writes its outcomes to the live tables
@@ -136,6 +137,50 @@ $$;
 comment on function loader._id_bounds(regclass) is
     'Private: the first and last id of a partition of loader.raw_logins (NULLs when empty)';
 
+-- _carry_outcomes: copies into the copying rebuild's copies, as they are, the outcomes staged on a
+-- day in [from_day, to_day) (staged_on; NULL when from_day is NULL) whose message has no row in
+-- `staged` (a partition of raw_logins, or the whole table; NULL: none left) and that no erasure
+-- has still to erase (it takes them out of the copies); returns how many. A read of those days
+-- along the BRIN indexes on staged_on (summarized first), looking in `staged` alone, so it
+-- locks that partition and no other. With probe, copies nothing and returns 1 when there is
+-- such an outcome, else 0.
+create or replace function loader._carry_outcomes(
+    staged regclass, from_day date, to_day date, probe boolean) returns bigint
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    condition text := format(
+        '%s and u.message_id is not null %s
+         and not exists (select from loader.erasure_work w where w.message_id = u.message_id)',
+        case when from_day is null then 'u.staged_on is null'
+             else 'u.staged_on >= $1 and u.staged_on < $2' end,
+        case when staged is not null
+             then format('and not exists (select from %s r where r.message_id = u.message_id)', staged) end);
+    found boolean;
+    rows_loaded bigint;
+    rows_rejected bigint;
+begin
+    if probe then
+        execute format('select exists (select from public.user_logins u where %1$s)
+                            or exists (select from loader.login_rejects u where %1$s)', condition)
+           into found using from_day, to_day;
+        return found::integer;
+    end if;
+    execute format('insert into loader_rebuild.user_logins_next
+                    select u.* from public.user_logins u where %s
+                    on conflict (message_id) do nothing', condition)
+       using from_day, to_day;
+    get diagnostics rows_loaded = row_count;
+    execute format('insert into loader_rebuild.login_rejects_next
+                    select u.* from loader.login_rejects u where %s
+                    on conflict (message_id) do nothing', condition)
+       using from_day, to_day;
+    get diagnostics rows_rejected = row_count;
+    return rows_loaded + rows_rejected;
+end
+$$;
+comment on function loader._carry_outcomes(regclass, date, date, boolean) is
+    'Private: copy as they are the outcomes of some staging days whose staged message is gone (a rebuild''s carrying range)';
+
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
 -- key), or returns the one already copying when it is the same request (resumed = true);
 -- refuses when another is copying. `range_rows` raw_logins ids per range. key_id is NULL when
@@ -199,10 +244,13 @@ begin
                 0)
         returning * into running;
         -- Each partition's ids up to its current maximum, in ranges of its own, so a range
-        -- reads and locks one day; the first carries the outcomes whose staged message is gone
-        -- (rebuild_copy_range).
-        insert into loader.rebuild_ranges (rebuild_id, lo, hi, part, staged_from, staged_to, carries)
+        -- reads and locks one day (rebuild_copy_range). The first range of a day (or of the
+        -- legacy partition) also carries the outcomes of that day whose staged message was
+        -- deleted by hand; the first of all, those of the days no such range holds.
+        insert into loader.rebuild_ranges (rebuild_id, lo, hi, part, staged_from, staged_to,
+                                           carries, carries_rest)
         select running.id, g, least(g + range_rows - 1, s.hi), p.rel::text, p.staged_from, p.staged_to,
+               p.staged_from is not null and g = s.lo,
                row_number() over (order by p.staged_from nulls last, g) = 1
           from (select p.rel, p.staged_from, p.staged_to from loader._staging_partitions() p
                 union all
@@ -212,14 +260,15 @@ begin
                                     where i.inhparent = 'loader.raw_logins'::regclass)) p
          cross join lateral loader._id_bounds(p.rel) s
          cross join generate_series(s.lo, s.hi, range_rows) g;
-        -- At least one range (1..0 when nothing is staged), the carrying one.
+        -- At least one range (1..0 when nothing is staged), the one carrying the rest.
         if not found then
-            insert into loader.rebuild_ranges (rebuild_id, lo, hi, carries) values (running.id, 1, 0, true);
+            insert into loader.rebuild_ranges (rebuild_id, lo, hi, carries_rest) values (running.id, 1, 0, true);
         end if;
         -- The ids of every row committed so far, in any partition, are at most this.
         update loader.rebuilds b
            set upto = coalesce((select max(g.hi) from loader.rebuild_ranges g
-                                 where g.rebuild_id = running.id), 0)
+                                 where g.rebuild_id = running.id), 0),
+               carried = 0
          where b.id = running.id;
         -- Each day retention dropped: its outcomes, kept as they are (an empty id range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi, dropped_day)
@@ -240,8 +289,8 @@ comment on function loader.rebuild_start(bytea, boolean, integer) is
     'Start an online rebuild (or rotation), or return the one copying; see sql/35_rebuild.sql';
 
 -- rebuild_copy_range: copies one unclaimed range of the copying rebuild, committed with the
--- caller's transaction; returns the rows it wrote, or NULL when no range is left to claim.
--- Safe to run in many sessions at once (SKIP LOCKED), and to kill: an uncommitted range is
+-- caller's transaction; returns the rows it wrote, or NULL when no range is left to claim (the
+-- call that finds every range copied summarizes the copies' BRIN indexes). Safe to run in many sessions at once (SKIP LOCKED), and to kill: an uncommitted range is
 -- claimed again.
 create or replace function loader.rebuild_copy_range() returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
@@ -252,8 +301,10 @@ declare
     ids bigint[];
     outcome record;
     kept bigint;
-    carried_rows bigint;
     carried_rejects bigint;
+    gone bigint;
+    span record;
+    near regclass;
 begin
     -- An erasure starting meanwhile (loader._forget_start locks this row FOR UPDATE) waits for
     -- the ranges being copied, whose bodies it would not see to take out of the copies.
@@ -262,12 +313,27 @@ begin
     if running is null then
         raise exception 'no online rebuild is copying' using errcode = 'object_not_in_prerequisite_state';
     end if;
-    select g.id, g.lo, g.hi, g.part, g.staged_from, g.staged_to, g.dropped_day, g.carries into range
+    select g.id, g.lo, g.hi, g.part, g.staged_from, g.staged_to, g.dropped_day, g.carries,
+           g.carries_rest into range
       from loader.rebuild_ranges g
      where g.rebuild_id = running and not g.done
-     order by g.lo limit 1
+     order by g.lo, g.id limit 1
        for update skip locked;
     if not found then
+        -- Every range copied: the copies' BRIN indexes (the times reconcile --since reads by,
+        -- staged_on) answer a block range they have not summarized as a match, so until a
+        -- vacuum every read by time after the swap would read the whole table. Summarized by
+        -- the call that finds nothing left to copy (SHARE UPDATE EXCLUSIVE on the copies, as a
+        -- vacuum takes: batches write on; the few pages they fill after it wait for a vacuum).
+        if not exists (select from loader.rebuild_ranges g where g.rebuild_id = running and not g.done) then
+            perform brin_summarize_new_values(i.indexrelid)
+               from pg_catalog.pg_index i
+               join pg_catalog.pg_class c on c.oid = i.indexrelid
+               join pg_catalog.pg_am a on a.oid = c.relam
+              where a.amname = 'brin'
+                and i.indrelid in ('loader_rebuild.user_logins_next'::regclass,
+                                   'loader_rebuild.login_rejects_next'::regclass);
+        end if;
         return null;
     end if;
     -- A day retention dropped: its outcomes as they are (nothing to recompute them from),
@@ -338,33 +404,55 @@ begin
                        and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
                     on conflict (message_id) do nothing', rel)
        using range.lo, range.hi;
-    -- One range (the first cut) also carries the outcomes whose staged message is gone, but not
-    -- by retention (deleted by hand: loader never deletes one), as they were, and counts them: a
-    -- scan of both tables, here rather than in rebuild_start, where committing batches wait. No
-    -- batch can make such an outcome (it has a staged message).
+    -- Outcomes whose staged message is gone, but not by retention (deleted by hand: loader never
+    -- deletes one), carried as they were, and counted; read by staged_on (BRIN, summarized
+    -- first). No batch can make such an outcome (it has a staged message).
+    gone := 0;
+    if range.carries or range.carries_rest then
+        perform loader._summarize_staged_on();
+    end if;
     if range.carries then
-        insert into loader_rebuild.user_logins_next
-        select u.* from public.user_logins u
-         where u.message_id is not null
-           and not exists (select from loader.raw_logins r where r.message_id = u.message_id)
-           and not exists (select from loader.rebuild_ranges g
-                            where g.rebuild_id = running and g.dropped_day = u.staged_on)
-           and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
-        on conflict (message_id) do nothing;
-        get diagnostics carried_rows = row_count;
-        insert into loader_rebuild.login_rejects_next
-        select j.* from loader.login_rejects j
-         where not exists (select from loader.raw_logins r where r.message_id = j.message_id)
-           and not exists (select from loader.rebuild_ranges g
-                            where g.rebuild_id = running and g.dropped_day = j.staged_on)
-           and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
-        on conflict (message_id) do nothing;
-        get diagnostics carried_rejects = row_count;
-        update loader.rebuilds b set carried = carried_rows + carried_rejects where b.id = running;
-        kept := kept + carried_rows + carried_rejects;
+        -- The partition's staging days: it is the one place their messages can be (a day
+        -- partition cannot be attached while the default one holds rows of its day).
+        gone := loader._carry_outcomes(rel, (range.staged_from at time zone 'UTC')::date,
+                                       (range.staged_to at time zone 'UTC')::date, false);
+    end if;
+    if range.carries_rest then
+        -- The days no carrying range (when the rebuild started) nor a dropped day holds, and the
+        -- outcomes without staged_on: their messages are in the default partition and in the
+        -- legacy one, as a rule, each looked in alone; should one of them have an outcome to
+        -- carry, it is looked for in every partition (an outcome from before V21 of a row in a
+        -- day, a day emptied by hand or created after the start, a rebuild cut before V25).
+        for span in
+            select coalesce(lower(s), '-infinity') as lo, coalesce(upper(s), 'infinity') as hi
+              from unnest('{(,)}'::datemultirange
+                          - (select coalesce(range_agg(daterange(d.lo, d.hi)), '{}')
+                               from (select (g.staged_from at time zone 'UTC')::date as lo,
+                                            (g.staged_to at time zone 'UTC')::date as hi
+                                       from loader.rebuild_ranges g
+                                      where g.rebuild_id = running and g.carries
+                                     union all
+                                     select g.dropped_day, g.dropped_day + 1
+                                       from loader.rebuild_ranges g
+                                      where g.rebuild_id = running and g.dropped_day is not null) d)) s
+            union all
+            select null, null
+        loop
+            near := case when (select c.relkind from pg_class c
+                                where c.oid = 'loader.raw_logins'::regclass) <> 'p'
+                              then 'loader.raw_logins'::regclass
+                         when span.lo is null then to_regclass('loader.raw_logins_legacy')
+                         else to_regclass('loader.raw_logins_default') end;
+            if loader._carry_outcomes(near, span.lo, span.hi, true) > 0 then
+                gone := gone + loader._carry_outcomes('loader.raw_logins', span.lo, span.hi, false);
+            end if;
+        end loop;
+    end if;
+    if gone > 0 then
+        update loader.rebuilds b set carried = coalesce(b.carried, 0) + gone where b.id = running;
     end if;
     update loader.rebuild_ranges g set done = true where g.id = range.id;
-    return outcome.loaded + outcome.rejected + kept;
+    return outcome.loaded + outcome.rejected + kept + gone;
 end
 $$;
 comment on function loader.rebuild_copy_range() is

@@ -169,6 +169,7 @@ comment on column loader.rebuild_ranges.part is 'The partition of raw_logins the
 comment on column loader.rebuild_ranges.staged_from is 'The first staging time the partition holds (NULL: any)';
 comment on column loader.rebuild_ranges.staged_to is 'The end (exclusive) of the staging times the partition holds (NULL: any)';
 comment on column loader.rebuild_ranges.dropped_day is 'A day retention dropped: the range keeps its outcomes as they are (ids 0 to -1: none)';
-comment on column loader.rebuild_ranges.carries is 'The range also carries the outcomes whose staged message was deleted by hand (counted in rebuilds.carried)';
+comment on column loader.rebuild_ranges.carries is 'The range (its partition''s first) also carries the outcomes of the partition''s staging days whose staged message was deleted by hand (counted in rebuilds.carried)';
+comment on column loader.rebuild_ranges.carries_rest is 'The range also carries the outcomes whose staged message was deleted by hand of the days no carrying range or dropped day holds, and those without staged_on';
 comment on column loader.batch_keys.rebuild_check is 'A rebuild ticket: checks at COMMIT that the same rebuild (or none) is copying';
 comment on column loader.batch_keys.rebuild_id is 'The rebuild the batch saw copying (NULL: none)';

@@ -932,10 +932,11 @@ async fn retention_goes_by_whole_utc_days_and_zero_means_every_body_now() {
 }
 
 /// The next range a rebuild's copy will claim (one session copying): its id and whether it
-/// carries the outcomes whose staged message was deleted by hand.
+/// carries the outcomes of no day's range whose staged message was deleted by hand.
 async fn next_range(db: &TestDb) -> Option<(i64, bool)> {
     sqlx::query_as(
-        "select g.id, g.carries from loader.rebuild_ranges g join loader.rebuilds b on b.id = g.rebuild_id
+        "select g.id, g.carries_rest from loader.rebuild_ranges g
+           join loader.rebuilds b on b.id = g.rebuild_id
           where b.state = 'copying' and not g.done order by g.lo, g.id limit 1",
     )
     .fetch_optional(&db.pool)
@@ -985,8 +986,8 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     .await
     .unwrap();
     assert_eq!(ranges, 10 + dropped);
-    let mut carrying = 0;
-    while let Some((range, carries)) = next_range(&db).await {
+    let mut catch_all = 0;
+    while let Some((range, rest)) = next_range(&db).await {
         let mut tx = db.pool.begin().await.unwrap();
         let rows: Option<i64> = sqlx::query_scalar("select loader.rebuild_copy_range()")
             .fetch_one(&mut *tx)
@@ -995,13 +996,15 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
         assert!(rows.is_some());
         let locked = locked_partitions(&mut tx).await;
         tx.commit().await.unwrap();
-        if carries {
-            carrying += 1;
+        if rest {
+            // Its day, and the default and legacy partitions, where the rest is looked for.
+            catch_all += 1;
+            assert!(locked <= 3, "range {range} locked {locked} partitions of raw_logins");
         } else {
             assert!(locked <= 1, "range {range} locked {locked} partitions of raw_logins");
         }
     }
-    assert_eq!(carrying, 1, "one range carries what was deleted by hand");
+    assert_eq!(catch_all, 1);
     let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
     assert!(out.contains("carried 1 outcomes as they were"), "{out}");
     assert_eq!(db.count("select carried from loader.rebuilds order by id desc limit 1").await, 1);
@@ -1026,7 +1029,8 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     assert_eq!(db.off_the_active_key().await, 301, "every other row is on the new key");
 
     // A rotation whose ranges were cut before V24 (ids 1 to the maximum, every partition read,
-    // the range from id 1 carrying) and the dropped days' ranges V24 adds to it.
+    // the range from id 1 carrying) with the dropped days' ranges V24 adds to it, then V25's
+    // change to a copying rebuild: the range from id 1 carries the rest, which is everything.
     let rebuild: i64 = sqlx::query_scalar(
         "select rebuild_id from loader.rebuild_start(rotate => true, range_rows => 100)",
     )
@@ -1040,9 +1044,18 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     ] {
         sqlx::query(statement).bind(rebuild).execute(&db.pool).await.unwrap();
     }
-    db.cli().ok(&["keys", "rotate", "--workers", "2"]);
+    sqlx::raw_sql(include_str!("../../migrations/V25__carrying_by_day.sql"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("delete from loader.raw_logins where message_id = 'rot-a6'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = db.cli().ok(&["keys", "rotate", "--workers", "2"]);
+    assert!(out.contains("carried 2 outcomes as they were"), "{out}");
     assert_eq!(db.loaded().await, 800);
-    assert_eq!(db.off_the_active_key().await, 301);
+    assert_eq!(db.off_the_active_key().await, 302);
 }
 
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
@@ -1070,8 +1083,8 @@ async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims:
 /// rotation would stop counting it as carried (found by a helper following the docs). So a
 /// rotation copying meanwhile cannot lose it either, though the attack on V24 found a way:
 /// the day dropped after its own ranges were copied but before the carrying range, which left
-/// the day's outcomes to a range only days dropped before the start have. A day also stays
-/// ("copying") until that carrying range is copied.
+/// the day's outcomes to a range only days dropped before the start have (each day's first
+/// range carries them now). A day also stays ("copying") until its ranges are copied.
 #[tokio::test]
 async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_rotation() {
     let db = TestDb::migrated().await;
@@ -1087,8 +1100,8 @@ async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_
         .execute(&db.pool)
         .await
         .unwrap();
-    // A worker claims the carrying range (the first day's) and is killed before it commits;
-    // another copies the second day's range meanwhile.
+    // A worker claims the first day's range (which also carries what no day's range holds) and
+    // is killed before it commits; another copies the second day's range meanwhile.
     let mut worker = db.pool.acquire().await.unwrap();
     let pid: i32 =
         sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut *worker).await.unwrap();
@@ -1098,7 +1111,7 @@ async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_
         .unwrap();
     let copied: Option<i64> =
         sqlx::query_scalar("select loader.rebuild_copy_range()").fetch_one(&db.pool).await.unwrap();
-    assert_eq!(copied, Some(9), "the second day's range");
+    assert_eq!(copied, Some(10), "the second day's range: 9 rows, and b5's outcome carried");
     sqlx::query("select pg_terminate_backend($1)").bind(pid).execute(&db.pool).await.unwrap();
     drop(worker);
     let drop_day = |days: i32| {
@@ -1109,7 +1122,7 @@ async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_
         .fetch_one(&db.pool)
     };
     assert_eq!(drop_day(-39).await.unwrap(), "unaccounted", "b5's outcome has no row");
-    assert_eq!(drop_day(-40).await.unwrap(), "copying", "the carrying range is still to copy");
+    assert_eq!(drop_day(-40).await.unwrap(), "copying", "its range is still to copy");
 
     let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
     assert!(out.contains("carried 1 outcomes as they were"), "{out}");
