@@ -6,8 +6,8 @@
 -- about 45 minutes). Now (sql/35_rebuild.sql) `carries` marks the first range of each day
 -- partition (and of the legacy one): it also carries its days' outcomes, read by staged_on and
 -- looked up in that partition alone; `carries_rest` marks the first range of all, which
--- carries those of the days no such range holds (the default partition's, those without
--- staged_on), looked up in the default and legacy partitions.
+-- carries those of the days no such range holds (each looked up in its own partition, or the
+-- default one) and those without staged_on (the legacy partition).
 --
 -- A rebuild copying across this migration: its carrying range carries the rest instead, and as
 -- no range of that rebuild carries a day, the rest is every outcome but the dropped days' (as

@@ -303,8 +303,8 @@ declare
     kept bigint;
     carried_rejects bigint;
     gone bigint;
-    span record;
-    near regclass;
+    uncovered datemultirange;
+    piece record;
 begin
     -- An erasure starting meanwhile (loader._forget_start locks this row FOR UPDATE) waits for
     -- the ranges being copied, whose bodies it would not see to take out of the copies.
@@ -418,35 +418,43 @@ begin
                                        (range.staged_to at time zone 'UTC')::date, false);
     end if;
     if range.carries_rest then
-        -- The days no carrying range (when the rebuild started) nor a dropped day holds, and the
-        -- outcomes without staged_on: their messages are in the default partition and in the
-        -- legacy one, as a rule, each looked in alone; should one of them have an outcome to
-        -- carry, it is looked for in every partition (an outcome from before V21 of a row in a
-        -- day, a day emptied by hand or created after the start, a rebuild cut before V25).
-        for span in
-            select coalesce(lower(s), '-infinity') as lo, coalesce(upper(s), 'infinity') as hi
-              from unnest('{(,)}'::datemultirange
-                          - (select coalesce(range_agg(daterange(d.lo, d.hi)), '{}')
-                               from (select (g.staged_from at time zone 'UTC')::date as lo,
-                                            (g.staged_to at time zone 'UTC')::date as hi
-                                       from loader.rebuild_ranges g
-                                      where g.rebuild_id = running and g.carries
-                                     union all
-                                     select g.dropped_day, g.dropped_day + 1
-                                       from loader.rebuild_ranges g
-                                      where g.rebuild_id = running and g.dropped_day is not null) d)) s
-            union all
-            select null, null
+        -- The days no carrying range (when the rebuild started) nor a dropped day holds.
+        select '{(,)}'::datemultirange
+               - coalesce(range_agg(daterange(d.lo, d.hi)), '{}') into uncovered
+          from (select (g.staged_from at time zone 'UTC')::date as lo,
+                       (g.staged_to at time zone 'UTC')::date as hi
+                  from loader.rebuild_ranges g
+                 where g.rebuild_id = running and g.carries
+                union all
+                select g.dropped_day, g.dropped_day + 1
+                  from loader.rebuild_ranges g
+                 where g.rebuild_id = running and g.dropped_day is not null) d;
+        -- Those with a partition now (empty at the start, or made since): a day that has an
+        -- outcome at all is looked up in its partition alone.
+        for piece in select p.rel, p.day from loader._staging_partitions() p
+                      where p.day is not null and p.day <@ uncovered
         loop
-            near := case when (select c.relkind from pg_class c
-                                where c.oid = 'loader.raw_logins'::regclass) <> 'p'
-                              then 'loader.raw_logins'::regclass
-                         when span.lo is null then to_regclass('loader.raw_logins_legacy')
-                         else to_regclass('loader.raw_logins_default') end;
-            if loader._carry_outcomes(near, span.lo, span.hi, true) > 0 then
-                gone := gone + loader._carry_outcomes('loader.raw_logins', span.lo, span.hi, false);
+            if loader._carry_outcomes(null, piece.day, piece.day + 1, true) > 0 then
+                gone := gone + loader._carry_outcomes(piece.rel, piece.day, piece.day + 1, false);
             end if;
         end loop;
+        -- The others are the default partition's (the table's, before the move).
+        for piece in
+            select coalesce(lower(s), '-infinity') as lo, coalesce(upper(s), 'infinity') as hi
+              from unnest(uncovered - (select coalesce(range_agg(daterange(p.day, p.day + 1)), '{}')
+                                         from loader._staging_partitions() p where p.day is not null)) s
+        loop
+            gone := gone + loader._carry_outcomes(
+                coalesce(to_regclass('loader.raw_logins_default'), 'loader.raw_logins'::regclass),
+                piece.lo, piece.hi, false);
+        end loop;
+        -- And the outcomes without staged_on (from before V21): their messages are in the legacy
+        -- partition, as a rule, looked in alone; should one of them have an outcome to carry, it
+        -- is looked for in every partition (a row of such an outcome in a day).
+        if loader._carry_outcomes(coalesce(to_regclass('loader.raw_logins_legacy'), 'loader.raw_logins'::regclass),
+                                  null, null, true) > 0 then
+            gone := gone + loader._carry_outcomes('loader.raw_logins', null, null, false);
+        end if;
     end if;
     if gone > 0 then
         update loader.rebuilds b set carried = coalesce(b.carried, 0) + gone where b.id = running;

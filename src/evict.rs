@@ -1,11 +1,13 @@
 //! Owner work that no lesser role can hold up for long. While an owner operation runs on one
 //! session (`loader migrate`, the start and swap of an online rebuild, dropping the tables a
 //! swap retired), a [`Watch`] looks from a second session at `pg_blocking_pids` of it. A
-//! session that has blocked it for the grace period (`--evict-after`) is cancelled
-//! (`pg_cancel_backend`: ends a statement, say a trigger sleeping at COMMIT), and terminated
-//! (`pg_terminate_backend`: ends a transaction left idle, and the temporary objects of its
-//! session) when it still blocks a second later. Each is logged with its pid, role and how long
-//! it blocked, never its query.
+//! session whose login has blocked it for the grace period (`--evict-after`), with that session
+//! or with others before it (many short overlapping transactions, each on a new connection,
+//! hold the work up as well as one long one), is cancelled (`pg_cancel_backend`: ends a
+//! statement, say a trigger sleeping at COMMIT), and terminated (`pg_terminate_backend`: ends a
+//! transaction left idle, and the temporary objects of its session) when it still blocks a
+//! second later. Each is logged with its pid, role and how long its login blocked, never its
+//! query.
 //!
 //! Sessions doing the owner's own maintenance (they hold `loader.migrate_lock` or
 //! `loader.maintenance_lock`, tables only the owner may lock) are waited for, never ended. Ending
@@ -32,7 +34,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// How long after a cancel a session that still blocks is terminated.
 const TERMINATE_AFTER_CANCEL: Duration = Duration::from_secs(1);
 
-/// A blocker not seen for this long is forgotten (the swap retries with pauses between).
+/// A blocker (a session, or every session of a login) not seen for this long is forgotten (the
+/// swap retries with pauses between).
 const FORGET_AFTER: Duration = Duration::from_secs(5);
 
 /// A session the watcher ended.
@@ -115,10 +118,11 @@ impl Blocker {
         Self { first_seen: now, last_seen: now, cancelled: None, terminated: false, refused: false }
     }
 
-    /// The signal due now, if any: cancel once it has blocked for `after`, terminate when a
-    /// cancel did not end it within [`TERMINATE_AFTER_CANCEL`]. Some(true) means terminate.
-    fn due(&self, now: Instant, after: Duration) -> Option<bool> {
-        if self.terminated || self.refused || now - self.first_seen < after {
+    /// The signal due now, if any: cancel once it (or its login, since `login_since`) has
+    /// blocked for `after`, terminate when a cancel did not end it within
+    /// [`TERMINATE_AFTER_CANCEL`]. Some(true) means terminate.
+    fn due(&self, now: Instant, after: Duration, login_since: Instant) -> Option<bool> {
+        if self.terminated || self.refused || now - self.first_seen.min(login_since) < after {
             return None;
         }
         match self.cancelled {
@@ -144,6 +148,8 @@ async fn watching(
     after: Duration,
 ) -> Vec<Evicted> {
     let mut blockers: HashMap<(i32, Option<OffsetDateTime>), Blocker> = HashMap::new();
+    // Per login: since when its sessions have blocked, and when one last did.
+    let mut logins: HashMap<String, (Instant, Instant)> = HashMap::new();
     let mut evicted = Vec::new();
     loop {
         tokio::select! {
@@ -160,14 +166,20 @@ async fn watching(
         };
         let now = Instant::now();
         for s in seen {
+            let login = logins.entry(s.role.clone()).or_insert((now, now));
+            login.1 = now;
+            let login_since = login.0;
             let b = blockers.entry((s.pid, s.backend_start)).or_insert_with(|| Blocker::new(now));
             b.last_seen = now;
-            let Some(terminate) = b.due(now, after).filter(|_| !s.owner_work) else { continue };
-            if let Some(e) = end(&mut conn, b, s, terminate, now, work).await {
+            let Some(terminate) = b.due(now, after, login_since).filter(|_| !s.owner_work) else {
+                continue;
+            };
+            if let Some(e) = end(&mut conn, b, s, terminate, (now, login_since), work).await {
                 evicted.push(e);
             }
         }
         blockers.retain(|_, b| now - b.last_seen < FORGET_AFTER);
+        logins.retain(|_, (_, last)| now - *last < FORGET_AFTER);
     }
 }
 
@@ -190,14 +202,14 @@ async fn blocking(conn: &mut PgConnection, pid: i32) -> sqlx::Result<Vec<Seen>> 
     rows.iter().map(Seen::from_row).collect()
 }
 
-/// Cancels (or, with `terminate`, terminates) session `s`, and records it in `b`; what was
-/// ended, when the server says it was.
+/// Cancels (or, with `terminate`, terminates) session `s`, whose login has blocked the work
+/// since `login_since`, and records it in `b`; what was ended, when the server says it was.
 async fn end(
     conn: &mut PgConnection,
     b: &mut Blocker,
     s: Seen,
     terminate: bool,
-    now: Instant,
+    (now, login_since): (Instant, Instant),
     work: &'static str,
 ) -> Option<Evicted> {
     let call = if terminate { "pg_terminate_backend" } else { "pg_cancel_backend" };
@@ -218,7 +230,7 @@ async fn end(
                 work,
                 pid = s.pid,
                 role = %s.role,
-                blocked_for_s = (now - b.first_seen).as_secs_f64(),
+                blocked_for_s = (now - b.first_seen.min(login_since)).as_secs_f64(),
                 action = if terminate { "terminated" } else { "cancelled" },
                 "ended a session that held up owner work"
             );
@@ -311,5 +323,31 @@ pub async fn retrying_under(
             }
             Err(e) => return Err(anyhow::Error::new(e).context(work)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_ended_once_it_or_its_login_has_blocked_for_the_grace_period() {
+        let after = Duration::from_secs(10);
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        // A session alone: cancelled at 10 s, terminated a second after the cancel.
+        let mut b = Blocker::new(at(0));
+        assert_eq!(b.due(at(9), after, at(9)), None);
+        assert_eq!(b.due(at(10), after, at(10)), Some(false));
+        b.cancelled = Some(at(10));
+        assert_eq!(b.due(at(10), after, at(10)), None);
+        assert_eq!(b.due(at(11), after, at(11)), Some(true));
+        // A session new at 12 s of a login that has blocked since 0 s: cancelled at once.
+        let fresh = Blocker::new(at(12));
+        assert_eq!(fresh.due(at(12), after, at(0)), Some(false));
+        // Ending it refused (a superuser's session): nothing more is due.
+        let mut refused = Blocker::new(at(0));
+        refused.refused = true;
+        assert_eq!(refused.due(at(20), after, at(0)), None);
     }
 }

@@ -1058,6 +1058,66 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
     assert_eq!(db.off_the_active_key().await, 302);
 }
 
+/// The range that carries what no day's range holds looked an outcome of a day partition that
+/// was empty when the rotation started (today's, just after midnight; a day emptied by hand)
+/// up in every partition, holding a lock on each for its whole transaction (found by the attack
+/// on V25). It looks it up in that day's partition alone, and still carries the outcomes of a
+/// day whose rows were all deleted by hand.
+#[tokio::test]
+async fn the_rest_of_a_rotations_carrying_looks_in_a_day_empty_at_its_start_alone() {
+    let db = TestDb::migrated().await;
+    past_days(&db, -3, -2).await;
+    staged_on_day(&db, "e", 10, -3, 0).await;
+    staged_on_day(&db, "f", 5, -2, 0).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    sqlx::query("delete from loader.raw_logins where message_id like 'f%'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("select * from loader.rebuild_start(rotate => true, range_rows => 100)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Today's partition was empty at the start; its logins are loaded during the rotation.
+    staged_on_day(&db, "t", 10, 0, 0).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    let partitions = db.count("select count(*) from loader._staging_partitions()").await;
+    assert!(partitions > 10, "{partitions} partitions");
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let rows: Option<i64> =
+        sqlx::query_scalar("select loader.rebuild_copy_range()").fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(rows, Some(10 + 5), "the first day's rows, and the other day's outcomes carried");
+    let mut locked: Vec<String> = sqlx::query_scalar(
+        "select distinct l.relation::regclass::text from pg_locks l
+           join pg_inherits i on i.inhrelid = l.relation
+          where l.pid = pg_backend_pid() and i.inhparent = 'loader.raw_logins'::regclass",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    locked.sort();
+    let day = |days: i32| {
+        let d = time::OffsetDateTime::now_utc().date() + time::Duration::days(days.into());
+        format!("loader.raw_logins_p{:04}{:02}{:02}", d.year(), u8::from(d.month()), d.day())
+    };
+    let mut expected = vec![
+        day(-3),
+        day(-2),
+        day(0),
+        "loader.raw_logins_default".to_string(),
+        "loader.raw_logins_legacy".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(locked, expected, "its own day, the days empty at the start, default and legacy");
+
+    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
+    assert!(out.contains("carried 5 outcomes as they were"), "{out}");
+    assert_eq!(db.loaded().await, 25);
+    assert_eq!(db.off_the_active_key().await, 5);
+}
+
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
 /// the user of each N up to `victims` named `victim` (not transformed yet).
 async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {

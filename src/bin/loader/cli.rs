@@ -52,8 +52,8 @@ pub struct GlobalArgs {
     pub queue_metrics_interval: u64,
 
     /// Owner work (migrate; a rebuild's or rotation's start, swap and drop of the old tables)
-    /// ends a session of another role that has held it up this long: cancelled, then
-    /// terminated (needs pg_signal_backend; docs/security.md)
+    /// ends a session of another role whose login has held it up this long, with that session
+    /// or others: cancelled, then terminated (needs pg_signal_backend; docs/security.md)
     #[arg(long, env = "LOADER_EVICT_AFTER", global = true,
           default_value_t = humantime::Duration::from(loader::evict::DEFAULT_AFTER))]
     pub evict_after: humantime::Duration,

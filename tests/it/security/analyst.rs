@@ -163,6 +163,47 @@ async fn an_idle_reader_delays_no_migrate_beyond_the_grace_period() {
     assert_eq!(db.pending().await, 0);
 }
 
+/// Short overlapping reads of `user_logins`, each on a new connection of one analyst login and
+/// each shorter than the grace period, kept a rotation's swap from ever taking its lock: every
+/// attempt (2 s) found a read begun just before it, and no one session blocked long enough to
+/// be ended (the attack on V24 did the same to retention with transform batches). The watch
+/// counts how long a login has blocked the work, across its sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_overlapping_sessions_of_one_login_delay_a_swap_only_for_the_grace_period() {
+    let db = TestDb::migrated().await;
+    loaded(&db, 200).await;
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let relay = {
+        let (stop, url) = (stop.clone(), analyst.url.clone());
+        tokio::spawn(async move {
+            let mut reads = tokio::task::JoinSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let url = url.clone();
+                // A pool of one: a connection of its own, a new session each time.
+                reads.spawn(async move {
+                    let options = sqlx::postgres::PgPoolOptions::new().max_connections(1);
+                    if let Ok(pool) = options.connect(&url).await {
+                        let _ = sqlx::raw_sql(
+                            "begin; select count(*) from public.user_logins; select pg_sleep(2.5); commit",
+                        )
+                        .execute(&pool)
+                        .await;
+                        pool.close().await;
+                    }
+                });
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            reads.abort_all();
+        })
+    };
+    let out = loader_within(&db, &["--evict-after", "4s", "keys", "rotate"], "the rotation").await;
+    stop.store(true, Ordering::Relaxed);
+    relay.await.unwrap();
+    assert!(out.contains(&analyst.name), "the rotation ended the analyst's sessions: {out}");
+    assert!(all_on_the_active_key(&db).await);
+}
+
 /// An analyst's own deferred constraint trigger, queued to fire after the
 /// batch's COMMIT-time key check and sleeping there, held the active key's row: `loader keys
 /// rotate` waited at it while holding the maintenance lock, and the purge behind it. The
