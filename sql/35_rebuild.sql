@@ -290,8 +290,8 @@ comment on function loader.rebuild_start(bytea, boolean, integer) is
 
 -- rebuild_copy_range: copies one unclaimed range of the copying rebuild, committed with the
 -- caller's transaction; returns the rows it wrote, or NULL when no range is left to claim (the
--- call that finds every range copied summarizes the copies' BRIN indexes). Safe to run in many sessions at once (SKIP LOCKED), and to kill: an uncommitted range is
--- claimed again.
+-- call that finds every range copied summarizes the copies' BRIN indexes). Safe to run in many
+-- sessions at once (SKIP LOCKED), and to kill: an uncommitted range is claimed again.
 create or replace function loader.rebuild_copy_range() returns bigint
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
