@@ -235,15 +235,28 @@ comment on function loader._partition_staging() is
 
 -- Retention by dropping whole days (loader purge --older-than-days, the pg_cron purge job).
 
--- _staged_days_due: the day partitions whose whole day is before `cutoff`, oldest first.
+-- _staged_days_due: the day partitions whose whole day is before `cutoff`, and the days before it
+-- the default partition holds with every body purged, oldest first.
 create or replace function loader._staged_days_due(cutoff timestamptz) returns setof date
-language sql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
-    select p.day from loader._staging_partitions() p
-     where p.day is not null and p.staged_to <= cutoff
-     order by 1
+language plpgsql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
+begin
+    -- And the days of the default partition before it whose bodies the batch purge has taken
+    -- (loader.drop_staged_day moves them to a partition of their own first).
+    return query execute format(
+        'select p.day from loader._staging_partitions() p
+          where p.day is not null and p.staged_to <= $1 %s order by 1',
+        -- (OFFSET 0: the check once a day, not pushed down to once a row.)
+        case when to_regclass('loader.raw_logins_default') is not null then
+            'union
+             select x.day from (select distinct (r.staged_at at time zone ''UTC'')::date as day
+                                  from loader.raw_logins_default r where r.staged_at < $1
+                                offset 0) x
+              where loader._default_day_purged(x.day)' end)
+    using cutoff;
+end
 $$;
 comment on function loader._staged_days_due(timestamptz) is
-    'Private: the day partitions of loader.raw_logins whose whole day is before the cutoff';
+    'Private: the days of loader.raw_logins (partitions, or rows in the default one) wholly before the cutoff';
 
 -- _drop_with_temporary_dependents: drops table (or view) `rel` with the temporary objects of other
 -- sessions that depend on it or its row type (a temporary table with a column of that type, or a
@@ -292,6 +305,58 @@ $$;
 comment on function loader._summarize_staged_on() is
     'Private: summarize what the BRIN indexes on staged_on have not yet (before a day''s outcomes are read by it)';
 
+-- _default_day_purged: whether the default partition of loader.raw_logins holds rows staged on
+-- UTC day `d` (a day no partition was made for in time), every one of them without its body
+-- (the batch purge, an expiry or an erasure took it; so none is pending), that retention may
+-- take: not a day dropped before (rows a staging open across its drop left there stay, as a
+-- rebuild's copy of that day expects: sql/35_rebuild.sql).
+create or replace function loader._default_day_purged(d date) returns boolean
+language plpgsql stable set search_path = pg_catalog, pg_temp set timezone = 'UTC' as $$
+declare
+    held boolean;
+begin
+    if to_regclass('loader.raw_logins_default') is null
+       or exists (select from loader.staged_days s where s.day = d) then
+        return false;
+    end if;
+    execute 'select bool_and(r.purged_at is not null) from loader.raw_logins_default r
+              where r.staged_at >= $1 and r.staged_at < $2'
+       into held using d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC';
+    return coalesce(held, false);
+end
+$$;
+comment on function loader._default_day_purged(date) is
+    'Private: whether the default partition of loader.raw_logins holds rows of a UTC day, all purged, that retention may take';
+
+-- _move_default_day: moves the rows of UTC day `d` out of the default partition into a new
+-- partition of their own (ids, bodies, every column as they were; the work list names rows by
+-- id and staging time, so a pending row stays pending), in the caller's transaction; returns
+-- how many. Attaching it takes a lock on the default partition (stagers write there only for
+-- a day without a partition), bounded by the caller's lock_timeout. So retention drops such a
+-- day as any other, and the ids' generations of its time can go. Owner only.
+create or replace function loader._move_default_day(d date) returns bigint
+language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' as $$
+declare
+    lo timestamptz := d::timestamp at time zone 'UTC';
+    hi timestamptz := (d + 1)::timestamp at time zone 'UTC';
+    name text := format('raw_logins_p%s', to_char(d, 'YYYYMMDD'));
+    moved bigint;
+begin
+    lock table loader.raw_logins_default in exclusive mode;
+    create temporary table pg_temp.moving_day (like loader.raw_logins) on commit drop;
+    with gone as (delete from loader.raw_logins_default r
+                   where r.staged_at >= lo and r.staged_at < hi returning r.*)
+    insert into pg_temp.moving_day select * from gone;
+    perform loader._add_staging_partition(name, lo, hi);
+    execute format('insert into loader.%I select * from pg_temp.moving_day', name);
+    get diagnostics moved = row_count;
+    drop table pg_temp.moving_day;
+    return moved;
+end
+$$;
+comment on function loader._move_default_day(date) is
+    'Private: move a UTC day''s rows out of the default partition of loader.raw_logins into a partition of their own';
+
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
@@ -312,15 +377,36 @@ returns text
 language plpgsql set search_path = pg_catalog, pg_temp set timezone = 'UTC' set datestyle = 'ISO, YMD' set lock_timeout = '2s' as $$
 declare
     part text := format('loader.%I', format('raw_logins_p%s', to_char(d, 'YYYYMMDD')));
+    source text := part;
     c record;
     copying bigint;
 begin
     if to_regclass(part) is null then
-        return 'missing';
+        -- A day the default partition holds (no partition was made for it in time), once the
+        -- batch purge has taken its bodies: its rows move to a partition of their own first,
+        -- and the day goes as any other (loader._move_default_day). A dry run reads them where
+        -- they are.
+        if not loader._default_day_purged(d) then
+            return 'missing';
+        end if;
+        source := format('(select x.* from loader.raw_logins_default x
+                            where x.staged_at >= %L and x.staged_at < %L)',
+                         d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC');
     end if;
     if not dry_run then
         -- No rebuild's transaction in between (as every retention batch).
         lock table loader.maintenance_lock in exclusive mode;
+        if source <> part then
+            -- Not while a rebuild has a range of the default partition to copy: it reads that
+            -- partition by name, and would miss the rows moved out of it.
+            if exists (select from loader.rebuild_ranges g join loader.rebuilds b on b.id = g.rebuild_id
+                        where b.state = 'copying' and not g.done
+                          and g.part = 'loader.raw_logins_default') then
+                return 'copying';
+            end if;
+            perform loader._move_default_day(d);
+            source := part;
+        end if;
         execute format('lock table %s in share mode', part);
         perform loader._summarize_staged_on();
     end if;
@@ -368,7 +454,7 @@ begin
                        r.pending or exists (select from loader.transform_queue x
                                              where not (r.loaded or r.rejected or r.pending)
                                                and x.raw_id = r.id) as pending) o',
-        part) using d into c;
+        source) using d into c;
     if c.pending > 0 then
         return 'pending';
     end if;
@@ -383,7 +469,7 @@ begin
                                           and g.lo <= c.hi and g.hi >= c.lo) then
         return 'copying';
     end if;
-    if loader._permanent_dependents(part::regclass) is not null then
+    if source = part and loader._permanent_dependents(part::regclass) is not null then
         return 'depended';
     end if;
     if dry_run then

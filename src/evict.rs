@@ -3,7 +3,8 @@
 //! swap retired), a [`Watch`] looks from a second session at `pg_blocking_pids` of it. A
 //! session whose login has blocked it for the grace period (`--evict-after`), with that session
 //! or with others before it (many short overlapping transactions, each on a new connection,
-//! hold the work up as well as one long one), is cancelled (`pg_cancel_backend`: ends a
+//! hold the work up as well as one long one; the working login's own other sessions count one
+//! by one), is cancelled (`pg_cancel_backend`: ends a
 //! statement, say a trigger sleeping at COMMIT), and terminated (`pg_terminate_backend`: ends a
 //! transaction left idle, and the temporary objects of its session) when it still blocks a
 //! second later. Each is logged with its pid, role and how long its login blocked, never its
@@ -139,6 +140,8 @@ struct Seen {
     role: String,
     backend_start: Option<OffsetDateTime>,
     owner_work: bool,
+    /// The login doing the work (the owner's): its other sessions are counted one by one.
+    same_login: bool,
 }
 
 async fn watching(
@@ -166,9 +169,13 @@ async fn watching(
         };
         let now = Instant::now();
         for s in seen {
-            let login = logins.entry(s.role.clone()).or_insert((now, now));
-            login.1 = now;
-            let login_since = login.0;
+            let login_since = if s.same_login {
+                now
+            } else {
+                let login = logins.entry(s.role.clone()).or_insert((now, now));
+                login.1 = now;
+                login.0
+            };
             let b = blockers.entry((s.pid, s.backend_start)).or_insert_with(|| Blocker::new(now));
             b.last_seen = now;
             let Some(terminate) = b.due(now, after, login_since).filter(|_| !s.owner_work) else {
@@ -194,7 +201,10 @@ async fn blocking(conn: &mut PgConnection, pid: i32) -> sqlx::Result<Vec<Seen>> 
                          where l.pid = a.pid and l.granted and l.locktype = 'relation'
                            and l.relation in (to_regclass('loader.migrate_lock'),
                                               to_regclass('loader.maintenance_lock')))
-                    as owner_work
+                    as owner_work,
+                a.usename is not distinct from
+                    (select w.usename from pg_catalog.pg_stat_activity w where w.pid = {pid})
+                    as same_login
            from pg_catalog.pg_stat_activity a
           where a.pid = any (pg_catalog.pg_blocking_pids({pid})) and a.pid <> pg_backend_pid()"
     );

@@ -1118,6 +1118,90 @@ async fn the_rest_of_a_rotations_carrying_looks_in_a_day_empty_at_its_start_alon
     assert_eq!(db.off_the_active_key().await, 5);
 }
 
+/// Rows of a day no partition was made for in time stay in the default partition, and were
+/// never deleted: their bodies were batch-purged, their rows and the ids' generation of their
+/// time (and every later one) kept for good. Once the batch purge has taken a day's bodies,
+/// retention moves its rows into a partition of their own and drops it as any other (a day
+/// with a body left, pending say, is not touched; a rebuild still to copy the default
+/// partition's ranges keeps it "copying", its rows where they are); a redelivery of one of its
+/// messages is still a duplicate, and reconcile still accounts for every row.
+#[tokio::test]
+async fn a_day_the_default_partition_holds_is_moved_and_dropped_once_its_bodies_are_purged() {
+    let db = TestDb::migrated().await;
+    // Staged by an ingest run on a day without a partition (today's dropped), then moved back
+    // 40 days by the owner, as if the partitions had not been made for that long.
+    sqlx::raw_sql(
+        "do $$ begin execute format('drop table loader.raw_logins_p%s',
+                                     to_char((now() at time zone 'UTC')::date, 'YYYYMMDD')); end $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let messages: Vec<(String, String)> =
+        (1..=3).map(|i| (format!("dflt{i}"), format!(r#"{{"user_id": "u{i}"}}"#))).collect();
+    assert_eq!(stage_new(&db, &messages).await, 3);
+    sqlx::raw_sql(
+        "update loader.raw_logins set staged_at = staged_at - interval '40 days';
+         update loader.transform_queue set staged_at = staged_at - interval '40 days';",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    staged_on_day(&db, "pend", 1, -41, 0).await;
+    let in_default = "select count(*) from loader.raw_logins_default";
+    assert_eq!(db.count(in_default).await, 4, "no partition for either day");
+    let day =
+        |days: i32| time::OffsetDateTime::now_utc().date() + time::Duration::days(days.into());
+    let preview = || async {
+        sqlx::query_as::<_, (time::Date, String)>(
+            "select d, loader.drop_staged_day(d, true)
+               from loader._staged_days_due(loader._purge_cutoff(interval '30 days')) d order by d",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(preview().await, [], "their bodies are still there");
+
+    // The first purge takes the bodies it may, in batches, as before.
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert_eq!(out.trim(), "purged 3 staged bodies older than 30 days");
+    assert_eq!(preview().await, [(day(-40), "droppable".to_string())]);
+
+    // Not while a rebuild has the default partition's range still to copy.
+    sqlx::query("select * from loader.rebuild_start(rotate => true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let dropped = sqlx::query_scalar::<_, String>("select loader.drop_staged_day($1)")
+        .bind(day(-40))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dropped, "copying");
+    assert_eq!(db.count(in_default).await, 4, "nothing moved");
+    sqlx::query("select loader.rebuild_abandon()").execute(&db.pool).await.unwrap();
+
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(out.contains(&format!("dropped 1 staged days ({0} to {0})", day(-40))), "{out}");
+    assert!(!out.contains("kept staged day"), "the pending day is not touched: {out}");
+    assert_eq!(db.count(in_default).await, 1, "the pending row");
+    assert_eq!(
+        db.count("select count(*) from loader.staged_days where staged = 3 and loaded = 3").await,
+        1
+    );
+    // Transformed, its body purged, then moved and dropped too.
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    db.cli().ok(&["purge", "--older-than-days", "30"]);
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(out.contains(&format!("dropped 1 staged days ({0} to {0})", day(-41))), "{out}");
+    assert_eq!(db.count("select count(*) from loader.raw_logins").await, 0);
+    assert_eq!(db.loaded().await, 4);
+    assert_eq!(stage_new(&db, &messages[1..2]).await, 0, "still a duplicate");
+    db.cli().ok(&["reconcile", "--skip-queue"]);
+}
+
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
 /// the user of each N up to `victims` named `victim` (not transformed yet).
 async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {
