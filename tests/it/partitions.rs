@@ -1005,8 +1005,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
         }
     }
     assert_eq!(catch_all, 1);
-    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
-    assert!(out.contains("carried 1 outcomes as they were"), "{out}");
+    rotate_carrying(&db, "1", 1);
     assert_eq!(db.count("select carried from loader.rebuilds order by id desc limit 1").await, 1);
     assert_eq!(db.loaded().await, 800, "nothing lost or doubled");
     assert_eq!(
@@ -1052,8 +1051,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
         .execute(&db.pool)
         .await
         .unwrap();
-    let out = db.cli().ok(&["keys", "rotate", "--workers", "2"]);
-    assert!(out.contains("carried 2 outcomes as they were"), "{out}");
+    rotate_carrying(&db, "2", 2);
     assert_eq!(db.loaded().await, 800);
     assert_eq!(db.off_the_active_key().await, 302);
 }
@@ -1066,18 +1064,7 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
 #[tokio::test]
 async fn the_rest_of_a_rotations_carrying_looks_in_a_day_empty_at_its_start_alone() {
     let db = TestDb::migrated().await;
-    past_days(&db, -3, -2).await;
-    staged_on_day(&db, "e", 10, -3, 0).await;
-    staged_on_day(&db, "f", 5, -2, 0).await;
-    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
-    sqlx::query("delete from loader.raw_logins where message_id like 'f%'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query("select * from loader.rebuild_start(rotate => true, range_rows => 100)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    rotation_after_deleting(&db, &[("e", 10, -3), ("f", 5, -2)], "f%").await;
     // Today's partition was empty at the start; its logins are loaded during the rotation.
     staged_on_day(&db, "t", 10, 0, 0).await;
     sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
@@ -1112,8 +1099,7 @@ async fn the_rest_of_a_rotations_carrying_looks_in_a_day_empty_at_its_start_alon
     expected.sort();
     assert_eq!(locked, expected, "its own day, the days empty at the start, default and legacy");
 
-    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
-    assert!(out.contains("carried 5 outcomes as they were"), "{out}");
+    rotate_carrying(&db, "1", 5);
     assert_eq!(db.loaded().await, 25);
     assert_eq!(db.off_the_active_key().await, 5);
 }
@@ -1202,6 +1188,33 @@ async fn a_day_the_default_partition_holds_is_moved_and_dropped_once_its_bodies_
     db.cli().ok(&["reconcile", "--skip-queue"]);
 }
 
+/// Logins staged on past days (`prefix`, rows, days from today; a partition each),
+/// transformed; then the staged rows whose message id is `like` deleted by hand, and a rotation
+/// started (ranges of 100 ids), not copied yet.
+async fn rotation_after_deleting(db: &TestDb, days: &[(&str, i32, i32)], like: &str) {
+    for &(prefix, rows, day) in days {
+        past_days(db, day, day).await;
+        staged_on_day(db, prefix, rows, day, 0).await;
+    }
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    sqlx::query("delete from loader.raw_logins where message_id like $1")
+        .bind(like)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("select * from loader.rebuild_start(rotate => true, range_rows => 100)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+/// `loader keys rotate` with `workers`, which says it carried `carried` outcomes as they were
+/// (their staged message deleted by hand).
+fn rotate_carrying(db: &TestDb, workers: &str, carried: i64) {
+    let out = db.cli().ok(&["keys", "rotate", "--workers", workers]);
+    assert!(out.contains(&format!("carried {carried} outcomes as they were")), "{out}");
+}
+
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
 /// the user of each N up to `victims` named `victim` (not transformed yet).
 async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {
@@ -1232,18 +1245,7 @@ async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims:
 #[tokio::test]
 async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_rotation() {
     let db = TestDb::migrated().await;
-    past_days(&db, -40, -39).await;
-    staged_on_day(&db, "a", 10, -40, 0).await;
-    staged_on_day(&db, "b", 10, -39, 0).await;
-    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
-    sqlx::query("delete from loader.raw_logins where message_id = 'b5'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query("select * from loader.rebuild_start(rotate => true, range_rows => 100)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    rotation_after_deleting(&db, &[("a", 10, -40), ("b", 10, -39)], "b5").await;
     // A worker claims the first day's range (which also carries what no day's range holds) and
     // is killed before it commits; another copies the second day's range meanwhile.
     let mut worker = db.pool.acquire().await.unwrap();
@@ -1268,8 +1270,7 @@ async fn a_day_with_an_outcome_deleted_by_hand_stays_and_the_outcome_survives_a_
     assert_eq!(drop_day(-39).await.unwrap(), "unaccounted", "b5's outcome has no row");
     assert_eq!(drop_day(-40).await.unwrap(), "copying", "its range is still to copy");
 
-    let out = db.cli().ok(&["keys", "rotate", "--workers", "1"]);
-    assert!(out.contains("carried 1 outcomes as they were"), "{out}");
+    rotate_carrying(&db, "1", 1);
     let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
     assert!(out.contains("a row has no outcome, or two"), "{out}");
     assert_eq!(db.count("select count(*) from loader.staged_days where staged > 0").await, 1);
