@@ -268,7 +268,7 @@ begin
         update loader.rebuilds b
            set upto = coalesce((select max(g.hi) from loader.rebuild_ranges g
                                  where g.rebuild_id = running.id), 0),
-               carried = 0
+               carried = 0, kept_as_is = 0
          where b.id = running.id;
         -- Each day retention dropped: its outcomes, kept as they are (an empty id range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi, dropped_day)
@@ -359,6 +359,9 @@ begin
            and not exists (select from loader.raw_logins_default r where r.message_id = j.message_id)
         on conflict (message_id) do nothing;
         get diagnostics carried_rejects = row_count;
+        if kept > 0 then
+            update loader.rebuilds b set kept_as_is = coalesce(b.kept_as_is, 0) + kept where b.id = running;
+        end if;
         update loader.rebuild_ranges g set done = true where g.id = range.id;
         return kept + carried_rejects;
     end if;
@@ -456,8 +459,11 @@ begin
             gone := gone + loader._carry_outcomes('loader.raw_logins', null, null, false);
         end if;
     end if;
-    if gone > 0 then
-        update loader.rebuilds b set carried = coalesce(b.carried, 0) + gone where b.id = running;
+    -- Counted for the command (a rotation leaves those kept on their older key).
+    if gone > 0 or kept > 0 then
+        update loader.rebuilds b
+           set carried = coalesce(b.carried, 0) + gone, kept_as_is = coalesce(b.kept_as_is, 0) + kept
+         where b.id = running;
     end if;
     update loader.rebuild_ranges g set done = true where g.id = range.id;
     return outcome.loaded + outcome.rejected + kept + gone;

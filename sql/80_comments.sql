@@ -155,6 +155,8 @@ comment on column loader.rebuilds.key_id is 'Key the new copies are masked with 
 comment on column loader.rebuilds.new_key is 'A rotation''s new key until its swap, then NULL (owner only)';
 comment on column loader.rebuilds.carried is
     'Outcomes carried into the new copies as they were because their staged message is gone (nothing to recompute from)';
+comment on column loader.rebuilds.kept_as_is is
+    'Masked rows copied as they were, their bodies past retention (purged, or their day dropped): after a rotation they keep the key that masked them';
 comment on column loader.rebuilds.new_key_source is 'generated or installed (a rotation''s new key)';
 comment on column loader.rebuilds.upto is 'raw_logins ids up to this one are copied by ranges; later ones by the transform';
 comment on column loader.rebuilds.started_at is 'When the rebuild started';

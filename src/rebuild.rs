@@ -57,6 +57,9 @@ pub struct Finished {
     /// Outcomes carried into the new tables as they were, because their staged message is
     /// gone (nothing to recompute from; `loader.rebuilds.carried`).
     pub carried: i64,
+    /// Masked rows copied as they were, their bodies past retention: a rotation leaves them on
+    /// their older key (`loader.rebuilds.kept_as_is`).
+    pub kept_as_is: i64,
 }
 
 /// How long one swap attempt waits for its locks before letting readers go on and trying
@@ -123,7 +126,7 @@ struct Swapped {
 }
 
 /// After the swap: the retired tables dropped, the new ones analysed, what is pending
-/// transformed, and what the rebuild carried read back.
+/// transformed, and what the rebuild carried and kept as it was read back.
 async fn finish(
     pool: &PgPool,
     plan: Plan,
@@ -138,17 +141,18 @@ async fn finish(
         .await
         .context("analysing the swapped tables")?;
     let transform = transform::transform(pool, plan).await?;
-    let carried = crate::db::transaction(pool, async |tx| {
-        sqlx::query_scalar::<_, Option<i64>>("select carried from loader.rebuilds where id = $1")
-            .bind(started.rebuild_id)
-            .persistent(false)
-            .fetch_one(tx)
-            .await
+    let (carried, kept_as_is) = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as::<_, (i64, i64)>(
+            "select coalesce(carried, 0), coalesce(kept_as_is, 0) from loader.rebuilds where id = $1",
+        )
+        .bind(started.rebuild_id)
+        .persistent(false)
+        .fetch_one(tx)
+        .await
     })
     .await
-    .context("reading what the rebuild carried")?
-    .unwrap_or(0);
-    Ok(Finished { started, copied, swap_waited, evicted, transform, carried })
+    .context("reading what the rebuild carried")?;
+    Ok(Finished { started, copied, swap_waited, evicted, transform, carried, kept_as_is })
 }
 
 /// The last rebuild, when it swapped, was of this kind (`source`: NULL for a rebuild,

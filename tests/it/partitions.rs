@@ -1005,7 +1005,12 @@ async fn a_rotation_reads_a_day_a_range_and_keeps_a_dropped_days_outcomes_as_the
         }
     }
     assert_eq!(catch_all, 1);
-    rotate_carrying(&db, "1", 1);
+    let out = rotate_carrying(&db, "1", 1);
+    assert!(
+        out.contains("kept 300 masked rows as they were")
+            && out.contains("they keep their older key"),
+        "the dropped day's, said: {out}"
+    );
     assert_eq!(db.count("select carried from loader.rebuilds order by id desc limit 1").await, 1);
     assert_eq!(db.loaded().await, 800, "nothing lost or doubled");
     assert_eq!(
@@ -1209,10 +1214,11 @@ async fn rotation_after_deleting(db: &TestDb, days: &[(&str, i32, i32)], like: &
 }
 
 /// `loader keys rotate` with `workers`, which says it carried `carried` outcomes as they were
-/// (their staged message deleted by hand).
-fn rotate_carrying(db: &TestDb, workers: &str, carried: i64) {
+/// (their staged message deleted by hand); what it printed.
+fn rotate_carrying(db: &TestDb, workers: &str, carried: i64) -> String {
     let out = db.cli().ok(&["keys", "rotate", "--workers", workers]);
     assert!(out.contains(&format!("carried {carried} outcomes as they were")), "{out}");
+    out
 }
 
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,

@@ -308,6 +308,18 @@ async fn rebuild(
                 f.swap_waited.as_secs_f64(),
                 f.transform
             );
+            if f.kept_as_is > 0 {
+                println!(
+                    "kept {} masked rows as they were: their bodies are past retention, so they \
+                     could not be recomputed{}",
+                    f.kept_as_is,
+                    if f.started.rotation {
+                        " (they keep their older key: masks under two keys do not match)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if f.carried > 0 {
                 println!(
                     "carried {} outcomes as they were: their staged message is gone (deleted \
