@@ -357,6 +357,31 @@ $$;
 comment on function loader._move_default_day(date) is
     'Private: move a UTC day''s rows out of the default partition of loader.raw_logins into a partition of their own';
 
+-- _lock_exclusive_briefly: takes ACCESS EXCLUSIVE on `rel` in attempts of 100 ms, 100 ms apart,
+-- for at most `budget`, then raises lock_not_available as one long wait would. While a lock
+-- request waits, every later request on the table queues behind it: stagers (ROW EXCLUSIVE on
+-- raw_logins) so wait at most one attempt at a time, not the whole budget.
+create or replace function loader._lock_exclusive_briefly(rel regclass, budget interval) returns void
+language plpgsql set search_path = pg_catalog, pg_temp set lock_timeout = '100ms' as $$
+declare
+    deadline timestamptz := clock_timestamp() + budget;
+begin
+    loop
+        begin
+            execute format('lock table %s in access exclusive mode', rel);
+            return;
+        exception when lock_not_available then
+            if clock_timestamp() >= deadline then
+                raise;
+            end if;
+        end;
+        perform pg_sleep(0.1);
+    end loop;
+end
+$$;
+comment on function loader._lock_exclusive_briefly(regclass, interval) is
+    'Private: ACCESS EXCLUSIVE on a table in short attempts (no long queue behind a waiting lock)';
+
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
 -- and loader.staged_day_runs, all in the caller's transaction. Returns what it did:
@@ -369,8 +394,9 @@ comment on function loader._move_default_day(date) is
 --   With dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
 -- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
 -- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
--- catalog change only. Waits at most lock_timeout (2 s) for either, then raises
--- lock_not_available (retried as create_staging_days is). Owner only.
+-- catalog change only, in attempts of 100 ms (loader._lock_exclusive_briefly). Waits at most
+-- 2 s for either, then raises lock_not_available (retried as create_staging_days is). Owner
+-- only.
 drop function if exists loader.drop_staged_day(date);
 create or replace function loader.drop_staged_day(d date, dry_run boolean default false)
 returns text
@@ -479,6 +505,9 @@ begin
     values (d, session_user, c.staged, c.loaded, c.rejected, c.erased, c.expired);
     execute format('insert into loader.staged_day_runs (day, ingest_run_id, staged)
                     select %L, r.ingest_run_id, count(*) from %s r group by r.ingest_run_id', d, part);
+    -- The DROP takes ACCESS EXCLUSIVE on raw_logins: taken first in short attempts, so stagers
+    -- queue behind a waiting drop for 100 ms at a time, not for the whole 2 s.
+    perform loader._lock_exclusive_briefly('loader.raw_logins', interval '2 s');
     -- (Its permanent dependents were checked just above, under the day's SHARE lock.)
     perform loader._drop_with_temporary_dependents(part::regclass);
     return 'dropped';

@@ -2,6 +2,8 @@
 //! partitions made ahead, and the move of a populated table from before V20, killed half-way
 //! and run again.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -1191,6 +1193,53 @@ async fn a_day_the_default_partition_holds_is_moved_and_dropped_once_its_bodies_
     assert_eq!(db.loaded().await, 4);
     assert_eq!(stage_new(&db, &messages[1..2]).await, 0, "still a duplicate");
     db.cli().ok(&["reconcile", "--skip-queue"]);
+}
+
+/// A day's DROP takes ACCESS EXCLUSIVE on raw_logins, and every staging queued behind it while
+/// it waited, 2 s an attempt when a session held the table (any transaction that read it, a
+/// transform batch left open), and as many attempts as `--evict-after` allows (the second
+/// attack on the day partitions). It now asks in attempts of 100 ms, and stagings go on
+/// between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stagings_go_on_while_a_days_drop_waits_for_the_table() {
+    let db = TestDb::migrated().await;
+    past_days(&db, -40, -40).await;
+    staged_on_day(&db, "old", 5, -40, 0).await;
+    sqlx::query("call loader.transform()").execute(&db.pool).await.unwrap();
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("begin; lock table loader.raw_logins in access share mode")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let waiting = Arc::new(AtomicBool::new(true));
+    let dropping = {
+        let (pool, waiting) = (db.pool.clone(), waiting.clone());
+        async move {
+            let out = sqlx::query_scalar::<_, String>(
+                "select loader.drop_staged_day((now() at time zone 'UTC')::date - 40)",
+            )
+            .fetch_one(&pool)
+            .await;
+            waiting.store(false, Ordering::Relaxed);
+            out
+        }
+    };
+    let stagings = async {
+        let mut staged = 0;
+        while waiting.load(Ordering::Relaxed) {
+            let message = [(format!("while-{staged}"), r#"{"user_id": "w"}"#.to_string())];
+            staged += stage_new(&db, &message).await;
+        }
+        staged
+    };
+    let (dropped, staged) = tokio::join!(dropping, stagings);
+    let err = dropped.expect_err("the drop gives up while the table is held");
+    assert_eq!(support::sqlstate(&err), "55P03", "{err}");
+    assert!(staged >= 3, "{staged} stagings while the drop waited 2 s");
+    sqlx::raw_sql("rollback").execute(&mut *holder).await.unwrap();
+    drop(holder);
+    let out = db.cli().ok(&["purge", "--older-than-days", "30"]);
+    assert!(out.contains("dropped 1 staged days"), "{out}");
 }
 
 /// Logins staged on past days (`prefix`, rows, days from today; a partition each),
