@@ -140,12 +140,14 @@ comment on function loader._id_bounds(regclass) is
 -- _carry_outcomes: copies into the copying rebuild's copies, as they are, the outcomes staged on a
 -- day in [from_day, to_day) (staged_on; NULL when from_day is NULL) whose message has no row in
 -- `staged` (a partition of raw_logins, or the whole table; NULL: none left) and that no erasure
--- has still to erase (it takes them out of the copies); returns how many. A read of those days
--- along the BRIN indexes on staged_on (summarized first), looking in `staged` alone, so it
--- locks that partition and no other. With probe, copies nothing and returns 1 when there is
--- such an outcome, else 0.
+-- has still to erase (it takes them out of the copies); returns how many of each. A read of
+-- those days along the BRIN indexes on staged_on (summarized first), looking in `staged`
+-- alone, so it locks that partition and no other. With probe, copies nothing: `loaded` is 1
+-- when there is such an outcome, else 0.
+drop function if exists loader._carry_outcomes(regclass, date, date, boolean);
 create or replace function loader._carry_outcomes(
-    staged regclass, from_day date, to_day date, probe boolean) returns bigint
+    staged regclass, from_day date, to_day date, probe boolean,
+    out loaded bigint, out rejected bigint)
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
     condition text := format(
@@ -156,30 +158,29 @@ declare
         case when staged is not null
              then format('and not exists (select from %s r where r.message_id = u.message_id)', staged) end);
     found boolean;
-    rows_loaded bigint;
-    rows_rejected bigint;
 begin
+    rejected := 0;
     if probe then
         execute format('select exists (select from public.user_logins u where %1$s)
                             or exists (select from loader.login_rejects u where %1$s)', condition)
            into found using from_day, to_day;
-        return found::integer;
+        loaded := found::integer;
+        return;
     end if;
     execute format('insert into loader_rebuild.user_logins_next
                     select u.* from public.user_logins u where %s
                     on conflict (message_id) do nothing', condition)
        using from_day, to_day;
-    get diagnostics rows_loaded = row_count;
+    get diagnostics loaded = row_count;
     execute format('insert into loader_rebuild.login_rejects_next
                     select u.* from loader.login_rejects u where %s
                     on conflict (message_id) do nothing', condition)
        using from_day, to_day;
-    get diagnostics rows_rejected = row_count;
-    return rows_loaded + rows_rejected;
+    get diagnostics rejected = row_count;
 end
 $$;
 comment on function loader._carry_outcomes(regclass, date, date, boolean) is
-    'Private: copy as they are the outcomes of some staging days whose staged message is gone (a rebuild''s carrying range)';
+    'Private: copy as they are the outcomes of some staging days whose staged message is gone (a rebuild''s carrying and dropped days'' ranges)';
 
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
 -- key), or returns the one already copying when it is the same request (resumed = true);
@@ -345,20 +346,9 @@ begin
     -- gone): the default partition's range recomputes that one.
     if range.dropped_day is not null then
         perform loader._summarize_staged_on();
-        insert into loader_rebuild.user_logins_next
-        select u.* from public.user_logins u
-         where u.staged_on = range.dropped_day
-           and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
-           and not exists (select from loader.raw_logins_default r where r.message_id = u.message_id)
-        on conflict (message_id) do nothing;
-        get diagnostics kept = row_count;
-        insert into loader_rebuild.login_rejects_next
-        select j.* from loader.login_rejects j
-         where j.staged_on = range.dropped_day
-           and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
-           and not exists (select from loader.raw_logins_default r where r.message_id = j.message_id)
-        on conflict (message_id) do nothing;
-        get diagnostics carried_rejects = row_count;
+        select c.loaded, c.rejected into kept, carried_rejects
+          from loader._carry_outcomes(to_regclass('loader.raw_logins_default'),
+                                      range.dropped_day, range.dropped_day + 1, false) c;
         if kept > 0 then
             update loader.rebuilds b set kept_as_is = coalesce(b.kept_as_is, 0) + kept where b.id = running;
         end if;
@@ -417,8 +407,9 @@ begin
     if range.carries then
         -- The partition's staging days: it is the one place their messages can be (a day
         -- partition cannot be attached while the default one holds rows of its day).
-        gone := loader._carry_outcomes(rel, (range.staged_from at time zone 'UTC')::date,
-                                       (range.staged_to at time zone 'UTC')::date, false);
+        select c.loaded + c.rejected into gone
+          from loader._carry_outcomes(rel, (range.staged_from at time zone 'UTC')::date,
+                                      (range.staged_to at time zone 'UTC')::date, false) c;
     end if;
     if range.carries_rest then
         -- The days no carrying range (when the rebuild started) nor a dropped day holds.
@@ -437,8 +428,9 @@ begin
         for piece in select p.rel, p.day from loader._staging_partitions() p
                       where p.day is not null and p.day <@ uncovered
         loop
-            if loader._carry_outcomes(null, piece.day, piece.day + 1, true) > 0 then
-                gone := gone + loader._carry_outcomes(piece.rel, piece.day, piece.day + 1, false);
+            if (loader._carry_outcomes(null, piece.day, piece.day + 1, true)).loaded > 0 then
+                gone := gone + (select c.loaded + c.rejected
+                                  from loader._carry_outcomes(piece.rel, piece.day, piece.day + 1, false) c);
             end if;
         end loop;
         -- The others are the default partition's (the table's, before the move).
@@ -447,16 +439,18 @@ begin
               from unnest(uncovered - (select coalesce(range_agg(daterange(p.day, p.day + 1)), '{}')
                                          from loader._staging_partitions() p where p.day is not null)) s
         loop
-            gone := gone + loader._carry_outcomes(
-                coalesce(to_regclass('loader.raw_logins_default'), 'loader.raw_logins'::regclass),
-                piece.lo, piece.hi, false);
+            gone := gone + (select c.loaded + c.rejected
+                              from loader._carry_outcomes(
+                                  coalesce(to_regclass('loader.raw_logins_default'), 'loader.raw_logins'::regclass),
+                                  piece.lo, piece.hi, false) c);
         end loop;
         -- And the outcomes without staged_on (from before V21): their messages are in the legacy
         -- partition, as a rule, looked in alone; should one of them have an outcome to carry, it
         -- is looked for in every partition (a row of such an outcome in a day).
-        if loader._carry_outcomes(coalesce(to_regclass('loader.raw_logins_legacy'), 'loader.raw_logins'::regclass),
-                                  null, null, true) > 0 then
-            gone := gone + loader._carry_outcomes('loader.raw_logins', null, null, false);
+        if (loader._carry_outcomes(coalesce(to_regclass('loader.raw_logins_legacy'), 'loader.raw_logins'::regclass),
+                                   null, null, true)).loaded > 0 then
+            gone := gone + (select c.loaded + c.rejected
+                              from loader._carry_outcomes('loader.raw_logins', null, null, false) c);
         end if;
     end if;
     -- Counted for the command (a rotation leaves those kept on their older key).
