@@ -357,30 +357,39 @@ $$;
 comment on function loader._move_default_day(date) is
     'Private: move a UTC day''s rows out of the default partition of loader.raw_logins into a partition of their own';
 
--- _lock_exclusive_briefly: takes ACCESS EXCLUSIVE on `rel` in attempts of 100 ms, 100 ms apart,
--- for at most `budget`, then raises lock_not_available as one long wait would. While a lock
--- request waits, every later request on the table queues behind it: stagers (ROW EXCLUSIVE on
--- raw_logins) so wait at most one attempt at a time, not the whole budget.
+-- _lock_exclusive_briefly: takes ACCESS EXCLUSIVE on table `rel` itself (ONLY: not its
+-- partitions, which DROP of one of them does not lock either) within `budget`, then raises
+-- lock_not_available as one long wait would. While a lock request waits, every later request
+-- on the table queues behind it: so it first tries for 100, 200 and 400 ms, 50 ms apart, and
+-- only then waits out the rest of the budget. Stagers (ROW EXCLUSIVE on raw_logins) wait
+-- behind it a short try at a time; and a stream of short transactions, which could beat every
+-- short try, cannot beat the last wait, behind which they queue.
 create or replace function loader._lock_exclusive_briefly(rel regclass, budget interval) returns void
 language plpgsql set search_path = pg_catalog, pg_temp set lock_timeout = '100ms' as $$
 declare
     deadline timestamptz := clock_timestamp() + budget;
+    tries interval[] := array[interval '100 ms', interval '200 ms', interval '400 ms', null];
+    wait interval;
 begin
-    loop
+    for i in 1 .. cardinality(tries) loop
+        -- The last try waits whatever is left (NULL); none waits past the deadline.
+        wait := least(coalesce(tries[i], deadline - clock_timestamp()), deadline - clock_timestamp());
+        perform set_config('lock_timeout',
+                           greatest(ceil(extract(epoch from wait) * 1000), 1)::bigint || 'ms', true);
         begin
-            execute format('lock table %s in access exclusive mode', rel);
+            execute format('lock table only %s in access exclusive mode', rel);
             return;
         exception when lock_not_available then
-            if clock_timestamp() >= deadline then
+            if i = cardinality(tries) or clock_timestamp() >= deadline then
                 raise;
             end if;
         end;
-        perform pg_sleep(0.1);
+        perform pg_sleep(0.05);
     end loop;
 end
 $$;
 comment on function loader._lock_exclusive_briefly(regclass, interval) is
-    'Private: ACCESS EXCLUSIVE on a table in short attempts (no long queue behind a waiting lock)';
+    'Private: ACCESS EXCLUSIVE on a table itself in short tries, then one wait (no long queue behind a waiting lock)';
 
 -- drop_staged_day: drops the partition of UTC day `d` when every row in it is accounted for (an
 -- outcome, erased, or its masked row expired), after writing its counts to loader.staged_days
@@ -394,7 +403,7 @@ comment on function loader._lock_exclusive_briefly(regclass, interval) is
 --   With dry_run, changes nothing, takes no lock, and says 'droppable' instead of dropping.
 -- While it counts, the day's rows cannot change (SHARE lock on the partition; stagers write
 -- today's partition, not this one); the DROP then takes ACCESS EXCLUSIVE on raw_logins for a
--- catalog change only, in attempts of 100 ms (loader._lock_exclusive_briefly). Waits at most
+-- catalog change only, in short tries first (loader._lock_exclusive_briefly). Waits at most
 -- 2 s for either, then raises lock_not_available (retried as create_staging_days is). Owner
 -- only.
 drop function if exists loader.drop_staged_day(date);
@@ -505,8 +514,8 @@ begin
     values (d, session_user, c.staged, c.loaded, c.rejected, c.erased, c.expired);
     execute format('insert into loader.staged_day_runs (day, ingest_run_id, staged)
                     select %L, r.ingest_run_id, count(*) from %s r group by r.ingest_run_id', d, part);
-    -- The DROP takes ACCESS EXCLUSIVE on raw_logins: taken first in short attempts, so stagers
-    -- queue behind a waiting drop for 100 ms at a time, not for the whole 2 s.
+    -- The DROP takes ACCESS EXCLUSIVE on raw_logins: taken first in short tries, so stagers
+    -- queue behind a waiting drop a short try at a time, not for the whole 2 s.
     perform loader._lock_exclusive_briefly('loader.raw_logins', interval '2 s');
     -- (Its permanent dependents were checked just above, under the day's SHARE lock.)
     perform loader._drop_with_temporary_dependents(part::regclass);
