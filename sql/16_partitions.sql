@@ -293,10 +293,17 @@ declare
     ix regclass;
     summarized integer := 0;
 begin
-    foreach ix in array array[to_regclass('public.user_logins_staged_on_brin'),
-                              to_regclass('loader.login_rejects_staged_on_brin')]
+    -- Those of user_logins' partitions (the table's own before the move) and login_rejects'.
+    for ix in select i.indexrelid::regclass
+                from pg_index i
+                join pg_class c on c.oid = i.indexrelid
+                join pg_am a on a.oid = c.relam
+               where a.amname = 'brin'
+                 and pg_get_indexdef(i.indexrelid) like '%USING brin (staged_on)'
+                 and i.indrelid in (select t.relid from pg_partition_tree('public.user_logins') t
+                                    union all
+                                    select 'loader.login_rejects'::regclass)
     loop
-        continue when ix is null;
         summarized := summarized + brin_summarize_new_values(ix);
     end loop;
     return summarized;

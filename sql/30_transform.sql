@@ -224,7 +224,9 @@ begin
         into_copies,
         case when into_copies then 'loader_rebuild.user_logins_next' else 'public.user_logins' end,
         case when into_copies then 'loader_rebuild.login_rejects_next' else 'loader.login_rejects' end,
-        case when fresh then '' else 'on conflict (message_id) do nothing' end,
+        -- No conflict target: user_logins' partitions each have their own unique index on
+        -- message_id (sql/17_masked_partitions.sql), login_rejects one; that index decides.
+        case when fresh then '' else 'on conflict do nothing' end,
         -- Into the live tables only: the key's ticket, and an erased person's bodies emptied
         -- and fingerprinted. Left out of the copies' statement, not made false in it: an
         -- UPDATE of raw_logins under a false condition still locks every partition.

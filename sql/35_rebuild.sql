@@ -1,5 +1,6 @@
 -- The rebuild and key rotation (one algorithm, online): every outcome recomputed into new
--- copies of public.user_logins and loader.login_rejects, in committed batches, while the
+-- copies of public.user_logins (of the months that may hold a body still kept, since V27:
+-- _masked_copy_create) and loader.login_rejects, in committed batches, while the
 -- incremental transform goes on; then one short transaction swaps the copies in. Readers see the old
 -- tables or the new ones, never a mix of masks. `loader transform --rebuild` and `loader keys
 -- rotate|install` drive it (with parallel workers and a progress line); in psql, as the owner:
@@ -32,8 +33,9 @@
 --   it saw; at COMMIT _confirm_batch_key refuses (40001) a batch whose rebuild is no longer the
 --   one copying, and its rows return to the work list.
 -- - The swap takes ACCESS EXCLUSIVE on the four tables (waiting for open batches and readers,
---   bounded by the caller's lock_timeout), makes a rotation's key active, carries grants,
---   comments and index names over, and renames: the live tables move to schema loader_rebuild
+--   bounded by the caller's lock_timeout), makes a rotation's key active, moves the months of
+--   user_logins it did not copy into the copy (catalog changes: nothing is scanned), carries
+--   grants, comments and index names over, and renames: the live tables move to schema loader_rebuild
 --   as <name>_retired_<rebuild id>, stripped of every privilege, and the copies take their
 --   place. rebuild_drop_retired drops them afterwards, with the temporary objects of other
 --   sessions that depend on them: so such an object (a temporary view, a temporary table with
@@ -104,9 +106,10 @@ language sql stable as $$
                -- when its session ends, and a drop with CASCADE may take it.
                and not loader._is_temporary(d.classid, d.objid)
             union all
+            -- (Not a partition: only the table's owner may attach one, loader's own months.)
             select format('%s inherits from %s', i.inhrelid::regclass, i.inhparent::regclass)
-              from pg_catalog.pg_inherits i
-             where i.inhparent = rel
+              from pg_catalog.pg_inherits i join pg_catalog.pg_class c on c.oid = i.inhrelid
+             where i.inhparent = rel and not c.relispartition
             union all
             select format('%s is in publication %s', rel, p.pubname)
               from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication p on p.oid = r.prpubid
@@ -116,11 +119,14 @@ comment on function loader._permanent_dependents(regclass) is
     'Private: the permanent objects of others that depend on a table or its row type, or NULL';
 
 -- _rebuild_blockers: what a swap could not carry over: permanent objects that name the live
--- tables by identity (see _permanent_dependents). Temporary ones do not block: they follow the
--- retired tables and go with them. NULL when there is none.
+-- tables (or user_logins' partitions, which a swap may retire) by identity (see
+-- _permanent_dependents). Temporary ones do not block: they follow the retired tables and go
+-- with them. NULL when there is none.
 create or replace function loader._rebuild_blockers() returns text
 language sql stable as $$
     select nullif(concat_ws('; ', loader._permanent_dependents('public.user_logins'),
+                            (select string_agg(loader._permanent_dependents(p.rel), '; ')
+                               from loader._masked_partitions() p),
                             loader._permanent_dependents('loader.login_rejects')), '')
 $$;
 comment on function loader._rebuild_blockers() is
@@ -161,26 +167,166 @@ declare
 begin
     rejected := 0;
     if probe then
-        execute format('select exists (select from public.user_logins u where %1$s)
-                            or exists (select from loader.login_rejects u where %1$s)', condition)
+        execute format('select exists (select from public.user_logins u where %1$s and %2$s)
+                            or exists (select from loader.login_rejects u where %1$s)',
+                       condition, loader._masked_copied('u'))
            into found using from_day, to_day;
         loaded := found::integer;
         return;
     end if;
+    -- Of user_logins, the months the copy holds: the others stay where they are.
     execute format('insert into loader_rebuild.user_logins_next
-                    select u.* from public.user_logins u where %s
-                    on conflict (message_id) do nothing', condition)
+                    select u.* from public.user_logins u where %s and %s
+                    on conflict do nothing', condition, loader._masked_copied('u'))
        using from_day, to_day;
     get diagnostics loaded = row_count;
     execute format('insert into loader_rebuild.login_rejects_next
                     select u.* from loader.login_rejects u where %s
-                    on conflict (message_id) do nothing', condition)
+                    on conflict do nothing', condition)
        using from_day, to_day;
     get diagnostics rejected = row_count;
 end
 $$;
 comment on function loader._carry_outcomes(regclass, date, date, boolean) is
     'Private: copy as they are the outcomes of some staging days whose staged message is gone (a rebuild''s carrying and dropped days'' ranges)';
+
+-- _masked_copy_create: creates the copy of public.user_logins a rebuild writes, empty, and
+-- returns the first day it holds (NULL: the whole table). Unpartitioned (before the move), a
+-- whole copy. Partitioned, only the partitions that may hold a row it re-masks: the months
+-- from the one of the oldest body kept (pending ones included), less sent_at_max_age_days
+-- (staging replaces an older SentTimestamp, and create_date is its day), and the legacy
+-- partition when it holds a row of those months, or is only the net of a database new at the
+-- move. Else the copy's DEFAULT partition is loader_rebuild.user_logins_strays. A row
+-- recomputed of a month not copied (staged before that bound existed) goes to the copy's
+-- DEFAULT partition, and the swap puts it in place of the live one.
+create or replace function loader._masked_copy_create() returns date
+language plpgsql set search_path = pg_catalog, pg_temp set datestyle = 'ISO, YMD' as $$
+declare
+    oldest timestamptz;
+    cut date;
+    part record;
+begin
+    drop table if exists loader_rebuild.user_logins_next;
+    if (select c.relkind from pg_class c where c.oid = 'public.user_logins'::regclass) <> 'p' then
+        create table loader_rebuild.user_logins_next (like public.user_logins including all);
+        return null;
+    end if;
+    select min(r.staged_at) into oldest from loader.raw_logins r where r.purged_at is null;
+    cut := date_trunc('month', (coalesce(oldest, now()) at time zone 'UTC')
+                               - make_interval(days => loader._setting_int('sent_at_max_age_days', 28)))::date;
+    create table loader_rebuild.user_logins_next (like public.user_logins including defaults including comments)
+        partition by range (create_date);
+    for part in select c.relname, p.month from loader._masked_partitions() p
+                  join pg_class c on c.oid = p.rel
+                 where p.month is not null and p.hi > cut
+    loop
+        perform loader._add_masked_month('loader_rebuild.user_logins_next', 'loader_rebuild', part.relname, part.month);
+    end loop;
+    -- The legacy partition is copied when it may hold such rows, and when it is only the net
+    -- of a database new at the move (no cutover: empty, as a rule, or holding days no month
+    -- was made for, copied as they are).
+    if (select l.cutover from loader.masked_layout l) is null
+       or exists (select from loader.user_logins_legacy u where u.create_date >= cut) then
+        create table loader_rebuild.user_logins_legacy (like loader.user_logins_legacy including all);
+        alter table loader_rebuild.user_logins_next attach partition loader_rebuild.user_logins_legacy default;
+    else
+        create table loader_rebuild.user_logins_strays (like public.user_logins including defaults);
+        create unique index user_logins_strays_message_id on loader_rebuild.user_logins_strays (message_id);
+        alter table loader_rebuild.user_logins_next attach partition loader_rebuild.user_logins_strays default;
+    end if;
+    return cut;
+end
+$$;
+comment on function loader._masked_copy_create() is
+    'Private: create a rebuild''s copy of user_logins (the partitions it may re-mask rows of); returns its first day, NULL when whole';
+
+-- _masked_copied: the condition (SQL text) on public.user_logins rows, named `alias`, that the
+-- copying rebuild's copy holds: rows of the months it copies (create_date, so the planner
+-- reads only those partitions), and of the legacy partition when it copies that one. Every
+-- copy of an outcome as it is goes through it: the rest stays where it is, untouched by the swap.
+create or replace function loader._masked_copied(alias text) returns text
+language sql stable set search_path = pg_catalog, pg_temp set datestyle = 'ISO, YMD' as $$
+    select case when b.copy_from is null then 'true'
+                when to_regclass('loader_rebuild.user_logins_legacy') is not null
+                    then format('(%1$I.create_date >= %2$L or %1$I.tableoid = %3$s)', alias, b.copy_from,
+                                to_regclass('loader.user_logins_legacy')::oid)
+                else format('%I.create_date >= %L', alias, b.copy_from) end
+      from loader.rebuilds b where b.state = 'copying'
+$$;
+comment on function loader._masked_copied(text) is
+    'Private: the condition on user_logins rows that the copying rebuild copies';
+
+-- _masked_copy_bytes: the size of what the copying rebuild copies of user_logins: the live
+-- partitions it has a copy of (the whole table before the move).
+create or replace function loader._masked_copy_bytes() returns bigint
+language sql stable set search_path = pg_catalog, pg_temp as $$
+    select case when (select c.relkind from pg_class c where c.oid = 'public.user_logins'::regclass) <> 'p'
+                then pg_total_relation_size('public.user_logins')
+                else (select coalesce(sum(pg_total_relation_size(p.rel)), 0)::bigint
+                        from loader._masked_partitions() p
+                        join pg_class c on c.oid = p.rel
+                       where to_regclass(format('loader_rebuild.%I', c.relname)) is not null) end
+$$;
+comment on function loader._masked_copy_bytes() is
+    'Private: the bytes of user_logins the copying rebuild copies';
+
+-- _swap_in: puts table `copy` (schema loader_rebuild) in the place of `live`, in the caller's
+-- transaction (which holds both): carries grants, the table's comment and index names over
+-- (each index of the copy takes the name of the live index with the same definition; the live
+-- one takes `suffix`), then moves `live` to loader_rebuild as
+-- <name><retired_suffix><suffix> (user_logins_retired_r<id>; a partition of user_logins, which
+-- stays in the table retired with it, <name>_r<id>), every privilege on it revoked, and the
+-- copy to live's schema and name.
+drop function if exists loader._swap_in(regclass, regclass, text);
+create or replace function loader._swap_in(live regclass, copy regclass, suffix text,
+                                           retired_suffix text default '_retired')
+returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    grant_item record;
+    ix record;
+    live_schema text;
+    live_name text;
+begin
+    select n.nspname, c.relname into live_schema, live_name
+      from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = live;
+    -- Grants (PUBLIC is grantee 0), and the table's own comment.
+    for grant_item in select a.privilege_type, a.grantee
+                        from pg_catalog.pg_class c, aclexplode(c.relacl) a
+                       where c.oid = live and a.grantee <> c.relowner
+    loop
+        execute format('grant %s on %s to %s', grant_item.privilege_type, copy,
+                       case when grant_item.grantee = 0 then 'public'
+                            else quote_ident(grant_item.grantee::regrole::text) end);
+        execute format('revoke %s on %s from %s', grant_item.privilege_type, live,
+                       case when grant_item.grantee = 0 then 'public'
+                            else quote_ident(grant_item.grantee::regrole::text) end);
+    end loop;
+    execute format('comment on table %s is %L', copy, obj_description(live, 'pg_class'));
+    for ix in select n.indexrelid::regclass as copy_index, l.indexrelid::regclass::text as live_index,
+                     (select c.relname from pg_class c where c.oid = l.indexrelid) as index_name
+                from pg_catalog.pg_index n join pg_catalog.pg_index l
+                  on l.indrelid = live and n.indrelid = copy
+                 and l.indisunique = n.indisunique
+                 and regexp_replace(pg_get_indexdef(l.indexrelid), '^.* USING ', '')
+                   = regexp_replace(pg_get_indexdef(n.indexrelid), '^.* USING ', '')
+    loop
+        execute format('alter index %s rename to %I', ix.live_index, ix.index_name || suffix);
+        -- (A month's copy has the live one's names already, in its own schema.)
+        if (select c.relname from pg_class c where c.oid = ix.copy_index) <> ix.index_name then
+            execute format('alter index %s rename to %I', ix.copy_index, ix.index_name);
+        end if;
+    end loop;
+    execute format('alter table %s rename to %I', live, live_name || retired_suffix || suffix);
+    execute format('alter table %I.%I set schema loader_rebuild', live_schema, live_name || retired_suffix || suffix);
+    execute format('alter table %s set schema %I', copy, live_schema);
+    if (select c.relname from pg_class c where c.oid = copy) <> live_name then
+        execute format('alter table %s rename to %I', copy, live_name);
+    end if;
+end
+$$;
+comment on function loader._swap_in(regclass, regclass, text, text) is
+    'Private: put a rebuild''s copy of a table in its place, retiring the live one (rebuild_swap)';
 
 -- rebuild_start: starts an online rebuild (a rotation when `rotate`: to `new_key`, or a random
 -- key), or returns the one already copying when it is the same request (resumed = true);
@@ -234,15 +380,14 @@ begin
             return query select null::bigint, null::integer, true, 0::bigint, 0::bigint, false, 0::bigint;
             return;
         end if;
-        drop table if exists loader_rebuild.user_logins_next, loader_rebuild.login_rejects_next;
-        create table loader_rebuild.user_logins_next (like public.user_logins including all);
+        drop table if exists loader_rebuild.login_rejects_next;
         create table loader_rebuild.login_rejects_next (like loader.login_rejects including all);
-        insert into loader.rebuilds (key_id, new_key, new_key_source, upto)
+        insert into loader.rebuilds (key_id, new_key, new_key_source, upto, copy_from)
         values (case when rotate then nextval(pg_get_serial_sequence('loader.mask_keys', 'id'))::integer
                      else active_id end,
                 case when rotate then coalesce(new_key, public.gen_random_bytes(32)) end,
                 case when rotate then case when new_key is null then 'generated' else 'installed' end end,
-                0)
+                0, loader._masked_copy_create())
         returning * into running;
         -- Each partition's ids up to its current maximum, in ranges of its own, so a range
         -- reads and locks one day (rebuild_copy_range). The first range of a day (or of the
@@ -274,16 +419,18 @@ begin
         -- Each day retention dropped: its outcomes, kept as they are (an empty id range).
         insert into loader.rebuild_ranges (rebuild_id, lo, hi, dropped_day)
         select running.id, 0, -1, d.day from loader.staged_days d;
-        -- Rows from before loader (no message_id): nothing to recompute, carried as they are
-        -- (the unique index on message_id finds them).
-        insert into loader_rebuild.user_logins_next select * from public.user_logins u where u.message_id is null;
+        -- Rows from before loader (no message_id) the copy holds: nothing to recompute, carried
+        -- as they are (the unique index on message_id finds them).
+        execute format('insert into loader_rebuild.user_logins_next
+                        select * from public.user_logins u where u.message_id is null and %s',
+                       loader._masked_copied('u'));
     end if;
     return query
     select running.id, running.key_id, running.new_key is not null,
            (select count(*) from loader.rebuild_ranges g where g.rebuild_id = running.id),
            (select count(*) from loader.rebuild_ranges g where g.rebuild_id = running.id and g.done),
            running.started_at < now(),
-           pg_total_relation_size('public.user_logins') + pg_total_relation_size('loader.login_rejects');
+           loader._masked_copy_bytes() + pg_total_relation_size('loader.login_rejects');
 end
 $$;
 comment on function loader.rebuild_start(bytea, boolean, integer) is
@@ -332,8 +479,9 @@ begin
                join pg_catalog.pg_class c on c.oid = i.indexrelid
                join pg_catalog.pg_am a on a.oid = c.relam
               where a.amname = 'brin'
-                and i.indrelid in ('loader_rebuild.user_logins_next'::regclass,
-                                   'loader_rebuild.login_rejects_next'::regclass);
+                and i.indrelid in (select t.relid from pg_partition_tree('loader_rebuild.user_logins_next') t
+                                   union all
+                                   select 'loader_rebuild.login_rejects_next'::regclass);
         end if;
         return null;
     end if;
@@ -383,19 +531,20 @@ begin
     else
         select 0::bigint as loaded, 0::bigint as rejected into outcome;
     end if;
-    -- Purged rows keep their outcome as it is (but not one an erasure has still to erase).
+    -- Purged rows keep their outcome as it is (but not one an erasure has still to erase), in
+    -- the months the copy holds (the others stay where they are).
     execute format('insert into loader_rebuild.user_logins_next
                     select u.* from %s r join public.user_logins u on u.message_id = r.message_id
-                     where r.id between $1 and $2 and r.purged_at is not null
+                     where r.id between $1 and $2 and r.purged_at is not null and %s
                        and not exists (select from loader.erasure_work w where w.message_id = u.message_id)
-                    on conflict (message_id) do nothing', rel)
+                    on conflict do nothing', rel, loader._masked_copied('u'))
        using range.lo, range.hi;
     get diagnostics kept = row_count;
     execute format('insert into loader_rebuild.login_rejects_next
                     select j.* from %s r join loader.login_rejects j on j.message_id = r.message_id
                      where r.id between $1 and $2 and r.purged_at is not null
                        and not exists (select from loader.erasure_work w where w.message_id = j.message_id)
-                    on conflict (message_id) do nothing', rel)
+                    on conflict do nothing', rel)
        using range.lo, range.hi;
     -- Outcomes whose staged message is gone, but not by retention (deleted by hand: loader never
     -- deletes one), carried as they were, and counted; read by staged_on (BRIN, summarized
@@ -480,10 +629,10 @@ declare
     running loader.rebuilds;
     left_to_copy bigint;
     blockers text;
-    pair record;
-    grant_item record;
-    ix record;
     suffix text;
+    names text[];
+    bounds text[];
+    part_name text;
 begin
     select * into running from loader.rebuilds b where b.state = 'copying' for update;
     if running.id is null then
@@ -511,43 +660,57 @@ begin
         values (running.key_id, running.new_key, running.new_key_source);
     end if;
     suffix := '_r' || running.id;
-    for pair in select * from (values ('public.user_logins'::regclass, 'loader_rebuild.user_logins_next'::regclass),
-                                      ('loader.login_rejects'::regclass, 'loader_rebuild.login_rejects_next'::regclass)) p(live, copy)
-    loop
-        -- Grants (PUBLIC is grantee 0), and the table's own comment.
-        for grant_item in select a.privilege_type, a.grantee
-                            from pg_catalog.pg_class c, aclexplode(c.relacl) a
-                           where c.oid = pair.live and a.grantee <> c.relowner
-        loop
-            execute format('grant %s on %s to %s', grant_item.privilege_type, pair.copy,
-                           case when grant_item.grantee = 0 then 'public'
-                                else quote_ident(grant_item.grantee::regrole::text) end);
-            execute format('revoke %s on %s from %s', grant_item.privilege_type, pair.live,
-                           case when grant_item.grantee = 0 then 'public'
-                                else quote_ident(grant_item.grantee::regrole::text) end);
+    perform loader._swap_in('loader.login_rejects', 'loader_rebuild.login_rejects_next', suffix);
+    if (select c.relkind from pg_class c where c.oid = 'loader_rebuild.user_logins_next'::regclass) <> 'p' then
+        perform loader._swap_in('public.user_logins', 'loader_rebuild.user_logins_next', suffix);
+    else
+        -- The months not copied move to the copy, as they are (each has its bound as a
+        -- constraint: attaching scans nothing). First, the rows recomputed of those months,
+        -- which the copy's DEFAULT partition holds, are taken out (strays), and put in place
+        -- of the live ones once their months have moved.
+        if to_regclass('loader_rebuild.user_logins_strays') is not null then
+            alter table loader_rebuild.user_logins_next detach partition loader_rebuild.user_logins_strays;
+        else
+            create table loader_rebuild.user_logins_strays (like public.user_logins including defaults);
+        end if;
+        select array_agg(c.relname order by p.month is null, p.month),
+               array_agg(pg_get_expr(c.relpartbound, c.oid) order by p.month is null, p.month)
+          into names, bounds
+          from loader._masked_partitions() p join pg_class c on c.oid = p.rel
+         where to_regclass(format('loader_rebuild.%I', c.relname)) is null;
+        if to_regclass('loader_rebuild.user_logins_legacy') is not null then
+            with taken as (
+                delete from loader_rebuild.user_logins_legacy u
+                 where exists (select from loader._masked_partitions() p join pg_class c on c.oid = p.rel
+                                where c.relname = any (names) and p.month is not null
+                                  and u.create_date >= p.lo and u.create_date < p.hi)
+                returning u.*)
+            insert into loader_rebuild.user_logins_strays select * from taken;
+        end if;
+        for i in 1 .. coalesce(cardinality(names), 0) loop
+            execute format('alter table public.user_logins detach partition loader.%I', names[i]);
+            execute format('alter table loader_rebuild.user_logins_next attach partition loader.%I %s',
+                           names[i], bounds[i]);
         end loop;
-        execute format('comment on table %s is %L', pair.copy, obj_description(pair.live, 'pg_class'));
-        -- Index names: each index of the copy takes the name of the live index with the same
-        -- definition; the live one takes a suffix naming this rebuild.
-        for ix in select n.indexrelid::regclass as copy_index, l.indexrelid::regclass::text as live_name
-                    from pg_catalog.pg_index n join pg_catalog.pg_index l
-                      on l.indrelid = pair.live and n.indrelid = pair.copy
-                     and l.indisunique = n.indisunique
-                     and regexp_replace(pg_get_indexdef(l.indexrelid), '^.* USING ', '')
-                       = regexp_replace(pg_get_indexdef(n.indexrelid), '^.* USING ', '')
+        delete from loader_rebuild.user_logins_next u using loader_rebuild.user_logins_strays s
+         where u.message_id = s.message_id and u.create_date = s.create_date;
+        insert into loader_rebuild.user_logins_next select * from loader_rebuild.user_logins_strays;
+        drop table loader_rebuild.user_logins_strays;
+        -- The months copied: each copy takes its live partition's place and names; the live
+        -- one stays a partition of the table retired below.
+        for part_name in select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                          where i.inhparent = 'loader_rebuild.user_logins_next'::regclass
+                            and c.relnamespace = 'loader_rebuild'::regnamespace
         loop
-            execute format('alter index %s rename to %s', ix.live_name, quote_ident(split_part(ix.live_name, '.', 2) || suffix));
-            execute format('alter index %s rename to %s', ix.copy_index, quote_ident(split_part(ix.live_name, '.', 2)));
+            if to_regclass(format('loader.%I', part_name)) is not null then
+                perform loader._swap_in(format('loader.%I', part_name)::regclass,
+                                        format('loader_rebuild.%I', part_name)::regclass, suffix, '');
+            else
+                execute format('alter table loader_rebuild.%I set schema loader', part_name);
+            end if;
         end loop;
-    end loop;
-    execute format('alter table public.user_logins rename to %I', 'user_logins_retired' || suffix);
-    execute format('alter table public.%I set schema loader_rebuild', 'user_logins_retired' || suffix);
-    alter table loader_rebuild.user_logins_next set schema public;
-    alter table public.user_logins_next rename to user_logins;
-    execute format('alter table loader.login_rejects rename to %I', 'login_rejects_retired' || suffix);
-    execute format('alter table loader.%I set schema loader_rebuild', 'login_rejects_retired' || suffix);
-    alter table loader_rebuild.login_rejects_next set schema loader;
-    alter table loader.login_rejects_next rename to login_rejects;
+        perform loader._swap_in('public.user_logins', 'loader_rebuild.user_logins_next', suffix);
+    end if;
     update loader.rebuilds b set state = 'swapped', finished_at = clock_timestamp(), new_key = null
      where b.id = running.id;
     delete from loader.rebuild_ranges g where g.rebuild_id = running.id;
@@ -566,16 +729,26 @@ create or replace function loader.rebuild_drop_retired() returns integer
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
     retired regclass;
+    part regclass;
     blockers text;
     dropped integer := 0;
 begin
     for retired in select c.oid::regclass from pg_catalog.pg_class c
-                    where c.relnamespace = 'loader_rebuild'::regnamespace and c.relkind = 'r'
+                    where c.relnamespace = 'loader_rebuild'::regnamespace and c.relkind in ('r', 'p')
                       and c.relname ~ '_retired_r[0-9]+$'
                     order by c.relname
     loop
         -- Nobody but the owner can reach loader_rebuild, and the swap refused permanent
-        -- dependents; should one have come anyway, it is named, not dropped.
+        -- dependents; should one have come anyway, it is named, not dropped. A retired
+        -- user_logins' partitions (the months it replaced) first, each with the temporary
+        -- objects on it.
+        for part in select i.inhrelid::regclass from pg_catalog.pg_inherits i where i.inhparent = retired loop
+            blockers := loader._drop_with_temporary_dependents(part);
+            if blockers is not null then
+                raise exception 'cannot drop %: %', part, blockers
+                    using errcode = 'dependent_objects_still_exist';
+            end if;
+        end loop;
         blockers := loader._drop_with_temporary_dependents(retired);
         if blockers is not null then
             raise exception 'cannot drop %: %', retired, blockers

@@ -99,12 +99,19 @@ begin
             using errcode = 'invalid_parameter_value';
     end if;
     purged := 0;
-    -- The daily job is also what keeps raw_logins' day partitions ahead, drops whole days,
-    -- and switches the staged ids' generation (sql/16_partitions.sql), each committed apart.
+    -- The daily job is also what keeps raw_logins' day partitions and user_logins' months
+    -- ahead, drops whole days, and switches the staged ids' generation (sql/16_partitions.sql,
+    -- sql/17_masked_partitions.sql), each committed apart.
     begin
         perform loader.create_staging_days();
     exception when lock_not_available or deadlock_detected then
         raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
+    end;
+    commit;
+    begin
+        perform loader.create_masked_months();
+    exception when lock_not_available or deadlock_detected then
+        raise warning 'purge_staged: the masked months ahead waited too long for a lock; the next run creates them';
     end;
     commit;
     for day in select * from loader._staged_days_due(cutoff) loop
@@ -214,9 +221,9 @@ begin
     loop
         with gone as (
             delete from public.user_logins u
-             where u.ctid = any (array(select c.ctid from public.user_logins c
-                                        where c.create_date < cutoff
-                                        order by c.create_date limit max_rows))
+             where (u.tableoid, u.ctid) in (select c.tableoid, c.ctid from public.user_logins c
+                                             where c.create_date < cutoff
+                                             order by c.create_date limit max_rows)
             returning u.message_id)
         select coalesce(array_agg(g.message_id) filter (where g.message_id is not null), '{}'),
                count(*) filter (where g.message_id is null)
@@ -227,9 +234,9 @@ begin
         if copy is not null then
             execute format('delete from %s u where u.message_id = any ($1)', copy) using ids;
             execute format('delete from %1$s u
-                             where u.ctid = any (array(select c.ctid from %1$s c
-                                                        where c.message_id is null and c.create_date < $1
-                                                        order by c.create_date limit $2))', copy)
+                             where (u.tableoid, u.ctid) in (select c.tableoid, c.ctid from %1$s c
+                                                             where c.message_id is null and c.create_date < $1
+                                                             order by c.create_date limit $2)', copy)
               using cutoff, max_rows;
             get diagnostics copied = row_count;
         end if;

@@ -63,6 +63,11 @@ comment on column loader.staging_layout.singleton is 'Always true: one row';
 comment on column loader.staging_layout.cutover is
     'Rows staged before it are in loader.raw_logins_legacy (from before V20); day partitions start here';
 comment on column loader.staging_layout.partitioned_at is 'When loader migrate made raw_logins partitioned (NULL: not yet)';
+comment on table loader.masked_layout is 'How public.user_logins is partitioned (one row)';
+comment on column loader.masked_layout.singleton is 'Always true: one row';
+comment on column loader.masked_layout.cutover is
+    'Rows written before it stay in loader.user_logins_legacy (from before V27; NULL: a database new at the move); month partitions start here';
+comment on column loader.masked_layout.partitioned_at is 'When loader migrate made user_logins partitioned (NULL: not yet)';
 comment on column loader.raw_logins.id is 'In staging order (the work list refers to it); unique across partitions (one sequence)';
 comment on column loader.raw_logins.message_id is 'SQS MessageId: one row per message ever staged (loader.staged_ids keeps it unique)';
 comment on column loader.raw_logins.body is
@@ -157,6 +162,8 @@ comment on column loader.rebuilds.carried is
     'Outcomes carried into the new copies as they were because their staged message is gone (nothing to recompute from)';
 comment on column loader.rebuilds.kept_as_is is
     'Masked rows copied as they were, their bodies past retention (purged, or their day dropped): after a rotation they keep the key that masked them';
+comment on column loader.rebuilds.copy_from is
+    'The first day of the first month of user_logins it copies (the older months stay as they are, not recomputed); NULL: the whole table';
 comment on column loader.rebuilds.new_key_source is 'generated or installed (a rotation''s new key)';
 comment on column loader.rebuilds.upto is 'raw_logins ids up to this one are copied by ranges; later ones by the transform';
 comment on column loader.rebuilds.started_at is 'When the rebuild started';

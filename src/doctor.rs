@@ -163,6 +163,7 @@ async fn database_checks(pool: &PgPool, wants_tls: bool) -> Vec<Finding> {
     findings.push(Finding::from("pii access log", pii_access_log(pool).await));
     findings.push(Finding::from("retired tables", retired_tables(pool).await));
     findings.push(Finding::from("staging days", staging_days(pool).await));
+    findings.push(Finding::from("masked months", masked_months(pool).await));
     findings
 }
 
@@ -480,6 +481,34 @@ async fn staging_days(pool: &PgPool) -> Problem {
                 Err(e) => problem(format!("{e:#}"), "check the connection"),
             }
         }
+        Err(e) => problem(format!("{e:#}"), "check the connection"),
+    }
+}
+
+/// `public.user_logins` is partitioned by month (sql/17_masked_partitions.sql) and next month
+/// has its partition: a row of a month without one goes to the legacy partition, whose
+/// constraint refuses a row after the cutover (after an upgrade), which stops the transform.
+async fn masked_months(pool: &PgPool) -> Problem {
+    let shape: Result<(bool, bool), _> = scalar(
+        pool,
+        "select (c.relkind = 'p', to_regclass(format('loader.user_logins_m%s',
+                    to_char(date_trunc('month', now() at time zone 'UTC') + interval '1 month', 'YYYYMM'))) is not null)
+           from pg_class c where c.oid = 'public.user_logins'::regclass",
+    )
+    .await;
+    match shape {
+        Ok((true, true)) => None,
+        Ok((false, _)) => problem(
+            "public.user_logins is not partitioned by month yet (a migrate stopped before moving \
+             it, or an online rebuild was copying)",
+            "run `loader migrate` as the owner (after the rebuild's swap): it goes on from where it \
+             stopped",
+        ),
+        Ok((true, false)) => problem(
+            "no partition of public.user_logins for next month",
+            "keep the months ahead: schedule the daily purge (loader schedule install) or run \
+             `select loader.create_masked_months()` as the owner",
+        ),
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }
 }

@@ -60,6 +60,10 @@ pub struct Finished {
     /// Masked rows copied as they were, their bodies past retention: a rotation leaves them on
     /// their older key (`loader.rebuilds.kept_as_is`).
     pub kept_as_is: i64,
+    /// The months of `user_logins` it left as they were: the first day it copied
+    /// (`loader.rebuilds.copy_from`) and how many partitions before it stayed untouched. None
+    /// when it copied the whole table.
+    pub left_before: Option<(time::Date, i64)>,
 }
 
 /// How long one swap attempt waits for its locks before letting readers go on and trying
@@ -141,9 +145,11 @@ async fn finish(
         .await
         .context("analysing the swapped tables")?;
     let transform = transform::transform(pool, plan).await?;
-    let (carried, kept_as_is) = crate::db::transaction(pool, async |tx| {
-        sqlx::query_as::<_, (i64, i64)>(
-            "select coalesce(carried, 0), coalesce(kept_as_is, 0) from loader.rebuilds where id = $1",
+    let (carried, kept_as_is, copy_from, left) = crate::db::transaction(pool, async |tx| {
+        sqlx::query_as::<_, (i64, i64, Option<time::Date>, i64)>(
+            "select coalesce(b.carried, 0), coalesce(b.kept_as_is, 0), b.copy_from,
+                    (select count(*) from loader._masked_partitions() p where p.hi <= b.copy_from)
+               from loader.rebuilds b where b.id = $1",
         )
         .bind(started.rebuild_id)
         .persistent(false)
@@ -152,7 +158,17 @@ async fn finish(
     })
     .await
     .context("reading what the rebuild carried")?;
-    Ok(Finished { started, copied, swap_waited, evicted, transform, carried, kept_as_is })
+    let left_before = copy_from.map(|day| (day, left));
+    Ok(Finished {
+        started,
+        copied,
+        swap_waited,
+        evicted,
+        transform,
+        carried,
+        kept_as_is,
+        left_before,
+    })
 }
 
 /// The last rebuild, when it swapped, was of this kind (`source`: NULL for a rebuild,

@@ -114,6 +114,14 @@ pub async fn purge(
         "create_staging_days",
     )
     .await?;
+    maintain(
+        pool,
+        evict_after,
+        &mut evicted,
+        "creating the masked months ahead",
+        "create_masked_months",
+    )
+    .await?;
     let due: Vec<Date> = crate::db::transaction(pool, async |tx| {
         sqlx::query_scalar("select loader._staged_days_due($1)")
             .bind(cutoff)

@@ -54,9 +54,12 @@ pub struct MigrateReport {
     pub sql_files: Vec<String>,
     /// Sessions of other roles ended because they held up the migration ([`evict`]).
     pub evicted: Vec<evict::Evicted>,
-    /// True when this run moved an unpartitioned `loader.raw_logins` (from before V20) into
-    /// the partitioned shape.
-    pub partitioned_staging: bool,
+    /// The tables this run moved from their unpartitioned shape to the partitioned one:
+    /// `loader.raw_logins` (from before V20), `public.user_logins` (from before V27).
+    pub partitioned: Vec<&'static str>,
+    /// The tables left unpartitioned for now: `public.user_logins` while an online rebuild
+    /// copies it whole (the next migrate after its swap or abandon moves it).
+    pub not_yet_partitioned: Vec<&'static str>,
 }
 
 /// Applies pending migrations, then the `sql/` files that changed (create-or-replace, grants
@@ -86,14 +89,20 @@ pub async fn migrate(pool: &PgPool) -> Result<MigrateReport> {
 
 async fn migrate_once(pool: &PgPool, evict_after: Duration) -> Result<MigrateReport> {
     let (applied, sql_files, mut evicted) = migrate_schema(pool, evict_after).await?;
-    let (moved, more) = partition_staging(pool, evict_after).await?;
+    let (moved, waiting, more) = partition_tables(pool, evict_after).await?;
     evicted.extend(more);
-    Ok(MigrateReport { applied, sql_files, evicted, partitioned_staging: moved })
+    Ok(MigrateReport {
+        applied,
+        sql_files,
+        evicted,
+        partitioned: moved,
+        not_yet_partitioned: waiting,
+    })
 }
 
-/// Migrations and sql/ files, without the move of an unpartitioned `loader.raw_logins` that
-/// [`migrate`] makes next: what a migrate killed right after them leaves. Tests build the state
-/// of a deployment upgraded from before V20 with it.
+/// Migrations and sql/ files, without the moves of an unpartitioned `loader.raw_logins` and
+/// `public.user_logins` that [`migrate`] makes next: what a migrate killed right after them
+/// leaves. Tests build the state of a deployment upgraded from before V20 (or V27) with it.
 #[doc(hidden)]
 pub async fn migrate_leaving_staging_unpartitioned(pool: &PgPool) -> Result<()> {
     migrate_schema(pool, evict::DEFAULT_AFTER).await.map(|_| ())
@@ -115,44 +124,102 @@ async fn migrate_schema(
     Ok((applied, sql_files, evicted))
 }
 
-/// The move of an unpartitioned `loader.raw_logins` (from before V20) into the partitioned
-/// shape, in steps that each commit, so a kill anywhere leaves a state the next migrate goes on
-/// from (sql/16_partitions.sql): the cutover pushed a day ahead when it came near; the cutover
-/// constraint validated (a scan of the whole table, under a lock no writer or reader waits on);
-/// then one short transaction under [`MIGRATE_LOCK_TABLE`] that attaches the table as the legacy
-/// partition and applies the sql/ files again (the trigger and the views follow the new table).
-/// On a partitioned table, creates the day partitions ahead. Returns whether it moved the table.
-async fn partition_staging(
+/// A table `loader migrate` moves, once, from its unpartitioned shape to a partitioned one:
+/// `loader.raw_logins` by day (V20, sql/16_partitions.sql), `public.user_logins` by month
+/// (V27, sql/17_masked_partitions.sql). Each step is a function of those files.
+struct Move {
+    table: &'static str,
+    /// The CHECK constraint (NOT VALID until validated) that proves the legacy partition's bound.
+    constraint: &'static str,
+    /// Pushes the cutover ahead when it came near.
+    move_cutover: &'static str,
+    /// The move itself; returns whether it moved the table (false: not now, the table is
+    /// partitioned already or an online rebuild copies it).
+    partition: &'static str,
+    /// Creates the partitions ahead, on the partitioned table.
+    ahead: &'static str,
+    doing_ahead: &'static str,
+}
+
+const MOVES: [Move; 2] = [
+    Move {
+        table: "loader.raw_logins",
+        constraint: "raw_logins_before_cutover",
+        move_cutover: "loader._move_staging_cutover",
+        partition: "loader._partition_staging",
+        ahead: "loader.create_staging_days",
+        doing_ahead: "creating the staging days ahead",
+    },
+    Move {
+        table: "public.user_logins",
+        constraint: "user_logins_before_cutover",
+        move_cutover: "loader._move_masked_cutover",
+        partition: "loader._partition_masked",
+        ahead: "loader.create_masked_months",
+        doing_ahead: "creating the masked months ahead",
+    },
+];
+
+/// The move of each unpartitioned table of [`MOVES`] into its partitioned shape, in steps that
+/// each commit, so a kill anywhere leaves a state the next migrate goes on from: the cutover
+/// pushed ahead when it came near; the cutover constraint validated (a scan of the whole table,
+/// under a lock no writer or reader waits on); then one short transaction under
+/// [`MIGRATE_LOCK_TABLE`] that attaches the table as the legacy partition and applies the sql/
+/// files again (triggers, views and grants follow the new table). On a partitioned table,
+/// creates the partitions ahead. Returns which tables it moved, and which it left
+/// unpartitioned for now.
+async fn partition_tables(
     pool: &PgPool,
     evict_after: Duration,
-) -> Result<(bool, Vec<evict::Evicted>)> {
+) -> Result<(Vec<&'static str>, Vec<&'static str>, Vec<evict::Evicted>)> {
+    let (mut moved, mut waiting, mut evicted) = (Vec::new(), Vec::new(), Vec::new());
+    for step in &MOVES {
+        let (done, more) = partition_table(pool, evict_after, step).await?;
+        evicted.extend(more);
+        match done {
+            Some(true) => moved.push(step.table),
+            Some(false) => waiting.push(step.table),
+            None => {}
+        }
+    }
+    Ok((moved, waiting, evicted))
+}
+
+async fn partition_table(
+    pool: &PgPool,
+    evict_after: Duration,
+    step: &Move,
+) -> Result<(Option<bool>, Vec<evict::Evicted>)> {
+    let table = step.table;
     let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
     let partitioned: bool = sqlx::query_scalar(
-        "select c.relkind = 'p' from pg_catalog.pg_class c where c.oid = 'loader.raw_logins'::regclass",
+        "select c.relkind = 'p' from pg_catalog.pg_class c where c.oid = $1::regclass",
     )
+    .bind(table)
     .persistent(false)
     .fetch_one(&mut *conn)
     .await
-    .context("reading the shape of loader.raw_logins")?;
+    .with_context(|| format!("reading the shape of {table}"))?;
     if partitioned {
         drop(conn);
-        // Attaching a day locks the default partition, which a session below the owner may
-        // hold open: ended after the grace period (evict::retrying).
+        // Attaching a partition locks the default partition, which a session below the owner
+        // may hold open: ended after the grace period (evict::retrying).
         let (created, evicted) = evict::retrying(
             pool,
             evict_after,
-            "creating the staging days ahead",
-            "select loader.create_staging_days()::text",
+            step.doing_ahead,
+            &format!("select {}()::text", step.ahead),
             None,
         )
         .await?;
         if created.is_none() {
             anyhow::bail!(
-                "creating the staging days ahead: a lock stayed held past --evict-after (a \
-                 superuser's session, or the owner lacks pg_signal_backend: loader doctor)"
+                "{}: a lock stayed held past --evict-after (a superuser's session, or the \
+                 owner lacks pg_signal_backend: loader doctor)",
+                step.doing_ahead
             );
         }
-        return Ok((false, evicted));
+        return Ok((None, evicted));
     }
     let mut evicted = Vec::new();
     let watch = evict::Watch::start(pool, "loader migrate", evict_after);
@@ -160,27 +227,29 @@ async fn partition_staging(
     let validated = async {
         sqlx::raw_sql(&format!(
             "set lock_timeout = '{MIGRATE_LOCK_TIMEOUT}';
-             select loader._move_staging_cutover();"
+             select {}();",
+            step.move_cutover
         ))
         .execute(&mut *conn)
         .await
-        .context("moving the staging cutover ahead")?;
+        .with_context(|| format!("moving the cutover of {table} ahead"))?;
         let valid: bool = sqlx::query_scalar(
             "select k.convalidated from pg_catalog.pg_constraint k
-              where k.conrelid = 'loader.raw_logins'::regclass
-                and k.conname = 'raw_logins_before_cutover'",
+              where k.conrelid = $1::regclass and k.conname = $2",
         )
+        .bind(table)
+        .bind(step.constraint)
         .persistent(false)
         .fetch_one(&mut *conn)
         .await
-        .context("reading the staging cutover constraint")?;
+        .with_context(|| format!("reading the cutover constraint of {table}"))?;
         if !valid {
-            sqlx::raw_sql(
-                "alter table loader.raw_logins validate constraint raw_logins_before_cutover",
-            )
-            .execute(&mut *conn)
-            .await
-            .context("validating that every staged row is before the cutover")?;
+            sqlx::raw_sql(&format!("alter table {table} validate constraint {}", step.constraint))
+                .execute(&mut *conn)
+                .await
+                .with_context(|| {
+                    format!("validating that every row of {table} is before the cutover")
+                })?;
         }
         sqlx::raw_sql("reset lock_timeout").execute(&mut *conn).await?;
         anyhow::Ok(())
@@ -194,11 +263,13 @@ async fn partition_staging(
     watch.follow(evict::backend_pid(&mut tx).await?);
     let moved = async {
         take_migrate_lock(&mut tx).await?;
-        let moved: bool = sqlx::query_scalar("select loader._partition_staging()")
+        let moved: bool = sqlx::query_scalar(&format!("select {}()", step.partition))
             .persistent(false)
             .fetch_one(&mut *tx)
             .await
-            .context("attaching loader.raw_logins as the first partition of its new shape")?;
+            .with_context(|| {
+                format!("attaching {table} as the first partition of its new shape")
+            })?;
         if moved {
             apply_sql_files(&mut tx, true).await?;
         }
@@ -207,8 +278,8 @@ async fn partition_staging(
     .await;
     evicted.extend(watch.stop().await);
     let moved = moved?;
-    tx.commit().await.context("committing the move of loader.raw_logins")?;
-    Ok((moved, evicted))
+    tx.commit().await.with_context(|| format!("committing the move of {table}"))?;
+    Ok((Some(moved), evicted))
 }
 
 /// [`MIGRATE_LOCK_TABLE`], for the rest of the caller's transaction: one migrate at a time.

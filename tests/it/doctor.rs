@@ -102,6 +102,17 @@ async fn doctor_passes_a_documented_setup_and_names_each_thing_broken_on_purpose
     assert_eq!(failing(&db.url, queue, &[]), expect("staging days"));
     sql(&db.pool, "select loader.create_staging_days()").await;
     assert_eq!(failing(&db.url, queue, &[]), healthy);
+    sql(
+        &db.pool,
+        "do $$ begin
+             execute format('drop table loader.user_logins_m%s',
+                            to_char(date_trunc('month', now() at time zone 'UTC') + interval '1 month', 'YYYYMM'));
+         end $$",
+    )
+    .await;
+    assert_eq!(failing(&db.url, queue, &[]), expect("masked months"));
+    sql(&db.pool, "select loader.create_masked_months()").await;
+    assert_eq!(failing(&db.url, queue, &[]), healthy);
 
     // The access log's guard disabled, then dropped: the fix doctor names (migrate) works.
     sql(&db.pool, "alter table loader.pii_access_log disable trigger pii_access_log_append_only")

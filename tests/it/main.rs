@@ -15,6 +15,7 @@ mod fifo;
 mod ingest;
 #[cfg(feature = "lambda")]
 mod lambda;
+mod months;
 mod observability;
 mod partitions;
 mod pooler;

@@ -43,7 +43,7 @@ async fn day_partition(db: &TestDb, days: i32) -> String {
 }
 
 /// Stages messages as a run of its own; returns how many were new.
-async fn stage_new(db: &TestDb, messages: &[(String, String)]) -> u64 {
+pub(crate) async fn stage_new(db: &TestDb, messages: &[(String, String)]) -> u64 {
     let run = loader::staging::IngestRun::register(&db.pool, "direct", "drain").await.unwrap();
     let raw: Vec<loader::staging::RawMessage> = messages
         .iter()
@@ -131,7 +131,7 @@ async fn a_new_database_stages_into_day_partitions_made_ahead() {
 }
 
 /// Waits until a session of this database waits on a lock running a statement like `like`.
-async fn wait_for_lock_wait(db: &TestDb, like: &str) {
+pub(crate) async fn wait_for_lock_wait(db: &TestDb, like: &str) {
     for _ in 0..300 {
         let waiting: bool = sqlx::query_scalar(
             "select exists (select from pg_stat_activity
@@ -301,7 +301,7 @@ async fn utc_day(db: &TestDb, days: i32) -> time::Date {
 }
 
 /// Makes the partitions of the UTC days `from` to `to` days from today (negative: past).
-async fn past_days(db: &TestDb, from: i32, to: i32) {
+pub(crate) async fn past_days(db: &TestDb, from: i32, to: i32) {
     sqlx::query(
         "select loader._add_staging_partition('raw_logins_p' || to_char(d, 'YYYYMMDD'),
                     d::timestamp at time zone 'UTC', (d + 1)::timestamp at time zone 'UTC')
@@ -1286,7 +1286,7 @@ fn rotate_carrying(db: &TestDb, workers: &str, carried: i64) -> String {
 
 /// `rows` logins staged `days` days from today (negative: past) by the owner, as `prefix`N,
 /// the user of each N up to `victims` named `victim` (not transformed yet).
-async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {
+pub(crate) async fn staged_on_day(db: &TestDb, prefix: &str, rows: i32, days: i32, victims: i32) {
     sqlx::query(
         "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at)
          select $1 || g,

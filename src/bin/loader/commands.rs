@@ -91,10 +91,22 @@ async fn migrate(settings: &Settings, evict_after: Duration) -> Result<ExitCode>
     } else {
         println!("sql functions: applied {}", report.sql_files.join(", "));
     }
-    if report.partitioned_staging {
+    if report.partitioned.contains(&"loader.raw_logins") {
         println!(
             "staging: loader.raw_logins is now partitioned by day; the rows staged before stay \
              in loader.raw_logins_legacy"
+        );
+    }
+    if report.partitioned.contains(&"public.user_logins") {
+        println!(
+            "masked: public.user_logins is now partitioned by month of create_date; the rows \
+             written before stay in loader.user_logins_legacy"
+        );
+    }
+    if report.not_yet_partitioned.contains(&"public.user_logins") {
+        println!(
+            "masked: public.user_logins stays unpartitioned while an online rebuild copies it; \
+             run loader migrate again once it is swapped (or abandoned)"
         );
     }
     print_evicted(&report.evicted);
@@ -288,7 +300,7 @@ async fn rebuild(
         let what = if s.rotation { "rotation to key" } else { "rebuild with key" };
         let resumed = if s.resumed { ", resumed" } else { "" };
         eprintln!(
-            "rebuild {} ({what} {}{resumed}): {} of {} ranges to copy with {} workers; needs about {} MB of free disk (one more copy of user_logins and login_rejects), freed at the swap",
+            "rebuild {} ({what} {}{resumed}): {} of {} ranges to copy with {} workers; needs about {} MB of free disk (a copy of login_rejects and of the user_logins months it recomputes), freed at the swap",
             s.rebuild_id,
             s.key_id,
             s.ranges - s.ranges_done,
@@ -318,6 +330,13 @@ async fn rebuild(
                     } else {
                         ""
                     }
+                );
+            }
+            if let Some((day, partitions)) = f.left_before {
+                println!(
+                    "left the masked rows before {day} as they were ({partitions} month \
+                     partitions, not copied): no body they could be recomputed from is kept{}",
+                    if f.started.rotation { " (they keep their older key)" } else { "" }
                 );
             }
             if f.carried > 0 {

@@ -286,6 +286,7 @@ fn every_test_the_security_model_names_exists() {
         include_str!("../erasure.rs"),
         include_str!("../boundary.rs"),
         include_str!("../partitions.rs"),
+        include_str!("../months.rs"),
     ]
     .concat();
     let table = &doc[doc.find("| actor |").unwrap()..doc.find("## How it holds").unwrap()];
