@@ -168,9 +168,8 @@ begin
     end if;
     blockers := loader._permanent_dependents('public.user_logins');
     if blockers is not null then
-        raise exception 'cannot move public.user_logins to month partitions: %', blockers
-            using errcode = 'dependent_objects_still_exist',
-                  hint = 'drop that object, run loader migrate again, then create it again on the new table';
+        raise exception 'cannot move public.user_logins to month partitions: % (it would follow the old table: drop it, run loader migrate again, then create it again)', blockers
+            using errcode = 'dependent_objects_still_exist';
     end if;
     select l.cutover into cut from loader.masked_layout l for update;
     if not exists (select from public.user_logins) then

@@ -485,29 +485,36 @@ async fn staging_days(pool: &PgPool) -> Problem {
     }
 }
 
-/// `public.user_logins` is partitioned by month (sql/17_masked_partitions.sql) and next month
-/// has its partition: a row of a month without one goes to the legacy partition, whose
-/// constraint refuses a row after the cutover (after an upgrade), which stops the transform.
+/// `public.user_logins` is partitioned by month (sql/17_masked_partitions.sql) and this month
+/// and next have their partitions, from the cutover on (before it, the legacy partition holds
+/// them): after an upgrade, a row of a month without one is refused by the legacy partition's
+/// constraint, which stops the transform; on a database new at the move it stays in the legacy
+/// partition for good.
 async fn masked_months(pool: &PgPool) -> Problem {
-    let shape: Result<(bool, bool), _> = scalar(
+    let shape: Result<(bool, Option<String>), _> = scalar(
         pool,
-        "select (c.relkind = 'p', to_regclass(format('loader.user_logins_m%s',
-                    to_char(date_trunc('month', now() at time zone 'UTC') + interval '1 month', 'YYYYMM'))) is not null)
+        "select (c.relkind = 'p',
+                 (select string_agg(to_char(m, 'YYYY-MM'), ', ' order by m)
+                    from (select (date_trunc('month', now() at time zone 'UTC') + make_interval(months => k))::date as m
+                            from generate_series(0, 1) k) x
+                   where m >= coalesce((select l.cutover from loader.masked_layout l), '-infinity')
+                     and to_regclass(format('loader.user_logins_m%s', to_char(m, 'YYYYMM'))) is null))
            from pg_class c where c.oid = 'public.user_logins'::regclass",
     )
     .await;
     match shape {
-        Ok((true, true)) => None,
+        Ok((true, None)) => None,
         Ok((false, _)) => problem(
             "public.user_logins is not partitioned by month yet (a migrate stopped before moving \
-             it, or an online rebuild was copying)",
-            "run `loader migrate` as the owner (after the rebuild's swap): it goes on from where it \
-             stopped",
+             it, an online rebuild was copying, or a view on it stopped the move)",
+            "run `loader migrate` as the owner (after the rebuild's swap; it names an object that \
+             stops the move): it goes on from where it stopped",
         ),
-        Ok((true, false)) => problem(
-            "no partition of public.user_logins for next month",
+        Ok((true, Some(months))) => problem(
+            format!("no partition of public.user_logins for {months}"),
             "keep the months ahead: schedule the daily purge (loader schedule install) or run \
-             `select loader.create_masked_months()` as the owner",
+             `select loader.create_masked_months()` as the owner; a month whose rows already \
+             went to loader.user_logins_legacy gets none",
         ),
         Err(e) => problem(format!("{e:#}"), "check the connection"),
     }

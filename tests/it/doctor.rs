@@ -15,7 +15,11 @@ fn failing(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeSet<Str
 }
 
 /// The checks that fail, each with its fix (and the exit code).
-fn problems(url: &str, queue: &str, extra: &[&str]) -> (Option<i32>, BTreeMap<String, String>) {
+pub(crate) fn problems(
+    url: &str,
+    queue: &str,
+    extra: &[&str],
+) -> (Option<i32>, BTreeMap<String, String>) {
     let mut args = vec!["--json"];
     args.extend_from_slice(extra);
     let out = crate::support::doctor(&crate::support::Cli::new(url, queue), &args);

@@ -332,11 +332,12 @@ async fn rebuild(
                     }
                 );
             }
-            if let Some((day, partitions)) = f.left_before {
+            if let Some((day, partitions)) = f.left_before.filter(|(_, n)| *n > 0) {
                 println!(
-                    "left the masked rows before {day} as they were ({partitions} month \
-                     partitions, not copied): no body they could be recomputed from is kept{}",
-                    if f.started.rotation { " (they keep their older key)" } else { "" }
+                    "left the {partitions} month partitions before {day} as they were, not \
+                     copied: the bodies of their rows are past retention{} (a row there whose \
+                     body is kept was recomputed in place)",
+                    if f.started.rotation { ", so they keep their older key" } else { "" }
                 );
             }
             if f.carried > 0 {
