@@ -154,6 +154,9 @@ declare
     blockers text;
     grant_item record;
 begin
+    -- The maintenance lock first, as rebuild_start takes it: a rotation starting meanwhile
+    -- either has started (and copies the table as it is: no move) or sees the new shape.
+    lock table loader.maintenance_lock in exclusive mode;
     lock table public.user_logins in access exclusive mode;
     if (select c.relkind from pg_class c where c.oid = 'public.user_logins'::regclass) = 'p'
        or exists (select from loader.rebuilds b where b.state = 'copying') then

@@ -195,6 +195,7 @@ create or replace function loader._write_outcomes(
     out loaded bigint, out rejected bigint, out rejected_by_reason jsonb)
 language plpgsql volatile set jit = off as $f$
 begin
+  begin
     execute format($q$
     with outcome as (
         select * from loader._outcome_rows($1, %1$L, $2, $3)
@@ -255,6 +256,14 @@ begin
     )$live$ else '' end)
     using ids, staged_from, staged_to
     into loaded, rejected, rejected_by_reason;
+  exception when check_violation then
+    -- The one CHECK a masked row can fail is the legacy partition's: a row after its cutover
+    -- whose month has no partition. Raised again without PostgreSQL's DETAIL, which quotes the
+    -- row (its user id, masks and network) to whoever called the transform.
+    raise exception 'a masked row''s month has no partition of public.user_logins (after the cutover, the legacy partition takes none)'
+        using errcode = 'check_violation',
+              hint = 'as the owner: select loader.create_masked_months(); loader doctor names the month';
+  end;
 end
 $f$;
 comment on function loader._write_outcomes(bigint[], boolean, boolean, timestamptz, timestamptz) is
@@ -324,8 +333,12 @@ $$;
 -- server log with its pid and login, never its query. Needs the owner to have
 -- pg_signal_backend, and pg_read_all_stats to see how long another login's transaction is
 -- open (docs/security.md "The owner role"); without them it ends nothing, and `loader doctor`
--- says so. Returns how many it ended.
-create or replace function loader._end_held_transactions() returns integer
+-- says so. With `holding`, the sessions of those roles whose transaction (reading or writing)
+-- has been open that long and holds a lock on that table: for the daily job's maintenance,
+-- which has no watch (loader purge and migrate end a session only once it blocks them).
+-- Returns how many it ended.
+drop function if exists loader._end_held_transactions();
+create or replace function loader._end_held_transactions(holding regclass default null) returns integer
 language plpgsql as $$
 declare
     bound interval := make_interval(secs => loader._setting_int('evict_after_seconds', 10));
@@ -339,7 +352,9 @@ begin
          where a.datid = (select d.oid from pg_catalog.pg_database d
                            where d.datname = current_database())
            and a.backend_type = 'client backend'
-           and a.backend_xid is not null
+           and case when holding is null then a.backend_xid is not null
+                    else exists (select from pg_catalog.pg_locks l
+                                  where l.pid = a.pid and l.relation = holding and l.granted) end
            and a.pid <> pg_backend_pid()
            and a.xact_start < clock_timestamp() - bound
            and not pg_has_role(a.usesysid, owner, 'usage')
@@ -350,8 +365,10 @@ begin
         if pg_terminate_backend(holder.pid) then
             insert into loader.evictions (at, pid, role, held_for)
             values (clock_timestamp(), holder.pid, holder.role, holder.held_for);
-            raise log 'loader ended session % (login %): its write transaction was open for %',
-                holder.pid, holder.role, holder.held_for;
+            raise log 'loader ended session % (login %): its % was open for %',
+                holder.pid, holder.role,
+                case when holding is null then 'write transaction' else 'transaction holding ' || holding end,
+                holder.held_for;
             ended := ended + 1;
         end if;
     end loop;
@@ -361,8 +378,8 @@ exception when insufficient_privilege then
     return ended;
 end
 $$;
-comment on function loader._end_held_transactions() is
-    'Private: end the sessions of loader''s lesser roles whose write transaction is open past evict_after_seconds';
+comment on function loader._end_held_transactions(regclass) is
+    'Private: end the sessions of loader''s lesser roles whose write transaction (or one holding a table) is open past evict_after_seconds';
 
 -- transform_batch: one bounded batch. Returns its counts and what is still pending (NULL when
 -- count_pending is false: counting the work list costs more than a batch on a big backlog, so

@@ -77,6 +77,28 @@ $$;
 comment on function loader.purge_staged_batch(timestamptz, integer) is
     'Purge up to max_rows bodies staged before cutoff that have an outcome; returns how many';
 
+-- _maintain_ahead: runs `step` (the creation of partitions ahead); when it waited past its
+-- lock_timeout for `net` (the DEFAULT partition beside which it attaches), ends the sessions of
+-- loader's lesser roles holding `net` past evict_after_seconds and runs it once more; a warning
+-- when it still cannot (the next run creates what this one did not).
+create or replace function loader._maintain_ahead(step text, net text, what text) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+begin
+    for attempt in 1 .. 2 loop
+        begin
+            execute step;
+            return;
+        exception when lock_not_available or deadlock_detected then
+            exit when attempt = 2 or to_regclass(net) is null
+                   or loader._end_held_transactions(to_regclass(net)) = 0;
+        end;
+    end loop;
+    raise warning 'purge_staged: % waited too long for a lock; the next run creates them', what;
+end
+$$;
+comment on function loader._maintain_ahead(text, text, text) is
+    'Private: the daily job''s creation of partitions ahead, ending a lesser role''s session that holds it up past evict_after_seconds';
+
 -- purge_staged: every body staged more than `older_than` ago, one committed batch at a time
 -- (for psql: CALL, outside a transaction block). The cutoff (loader._purge_cutoff, a UTC
 -- midnight) is fixed when it starts. Whole days before it are dropped first
@@ -102,17 +124,14 @@ begin
     -- The daily job is also what keeps raw_logins' day partitions and user_logins' months
     -- ahead, drops whole days, and switches the staged ids' generation (sql/16_partitions.sql,
     -- sql/17_masked_partitions.sql), each committed apart.
-    begin
-        perform loader.create_staging_days();
-    exception when lock_not_available or deadlock_detected then
-        raise warning 'purge_staged: the staging days ahead waited too long for a lock; the next run creates them';
-    end;
+    -- Each attaches a partition beside a DEFAULT one, which any reader of the table holds: when
+    -- one of loader's lesser roles has held it past evict_after_seconds, its session is ended
+    -- and the step tried once more (no watch here, as loader purge and migrate have).
+    perform loader._maintain_ahead('select loader.create_staging_days()', 'loader.raw_logins_default',
+                                   'the staging days ahead');
     commit;
-    begin
-        perform loader.create_masked_months();
-    exception when lock_not_available or deadlock_detected then
-        raise warning 'purge_staged: the masked months ahead waited too long for a lock; the next run creates them';
-    end;
+    perform loader._maintain_ahead('select loader.create_masked_months()', 'loader.user_logins_legacy',
+                                   'the masked months ahead');
     commit;
     for day in select * from loader._staged_days_due(cutoff) loop
         -- No watch here (loader purge has one): a lesser role's write transaction held past

@@ -246,9 +246,32 @@ async fn a_populated_user_logins_moves_to_month_partitions_killed_half_way_and_r
     blocker.rollback().await.unwrap();
     assert_eq!(relkind(&db).await, "r");
 
-    let out = db.cli().ok(&["migrate"]);
+    // A rotation starting while the move waits for a reader (found by the attack on V27: the
+    // start saw the old shape, then copied the new, empty parent, and its swap put a table
+    // without partitions or a single index in place): the start waits for the move, and
+    // copies the new shape.
+    let mut blocker = db.admin.begin().await.unwrap();
+    sqlx::raw_sql("select from public.user_logins limit 1").execute(&mut *blocker).await.unwrap();
+    let running = db.cli().spawn(&["migrate"]);
+    wait_for_lock_wait(&db, "%_partition_masked%").await;
+    let pool = db.pool.clone();
+    let starting = tokio::spawn(async move {
+        sqlx::query("select * from loader.rebuild_start(rotate => true)").execute(&pool).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    blocker.rollback().await.unwrap();
+    let out = support::wait_ok(running);
+    starting.await.unwrap().unwrap();
     assert!(out.contains("user_logins is now partitioned by month"), "{out}");
     assert_eq!(relkind(&db).await, "p");
+    db.cli().ok(&["keys", "rotate"]);
+    assert_eq!(relkind(&db).await, "p");
+    assert_eq!(
+        db.count("select count(*) from pg_index where indrelid = 'loader.user_logins_legacy'::regclass and indisunique")
+            .await,
+        1,
+        "the legacy partition's copy has its unique index"
+    );
     assert_eq!(db.count("select count(*) from loader.user_logins_legacy").await, total);
     let read: i64 = sqlx::query_scalar("select count(*) from public.user_logins")
         .fetch_one(&bi.pool)
@@ -260,6 +283,37 @@ async fn a_populated_user_logins_moves_to_month_partitions_killed_half_way_and_r
     // Its months start at the cutover: doctor expects none before.
     let (_, failed) = crate::doctor::problems(&db.url, "no-such-queue", &[]);
     assert!(!failed.contains_key("masked months"), "{failed:?}");
+
+    // A row of a month past the months made (nobody ran the daily job for months) is refused by
+    // the legacy partition: the transform stops, and says what to do without quoting the row
+    // (PostgreSQL's DETAIL would give a transformer login its user id, masks and network).
+    sqlx::query(
+        "insert into loader.raw_logins (message_id, body, body_is_json, queue, staged_at, sent_at)
+         select 'late-1', '{\"user_id\": \"zz-secret\", \"ip\": \"10.7.7.7\"}', true, 'q', t, t
+           from (select (cutover + 70)::timestamp at time zone 'UTC' as t from loader.masked_layout) x",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let transformer = TestRole::new(&db, "loader_transformer").await;
+    let err = sqlx::query("select * from loader.transform_batch(100)")
+        .execute(&transformer.pool)
+        .await
+        .expect_err("no partition for the row's month");
+    let said = format!("{err:?}");
+    assert!(said.contains("create_masked_months") && !said.contains("zz-secret"), "{said}");
+    assert_eq!(db.pending().await, 1);
+    db.count("select loader.create_masked_months(6)::bigint").await;
+    db.cli().ok(&["transform"]);
+    assert_eq!(db.pending().await, 0);
+    assert_eq!(
+        homes(&db, "late-1")
+            .await
+            .iter()
+            .map(|(n, _)| n.starts_with("loader.user_logins_m"))
+            .collect::<Vec<_>>(),
+        [true]
+    );
 
     // New rows go to the legacy partition until the cutover (at least a month ahead).
     assert_eq!(stage_new(&db, &messages[60..70]).await, 10);
@@ -277,7 +331,7 @@ async fn a_populated_user_logins_moves_to_month_partitions_killed_half_way_and_r
     let swapped = masked_partitions(&db).await[0].clone();
     assert_eq!(swapped.0, "loader.user_logins_legacy");
     assert_ne!(swapped.1, legacy.1, "the legacy partition was copied");
-    assert_eq!(db.count("select count(*) from public.user_logins").await, total + 10);
+    assert_eq!(db.count("select count(*) from public.user_logins").await, total + 10 + 1);
     assert_eq!(
         db.count("select count(*) from public.user_logins where user_id like 'before-%'").await,
         2
@@ -287,6 +341,41 @@ async fn a_populated_user_logins_moves_to_month_partitions_killed_half_way_and_r
         .fetch_one(&bi.pool)
         .await
         .unwrap();
-    assert_eq!(read, total + 10);
+    assert_eq!(read, total + 10 + 1);
     db.cli().ok(&["reconcile", "--skip-queue"]);
+}
+
+/// The daily job (pg_cron's `call loader.purge_staged(...)`) has no watch: an analyst's
+/// transaction left open on `user_logins` holds the legacy partition, beside which each month
+/// is attached, so it kept the months ahead from being made, day after day (found by the attack
+/// on V27; after an upgrade the transform then stops). A session of loader's lesser roles that
+/// has held it past evict_after_seconds is ended, and the month made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_job_ends_a_reader_that_holds_the_months_ahead_up() {
+    let db = TestDb::migrated().await;
+    sqlx::raw_sql(
+        "update loader.settings set value = '1' where name = 'evict_after_seconds';
+         do $$ begin
+             execute format('drop table loader.user_logins_m%s',
+                            to_char(date_trunc('month', now() at time zone 'UTC') + interval '2 months', 'YYYYMM'));
+         end $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = masked_partitions(&db).await.len();
+    let analyst = TestRole::new(&db, "loader_analyst").await;
+    let mut reader = analyst.pool.begin().await.unwrap();
+    sqlx::query("select count(*) from public.user_logins").execute(&mut *reader).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    sqlx::raw_sql("call loader.purge_staged('30 days')").execute(&db.pool).await.unwrap();
+    assert_eq!(masked_partitions(&db).await.len(), before + 1, "the month ahead was made");
+    let ended: i64 = sqlx::query_scalar("select count(*) from loader.evictions where role = $1")
+        .bind(&analyst.name)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ended, 1, "the reader's session was ended");
+    assert!(reader.commit().await.is_err(), "its transaction is gone");
 }
