@@ -7,7 +7,8 @@
 # In a scratch database (loader_months, made again for each binary): ROWS synthetic logins
 # spread over the last 365 days, each UTC day in its partition of raw_logins (and, where the
 # binary partitions user_logins by month, each month in its own, as a year of running would
-# have made them), transformed; then `loader purge --older-than-days 30` (335 days dropped).
+# have made them), transformed (timed: the write into a table of 14 partitions against one);
+# then `loader purge --older-than-days 30` (335 days dropped).
 # Then `loader keys rotate`, timed, with the WAL it wrote and what it says it copies: first with
 # LOADER_BEFORE's binary, when given, then with this checkout's build. LOADER_PROFILE=release
 # for release builds (debug by default: the rotation's work is the server's).
@@ -19,11 +20,14 @@ export RUST_LOG=warn
 report() { printf '%-52s %s\n' "$1" "$2"; }
 profile="${LOADER_PROFILE:-debug}"
 current=$LOADER_ROOT/target/$profile/loader
+base_url="${DATABASE_URL:-}"
 if [ "$profile" = release ]; then cargo build --release --locked --quiet; else cargo build --locked --quiet; fi
 
 # rotate_a_year LABEL BINARY
 rotate_a_year() {
     local t w out
+    # The server's own URL again (scratch_database left DATABASE_URL naming the last database).
+    if [ -n "$base_url" ]; then export DATABASE_URL="$base_url"; else unset DATABASE_URL; fi
     LOADER_BIN="$2" scratch_database loader_months
     t=$(now)
     past_days 366
@@ -36,11 +40,14 @@ rotate_a_year() {
     fi
     sql -c "$(synthetic_logins_sql "$rows" mon "now() - (($rows - g) * interval '365 days' / $rows)" uuid)" \
         -c "vacuum analyze loader.raw_logins" -c "vacuum analyze loader.transform_queue" >/dev/null
+    local tt
+    tt=$(now)
     loader transform >/dev/null
+    report "$1: transform of $rows rows" "$(took "$tt")"
     loader purge --older-than-days 30 >/dev/null
     sql -c "vacuum analyze public.user_logins" -c "vacuum analyze loader.login_rejects" -c "checkpoint"
     report "$1: $rows rows over 365 days, 30 kept" \
-        "$(took "$t"); user_logins $(sql -c "select pg_size_pretty(sum(pg_total_relation_size(relid))) from pg_partition_tree('public.user_logins')")"
+        "$(took "$t"); user_logins $(sql -c "select pg_size_pretty(coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size('public.user_logins'))) from pg_partition_tree('public.user_logins')")"
     w=$(wal)
     t=$(now)
     out=$(loader keys rotate 2>&1 | tr '\n' ' ')

@@ -152,7 +152,6 @@ language plpgsql set search_path = pg_catalog, pg_temp set datestyle = 'ISO, YMD
 declare
     cut date;
     blockers text;
-    grant_item record;
 begin
     -- The maintenance lock first, as rebuild_start takes it: a rotation starting meanwhile
     -- either has started (and copies the table as it is: no move) or sees the new shape.
@@ -185,19 +184,9 @@ begin
     create table public.user_logins (like loader.user_logins_legacy including defaults)
         partition by range (create_date);
     alter table public.user_logins attach partition loader.user_logins_legacy default;
-    -- Grants (PUBLIC is grantee 0) follow the name: sql/90_privileges.sql grants loader's own
-    -- roles again; a deployment's own (a BI role's SELECT) is carried here.
-    for grant_item in select a.privilege_type, a.grantee
-                        from pg_catalog.pg_class c, aclexplode(c.relacl) a
-                       where c.oid = 'loader.user_logins_legacy'::regclass and a.grantee <> c.relowner
-    loop
-        execute format('grant %s on public.user_logins to %s', grant_item.privilege_type,
-                       case when grant_item.grantee = 0 then 'public'
-                            else quote_ident(grant_item.grantee::regrole::text) end);
-        execute format('revoke %s on loader.user_logins_legacy from %s', grant_item.privilege_type,
-                       case when grant_item.grantee = 0 then 'public'
-                            else quote_ident(grant_item.grantee::regrole::text) end);
-    end loop;
+    -- Grants follow the name: a deployment's own (a BI role's SELECT) too
+    -- (loader._move_grants, sql/35_rebuild.sql).
+    perform loader._move_grants('loader.user_logins_legacy', 'public.user_logins');
     update loader.masked_layout set cutover = cut, partitioned_at = now();
     perform loader._comment_like('public.user_logins'::regclass, 'loader.user_logins_legacy'::regclass,
         obj_description('loader.user_logins_legacy'::regclass, 'pg_class'));

@@ -270,6 +270,28 @@ $$;
 comment on function loader._masked_copy_bytes() is
     'Private: the bytes of user_logins the copying rebuild copies';
 
+-- _move_grants: every privilege on table `source` granted to a role (PUBLIC is grantee 0) but
+-- its owner is granted on `target` and revoked on `source`.
+create or replace function loader._move_grants(source regclass, target regclass) returns void
+language plpgsql set search_path = pg_catalog, pg_temp as $$
+declare
+    grant_item record;
+    grantee text;
+begin
+    for grant_item in select a.privilege_type, a.grantee
+                        from pg_catalog.pg_class c, aclexplode(c.relacl) a
+                       where c.oid = source and a.grantee <> c.relowner
+    loop
+        grantee := case when grant_item.grantee = 0 then 'public'
+                        else quote_ident(grant_item.grantee::regrole::text) end;
+        execute format('grant %s on %s to %s', grant_item.privilege_type, target, grantee);
+        execute format('revoke %s on %s from %s', grant_item.privilege_type, source, grantee);
+    end loop;
+end
+$$;
+comment on function loader._move_grants(regclass, regclass) is
+    'Private: move the privileges granted on a table to another (a swap, the move to month partitions)';
+
 -- _swap_in: puts table `copy` (schema loader_rebuild) in the place of `live`, in the caller's
 -- transaction (which holds both): carries grants, the table's comment and index names over
 -- (each index of the copy takes the name of the live index with the same definition; the live
@@ -283,25 +305,13 @@ create or replace function loader._swap_in(live regclass, copy regclass, suffix 
 returns void
 language plpgsql set search_path = pg_catalog, pg_temp as $$
 declare
-    grant_item record;
     ix record;
     live_schema text;
     live_name text;
 begin
     select n.nspname, c.relname into live_schema, live_name
       from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = live;
-    -- Grants (PUBLIC is grantee 0), and the table's own comment.
-    for grant_item in select a.privilege_type, a.grantee
-                        from pg_catalog.pg_class c, aclexplode(c.relacl) a
-                       where c.oid = live and a.grantee <> c.relowner
-    loop
-        execute format('grant %s on %s to %s', grant_item.privilege_type, copy,
-                       case when grant_item.grantee = 0 then 'public'
-                            else quote_ident(grant_item.grantee::regrole::text) end);
-        execute format('revoke %s on %s from %s', grant_item.privilege_type, live,
-                       case when grant_item.grantee = 0 then 'public'
-                            else quote_ident(grant_item.grantee::regrole::text) end);
-    end loop;
+    perform loader._move_grants(live, copy);
     execute format('comment on table %s is %L', copy, obj_description(live, 'pg_class'));
     for ix in select n.indexrelid::regclass as copy_index, l.indexrelid::regclass::text as live_index,
                      (select c.relname from pg_class c where c.oid = l.indexrelid) as index_name

@@ -34,16 +34,8 @@ async fn migrate_twice_is_a_no_op() {
 #[tokio::test]
 async fn migrate_adopts_a_user_logins_table_with_the_original_columns() {
     let db = TestDb::empty().await;
-    sqlx::raw_sql(
-        "create table public.user_logins (
-             user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
-             masked_device_id varchar(256), locale varchar(32), app_version integer,
-             create_date date);
-         insert into public.user_logins values ('u', 'ios', 'm', 'd', 'FR', 20300, '2020-01-01');",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    crate::support::adopted_user_logins(&db, "('u', 'ios', 'm', 'd', 'FR', 20300, '2020-01-01')")
+        .await;
 
     db.cli().ok(&["migrate"]);
     assert_eq!(db.count("select count(*) from public.user_logins where user_id = 'u'").await, 1);

@@ -188,17 +188,12 @@ async fn a_rotation_copies_only_the_months_it_can_re_mask_and_leaves_the_others_
 #[tokio::test]
 async fn a_populated_user_logins_moves_to_month_partitions_killed_half_way_and_run_again() {
     let db = TestDb::empty().await;
-    sqlx::raw_sql(
-        "create table public.user_logins (
-             user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
-             masked_device_id varchar(256), locale varchar(32), app_version integer,
-             create_date date);
-         insert into public.user_logins values ('before-1', 'ios', 'm', 'd', 'FR', 20300, '2020-01-01'),
-                                               ('before-2', 'ios', 'm', 'd', 'FR', 20300, null);",
+    support::adopted_user_logins(
+        &db,
+        "('before-1', 'ios', 'm', 'd', 'FR', 20300, '2020-01-01'),
+         ('before-2', 'ios', 'm', 'd', 'FR', 20300, null)",
     )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    .await;
     loader::db::migrate_leaving_staging_unpartitioned(&db.pool).await.unwrap();
     assert_eq!(relkind(&db).await, "r");
     let messages = support::fixture_messages();

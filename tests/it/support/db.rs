@@ -117,6 +117,21 @@ impl Drop for TestDb {
     }
 }
 
+/// A `public.user_logins` as the system before loader left it (the seven original columns),
+/// with the rows `values` lists (an SQL VALUES list), for migrate to adopt.
+pub async fn adopted_user_logins(db: &TestDb, values: &str) {
+    sqlx::raw_sql(&format!(
+        "create table public.user_logins (
+             user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+             masked_device_id varchar(256), locale varchar(32), app_version integer,
+             create_date date);
+         insert into public.user_logins values {values};"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
 /// `url` (`scheme://user[:password]@host...`) logging in as `role` instead (trust auth).
 pub fn url_as(url: &str, role: &str) -> String {
     let (scheme_user, rest) = url.split_once('@').expect("DATABASE_URL with a user@host");
