@@ -114,8 +114,10 @@ comment on function loader.create_masked_months(integer) is
     'Create public.user_logins'' month partitions up to months_ahead months ahead (owner; migrate and the purge call it)';
 
 -- _move_masked_cutover: before the move, when the cutover is less than a week away (a migrate
--- killed between V27 and the move, and not run again for weeks), a later one. The new
--- constraint is NOT VALID again (validated by the next step). Returns the cutover in force.
+-- killed between V27 and the move, and not run again for weeks), a later one; and the
+-- constraint again when the table lost it (a rotation started before V27, whose copy had none,
+-- swapped in since). The new constraint is NOT VALID (validated by the next step). Returns the
+-- cutover in force.
 create or replace function loader._move_masked_cutover() returns date
 language plpgsql set search_path = pg_catalog, pg_temp set datestyle = 'ISO, YMD' as $$
 declare
@@ -123,7 +125,9 @@ declare
 begin
     select l.cutover into cut from loader.masked_layout l for update;
     if (select c.relkind from pg_class c where c.oid = 'public.user_logins'::regclass) = 'p'
-       or cut > (now() at time zone 'UTC')::date + 7 then
+       or cut > (now() at time zone 'UTC')::date + 7
+          and exists (select from pg_constraint k where k.conrelid = 'public.user_logins'::regclass
+                                                    and k.conname = 'user_logins_before_cutover') then
         return cut;
     end if;
     cut := (date_trunc('month', now() at time zone 'UTC') + interval '2 months')::date;
