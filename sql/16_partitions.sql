@@ -302,6 +302,9 @@ begin
                  and pg_get_indexdef(i.indexrelid) like '%USING brin (staged_on)'
                  and i.indrelid in (select t.relid from pg_partition_tree('public.user_logins') t
                                     union all
+                                    -- (A plain table, before the move, has no partition tree.)
+                                    select 'public.user_logins'::regclass
+                                    union all
                                     select 'loader.login_rejects'::regclass)
     loop
         summarized := summarized + brin_summarize_new_values(ix);

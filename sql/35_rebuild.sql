@@ -491,6 +491,9 @@ begin
               where a.amname = 'brin'
                 and i.indrelid in (select t.relid from pg_partition_tree('loader_rebuild.user_logins_next') t
                                    union all
+                                   -- (A plain table, before the move, has no partition tree.)
+                                   select 'loader_rebuild.user_logins_next'::regclass
+                                   union all
                                    select 'loader_rebuild.login_rejects_next'::regclass);
         end if;
         return null;

@@ -188,34 +188,42 @@ async fn a_rotation_killed_half_way_resumes_and_ends_with_every_row_on_the_new_k
 /// The tables a rotation swaps in have their BRIN indexes (the times `reconcile --since` reads
 /// by, `staged_on`) summarized: a block range not summarized is a match for every query, so until
 /// a vacuum every read by time read the whole of the new table. (The function skips the last,
-/// partial block range of a table: more than one is needed to tell. The table's partitions,
-/// since V27.)
+/// partial block range of a table: more than one is needed to tell.) On `user_logins` by month
+/// (V27), and on the one table of a database not moved yet (whose summary the first cut of V27
+/// left out: a plain table has no partition tree).
 #[tokio::test]
 async fn a_rotation_swaps_in_tables_whose_brin_indexes_are_summarized() {
-    let db = TestDb::migrated().await;
-    transformed(&db, 20_000).await;
-    db.cli().ok(&["keys", "rotate", "--workers", "2"]);
-    assert!(
-        db.count(
-            "select sum(pg_relation_size(relid))::bigint / current_setting('block_size')::bigint
-               from pg_partition_tree('public.user_logins')"
-        )
-        .await
-            > 2 * 128,
-        "more than two block ranges"
-    );
-    assert_eq!(
-        db.count(
-            "select sum(brin_summarize_new_values(i.indexrelid))::bigint
-               from pg_index i join pg_class c on c.oid = i.indexrelid join pg_am a on a.oid = c.relam
-              where a.amname = 'brin'
-                and i.indrelid in (select relid from pg_partition_tree('public.user_logins')
-                                   union all select 'loader.login_rejects'::regclass)"
-        )
-        .await,
-        0,
-        "left to summarize"
-    );
+    let partitioned = TestDb::migrated().await;
+    let plain = TestDb::empty().await;
+    loader::db::migrate_leaving_staging_unpartitioned(&plain.pool).await.unwrap();
+    for db in [&partitioned, &plain] {
+        transformed(db, 20_000).await;
+        db.cli().ok(&["keys", "rotate", "--workers", "2"]);
+        assert!(
+            db.count(
+                "select (coalesce((select sum(pg_relation_size(relid))
+                                     from pg_partition_tree('public.user_logins')), 0)
+                         + pg_relation_size('public.user_logins'))::bigint
+                        / current_setting('block_size')::bigint"
+            )
+            .await
+                > 2 * 128,
+            "more than two block ranges"
+        );
+        assert_eq!(
+            db.count(
+                "select sum(brin_summarize_new_values(i.indexrelid))::bigint
+                   from pg_index i join pg_class c on c.oid = i.indexrelid join pg_am a on a.oid = c.relam
+                  where a.amname = 'brin'
+                    and i.indrelid in (select relid from pg_partition_tree('public.user_logins')
+                                       union all select 'public.user_logins'::regclass
+                                       union all select 'loader.login_rejects'::regclass)"
+            )
+            .await,
+            0,
+            "left to summarize"
+        );
+    }
 }
 
 #[tokio::test]
