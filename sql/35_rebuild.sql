@@ -643,9 +643,7 @@ declare
     left_to_copy bigint;
     blockers text;
     suffix text;
-    names text[];
-    bounds text[];
-    part_name text;
+    part record;
 begin
     select * into running from loader.rebuilds b where b.state = 'copying' for update;
     if running.id is null then
@@ -674,36 +672,31 @@ begin
     end if;
     suffix := '_r' || running.id;
     perform loader._swap_in('loader.login_rejects', 'loader_rebuild.login_rejects_next', suffix);
-    if (select c.relkind from pg_class c where c.oid = 'loader_rebuild.user_logins_next'::regclass) <> 'p' then
-        perform loader._swap_in('public.user_logins', 'loader_rebuild.user_logins_next', suffix);
-    else
+    if (select c.relkind from pg_class c where c.oid = 'loader_rebuild.user_logins_next'::regclass) = 'p' then
         -- The months not copied move to the copy, as they are (each has its bound as a
-        -- constraint: attaching scans nothing). First, the rows recomputed of those months,
-        -- which the copy's DEFAULT partition holds, are taken out (strays), and put in place
-        -- of the live ones once their months have moved.
+        -- constraint: attaching scans nothing), the legacy partition last. First, the rows
+        -- recomputed of each, which the copy's DEFAULT partition holds, are taken out (strays:
+        -- read by create_date), and put in place of the live ones once their months have moved.
         if to_regclass('loader_rebuild.user_logins_strays') is not null then
             alter table loader_rebuild.user_logins_next detach partition loader_rebuild.user_logins_strays;
         else
             create table loader_rebuild.user_logins_strays (like public.user_logins including defaults);
         end if;
-        select array_agg(c.relname order by p.month is null, p.month),
-               array_agg(pg_get_expr(c.relpartbound, c.oid) order by p.month is null, p.month)
-          into names, bounds
-          from loader._masked_partitions() p join pg_class c on c.oid = p.rel
-         where to_regclass(format('loader_rebuild.%I', c.relname)) is null;
-        if to_regclass('loader_rebuild.user_logins_legacy') is not null then
-            with taken as (
-                delete from loader_rebuild.user_logins_legacy u
-                 where exists (select from loader._masked_partitions() p join pg_class c on c.oid = p.rel
-                                where c.relname = any (names) and p.month is not null
-                                  and u.create_date >= p.lo and u.create_date < p.hi)
-                returning u.*)
-            insert into loader_rebuild.user_logins_strays select * from taken;
-        end if;
-        for i in 1 .. coalesce(cardinality(names), 0) loop
-            execute format('alter table public.user_logins detach partition loader.%I', names[i]);
+        for part in select c.relname, p.month, p.lo, p.hi, pg_get_expr(c.relpartbound, c.oid) as bound
+                      from loader._masked_partitions() p join pg_class c on c.oid = p.rel
+                     where to_regclass(format('loader_rebuild.%I', c.relname)) is null
+                     order by p.month nulls last
+        loop
+            if part.month is not null and to_regclass('loader_rebuild.user_logins_legacy') is not null then
+                with taken as (
+                    delete from loader_rebuild.user_logins_legacy u
+                     where u.create_date >= part.lo and u.create_date < part.hi
+                    returning u.*)
+                insert into loader_rebuild.user_logins_strays select * from taken;
+            end if;
+            execute format('alter table public.user_logins detach partition loader.%I', part.relname);
             execute format('alter table loader_rebuild.user_logins_next attach partition loader.%I %s',
-                           names[i], bounds[i]);
+                           part.relname, part.bound);
         end loop;
         delete from loader_rebuild.user_logins_next u using loader_rebuild.user_logins_strays s
          where u.message_id = s.message_id and u.create_date = s.create_date;
@@ -711,19 +704,19 @@ begin
         drop table loader_rebuild.user_logins_strays;
         -- The months copied: each copy takes its live partition's place and names; the live
         -- one stays a partition of the table retired below.
-        for part_name in select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
-                          where i.inhparent = 'loader_rebuild.user_logins_next'::regclass
-                            and c.relnamespace = 'loader_rebuild'::regnamespace
+        for part in select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid
+                     where i.inhparent = 'loader_rebuild.user_logins_next'::regclass
+                       and c.relnamespace = 'loader_rebuild'::regnamespace
         loop
-            if to_regclass(format('loader.%I', part_name)) is not null then
-                perform loader._swap_in(format('loader.%I', part_name)::regclass,
-                                        format('loader_rebuild.%I', part_name)::regclass, suffix, '');
+            if to_regclass(format('loader.%I', part.relname)) is not null then
+                perform loader._swap_in(format('loader.%I', part.relname)::regclass,
+                                        format('loader_rebuild.%I', part.relname)::regclass, suffix, '');
             else
-                execute format('alter table loader_rebuild.%I set schema loader', part_name);
+                execute format('alter table loader_rebuild.%I set schema loader', part.relname);
             end if;
         end loop;
-        perform loader._swap_in('public.user_logins', 'loader_rebuild.user_logins_next', suffix);
     end if;
+    perform loader._swap_in('public.user_logins', 'loader_rebuild.user_logins_next', suffix);
     update loader.rebuilds b set state = 'swapped', finished_at = clock_timestamp(), new_key = null
      where b.id = running.id;
     delete from loader.rebuild_ranges g where g.rebuild_id = running.id;
